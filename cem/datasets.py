@@ -1,0 +1,65 @@
+"""Readers for the labelled data sets that cem trains and evaluates on (never shipped with the package).
+
+FER+ (Barsoum et al., ICMI 2016) is read from ``../shared/data/ferplus/{train,valid}.npz`` or from
+the folder named by the ``CEM_DATA_DIR`` environment variable. Each face has the votes of 10 raters
+over ``neutral, happiness, surprise, sadness, anger, disgust, fear, contempt, unknown, NF``.
+
+Decision on poor faces: a face where fewer than half of the raters chose one of the eight emotions
+(``unknown`` + ``NF`` > 5) is dropped from training and evaluation; the eight emotion votes of the
+rest, normalised, are the human label distribution.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FERPLUS_LABELS = ("neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt")
+MIN_EMOTION_VOTES = 5
+
+
+def shared_data_dir() -> Path | None:
+    """The shared data folder: ``$CEM_DATA_DIR`` or ``../shared/data`` above the working directory or repo."""
+    env = os.environ.get("CEM_DATA_DIR")
+    candidates = [Path(env)] if env else []
+    here = Path(__file__).resolve()
+    candidates += [Path.cwd().parent / "shared" / "data", here.parents[2] / "shared" / "data"]
+    for c in candidates:
+        if (c / "ferplus").is_dir():
+            return c
+    return None
+
+
+@dataclass(frozen=True)
+class FerPlus:
+    """One FER+ split: ``pixels`` (N, 48, 48) uint8, ``votes`` (N, 8) emotion vote counts, ``names``."""
+
+    pixels: np.ndarray
+    votes: np.ndarray
+    names: np.ndarray
+
+    @property
+    def distribution(self) -> np.ndarray:
+        v = self.votes.astype(np.float64)
+        return v / v.sum(axis=1, keepdims=True)
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+
+def load_ferplus(split: str, data_dir: str | Path | None = None) -> FerPlus:
+    """Load ``train`` or ``valid`` with poor faces dropped (see module docs)."""
+    root = Path(data_dir) if data_dir is not None else shared_data_dir()
+    if root is None:
+        raise FileNotFoundError("FER+ data not found: set CEM_DATA_DIR or place it in ../shared/data/ferplus")
+    path = root / "ferplus" / f"{split}.npz" if (root / "ferplus").is_dir() else root / f"{split}.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such FER+ split")
+    with np.load(path) as d:
+        votes = d["votes"].astype(np.int64)
+        emotion = votes[:, :8]
+        keep = emotion.sum(axis=1) >= MIN_EMOTION_VOTES
+        return FerPlus(pixels=d["pixels"][keep], votes=emotion[keep], names=d["names"][keep])

@@ -1,0 +1,140 @@
+"""Action units as geometric estimates from the face mesh.
+
+Method: the mesh is frontalised (rigid similarity alignment to the canonical neutral face, which removes
+head pose and face size, see :mod:`cem.fer.geometry`). A set of *base measurements* (brow heights, eye
+aperture, mouth width, lip gap, ...) is taken in canonical units and turned into robust z-scores against
+the same measurements on real neutral faces (median and 1.4826 x MAD over neutral-majority FER+ training
+faces). Each AU is a weighted combination of those z-scores, mapped to the 0-5 intensity scale with
+``intensity = 5 * (1 - exp(-softplus(score - 2) / 4))``: about 0.15 on a neutral face, 1 (present,
+roughly FACS level A) at about 2.4 neutral spreads, 2 at 4, 3.6 at 7, approaching 5 without a hard clip
+(a clip would tie strong activations and lose their order).
+
+Limits, honestly: these are geometric estimates of appearance change from a 2.5-D mesh of one still
+image, against an *average* neutral face, not the person's own. Faces whose resting shape differs from
+the average (a naturally raised brow, thin lips) read as small AU activity; AUs with little geometric
+signature (AU06 vs AU07, AU14, AU23 vs AU24) are the least reliable. This is not a certified FACS coder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cem.fer.geometry import Reference, frontalize
+from cem.schema import ActionUnit
+
+# Mesh indices (MediaPipe face mesh topology). "Right" is the subject's right (image left).
+_BROW_INNER = [107, 55, 336, 285]
+_BROW_OUTER = [70, 46, 300, 276]
+_BROW_ALL = [70, 63, 105, 66, 107, 46, 53, 52, 65, 55, 300, 293, 334, 296, 336, 276, 283, 282, 295, 285]
+_EYE_LINE = [33, 133, 263, 362]
+_CHEEK = [50, 280, 118, 347, 101, 330]
+_ALA = [129, 358, 64, 294]
+_UPPER_LIP_TOP = [0, 37, 267]
+_CORNERS = [61, 291]
+
+
+def _y(f: np.ndarray, idx: list[int]) -> float:
+    return float(f[idx, 1].mean())
+
+
+def base_measurements(f: np.ndarray) -> dict[str, float]:
+    """Measurements on a frontalised mesh (canonical units; y down, so 'height' is eye_line_y - y)."""
+    eye_line = _y(f, _EYE_LINE)
+    lip_mid_upper = f[13, 1]
+    return {
+        "brow_inner_height": eye_line - _y(f, _BROW_INNER),
+        "brow_outer_height": eye_line - _y(f, _BROW_OUTER),
+        "brow_height": eye_line - _y(f, _BROW_ALL),
+        "brow_gap": float(np.linalg.norm(f[107, :2] - f[336, :2]) + np.linalg.norm(f[55, :2] - f[285, :2])) / 2,
+        "eye_aperture": float((f[145, 1] - f[159, 1]) + (f[374, 1] - f[386, 1])) / 2,
+        "lower_lid_height": eye_line - float(f[[145, 374], 1].mean()),
+        "cheek_height": eye_line - _y(f, _CHEEK),
+        "ala_height": eye_line - _y(f, _ALA),
+        "upper_lip_height": float(f[2, 1]) - _y(f, _UPPER_LIP_TOP),
+        "corner_height": eye_line - _y(f, _CORNERS),
+        "corner_vs_lip": float(lip_mid_upper - f[_CORNERS, 1].mean()),
+        "mouth_width": float(np.linalg.norm(f[61, :2] - f[291, :2])),
+        "corner_depth": float(f[_CORNERS, 2].mean() - f[[0, 17], 2].mean()),
+        "lip_thickness": float((f[13, 1] - f[0, 1]) + (f[17, 1] - f[14, 1])),
+        "lip_gap": float(np.mean([f[14, 1] - f[13, 1], f[87, 1] - f[82, 1], f[317, 1] - f[312, 1]])),
+        "lower_lip_drop": float(f[17, 1]) - eye_line,
+        "upper_lid_raise": float(np.mean([f[468, 1] - f[159, 1], f[473, 1] - f[386, 1]])),
+        "corner_vs_center": float(f[[13, 14], 1].mean() - f[_CORNERS, 1].mean()),
+        "brow_oblique": eye_line - _y(f, _BROW_INNER) - (eye_line - _y(f, _BROW_OUTER)),
+        "nasolabial_height": eye_line - _y(f, [205, 425, 36, 266]),
+        "jaw_drop": float(f[152, 1] - f[1, 1]),
+        "chin_to_lip": float(f[152, 1] - f[17, 1]),
+    }
+
+
+MEASUREMENT_NAMES: tuple[str, ...] = tuple(base_measurements(np.zeros((478, 3))).keys())
+
+
+@dataclass(frozen=True)
+class AUDefinition:
+    code: str
+    name: str  # FACS name
+    weights: dict[str, float]  # base measurement -> weight on its neutral z-score
+
+
+AU_DEFINITIONS: tuple[AUDefinition, ...] = (
+    AUDefinition("AU01", "inner brow raiser", {"brow_inner_height": 1.0, "brow_oblique": 0.5}),
+    AUDefinition("AU02", "outer brow raiser", {"brow_outer_height": 1.0}),
+    AUDefinition("AU04", "brow lowerer", {"brow_height": -1.0, "brow_gap": -0.5}),
+    AUDefinition("AU05", "upper lid raiser", {"upper_lid_raise": 1.0, "eye_aperture": 0.5}),
+    AUDefinition("AU06", "cheek raiser", {"cheek_height": 1.0, "nasolabial_height": 1.0, "lower_lid_height": 0.5}),
+    AUDefinition("AU07", "lid tightener", {"lower_lid_height": 1.0, "eye_aperture": -0.5}),
+    AUDefinition("AU09", "nose wrinkler", {"ala_height": 0.5, "upper_lip_height": 1.0, "brow_inner_height": -1.0}),
+    AUDefinition("AU10", "upper lip raiser", {"upper_lip_height": 1.0, "lip_gap": 0.3}),
+    AUDefinition("AU12", "lip corner puller", {"mouth_width": 1.0, "corner_vs_center": 1.0, "corner_depth": 0.5}),
+    AUDefinition("AU14", "dimpler", {"corner_depth": 1.0, "corner_vs_center": -0.5}),
+    AUDefinition("AU15", "lip corner depressor", {"corner_vs_center": -1.0, "corner_height": -0.5}),
+    AUDefinition("AU17", "chin raiser", {"chin_to_lip": -1.0}),
+    AUDefinition("AU20", "lip stretcher", {"mouth_width": 1.0, "corner_vs_center": -0.5}),
+    AUDefinition("AU23", "lip tightener", {"lip_thickness": -1.0, "mouth_width": -0.3}),
+    AUDefinition("AU24", "lip pressor", {"lip_thickness": -1.0, "lip_gap": -0.5}),
+    AUDefinition("AU25", "lips part", {"lip_gap": 1.0}),
+    AUDefinition("AU26", "jaw drop", {"lower_lip_drop": 1.0, "lip_gap": 1.0, "jaw_drop": 0.5}),
+    AUDefinition("AU43", "eyes closed", {"eye_aperture": -1.0, "upper_lid_raise": -0.5}),
+)
+AU_NAMES: dict[str, str] = {d.code: d.name for d in AU_DEFINITIONS}
+
+PRESENCE_THRESHOLD = 1.0
+_OFFSET = 2.0
+_SPREAD = 4.0
+
+
+def intensity_from_score(score: np.ndarray | float) -> np.ndarray:
+    """z-score combination -> 0-5 intensity (monotone; see module docs)."""
+    s = np.asarray(score, dtype=np.float64) - _OFFSET
+    return 5.0 * (1.0 - np.exp(-np.logaddexp(0.0, s) / _SPREAD))
+
+
+def measurement_z(landmarks: np.ndarray, ref: Reference) -> np.ndarray:
+    """Robust neutral z-scores of the base measurements for one mesh in image pixels."""
+    front, _ = frontalize(landmarks, ref)
+    m = base_measurements(front)
+    values = np.array([m[n] for n in ref.measure_names])
+    return (values - ref.measure_center) / ref.measure_scale
+
+
+def au_scores(z: np.ndarray, ref: Reference) -> dict[str, float]:
+    index = {n: i for i, n in enumerate(ref.measure_names)}
+    out = {}
+    for d in AU_DEFINITIONS:
+        w = np.array(list(d.weights.values()))
+        zz = np.array([z[index[n]] for n in d.weights])
+        out[d.code] = float((w @ zz) / np.linalg.norm(w))
+    return out
+
+
+def estimate_aus(landmarks: np.ndarray, ref: Reference) -> dict[str, ActionUnit]:
+    """AU intensities and presence for one mesh (478, 3) in image pixels."""
+    scores = au_scores(measurement_z(landmarks, ref), ref)
+    out = {}
+    for code, s in scores.items():
+        i = float(intensity_from_score(s))
+        out[code] = ActionUnit(intensity=i, present=i >= PRESENCE_THRESHOLD)
+    return out

@@ -1,0 +1,146 @@
+"""Face detection and the 478-point face mesh (MediaPipe 0.10.21, whose wheel ships both models).
+
+The mesh runs once per detected face on a square crop around it, rather than once on the whole image
+with ``max_num_faces``: per-face crops keep small faces in group photos at the resolution the mesh model
+needs and tie each mesh to its detection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+DetectorModel = Literal["short", "full", "both"]
+
+
+@dataclass
+class Detection:
+    bbox: tuple[float, float, float, float]  # x, y, w, h in pixels
+    score: float
+    keypoints: np.ndarray  # (6, 2) pixels: right eye, left eye, nose tip, mouth, right ear, left ear
+
+
+def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    ax2, ay2, bx2, by2 = a[0] + a[2], a[1] + a[3], b[0] + b[2], b[1] + b[3]
+    iw = max(0.0, min(ax2, bx2) - max(a[0], b[0]))
+    ih = max(0.0, min(ay2, by2) - max(a[1], b[1]))
+    inter = iw * ih
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    return inter / union if union > 0 else 0.0
+
+
+class FaceDetector:
+    """MediaPipe face detection: ``short`` (faces within ~2 m), ``full`` (up to ~5 m) or ``both`` (merged)."""
+
+    def __init__(self, model: DetectorModel = "both", min_score: float = 0.5, nms_iou: float = 0.3) -> None:
+        import mediapipe as mp
+
+        if model not in ("short", "full", "both"):
+            raise ValueError(f"faces.detector must be short, full or both, not {model!r}")
+        selections = {"short": [0], "full": [1], "both": [0, 1]}[model]
+        self._detectors = [
+            mp.solutions.face_detection.FaceDetection(model_selection=s, min_detection_confidence=min_score)
+            for s in selections
+        ]
+        self.nms_iou = nms_iou
+
+    def detect(self, rgb: np.ndarray) -> list[Detection]:
+        """Faces in an RGB uint8 image, sorted left to right."""
+        h, w = rgb.shape[:2]
+        found: list[Detection] = []
+        for det in self._detectors:
+            res = det.process(rgb)
+            for d in res.detections or []:
+                rb = d.location_data.relative_bounding_box
+                bbox = (rb.xmin * w, rb.ymin * h, rb.width * w, rb.height * h)
+                kps = np.array([[k.x * w, k.y * h] for k in d.location_data.relative_keypoints])
+                found.append(Detection(bbox=bbox, score=float(d.score[0]), keypoints=kps))
+        kept: list[Detection] = []
+        for d in sorted(found, key=lambda d: -d.score):
+            if all(_iou(d.bbox, k.bbox) < self.nms_iou for k in kept):
+                kept.append(d)
+        return sorted(kept, key=lambda d: d.bbox[0] + d.bbox[2] / 2)
+
+    def close(self) -> None:
+        for d in self._detectors:
+            d.close()
+
+
+class FaceMesher:
+    """478-point mesh (with irises) for one face at a time; landmarks returned in image pixels (x, y, z)."""
+
+    def __init__(self, min_score: float = 0.3) -> None:
+        import mediapipe as mp
+
+        self._mesh = mp.solutions.face_mesh.FaceMesh(
+            static_image_mode=True, max_num_faces=2, refine_landmarks=True, min_detection_confidence=min_score
+        )
+
+    def _run(self, rgb: np.ndarray) -> list[np.ndarray]:
+        res = self._mesh.process(rgb)
+        h, w = rgb.shape[:2]
+        out = []
+        for face in res.multi_face_landmarks or []:
+            pts = np.array([[p.x * w, p.y * h, p.z * w] for p in face.landmark], dtype=np.float64)
+            out.append(pts)
+        return out
+
+    def mesh_in_box(self, rgb: np.ndarray, bbox: tuple[float, float, float, float],
+                    context: float = 2.0, max_side: int = 384) -> np.ndarray | None:
+        """Mesh of the face in ``bbox``: a square crop ``context`` times the box, padded at the frame edge."""
+        import cv2
+
+        x, y, bw, bh = bbox
+        side = max(bw, bh) * context
+        cx, cy = x + bw / 2, y + bh / 2
+        x0, y0 = int(round(cx - side / 2)), int(round(cy - side / 2))
+        s = max(8, int(round(side)))
+        h, w = rgb.shape[:2]
+        pad = [max(0, -y0), max(0, y0 + s - h), max(0, -x0), max(0, x0 + s - w)]
+        crop = rgb[max(0, y0): min(h, y0 + s), max(0, x0): min(w, x0 + s)]
+        if crop.size == 0:
+            return None
+        if any(pad):
+            crop = cv2.copyMakeBorder(crop, *pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+        scale = 1.0
+        if s > max_side:
+            scale = max_side / s
+            crop = cv2.resize(crop, (max_side, max_side), interpolation=cv2.INTER_AREA)
+        meshes = self._run(np.ascontiguousarray(crop))
+        if not meshes:
+            return None
+        center = np.array([crop.shape[1] / 2, crop.shape[0] / 2])
+        best = min(meshes, key=lambda m: float(np.linalg.norm(m[:, :2].mean(axis=0) - center)))
+        best[:, :3] /= scale
+        best[:, 0] += x0
+        best[:, 1] += y0
+        # the mesh must belong to this detection, not to a neighbour inside the crop
+        mx, my = best[:, 0].mean(), best[:, 1].mean()
+        if not (x - 0.25 * bw <= mx <= x + 1.25 * bw and y - 0.25 * bh <= my <= y + 1.25 * bh):
+            return None
+        return best
+
+    def mesh_whole(self, rgb: np.ndarray, target: int = 192, pad: float = 0.5) -> np.ndarray | None:
+        """Mesh of a pre-cropped face filling the image: resized to ``target`` px, padded by edge replication
+        (the mesh's own detector needs some margin around a tight crop)."""
+        import cv2
+
+        h, w = rgb.shape[:2]
+        scale = target / max(h, w)
+        img = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))),
+                         interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
+        p = int(round(target * pad))
+        img = cv2.copyMakeBorder(img, p, p, p, p, cv2.BORDER_REPLICATE)
+        meshes = self._run(np.ascontiguousarray(img))
+        if not meshes:
+            return None
+        center = np.array([img.shape[1] / 2, img.shape[0] / 2])
+        best = min(meshes, key=lambda m: float(np.linalg.norm(m[:, :2].mean(axis=0) - center)))
+        best[:, :2] -= p
+        best /= scale
+        return best
+
+    def close(self) -> None:
+        self._mesh.close()

@@ -1,0 +1,95 @@
+"""The FER stage: faces -> mesh -> pose -> quality -> action units -> expression distribution.
+
+Models (detector, mesh, expression CNN) are created once per :class:`FERStage` and reused for every
+image; the expression CNN sees all faces of an image in one batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from cem.config import Config
+from cem.fer.aus import estimate_aus
+from cem.fer.expression import CROP_SIZE, ExpressionModel
+from cem.fer.geometry import aligned_crop, eye_centers, frontalize, load_reference, pose_from_rotation
+from cem.fer.quality import assess
+from cem.schema import FaceEvidence, Pose
+
+
+def _position(cx: float, width: int) -> str:
+    r = cx / max(1, width)
+    return "left" if r < 1 / 3 else "right" if r > 2 / 3 else "center"
+
+
+class FERStage:
+    """Measures every face of an RGB image. ``faces="whole"`` treats the image as one pre-cropped face."""
+
+    def __init__(self, config: Config) -> None:
+        from cem.fer.detect import FaceDetector, FaceMesher
+
+        self.config = config
+        self.ref = load_reference()
+        self.detector: Any = None  # created on first use: --faces whole never needs it
+        self._make_detector = lambda: FaceDetector(config.faces.detector, config.faces.min_score)
+        self.mesher = FaceMesher()
+        self.expression = ExpressionModel.from_pretrained(config.expression.weights, config.expression.device)
+        if list(self.expression.labels) != list(config.labels):
+            # the expression model's labels are fixed by its training; map by name where the config differs
+            missing = set(config.labels) - set(self.expression.labels)
+            if missing:
+                raise ValueError(f"config labels {sorted(missing)} are not among the expression model's labels "
+                                 f"{self.expression.labels}")
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.config.labels)
+
+    def measure(self, rgb: np.ndarray, faces: str | None = None) -> list[FaceEvidence]:
+        import cv2
+
+        mode = faces or self.config.faces.mode
+        gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        h, w = gray.shape
+        items: list[tuple[tuple[float, float, float, float], float, np.ndarray | None, np.ndarray]] = []
+        if mode == "whole":
+            mesh = self.mesher.mesh_whole(rgb)
+            crop = cv2.resize(gray, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_AREA
+                              if min(h, w) > CROP_SIZE else cv2.INTER_LINEAR)
+            items.append(((0.0, 0.0, float(w), float(h)), 1.0, mesh, crop))
+        else:
+            if self.detector is None:
+                self.detector = self._make_detector()
+            for det in self.detector.detect(rgb)[: self.config.faces.max_faces]:
+                mesh = self.mesher.mesh_in_box(rgb, det.bbox)
+                if mesh is not None:
+                    r_eye, l_eye = eye_centers(mesh)
+                else:  # detector keypoints 0/1 are the subject's right/left eye
+                    r_eye, l_eye = det.keypoints[0], det.keypoints[1]
+                items.append((det.bbox, det.score, mesh, aligned_crop(gray, r_eye, l_eye, self.ref, CROP_SIZE)))
+
+        probs = self.expression.predict(np.stack([c for *_, c in items])) if items else np.zeros((0, 0))
+        label_index = {lab: i for i, lab in enumerate(self.expression.labels)}
+        out = []
+        for i, (bbox, score, mesh, _) in enumerate(items):
+            pose = None
+            aus = {}
+            if mesh is not None:
+                _, rot = frontalize(mesh, self.ref)
+                pose = Pose(*pose_from_rotation(rot))
+                aus = estimate_aus(mesh, self.ref)
+            quality = assess(gray, bbox, pose, self.config.faces.min_face_px, mesh_failed=mesh is None)
+            p = np.array([probs[i, label_index[lab]] for lab in self.labels])
+            p = p / p.sum()
+            out.append(FaceEvidence(
+                index=i, bbox=tuple(float(v) for v in bbox), detection_score=float(score), pose=pose,
+                quality=quality, aus=aus, expression=dict(zip(self.labels, p.tolist())), landmarks=mesh,
+                position=_position(bbox[0] + bbox[2] / 2, w),
+            ))
+        return out
+
+    def close(self) -> None:
+        if self.detector is not None:
+            self.detector.close()
+        self.mesher.close()
