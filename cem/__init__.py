@@ -1,3 +1,33 @@
-"""cem: context-embedded emotion analysis of faces in photos."""
+"""cem: context-embedded emotion analysis of faces in photos.
+
+``import cem`` is cheap: the pipeline and its models load only when first used.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from cem.config import Config
+    from cem.pipeline import Pipeline
+    from cem.schema import FaceResult, ImageResult
+
+__all__ = ["Pipeline", "Config", "ImageResult", "FaceResult", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Pipeline":
+        from cem.pipeline import Pipeline
+
+        return Pipeline
+    if name == "Config":
+        from cem.config import Config
+
+        return Config
+    if name in ("ImageResult", "FaceResult"):
+        from cem import schema
+
+        return getattr(schema, name)
+    raise AttributeError(f"module 'cem' has no attribute {name!r}")

@@ -34,6 +34,9 @@ class FacesConfig:
     detector: str = "both"  # short | full | both (MediaPipe models, merged by NMS)
     min_score: float = 0.5  # detections below this are not faces
     min_face_px: int = 32  # smaller faces are kept but flagged too_small
+    # a detection on which the face mesh finds no face is kept (flagged mesh_failed) only when the
+    # detector is at least this sure; weaker ones are false positives (helmets, patterns, borders)
+    min_score_unmeshed: float = 0.8
     max_faces: int = 32
 
 

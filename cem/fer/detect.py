@@ -31,6 +31,17 @@ def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     return inter / union if union > 0 else 0.0
 
 
+def _inside(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    """Fraction of the smaller box's area that lies inside the other box."""
+    iw = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    small = min(a[2] * a[3], b[2] * b[3])
+    return iw * ih / small if small > 0 else 0.0
+
+
+TILE_ASPECT = 1.5
+
+
 class FaceDetector:
     """MediaPipe face detection: ``short`` (faces within ~2 m), ``full`` (up to ~5 m) or ``both`` (merged)."""
 
@@ -46,20 +57,40 @@ class FaceDetector:
         ]
         self.nms_iou = nms_iou
 
-    def detect(self, rgb: np.ndarray) -> list[Detection]:
-        """Faces in an RGB uint8 image, sorted left to right."""
-        h, w = rgb.shape[:2]
-        found: list[Detection] = []
+    def _detect_tile(self, tile: np.ndarray, x0: int, y0: int) -> list[Detection]:
+        h, w = tile.shape[:2]
+        out = []
         for det in self._detectors:
-            res = det.process(rgb)
+            res = det.process(tile)
             for d in res.detections or []:
                 rb = d.location_data.relative_bounding_box
-                bbox = (rb.xmin * w, rb.ymin * h, rb.width * w, rb.height * h)
-                kps = np.array([[k.x * w, k.y * h] for k in d.location_data.relative_keypoints])
-                found.append(Detection(bbox=bbox, score=float(d.score[0]), keypoints=kps))
+                bbox = (rb.xmin * w + x0, rb.ymin * h + y0, rb.width * w, rb.height * h)
+                kps = np.array([[k.x * w + x0, k.y * h + y0] for k in d.location_data.relative_keypoints])
+                out.append(Detection(bbox=bbox, score=float(d.score[0]), keypoints=kps))
+        return out
+
+    def detect(self, rgb: np.ndarray) -> list[Detection]:
+        """Faces in an RGB uint8 image, sorted left to right.
+
+        The MediaPipe detectors squeeze the whole image into a 128 or 192 px square, so in a wide or tall
+        image faces shrink below what they can find. Such images are also scanned in overlapping square
+        tiles (side = the short edge, 25 % overlap); detections are merged by score-ordered NMS.
+        """
+        h, w = rgb.shape[:2]
+        found = self._detect_tile(rgb, 0, 0)
+        side = min(h, w)
+        if max(h, w) > TILE_ASPECT * side:
+            long = max(h, w)
+            n = int(np.ceil((long - side) / (0.75 * side))) + 1
+            for i in range(n):
+                start = int(round(i * (long - side) / max(1, n - 1)))
+                if w >= h:
+                    found += self._detect_tile(np.ascontiguousarray(rgb[:, start : start + side]), start, 0)
+                else:
+                    found += self._detect_tile(np.ascontiguousarray(rgb[start : start + side]), 0, start)
         kept: list[Detection] = []
         for d in sorted(found, key=lambda d: -d.score):
-            if all(_iou(d.bbox, k.bbox) < self.nms_iou for k in kept):
+            if all(_iou(d.bbox, k.bbox) < self.nms_iou and _inside(d.bbox, k.bbox) < 0.6 for k in kept):
                 kept.append(d)
         return sorted(kept, key=lambda d: d.bbox[0] + d.bbox[2] / 2)
 

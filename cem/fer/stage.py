@@ -61,8 +61,12 @@ class FERStage:
         else:
             if self.detector is None:
                 self.detector = self._make_detector()
-            for det in self.detector.detect(rgb)[: self.config.faces.max_faces]:
+            for det in self.detector.detect(rgb):
+                if len(items) >= self.config.faces.max_faces:
+                    break
                 mesh = self.mesher.mesh_in_box(rgb, det.bbox)
+                if mesh is None and det.score < self.config.faces.min_score_unmeshed:
+                    continue  # a weak detection on which no face mesh fits: a false positive, not a face
                 if mesh is not None:
                     r_eye, l_eye = eye_centers(mesh)
                 else:  # detector keypoints 0/1 are the subject's right/left eye

@@ -1,0 +1,88 @@
+"""Fuse: pool the expression and reasoner distributions, and check each cue against the measured AUs.
+
+Pooling is log-linear (a weighted geometric mean, Genest & Zidek 1986):
+``p(k) ∝ exp((w_e log p_expr(k) + w_r log p_reason(k)) / T)``, probabilities clipped at 1e-6. The weights
+and temperature come from the config (fitted on labelled data by ``benchmarks/fit_fusion.py``).
+
+Grounding of a cue with ``source == "face"``: its AU (given, or found from the cue's words by
+``CUE_KEYWORDS``) is ``supported`` when the FER stage measured it present, ``contradicted`` when it
+measured it clearly absent (intensity < 0.5), otherwise ``unverifiable``; also unverifiable when no AU can
+be named or the mesh failed. Scene, body and text cues cannot be checked against the face:
+``unverifiable``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from cem.config import FusionConfig
+from cem.schema import Cue, FaceEvidence
+
+ABSENT_BELOW = 0.5
+
+# words in a free-text cue -> the AUs that would show it (first match wins; all listed AUs are checked)
+CUE_KEYWORDS: list[tuple[str, tuple[str, ...]]] = [
+    (r"smil|lip corners? (?:pulled )?up|grin", ("AU12",)),
+    (r"cheeks? raised|crow'?s? feet|duchenne", ("AU06",)),
+    (r"frown|furrow|brows? (?:lowered|drawn|knit)|scowl", ("AU04",)),
+    (r"inner brows? raised", ("AU01",)),
+    (r"raised (?:eye)?brows|(?:eye)?brows? raised", ("AU01", "AU02")),
+    (r"wide(?:-| )?(?:open )?eyes|eyes wide|upper (?:eye)?lids? raised", ("AU05",)),
+    (r"squint|narrowed eyes|eyelids? tightened", ("AU07",)),
+    (r"nose wrinkl|wrinkled nose", ("AU09",)),
+    (r"upper lip raised|sneer", ("AU10",)),
+    (r"dimpl", ("AU14",)),
+    (r"(?:lip )?corners? (?:pulled |turned )?down|downturned", ("AU15",)),
+    (r"chin raised|pout", ("AU17",)),
+    (r"lips? stretched", ("AU20",)),
+    (r"lips? pressed|pressed lips", ("AU24",)),
+    (r"lips? tightened|tight lips", ("AU23",)),
+    (r"jaw drop|mouth (?:wide )?open|open mouth|gaping", ("AU26", "AU25")),
+    (r"lips? part", ("AU25",)),
+    (r"eyes? closed|closed eyes", ("AU43",)),
+]
+
+
+def pool(p_expression: dict[str, float], p_reasoner: dict[str, float] | None, labels: list[str],
+         fusion: FusionConfig) -> dict[str, float]:
+    """Log-linear pooling over ``labels``; with no reasoner distribution, the tempered expression one."""
+    le = np.log(np.clip([p_expression.get(k, 0.0) for k in labels], 1e-6, None))
+    z = fusion.expression_weight * le
+    if p_reasoner is not None:
+        lr = np.log(np.clip([p_reasoner.get(k, 0.0) for k in labels], 1e-6, None))
+        z = z + fusion.reasoner_weight * lr
+    z = z / fusion.temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    return dict(zip(labels, p.tolist()))
+
+
+def aus_for_cue(cue: Cue) -> tuple[str, ...]:
+    if cue.au:
+        return (cue.au,)
+    text = cue.cue.lower()
+    for pattern, aus in CUE_KEYWORDS:
+        if re.search(pattern, text):
+            return aus
+    return ()
+
+
+def ground(cue: Cue, face: FaceEvidence) -> str:
+    if cue.source != "face" or not face.aus:
+        return "unverifiable"
+    aus = [a for a in aus_for_cue(cue) if a in face.aus]
+    if not aus:
+        return "unverifiable"
+    if any(face.aus[a].present for a in aus):
+        return "supported"
+    if all(face.aus[a].intensity < ABSENT_BELOW for a in aus):
+        return "contradicted"
+    return "unverifiable"
+
+
+def ground_cues(cues: list[Cue], face: FaceEvidence) -> list[Cue]:
+    for c in cues:
+        c.grounding = ground(c, face)  # type: ignore[assignment]
+    return cues

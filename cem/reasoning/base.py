@@ -1,0 +1,45 @@
+"""Reasoner interface and factory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from cem.config import Config, ConfigError
+from cem.schema import Cue, FaceEvidence
+
+
+@dataclass
+class FaceReasoning:
+    """A reasoner's answer for one face. ``distribution`` is None when ``error`` says why there is none."""
+
+    index: int
+    distribution: dict[str, float] | None
+    cues: list[Cue] = field(default_factory=list)
+    rationale: str = ""
+    error: str | None = None
+
+
+class Reasoner(Protocol):
+    """Turns FER evidence, the image and optional context into a :class:`FaceReasoning` per face."""
+
+    backend: str
+    model_id: str | None
+    template_id: str | None
+
+    def reason(self, image: np.ndarray, faces: list[FaceEvidence], context: str | None) -> list[FaceReasoning]:
+        ...
+
+
+def make_reasoner(config: Config) -> Reasoner:
+    backend = config.reasoner.backend
+    if backend == "rules":
+        from cem.reasoning.rules import RulesReasoner
+
+        return RulesReasoner(config.labels)
+    raise ConfigError(
+        f"reasoner {backend!r} is not available yet in cem {__import__('cem').__version__}; "
+        "use --reasoner rules (the offline default)"
+    )

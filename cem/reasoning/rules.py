@@ -1,0 +1,109 @@
+"""The offline rules reasoner: EMFACS-style AU prototypes -> an emotion distribution with AU-citing cues.
+
+Each emotion's prototype lists AUs with weights (after Ekman & Friesen's EMFACS tables, as summarised
+by Matsumoto & Ekman 2008). The prototype match is the weighted mean intensity of its AUs over 5
+(negative weights penalise AUs that argue against it, e.g. a full symmetric smile against contempt),
+in [0, 1]. Neutral has a constant match of ``NEUTRAL_BASELINE``: a face whose best prototype matches
+less than that leans neutral. The distribution is ``softmax(SHARPNESS * match)``. The fuse stage pools it
+with the expression model's distribution; this reasoner deliberately does not look at that
+distribution itself, so that nothing is counted twice.
+
+Contempt is unilateral (R12A/R14A) in EMFACS; the mesh estimates are bilateral, so contempt rests on
+AU14 without a full smile and is the weakest prototype here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cem.fer.aus import AU_NAMES
+from cem.reasoning.base import FaceReasoning
+from cem.schema import Cue, FaceEvidence
+
+PROTOTYPES: dict[str, dict[str, float]] = {
+    "happiness": {"AU06": 1.0, "AU12": 1.0},
+    "surprise": {"AU01": 1.0, "AU02": 1.0, "AU05": 1.0, "AU26": 1.0},
+    "sadness": {"AU01": 1.0, "AU04": 1.0, "AU15": 1.0},
+    "anger": {"AU04": 1.0, "AU05": 0.5, "AU07": 1.0, "AU23": 1.0},
+    "disgust": {"AU09": 1.0, "AU10": 1.0, "AU15": 0.5},
+    "fear": {"AU01": 1.0, "AU02": 1.0, "AU04": 1.0, "AU05": 1.0, "AU20": 1.0, "AU26": 0.5},
+    "contempt": {"AU14": 1.0, "AU12": -0.5},
+}
+NEUTRAL_BASELINE = 0.3
+SHARPNESS = 6.0
+
+# short descriptions of what each AU does, used in cue texts
+AU_CUE_TEXT: dict[str, str] = {
+    "AU01": "inner brows raised", "AU02": "outer brows raised", "AU04": "brows lowered and drawn together",
+    "AU05": "upper eyelids raised", "AU06": "cheeks raised", "AU07": "eyelids tightened",
+    "AU09": "nose wrinkled", "AU10": "upper lip raised", "AU12": "lip corners pulled up",
+    "AU14": "mouth corners tightened (dimpler)", "AU15": "lip corners pulled down", "AU17": "chin raised",
+    "AU20": "lips stretched sideways", "AU23": "lips tightened", "AU24": "lips pressed together",
+    "AU25": "lips parted", "AU26": "jaw dropped", "AU43": "eyes closed",
+}
+
+
+def prototype_matches(intensities: dict[str, float], labels: list[str]) -> dict[str, float]:
+    """Match in [0, 1] of each configured label's prototype (neutral: the constant baseline)."""
+    out = {}
+    for lab in labels:
+        proto = PROTOTYPES.get(lab)
+        if proto is None:
+            out[lab] = NEUTRAL_BASELINE if lab == "neutral" else 0.0
+            continue
+        pos = sum(w for w in proto.values() if w > 0)
+        score = sum(w * intensities.get(au, 0.0) / 5.0 for au, w in proto.items()) / pos
+        out[lab] = float(np.clip(score, 0.0, 1.0))
+    return out
+
+
+class RulesReasoner:
+    """Deterministic, offline; needs only the FER stage's AUs."""
+
+    backend = "rules"
+    model_id = None
+    template_id = None
+
+    def __init__(self, labels: list[str]) -> None:
+        self.labels = list(labels)
+
+    def reason_face(self, face: FaceEvidence) -> FaceReasoning:
+        if not face.aus:
+            uniform = 1.0 / len(self.labels)
+            return FaceReasoning(
+                index=face.index, distribution={lab: uniform for lab in self.labels}, cues=[],
+                rationale="No face mesh, so no action units were measured; the AU prototypes carry no evidence "
+                          "and the emotion rests on the expression model alone.",
+            )
+        intensities = {k: v.intensity for k, v in face.aus.items()}
+        match = prototype_matches(intensities, self.labels)
+        z = SHARPNESS * np.array([match[lab] for lab in self.labels])
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        dist = dict(zip(self.labels, p.tolist()))
+        top = max(dist, key=dist.__getitem__)
+
+        cues: list[Cue] = []
+        for lab in sorted(self.labels, key=lambda k: -dist[k]):
+            if dist[lab] < 0.15 or lab not in PROTOTYPES:
+                continue
+            for au, w in PROTOTYPES[lab].items():
+                a = face.aus.get(au)
+                if w > 0 and a is not None and a.present:
+                    cues.append(Cue(cue=f"{AU_CUE_TEXT[au]} ({au} {AU_NAMES[au]}, intensity {a.intensity:.1f})",
+                                    source="face", au=au, supports=lab,
+                                    weight=round(w * a.intensity / 5.0, 3), grounding="supported"))
+        present = [au for au, a in face.aus.items() if a.present]
+        if top == "neutral" or not cues:
+            shown = ", ".join(f"{au} ({AU_NAMES[au]})" for au in present[:4]) or "no action unit"
+            rationale = (f"{shown.capitalize() if not present else shown} clearly active; no EMFACS prototype "
+                         f"is matched strongly, so the face reads as mostly neutral.")
+        else:
+            cited = ", ".join(f"{c.au} ({AU_NAMES[c.au]}, {face.aus[c.au].intensity:.1f})"
+                              for c in cues if c.supports == top)
+            rationale = f"{cited} match the EMFACS prototype of {top}." if cited else (
+                f"The AU pattern leans towards {top}.")
+        return FaceReasoning(index=face.index, distribution=dist, cues=cues, rationale=rationale)
+
+    def reason(self, image: np.ndarray, faces: list[FaceEvidence], context: str | None) -> list[FaceReasoning]:
+        return [self.reason_face(f) for f in faces]

@@ -1,0 +1,39 @@
+"""Shared fixtures. Models load once per test session; no test touches the network."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> np.ndarray:
+    from skimage import data
+
+    return data.astronaut()
+
+
+@pytest.fixture(scope="session")
+def pipeline():
+    import cem
+
+    p = cem.Pipeline.from_config("default")
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="session")
+def face_crop(astronaut) -> np.ndarray:
+    """The astronaut's head and shoulders (about 100 px face)."""
+    return np.ascontiguousarray(astronaut[30:270, 110:350])
+
+
+def yaw_turned(face: np.ndarray, k: float = 0.4) -> np.ndarray:
+    """A perspective warp that compresses the right side of the image: the face looks turned."""
+    import cv2
+
+    h, w = face.shape[:2]
+    src = np.float32([[0, 0], [w, 0], [w, h], [0, h]])
+    dst = np.float32([[0, h * k / 2], [w * (1 - k / 3), 0], [w * (1 - k / 3), h], [0, h * (1 - k / 2)]])
+    m = cv2.getPerspectiveTransform(src, dst)
+    return cv2.warpPerspective(face, m, (w, h), borderMode=cv2.BORDER_REPLICATE)

@@ -1,0 +1,109 @@
+"""The FER stage on real faces: detection, mesh, pose, AUs, multiple faces, mirrored and rotated input."""
+
+from __future__ import annotations
+
+import numpy as np
+from conftest import yaw_turned
+
+from cem.fer.aus import AU_DEFINITIONS, intensity_from_score
+
+
+def test_astronaut_one_smiling_face(pipeline, astronaut):
+    r = pipeline.analyze(astronaut)
+    assert r.error is None and len(r.faces) == 1
+    ev = r.faces[0].evidence
+    x, y, w, h = ev.bbox
+    assert 150 < x < 210 and 60 < y < 110 and 80 < w < 130  # the face, not the helmet or the flag
+    assert ev.aus["AU12"].present and ev.aus["AU06"].present
+    assert not ev.aus["AU04"].present and not ev.aus["AU15"].present
+    assert ev.landmarks.shape == (478, 3)
+    assert abs(ev.pose.yaw) < 15 and abs(ev.pose.roll) < 15
+
+
+def test_every_listed_au_is_estimated(pipeline, astronaut):
+    aus = pipeline.analyze(astronaut).faces[0].evidence.aus
+    required = {"AU01", "AU02", "AU04", "AU05", "AU06", "AU07", "AU09", "AU10", "AU12", "AU14", "AU15", "AU17",
+                "AU20", "AU23", "AU24", "AU25", "AU26", "AU43"}
+    assert required <= set(aus)
+    assert all(0.0 <= a.intensity <= 5.0 for a in aus.values())
+
+
+def test_intensity_mapping_monotone_and_bounded():
+    s = np.linspace(-10, 60, 500)
+    i = intensity_from_score(s)
+    assert (np.diff(i) > 0).all() and i.min() >= 0 and i.max() < 5
+    assert intensity_from_score(0.0) < 0.3  # a neutral face reads as (almost) absent
+    assert len({d.code for d in AU_DEFINITIONS}) == len(AU_DEFINITIONS)
+
+
+def test_multiple_faces_sorted_left_to_right(pipeline, face_crop):
+    import cv2
+
+    canvas = np.full((360, 1100, 3), 200, np.uint8)
+    sizes = [(30, 200), (400, 160), (760, 240)]  # x offset, face crop size
+    for x0, size in sizes:
+        canvas[40 : 40 + size, x0 : x0 + size] = cv2.resize(face_crop, (size, size))
+    r = pipeline.analyze(canvas)
+    assert len(r.faces) == 3
+    centers = [f.evidence.bbox[0] + f.evidence.bbox[2] / 2 for f in r.faces]
+    assert centers == sorted(centers)
+    for f, (x0, size) in zip(r.faces, sizes):
+        x, y, w, h = f.evidence.bbox
+        assert x0 <= x and x + w <= x0 + size  # each box inside the crop it came from
+        assert 0.25 * size < w < 0.7 * size
+        assert f.evidence.aus  # each face got its own mesh
+    assert [f.evidence.index for f in r.faces] == [0, 1, 2]
+    assert [f.evidence.position for f in r.faces] == ["left", "center", "right"]
+
+
+def test_mirrored_face_flips_yaw_and_roll(pipeline, face_crop):
+    turned = yaw_turned(face_crop)
+    a = pipeline.analyze(turned).faces[0].evidence.pose
+    b = pipeline.analyze(np.ascontiguousarray(turned[:, ::-1])).faces[0].evidence.pose
+    assert a.yaw < -3 and b.yaw > 3
+    assert abs(a.yaw + b.yaw) < 2.5
+    assert abs(a.roll + b.roll) < 2.5
+
+
+def test_no_face_gives_empty_faces_and_no_error(pipeline):
+    from skimage import data
+
+    r = pipeline.analyze(data.coffee())
+    assert r.error is None and r.faces == []
+
+
+def test_whole_mode_treats_image_as_one_face(pipeline, face_crop):
+    import cv2
+
+    tight = cv2.resize(face_crop[50:180, 60:180], (48, 48), interpolation=cv2.INTER_AREA)
+    r = pipeline.analyze(tight, faces="whole")
+    assert len(r.faces) == 1
+    f = r.faces[0].evidence
+    assert f.bbox == (0.0, 0.0, 48.0, 48.0)
+    assert f.aus and f.pose is not None  # the mesh still runs on a pre-cropped face
+
+
+def test_exif_rotated_input_boxes_in_upright_frame(pipeline, astronaut, tmp_path):
+    from PIL import Image
+
+    upright = pipeline.analyze(astronaut).faces[0].evidence.bbox
+    exif = Image.Exif()
+    exif[0x0112] = 8  # stored rotated 90° clockwise; viewers rotate it back
+    p = tmp_path / "rotated.jpg"
+    Image.fromarray(astronaut).transpose(Image.Transpose.ROTATE_270).save(p, exif=exif.tobytes(), quality=95)
+    r = pipeline.analyze(str(p))
+    assert (r.width, r.height) == (512, 512)
+    got = r.faces[0].evidence.bbox
+    assert np.allclose(got, upright, atol=8)
+
+
+def test_small_face_is_flagged_not_dropped(pipeline, face_crop):
+    import cv2
+
+    canvas = np.full((240, 240, 3), 180, np.uint8)
+    small = cv2.resize(face_crop, (64, 64), interpolation=cv2.INTER_AREA)  # face ~25 px
+    canvas[88:152, 88:152] = small
+    r = pipeline.analyze(canvas)
+    assert len(r.faces) == 1
+    q = r.faces[0].evidence.quality
+    assert q.too_small and q.face_px < 32

@@ -1,0 +1,90 @@
+"""Loading and validation of inputs: modes, EXIF, bad files, input expansion."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cem.io import ImageLoadError, expand_inputs, load_image
+
+
+def _save(tmp_path, name, im, **kw):
+    p = tmp_path / name
+    im.save(p, **kw)
+    return p
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "LA", "1"])
+def test_modes_normalised_to_rgb(tmp_path, astronaut, mode):
+    im = Image.fromarray(astronaut)
+    if mode == "I;16":
+        arr = (np.asarray(im.convert("L"), dtype=np.uint16) * 257)
+        im = Image.fromarray(arr)
+    else:
+        im = im.convert(mode)
+    ext = "tif" if mode in ("CMYK",) else "png"
+    p = _save(tmp_path, f"x.{ext}", im)
+    rgb = load_image(p)
+    assert rgb.shape == (512, 512, 3) and rgb.dtype == np.uint8
+    assert 20 < rgb.mean() < 235  # not black or white: the values were converted, not clipped
+
+
+def test_16bit_keeps_full_range(tmp_path):
+    ramp = np.tile(np.linspace(0, 65535, 256, dtype=np.uint16), (16, 1))
+    p = _save(tmp_path, "ramp.png", Image.fromarray(ramp))
+    rgb = load_image(p)
+    assert rgb[0, 0, 0] == 0 and rgb[0, -1, 0] == 255
+
+
+def test_rgba_composited_on_white(tmp_path):
+    a = np.zeros((10, 10, 4), np.uint8)  # fully transparent black
+    rgb = load_image(_save(tmp_path, "t.png", Image.fromarray(a)))
+    assert (rgb == 255).all()
+
+
+def test_exif_orientation_applied(tmp_path, astronaut):
+    im = Image.fromarray(astronaut[:, :400])  # 400 wide, 512 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: viewer must rotate 90° clockwise
+    stored = im.transpose(Image.Transpose.ROTATE_90)
+    p = tmp_path / "rot.jpg"
+    stored.save(p, exif=exif.tobytes(), quality=95)
+    rgb = load_image(p)
+    assert rgb.shape[:2] == (512, 400)
+    assert np.abs(rgb.astype(int) - astronaut[:, :400].astype(int)).mean() < 6
+
+
+@pytest.mark.parametrize(
+    "content,expected",
+    [(b"", "empty file"), (b"hello, I am text", "not an image"), (None, "corrupt or truncated")],
+)
+def test_bad_files_raise_clear_errors(tmp_path, astronaut, content, expected):
+    p = tmp_path / "bad.jpg"
+    if content is None:  # a real JPEG cut in half
+        good = _save(tmp_path, "good.jpg", Image.fromarray(astronaut))
+        content = good.read_bytes()[: good.stat().st_size // 2]
+    p.write_bytes(content)
+    with pytest.raises(ImageLoadError, match=expected) as e:
+        load_image(p)
+    assert str(p) in str(e.value)
+
+
+def test_decompression_bomb_refused(tmp_path):
+    p = _save(tmp_path, "big.png", Image.new("L", (300, 300)))
+    with pytest.raises(ImageLoadError, match="exceeds the limit"):
+        load_image(p, max_pixels=10_000)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ImageLoadError, match="file not found"):
+        load_image(tmp_path / "nope.png")
+
+
+def test_expand_inputs_folders_globs_files(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for n in ["a/1.jpg", "a/b/2.PNG", "a/notes.txt", "3.jpeg"]:
+        (tmp_path / n).write_bytes(b"x")
+    got = expand_inputs([str(tmp_path / "a"), str(tmp_path / "*.jpeg"), str(tmp_path / "a" / "notes.txt")])
+    assert got == [str(tmp_path / "a" / "1.jpg"), str(tmp_path / "a" / "b" / "2.PNG"), str(tmp_path / "3.jpeg"),
+                   str(tmp_path / "a" / "notes.txt")]
