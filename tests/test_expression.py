@@ -1,0 +1,94 @@
+"""The packaged expression model: loads offline, reads the astronaut's smile, is mirror- and batch-stable,
+and its training command runs (one tiny step on synthetic faces)."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import numpy as np
+import pytest
+
+from cem.datasets import FERPLUS_LABELS, FerPlus
+from cem.fer.expression import DEFAULT_WEIGHTS, ExpressionModel
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ExpressionModel.from_pretrained()
+
+
+def test_weights_load_without_network(monkeypatch):
+    def no_network(*a, **k):
+        raise AssertionError("the expression model tried to open a network connection")
+
+    import safetensors.torch  # noqa: F401  (imported first: ssl must load with the real socket class)
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    m = ExpressionModel.from_pretrained()
+    assert m.labels == list(FERPLUS_LABELS)
+    assert (DEFAULT_WEIGHTS / "model.safetensors").stat().st_size < 20 * 1024 * 1024
+    cfg = json.loads((DEFAULT_WEIGHTS / "config.json").read_text())
+    assert cfg["temperature"] > 0 and cfg["labels"] == list(FERPLUS_LABELS)
+
+
+def test_astronaut_expression_is_happiness(pipeline, astronaut):
+    expr = pipeline.analyze(astronaut).faces[0].evidence.expression
+    assert max(expr, key=expr.get) == "happiness"
+    assert abs(sum(expr.values()) - 1) < 1e-6
+
+
+def test_mirrored_input_gives_nearly_the_same_distribution(pipeline, astronaut):
+    a = pipeline.analyze(astronaut).faces[0].evidence.expression
+    b = pipeline.analyze(np.ascontiguousarray(astronaut[:, ::-1])).faces[0].evidence.expression
+    assert max(abs(a[k] - b[k]) for k in a) < 0.1
+
+
+def test_mirror_invariance_is_exact_on_the_crop(model):
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 255, (3, 48, 48), dtype=np.uint8)
+    assert np.allclose(model.predict(crops), model.predict(crops[:, :, ::-1].copy()), atol=1e-5)
+
+
+def test_batch_equals_one_by_one(model):
+    rng = np.random.default_rng(1)
+    crops = rng.integers(0, 255, (5, 48, 48), dtype=np.uint8)
+    batch = model.predict(crops)
+    single = np.concatenate([model.predict(crops[i : i + 1]) for i in range(5)])
+    assert np.allclose(batch, single, atol=1e-5)
+    assert np.allclose(batch.sum(axis=1), 1)
+
+
+def test_cuda_request_without_cuda_is_an_error():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(RuntimeError, match="no CUDA"):
+        ExpressionModel.from_pretrained(device="cuda")
+
+
+def test_training_command_runs_one_tiny_step(tmp_path):
+    from cem.training import TrainConfig, train_expression
+
+    rng = np.random.default_rng(0)
+    n = 24
+    votes = rng.multinomial(10, [0.4, 0.3, 0.1, 0.05, 0.05, 0.04, 0.03, 0.03], size=n)
+    data = FerPlus(pixels=rng.integers(0, 255, (n, 48, 48), dtype=np.uint8), votes=votes,
+                   names=np.array([f"{i}.png" for i in range(n)]))
+    cfg = TrainConfig(epochs=1, batch_size=8, width=4, max_steps=1, threads=1, bf16=False)
+    out = train_expression(data, data, tmp_path, cfg, log=lambda *_: None)
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "checkpoint.pt").is_file()
+    assert out["temperature"] > 0 and len(out["history"]) == 1
+    m = ExpressionModel.from_pretrained(tmp_path)
+    assert m.predict(data.pixels[:2]).shape == (2, 8)
+
+
+def test_fitted_temperature_recovers_a_known_one():
+    from cem.training import fit_temperature, softmax
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (4000, 8))
+    p_true = softmax(logits, 2.0)
+    assert fit_temperature(logits, p_true) == pytest.approx(2.0, rel=0.02)

@@ -1,0 +1,77 @@
+"""Fusion, cue grounding and the evaluation metrics, against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from cem import eval as ev
+from cem.config import FusionConfig
+from cem.fuse import ground, pool
+from cem.reasoning.rules import RulesReasoner, prototype_matches
+from cem.schema import ActionUnit, Cue, FaceEvidence, Quality
+
+LABELS = ["neutral", "happiness", "sadness"]
+
+
+def _face(**aus):
+    return FaceEvidence(index=0, bbox=(0, 0, 10, 10), detection_score=1.0, pose=None,
+                        quality=Quality(100, 0.1, False), expression={},
+                        aus={k: ActionUnit(v, v >= 1.0) for k, v in aus.items()})
+
+
+def test_pool_is_weighted_geometric_mean():
+    pe = {"neutral": 0.5, "happiness": 0.25, "sadness": 0.25}
+    pr = {"neutral": 0.25, "happiness": 0.5, "sadness": 0.25}
+    p = pool(pe, pr, LABELS, FusionConfig(1.0, 1.0, 1.0))
+    raw = np.array([0.5 * 0.25, 0.25 * 0.5, 0.25 * 0.25])
+    assert np.allclose(list(p.values()), raw / raw.sum())
+    assert pool(pe, None, LABELS, FusionConfig(1.0, 1.0, 1.0)) == pytest.approx(pe)
+    sharp = pool(pe, None, LABELS, FusionConfig(1.0, 1.0, 0.5))
+    assert sharp["neutral"] == pytest.approx(0.25 / (0.25 + 2 * 0.0625))
+
+
+def test_grounding_supported_contradicted_unverifiable():
+    face = _face(AU12=3.0, AU04=0.1, AU06=0.7)
+    assert ground(Cue("broad smile", "face", "happiness", 1.0), face) == "supported"
+    assert ground(Cue("furrowed brows", "face", "anger", 1.0), face) == "contradicted"
+    assert ground(Cue("x", "face", "happiness", 1.0, au="AU06"), face) == "unverifiable"  # weak, not absent
+    assert ground(Cue("wearing a black helmet", "face", "fear", 1.0), face) == "unverifiable"
+    assert ground(Cue("a birthday cake", "scene", "happiness", 1.0), face) == "unverifiable"
+    assert ground(Cue("smile", "face", "happiness", 1.0), _face()) == "unverifiable"  # no AUs measured
+
+
+def test_rules_prototypes():
+    m = prototype_matches({"AU06": 5.0, "AU12": 5.0}, ["neutral", "happiness", "sadness", "contempt"])
+    assert m["happiness"] == 1.0 and m["sadness"] == 0.0 and m["contempt"] == 0.0
+    r = RulesReasoner(["neutral", "happiness", "sadness"]).reason_face(_face(AU01=0.1, AU12=0.1))
+    assert max(r.distribution, key=r.distribution.get) == "neutral" and r.cues == []
+    empty = RulesReasoner(LABELS).reason_face(_face())
+    assert np.allclose(list(empty.distribution.values()), 1 / 3)
+
+
+def test_metrics_by_hand():
+    h = np.array([[0.6, 0.4, 0.0], [0.0, 0.5, 0.5], [0.1, 0.1, 0.8]])  # row 2 is a tie
+    m = np.array([[0.5, 0.5, 0.0], [0.2, 0.2, 0.6], [0.2, 0.2, 0.6]])
+    y, keep = ev.plurality(h)
+    assert keep.tolist() == [True, False, True] and y[keep].tolist() == [0, 2]
+    assert ev.accuracy(h, m) == 1.0  # row 1: argmax(m)=0 (first of the tie) == 0
+    mc = np.clip(m, 1e-6, None)
+    mc = mc / mc.sum(1, keepdims=True)  # model probabilities clipped at 1e-6 and renormalised
+    kl0 = 0.6 * math.log(0.6 / mc[0, 0]) + 0.4 * math.log(0.4 / mc[0, 1])
+    kl1 = 0.5 * math.log(0.5 / mc[1, 1]) + 0.5 * math.log(0.5 / mc[1, 2])
+    kl2 = sum(a * math.log(a / b) for a, b in zip(h[2], mc[2]))
+    assert ev.kl_divergence(h, m) == pytest.approx((kl0 + kl1 + kl2) / 3, rel=1e-6)
+    assert ev.nll(h, m) == pytest.approx(-(math.log(mc[0, 0]) + math.log(mc[2, 2])) / 2, rel=1e-6)
+    assert ev.brier(h, m) == pytest.approx(((0.5 - 1) ** 2 + 0.25 + (0.04 + 0.04 + 0.16)) / 2)
+    a = (h[0] + m[0]) / 2
+    js0 = 0.5 * sum(p * math.log2(p / q) for p, q in zip(h[0], a) if p) + 0.5 * sum(
+        p * math.log2(p / q) for p, q in zip(m[0], a) if p)
+    assert ev.js_divergence(h[:1], m[:1]) == pytest.approx(js0)
+    # ECE: confidences 0.5 (correct) and 0.6 (correct) fall in different bins: (0.5*0.5 + 0.5*0.4)
+    assert ev.expected_calibration_error(h, m) == pytest.approx(0.5 * 0.5 + 0.5 * 0.4)
+    assert ev.macro_f1(h, m) == 1.0
+    assert ev.confusion_matrix(h, m, 3).tolist() == [[1, 0, 0], [0, 0, 0], [0, 0, 1]]
+    assert ev.roc_auc(np.array([3.0, 2.0]), np.array([1.0, 2.0])) == pytest.approx(0.875)
