@@ -70,45 +70,69 @@ def _repair_jsonl(path: Path) -> set[str]:
 @click.option("--context-file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="CSV with columns image,context.")
 @click.option("--resume", is_flag=True, help="Skip images already in OUTPUT and append the rest.")
-@click.option("--limit", type=int, default=None, help="Process at most this many images.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write one row per face to this CSV (stable columns, ready for pandas or R).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes running the pipeline in parallel (output order and content unchanged).")
+@click.option("--limit", type=click.IntRange(min=0), default=None, help="Process at most this many images.")
 @click.option("--dry-run", is_flag=True, help="List the images that would be processed, and stop.")
 def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: str | None, model: str | None,
              faces: str | None, context: str | None, context_file: str | None, resume: bool,
-             limit: int | None, dry_run: bool) -> None:
-    """Annotate images (files, folders, globs) into OUTPUT, one JSON record per image."""
+             csv_path: Path | None, workers: int, limit: int | None, dry_run: bool) -> None:
+    """Annotate images into OUTPUT, one JSON record per image.
+
+    INPUTS are files, folders (searched recursively for images), globs, and CSV manifests (a .csv with
+    an 'image' column, optional 'context', and extra columns that are carried into the output).
+    """
     from cem.config import Config, ConfigError
-    from cem.io import JsonlWriter, expand_inputs, read_context_csv
+    from cem.io import CsvFaceWriter, JsonlWriter, collect_inputs, read_context_csv
 
     try:
         config = Config.load(config_name, reasoner=reasoner, model=model, faces=faces)
     except ConfigError as e:
         _fail(str(e))
     contexts: dict[str, str] = {}
-    if context_file:
-        try:
+    try:
+        if context_file:
             contexts = read_context_csv(context_file)
-        except (ValueError, OSError) as e:
-            _fail(str(e))
-    paths = expand_inputs(inputs)
+        items = collect_inputs(inputs)
+    except (ValueError, OSError) as e:
+        _fail(str(e))
     done = _repair_jsonl(output) if resume else set()
-    todo = [p for p in paths if p not in done]
+    todo = [it for it in items if it.path not in done]
     if limit is not None:
         todo = todo[:limit]
     if dry_run:
-        for p in todo:
-            click.echo(p)
-        click.echo(f"{len(todo)} images to process ({len(paths) - len(todo)} skipped)", err=True)
+        for it in todo:
+            click.echo(it.path)
+        click.echo(f"{len(todo)} images to process ({len(items) - len(todo)} skipped)", err=True)
         return
     if not todo:
-        click.echo(f"cem: nothing to do ({len(paths)} inputs, all already in {output})", err=True)
+        click.echo(f"cem: nothing to do ({len(items)} inputs, all already in {output})", err=True)
         return
+    for it in todo:  # precedence: manifest context, then --context-file, then --context
+        it.context = it.context or contexts.get(it.path) or contexts.get(Path(it.path).name) or context
 
-    from cem.pipeline import Pipeline
+    if workers > 1 and config.reasoner.backend != "rules":
+        _fail("--workers > 1 runs whole pipelines per process; with an LLM reasoner use one process "
+              "(or an openai server, which batches itself)")
+    pipeline = None
+    if workers == 1:
+        from cem.pipeline import Pipeline
 
-    try:
-        pipeline = Pipeline(config)
-    except Exception as e:  # configuration that cannot be used: a clear message and a non-zero exit
-        _fail(f"{type(e).__name__}: {e}")
+        try:
+            pipeline = Pipeline(config)
+        except Exception as e:  # configuration that cannot be used: a clear message and a non-zero exit
+            _fail(f"{type(e).__name__}: {e}")
+        records = (pipeline.analyze(it.path, it.context).to_dict() for it in todo)
+    else:
+        from cem.parallel import analyze_parallel
+
+        records = analyze_parallel(config, [(it.path, it.context) for it in todo], workers)
+
+    from cem.fer.aus import AU_NAMES
+
+    extra_cols = list(dict.fromkeys(k for it in todo for k in it.extra))
     output.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     n_faces, errors = 0, Counter()
@@ -117,19 +141,25 @@ def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: 
         from tqdm import tqdm
 
         bar = tqdm(total=len(todo), unit="img", file=sys.stderr, dynamic_ncols=True)
+    csv_writer = CsvFaceWriter(csv_path, config.labels, list(AU_NAMES), extra_cols, append=resume) \
+        if csv_path else None
     with JsonlWriter(output, append=resume) as writer:
-        for path in todo:
-            ctx = contexts.get(path) or contexts.get(Path(path).name) or context
-            result = pipeline.analyze(path, ctx)
-            writer.write(result.to_dict())
-            n_faces += len(result.faces)
-            if result.error:
-                errors[result.error.split(": ", 1)[-1].split(" (")[0]] += 1
+        for it, rec in zip(todo, records):
+            rec.update(it.extra)
+            writer.write(rec)
+            if csv_writer:
+                csv_writer.write(rec)
+            n_faces += len(rec["faces"])
+            if rec["error"]:
+                errors[rec["error"].split(": ", 1)[-1].split(" (")[0]] += 1
             if bar is not None:
                 bar.update(1)
+    if csv_writer:
+        csv_writer.close()
     if bar is not None:
         bar.close()
-    pipeline.close()
+    if pipeline is not None:
+        pipeline.close()
     elapsed = time.perf_counter() - start
     click.echo(f"cem: {len(todo)} images, {n_faces} faces, {sum(errors.values())} errors in {elapsed:.1f} s "
                f"({len(todo) / max(elapsed, 1e-9):.1f} images/s) -> {output}", err=True)
@@ -168,6 +198,45 @@ def schema_cmd() -> None:
     from cem.schema import RECORD_JSON_SCHEMA
 
     click.echo(json.dumps(RECORD_JSON_SCHEMA, indent=2))
+
+
+@main.command("eval")
+@click.argument("results", type=click.Path(exists=True, dir_okay=False))
+@click.option("--labels", "labels_csv", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="CSV: image,label or image,<one column per label> (counts or proportions).")
+@click.option("--config", "config_name", default="default", show_default=True, help="Config giving the label set.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--plots", type=click.Path(file_okay=False), default=None, help="Write reliability and confusion PNGs.")
+def eval_cmd(results: str, labels_csv: str, config_name: str, as_json: bool, plots: str | None) -> None:
+    """Score RESULTS (a cem JSONL) against human labels: expression and emotion side by side."""
+    from cem.config import Config, ConfigError
+    from cem.eval import evaluate_records, read_labels_csv, write_plots
+    from cem.io import read_jsonl
+
+    try:
+        labels = Config.load(config_name).labels
+        human = read_labels_csv(labels_csv, labels)
+        records = list(read_jsonl(results))
+        res = evaluate_records(records, human, labels)
+    except (ConfigError, ValueError) as e:
+        _fail(str(e))
+    if plots:
+        res["plots"] = write_plots(records, human, labels, plots)
+    if as_json:
+        click.echo(json.dumps({k: res[k] for k in ("expression", "emotion")} | {
+            "missing": len(res["missing"]), "labels": labels, "confusion": res["confusion"]}, indent=2))
+        return
+    keys = ["n", "n_scored", "accuracy", "macro_f1", "kl", "js", "nll", "brier", "ece"]
+    click.echo(f"{'metric':<10}{'expression':>12}{'emotion':>12}")
+    for k in keys:
+        a, b = res["expression"][k], res["emotion"][k]
+        fmt = (lambda v: f"{v:12d}") if isinstance(a, int) else (lambda v: f"{v:12.4f}")
+        click.echo(f"{k:<10}{fmt(a)}{fmt(b)}")
+    n_ties = res["expression"]["n"] - res["expression"]["n_scored"]
+    click.echo(f"ties excluded from accuracy/F1/NLL/Brier/ECE: {n_ties}; labelled images without a face or "
+               f"record: {len(res['missing'])}")
+    if plots:
+        click.echo("plots: " + ", ".join(res["plots"]))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import json
 import os
 import warnings
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Union
 
@@ -145,6 +146,56 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[str]:
     return out
 
 
+@dataclass
+class InputItem:
+    """One image to process: its path as it will appear in the record, its context, manifest extras."""
+
+    path: str
+    context: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def read_manifest(path: str | os.PathLike) -> list[InputItem]:
+    """A CSV manifest: column ``image`` (relative paths are relative to the manifest's folder), optional
+    ``context``, and any other columns, which are carried into the output records."""
+    import csv
+
+    base = Path(path).parent
+    items = []
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None or "image" not in reader.fieldnames:
+            raise ValueError(f"{path}: a manifest needs an 'image' column")
+        reserved = {"image", "context", "width", "height", "faces", "error", "provenance"}
+        for n, row in enumerate(reader, start=2):
+            img = (row.get("image") or "").strip()
+            if not img:
+                raise ValueError(f"{path}:{n}: empty 'image' cell")
+            p = img if os.path.isabs(img) else str(base / img)
+            extra = {k: v for k, v in row.items() if k not in reserved and k is not None}
+            items.append(InputItem(p, (row.get("context") or None), extra))
+    return items
+
+
+def collect_inputs(inputs: Iterable[str | os.PathLike]) -> list[InputItem]:
+    """Like :func:`expand_inputs`, and an input ending in ``.csv`` is read as a manifest."""
+    items: list[InputItem] = []
+    plain: list[str] = []
+
+    def flush() -> None:
+        items.extend(InputItem(p) for p in expand_inputs(plain))
+        plain.clear()
+
+    for i in inputs:
+        if os.fspath(i).lower().endswith(".csv") and Path(i).is_file():
+            flush()
+            items.extend(read_manifest(i))
+        else:
+            plain.append(os.fspath(i))
+    flush()
+    return items
+
+
 def read_context_csv(path: str | os.PathLike) -> dict[str, str]:
     """``image,context`` CSV -> {image: context}. Keys are matched by path as given and by file name."""
     import csv
@@ -188,3 +239,67 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
                 yield json.loads(line)
             except json.JSONDecodeError:
                 continue
+
+
+def face_rows(record: dict[str, Any], labels: list[str], au_codes: list[str],
+              extra_columns: list[str] = ()) -> list[dict[str, Any]]:
+    """One flat row per face of a record (one row with empty face fields for an image without faces)."""
+    base = {"image": record["image"]}
+    base.update({k: record.get(k, "") for k in extra_columns})
+    rows = []
+    for f in record.get("faces") or [None]:
+        row = dict(base)
+        if f is None:
+            rows.append(row | {"error": record.get("error") or ""})
+            continue
+        x, y, w, h = f["bbox"]
+        pose = f.get("pose") or {}
+        q = f.get("quality") or {}
+        row.update({"face_index": f["index"], "x": x, "y": y, "w": w, "h": h,
+                    "detection_score": f["detection_score"], "yaw": pose.get("yaw", ""),
+                    "pitch": pose.get("pitch", ""), "roll": pose.get("roll", ""),
+                    "face_px": q.get("face_px", ""), "blur": q.get("blur", ""),
+                    "extreme_pose": q.get("extreme_pose", ""), "mesh_failed": q.get("mesh_failed", "")})
+        for au in au_codes:
+            a = f["aus"].get(au)
+            row[au] = a["intensity"] if a else ""
+        for lab in labels:
+            row[f"expression_{lab}"] = f["expression"].get(lab, "")
+        for lab in labels:
+            row[f"emotion_{lab}"] = f["emotion"].get(lab, "")
+        row["top_emotion"] = f["top_emotion"]
+        row["error"] = f.get("error") or record.get("error") or ""
+        rows.append(row)
+    return rows
+
+
+def csv_columns(labels: list[str], au_codes: list[str], extra_columns: list[str] = ()) -> list[str]:
+    """The stable column order of ``--csv`` tables."""
+    return (["image", *extra_columns, "face_index", "x", "y", "w", "h", "detection_score", "yaw", "pitch", "roll",
+             "face_px", "blur", "extreme_pose", "mesh_failed", *au_codes]
+            + [f"expression_{lab}" for lab in labels] + [f"emotion_{lab}" for lab in labels]
+            + ["top_emotion", "error"])
+
+
+class CsvFaceWriter:
+    """Writes one row per face with :func:`csv_columns`, flushed per image."""
+
+    def __init__(self, path: str | os.PathLike, labels: list[str], au_codes: list[str],
+                 extra_columns: list[str] = (), append: bool = False) -> None:
+        import csv
+
+        self.labels, self.au_codes, self.extra = list(labels), list(au_codes), list(extra_columns)
+        self.columns = csv_columns(self.labels, self.au_codes, self.extra)
+        exists = append and Path(path).is_file() and Path(path).stat().st_size > 0
+        self._fh = open(path, "a" if exists else "w", newline="", encoding="utf-8")
+        self._w = csv.DictWriter(self._fh, fieldnames=self.columns, extrasaction="ignore")
+        if not exists:
+            self._w.writeheader()
+
+    def write(self, record: dict[str, Any]) -> None:
+        for row in face_rows(record, self.labels, self.au_codes, self.extra):
+            self._w.writerow(row)
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()

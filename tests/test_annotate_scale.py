@@ -1,0 +1,117 @@
+"""Annotating sets: manifests, CSV tables, parallel workers, and `cem eval` against hand-computed values."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def _cem(*args):
+    return subprocess.run([sys.executable, "-m", "cem.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory, astronaut):
+    from skimage import data
+
+    root = tmp_path_factory.mktemp("set")
+    Image.fromarray(astronaut).save(root / "a.jpg")
+    Image.fromarray(np.ascontiguousarray(astronaut[:, ::-1])).save(root / "b.png")
+    Image.fromarray(data.coffee()).save(root / "c.png")
+    (root / "d.jpg").write_bytes(b"not a jpeg")
+    return root
+
+
+def test_manifest_csv_and_extra_columns(small_set, tmp_path):
+    man = small_set / "manifest.csv"
+    man.write_text("image,context,participant\na.jpg,at a launch,P01\nc.png,,P02\nd.jpg,,P03\n")
+    out, table = tmp_path / "o.jsonl", tmp_path / "o.csv"
+    r = _cem("annotate", str(man), "-o", str(out), "--csv", str(table))
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["participant"] for x in recs] == ["P01", "P02", "P03"]
+    assert recs[0]["image"] == str(small_set / "a.jpg")
+    rows = list(csv.DictReader(table.open()))
+    assert [row["participant"] for row in rows] == ["P01", "P02", "P03"]  # coffee: one row, no face
+    header = next(csv.reader(table.open()))
+    assert header[:4] == ["image", "participant", "face_index", "x"]
+    assert "AU12" in header and "expression_happiness" in header and "emotion_contempt" in header
+    assert header[-2:] == ["top_emotion", "error"]
+    assert rows[0]["top_emotion"] == recs[0]["faces"][0]["top_emotion"]
+    assert float(rows[0]["AU12"]) == recs[0]["faces"][0]["aus"]["AU12"]["intensity"]
+    assert rows[1]["face_index"] == "" and rows[2]["error"].endswith("not an image file PIL can read")
+
+
+def test_workers_do_not_change_output(small_set, tmp_path):
+    one, two = tmp_path / "1.jsonl", tmp_path / "2.jsonl"
+    assert _cem("annotate", str(small_set), "-o", str(one)).returncode == 0
+    r = _cem("annotate", str(small_set), "-o", str(two), "--workers", "2")
+    assert r.returncode == 0, r.stderr
+
+    def strip(path):
+        recs = [json.loads(x) for x in path.read_text().splitlines()]
+        for rec in recs:
+            rec["provenance"].pop("timings_ms")
+        return recs
+
+    assert strip(one) == strip(two)
+
+
+def _record(image, expression, emotion):
+    face = {"index": 0, "bbox": [0, 0, 10, 10], "expression": dict(zip(LABELS, expression)),
+            "emotion": dict(zip(LABELS, emotion))}
+    return {"image": image, "faces": [face], "error": None}
+
+
+LABELS = ["neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt"]
+
+
+def test_eval_json_against_hand_values(tmp_path):
+    e1 = [0.7, 0.3, 0, 0, 0, 0, 0, 0]
+    e2 = [0.2, 0.6, 0.2, 0, 0, 0, 0, 0]
+    recs = [_record("x/1.png", e1, e1), _record("x/2.png", e2, [0.5, 0.3, 0.2, 0, 0, 0, 0, 0]),
+            {"image": "x/3.png", "faces": [], "error": None}]
+    res = tmp_path / "r.jsonl"
+    res.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    labels = tmp_path / "l.csv"
+    # distribution labels; image 2 raters were not offered contempt/fear (empty cells)
+    labels.write_text("image,neutral,happiness,surprise,sadness,anger,disgust,fear,contempt\n"
+                      "1.png,8,2,0,0,0,0,0,0\n2.png,1,3,0,0,0,0,,\n3.png,0,10,0,0,0,0,0,0\n")
+    r = _cem("eval", str(res), "--labels", str(labels), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    ex, em = out["expression"], out["emotion"]
+    assert ex["n"] == 2 and ex["n_scored"] == 2 and out["missing"] == 1
+    assert ex["accuracy"] == 1.0 and em["accuracy"] == 0.5
+    clip = lambda p: np.clip(p, 1e-6, None) / np.clip(p, 1e-6, None).sum()
+    h1, h2 = np.array([0.8, 0.2]), np.array([0.25, 0.75])
+    m1 = clip(np.array(e1))
+    m2 = clip(np.array(e2[:6]) / sum(e2[:6]))  # fear, contempt left out for image 2
+    kl = (h1 @ np.log(h1 / m1[:2]) + h2 @ np.log(h2 / m2[:2])) / 2
+    assert ex["kl"] == pytest.approx(kl, rel=1e-4)
+    assert ex["nll"] == pytest.approx(-(math.log(m1[0]) + math.log(m2[1])) / 2, rel=1e-4)
+    assert set(ex) == {"n", "n_scored", "accuracy", "macro_f1", "kl", "js", "nll", "brier", "ece"}
+    plots = tmp_path / "plots"
+    r = _cem("eval", str(res), "--labels", str(labels), "--plots", str(plots))
+    assert r.returncode == 0 and (plots / "reliability.png").stat().st_size > 5000
+    assert (plots / "confusion.png").stat().st_size > 5000
+
+
+def test_eval_single_labels_and_bad_label(tmp_path):
+    res = tmp_path / "r.jsonl"
+    res.write_text(json.dumps(_record("1.png", [0.1, 0.9, 0, 0, 0, 0, 0, 0], [0.1, 0.9, 0, 0, 0, 0, 0, 0])) + "\n")
+    good, bad = tmp_path / "g.csv", tmp_path / "b.csv"
+    good.write_text("image,label\n1.png,happiness\n")
+    bad.write_text("image,label\n1.png,joy\n")
+    out = json.loads(_cem("eval", str(res), "--labels", str(good), "--json").stdout)
+    assert out["expression"]["accuracy"] == 1.0
+    assert out["expression"]["nll"] == pytest.approx(-math.log(0.9 / (1 + 6e-6)), rel=1e-4)
+    r = _cem("eval", str(res), "--labels", str(bad))
+    assert r.returncode == 2 and "'joy' is not one of" in r.stderr
