@@ -239,5 +239,17 @@ def eval_cmd(results: str, labels_csv: str, config_name: str, as_json: bool, plo
         click.echo("plots: " + ", ".join(res["plots"]))
 
 
+@main.command()
+@click.argument("results", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="HTML file to write.")
+@click.option("--title", default=None, help="Page title.")
+def report(results: str, output: str, title: str | None) -> None:
+    """Write a self-contained HTML report of RESULTS (a cem JSONL)."""
+    from cem.report import write_report
+
+    counts = write_report(results, output, title)
+    click.echo(f"cem: report of {counts['images']} images, {counts['faces']} faces -> {output}", err=True)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,78 @@
+"""``cem report``: one self-contained HTML file for a cem JSONL (no network, no external assets).
+
+Per image: a thumbnail (downscaled to ``THUMB_PX``, JPEG, embedded as a data URI) with numbered face boxes,
+and per face the emotion distribution beside the expression model's as bars, AU intensities, cues with
+their grounding as badges, the rationale, and any error. A summary (counts, emotion histogram) and
+filters (top emotion, errors only) sit at the top. Cards are rendered lazily as they scroll into view,
+so a report of a few thousand images stays responsive.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+THUMB_PX = 320
+
+
+def _thumbnail(path: str, max_pixels: int) -> tuple[str | None, float]:
+    """(data URI or None, scale from original pixels to thumbnail pixels)."""
+    from PIL import Image
+
+    from cem.io import ImageLoadError, load_image
+
+    try:
+        rgb = load_image(path, max_pixels)
+    except (ImageLoadError, OSError):
+        return None, 1.0
+    im = Image.fromarray(rgb)
+    scale = min(1.0, THUMB_PX / max(im.size))
+    if scale < 1:
+        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.LANCZOS)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), scale
+
+
+def _card_data(rec: dict[str, Any], max_pixels: int) -> dict[str, Any]:
+    uri, scale = _thumbnail(rec["image"], max_pixels) if not rec.get("error") else (None, 1.0)
+    faces = []
+    for f in rec.get("faces") or []:
+        faces.append({
+            "index": f["index"], "box": [v * scale for v in f["bbox"]], "top": f.get("top_emotion", ""),
+            "emotion": f.get("emotion", {}), "expression": f.get("expression", {}),
+            "aus": {k: v["intensity"] for k, v in (f.get("aus") or {}).items()},
+            "present": [k for k, v in (f.get("aus") or {}).items() if v.get("present")],
+            "cues": f.get("cues", []), "rationale": f.get("rationale", ""), "error": f.get("error"),
+            "quality": f.get("quality", {}), "pose": f.get("pose"),
+        })
+    return {"image": rec["image"], "thumb": uri, "w": rec.get("width"), "h": rec.get("height"),
+            "scale": scale, "error": rec.get("error"), "faces": faces}
+
+
+def build_report(records: list[dict[str, Any]], title: str = "cem report", max_pixels: int = 50_000_000) -> str:
+    cards = [_card_data(r, max_pixels) for r in records]
+    tops = Counter(f["top"] for c in cards for f in c["faces"])
+    n_faces = sum(len(c["faces"]) for c in cards)
+    n_err = sum(1 for c in cards if c["error"]) + sum(1 for c in cards for f in c["faces"] if f["error"])
+    labels = list(dict.fromkeys(k for c in cards for f in c["faces"] for k in f["emotion"]))
+    summary = {"images": len(cards), "faces": n_faces, "errors": n_err, "top_emotions": dict(tops.most_common()),
+               "labels": labels}
+    payload = json.dumps({"summary": summary, "cards": cards}).replace("</", "<\\/")
+    return _TEMPLATE.replace("__TITLE__", html.escape(title)).replace("__DATA__", payload)
+
+
+def write_report(jsonl: str | Path, out: str | Path, title: str | None = None) -> dict[str, int]:
+    from cem.io import read_jsonl
+
+    records = list(read_jsonl(jsonl))
+    Path(out).write_text(build_report(records, title or f"cem report: {Path(jsonl).name}"), encoding="utf-8")
+    return {"images": len(records), "faces": sum(len(r.get("faces") or []) for r in records)}
+
+
+_TEMPLATE = (Path(__file__).parent / "report_template.html").read_text(encoding="utf-8")
