@@ -115,3 +115,65 @@ def test_eval_single_labels_and_bad_label(tmp_path):
     assert out["expression"]["nll"] == pytest.approx(-math.log(0.9 / (1 + 6e-6)), rel=1e-4)
     r = _cem("eval", str(res), "--labels", str(bad))
     assert r.returncode == 2 and "'joy' is not one of" in r.stderr
+
+
+def test_resume_after_sigkill_yields_one_record_per_input(small_set, tmp_path):
+    import os
+    import signal
+    import time
+
+    imgs = tmp_path / "many"
+    imgs.mkdir()
+    src = (small_set / "a.jpg").read_bytes()
+    for i in range(40):
+        (imgs / f"{i:03d}.jpg").write_bytes(src)
+    out = tmp_path / "run.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "cem.cli", "annotate", str(imgs), "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 5):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    n_before = out.read_text().count("\n")
+    assert 5 <= n_before < 40
+    r = _cem("annotate", str(imgs), "-o", str(out), "--resume")
+    assert r.returncode == 0, r.stderr
+    images = [json.loads(x)["image"] for x in out.read_text().splitlines()]
+    assert sorted(images) == sorted(str(p) for p in imgs.glob("*.jpg"))  # each exactly once
+
+
+def test_manifest_with_missing_file_gives_error_record(small_set, tmp_path):
+    man = tmp_path / "m.csv"
+    man.write_text(f"image\n{small_set / 'a.jpg'}\nmissing.jpg\n")
+    out = tmp_path / "o.jsonl"
+    assert _cem("annotate", str(man), "-o", str(out)).returncode == 0
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert recs[0]["error"] is None and "file not found" in recs[1]["error"]
+    assert recs[1]["image"] == str(tmp_path / "missing.jpg")
+
+
+def test_csv_columns_stable_for_0_1_3_faces(pipeline, astronaut, small_set, tmp_path):
+    import cv2
+
+    canvas = np.full((300, 1000, 3), 190, np.uint8)
+    face = cv2.resize(np.ascontiguousarray(astronaut[30:270, 110:350]), (220, 220))
+    for x in (20, 390, 760):
+        canvas[40:260, x : x + 220] = face
+    Image.fromarray(canvas).save(tmp_path / "three.png")
+    out, table = tmp_path / "o.jsonl", tmp_path / "o.csv"
+    r = _cem("annotate", str(small_set / "c.png"), str(small_set / "a.jpg"), str(tmp_path / "three.png"),
+             "-o", str(out), "--csv", str(table))
+    assert r.returncode == 0, r.stderr
+    from cem.fer.aus import AU_NAMES
+    from cem.io import csv_columns
+
+    lines = list(csv.reader(table.open()))
+    assert lines[0] == csv_columns(LABELS, list(AU_NAMES))
+    rows = [dict(zip(lines[0], line)) for line in lines[1:]]
+    assert [row["image"].split("/")[-1] for row in rows] == ["c.png", "a.jpg"] + ["three.png"] * 3
+    assert [row["face_index"] for row in rows] == ["", "0", "0", "1", "2"]
+    assert all(len(line) == len(lines[0]) for line in lines)
+    for row in rows[1:]:
+        assert all(row[au] != "" for au in AU_NAMES)
+        assert abs(sum(float(row[f"emotion_{k}"]) for k in LABELS) - 1) < 1e-3
