@@ -62,6 +62,11 @@ class FusionConfig:
     expression_weight: float = 1.0
     reasoner_weight: float = 0.5
     temperature: float = 1.0
+    # 0..1: how much a label loses when the measured AUs contradict the face cues that support it
+    contradicted_penalty: float = 0.5
+    # labels beyond the expression model's, mapped to one of its labels for pooling (e.g. pride: happiness)
+    label_map: dict[str, str] = field(default_factory=dict)
+    fitted_on: str | None = None  # where the weights came from (data, split, command)
 
 
 @dataclass

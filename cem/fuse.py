@@ -45,10 +45,27 @@ CUE_KEYWORDS: list[tuple[str, tuple[str, ...]]] = [
 ]
 
 
+def expression_over(p_expression: dict[str, float], labels: list[str], label_map: dict[str, str]) -> np.ndarray:
+    """The expression distribution over the configured labels. A label the expression model lacks takes
+    the probability of the label ``fusion.label_map`` maps it to, or else the mean probability (no
+    information either way); the result is renormalised."""
+    mean = float(np.mean(list(p_expression.values()))) if p_expression else 1.0
+    vals = []
+    for k in labels:
+        if k in p_expression:
+            vals.append(p_expression[k])
+        elif label_map.get(k) in p_expression:
+            vals.append(p_expression[label_map[k]])
+        else:
+            vals.append(mean)
+    v = np.clip(np.array(vals, dtype=float), 0, None)
+    return v / v.sum() if v.sum() > 0 else np.full(len(labels), 1 / len(labels))
+
+
 def pool(p_expression: dict[str, float], p_reasoner: dict[str, float] | None, labels: list[str],
          fusion: FusionConfig) -> dict[str, float]:
     """Log-linear pooling over ``labels``; with no reasoner distribution, the tempered expression one."""
-    le = np.log(np.clip([p_expression.get(k, 0.0) for k in labels], 1e-6, None))
+    le = np.log(np.clip(expression_over(p_expression, labels, fusion.label_map), 1e-6, None))
     z = fusion.expression_weight * le
     if p_reasoner is not None:
         lr = np.log(np.clip([p_reasoner.get(k, 0.0) for k in labels], 1e-6, None))
@@ -57,6 +74,24 @@ def pool(p_expression: dict[str, float], p_reasoner: dict[str, float] | None, la
     p = np.exp(z - z.max())
     p /= p.sum()
     return dict(zip(labels, p.tolist()))
+
+
+def downweight_contradicted(dist: dict[str, float], cues: list[Cue], penalty: float) -> dict[str, float]:
+    """Reduce each label's probability by ``penalty`` times the share of its supporting cue weight that the
+    measured AUs contradict, then renormalise (``penalty`` 0 leaves the distribution unchanged)."""
+    if penalty <= 0 or not cues:
+        return dist
+    total: dict[str, float] = {}
+    bad: dict[str, float] = {}
+    for c in cues:
+        w = max(c.weight, 1e-3)
+        total[c.supports] = total.get(c.supports, 0.0) + w
+        if c.grounding == "contradicted":
+            bad[c.supports] = bad.get(c.supports, 0.0) + w
+    out = {k: v * (1.0 - min(1.0, penalty) * bad.get(k, 0.0) / total[k]) if k in total else v
+           for k, v in dist.items()}
+    s = sum(out.values())
+    return {k: v / s for k, v in out.items()} if s > 0 else dist
 
 
 def aus_for_cue(cue: Cue) -> tuple[str, ...]:

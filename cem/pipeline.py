@@ -12,7 +12,7 @@ import numpy as np
 
 import cem
 from cem.config import Config
-from cem.fuse import ground_cues, pool
+from cem.fuse import downweight_contradicted, ground_cues, pool
 from cem.io import ImageInput, ImageLoadError, load_image
 from cem.schema import FaceResult, ImageResult, Provenance
 
@@ -56,50 +56,103 @@ class Pipeline:
         return Provenance(cem_version=cem.__version__, config=self.config.name, reasoner=self.reasoner.backend,
                           model=self.reasoner.model_id, template=self.reasoner.template_id, timings_ms=timings)
 
-    def analyze(self, image: ImageInput, context: str | None = None, faces: str | None = None) -> ImageResult:
-        """Analyse one image (path, PIL image or RGB array). Never raises for a bad image: the result then
-        carries ``error`` and no faces."""
+    def _measure(self, image: ImageInput, faces: str | None) -> tuple[Any, ...]:
+        """Load and FER-measure one image: (name, rgb, evidence, timings, error)."""
         name = _describe(image)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         try:
             rgb = load_image(image, self.config.image.max_pixels)
         except ImageLoadError as e:
-            return ImageResult(name, None, None, [], self._provenance(timings), error=str(e))
+            return name, None, [], timings, str(e)
         timings["load"] = (time.perf_counter() - t0) * 1000
-        h, w = rgb.shape[:2]
         t1 = time.perf_counter()
         try:
             evidence = self.fer.measure(rgb, faces)
         except Exception as e:  # a model failure on one image must not end a batch; it is reported
-            return ImageResult(name, w, h, [], self._provenance(timings),
-                               error=f"{name}: FER stage failed ({type(e).__name__}: {e})")
+            return name, rgb, [], timings, f"{name}: FER stage failed ({type(e).__name__}: {e})"
         timings["fer"] = (time.perf_counter() - t1) * 1000
-        t2 = time.perf_counter()
-        try:
-            answers = {a.index: a for a in self.reasoner.reason(rgb, evidence, context)}
-            reason_error = None
-        except Exception as e:
-            answers, reason_error = {}, f"reasoner failed ({type(e).__name__}: {e})"
-        timings["reason"] = (time.perf_counter() - t2) * 1000
+        return name, rgb, evidence, timings, None
+
+    def _finish(self, name: str, rgb: np.ndarray | None, evidence: list, timings: dict[str, float],
+                error: str | None, answers: list | None, reason_error: str | None) -> ImageResult:
+        if error is not None or rgb is None:
+            h, w = (rgb.shape[:2] if rgb is not None else (None, None))
+            return ImageResult(name, w, h, [], self._provenance(timings), error=error)
+        by_index = {a.index: a for a in answers or []}
+        t = time.perf_counter()
         results = []
         for ev in evidence:
-            a = answers.get(ev.index)
+            a = by_index.get(ev.index)
             err = reason_error or (a.error if a else "reasoner returned no answer for this face")
             dist = a.distribution if a else None
+            cues = ground_cues(a.cues, ev) if a else []
+            if dist is not None:
+                dist = downweight_contradicted(dist, cues, self.config.fusion.contradicted_penalty)
             # with no reasoner distribution the emotion is the expression model's, and `error` says so
             emotion = pool(ev.expression, dist, self.config.labels, self.config.fusion)
-            cues = ground_cues(a.cues, ev) if a else []
             results.append(FaceResult(evidence=ev, emotion=emotion, cues=cues,
                                       rationale=a.rationale if a else "", error=err if dist is None else None))
-        timings["total"] = (time.perf_counter() - t0) * 1000
+        timings["fuse"] = (time.perf_counter() - t) * 1000
+        timings["total"] = sum(v for k, v in timings.items() if k in ("load", "fer", "reason", "fuse"))
+        h, w = rgb.shape[:2]
         return ImageResult(name, w, h, results, self._provenance(timings))
+
+    def _reason(self, batch: list[tuple[Any, ...]], contexts: list[str | None]) -> list[tuple[list, str | None]]:
+        """Reason over several measured images at once (one model batch where the backend batches)."""
+        from cem.reasoning.llm import Job
+
+        out: list[tuple[list, str | None]] = [([], None) for _ in batch]
+        live = [i for i, m in enumerate(batch) if m[4] is None and m[2]]
+        if not live:
+            return out
+        t = time.perf_counter()
+        try:
+            if hasattr(self.reasoner, "reason_batch"):
+                answers = self.reasoner.reason_batch([Job(batch[i][1], batch[i][2], contexts[i]) for i in live])
+            else:
+                answers = [self.reasoner.reason(batch[i][1], batch[i][2], contexts[i]) for i in live]
+            for i, a in zip(live, answers):
+                out[i] = (a, None)
+        except Exception as e:  # reported on every face of these images; the run goes on
+            for i in live:
+                out[i] = ([], f"reasoner failed ({type(e).__name__}: {e})")
+        elapsed = (time.perf_counter() - t) * 1000
+        stats = dict(getattr(self.reasoner, "last_stats", {}) or {})
+        for i in live:
+            tm = batch[i][3]
+            tm["reason"] = elapsed / len(live)
+            if "model_ms" in stats:
+                tm["reason_model"] = stats["model_ms"] / len(live)
+                tm["reason_overhead"] = max(0.0, tm["reason"] - tm["reason_model"])
+            for k in ("prompt_tokens", "generated_tokens"):
+                if k in stats:
+                    tm[k] = stats[k] / len(live)
+        return out
+
+    def analyze(self, image: ImageInput, context: str | None = None, faces: str | None = None) -> ImageResult:
+        """Analyse one image (path, PIL image or RGB array). Never raises for a bad image: the result then
+        carries ``error`` and no faces."""
+        m = self._measure(image, faces)
+        (answers, reason_error), = self._reason([m], [context])
+        return self._finish(*m, answers, reason_error)
 
     def analyze_many(self, images: Iterable[ImageInput],
                      contexts: Sequence[str | None] | Mapping[str, str] | None = None,
-                     faces: str | None = None) -> Iterator[ImageResult]:
+                     faces: str | None = None, batch_size: int | None = None) -> Iterator[ImageResult]:
         """Yield one result per image, in order. ``contexts``: a list aligned with ``images`` or a mapping
-        from the image's path (as given, or its file name) to its context."""
+        from the image's path (as given, or its file name) to its context. Images are reasoned over in
+        batches of ``batch_size`` (default: the reasoner's), so an LLM backend can share model calls."""
+        size = batch_size or int(getattr(self.reasoner, "batch_size", 1) or 1)
+        chunk: list[tuple[Any, ...]] = []
+        chunk_ctx: list[str | None] = []
+
+        def flush() -> Iterator[ImageResult]:
+            for m, (a, err) in zip(chunk, self._reason(chunk, chunk_ctx)):
+                yield self._finish(*m, a, err)
+            chunk.clear()
+            chunk_ctx.clear()
+
         for i, image in enumerate(images):
             ctx: str | None = None
             if isinstance(contexts, Mapping):
@@ -107,7 +160,12 @@ class Pipeline:
                 ctx = contexts.get(key) or contexts.get(Path(key).name)
             elif contexts is not None:
                 ctx = contexts[i]
-            yield self.analyze(image, ctx, faces)
+            chunk.append(self._measure(image, faces))
+            chunk_ctx.append(ctx)
+            if len(chunk) >= size:
+                yield from flush()
+        if chunk:
+            yield from flush()
 
     def close(self) -> None:
         self.fer.close()

@@ -39,7 +39,12 @@ def make_reasoner(config: Config) -> Reasoner:
         from cem.reasoning.rules import RulesReasoner
 
         return RulesReasoner(config.labels)
-    raise ConfigError(
-        f"reasoner {backend!r} is not available yet in cem {__import__('cem').__version__}; "
-        "use --reasoner rules (the offline default)"
-    )
+    if backend == "transformers":
+        from cem.reasoning.transformers_backend import TransformersReasoner
+
+        return TransformersReasoner(config)
+    if backend == "openai":
+        from cem.reasoning.openai_backend import OpenAIReasoner
+
+        return OpenAIReasoner(config)
+    raise ConfigError(f"unknown reasoner backend {backend!r}")

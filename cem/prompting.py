@@ -1,0 +1,129 @@
+"""Prompts: Jinja2 templates in ``prompts/`` rendered with FER evidence and user context.
+
+Templates render in Jinja2's sandboxed environment with ``StrictUndefined`` (a missing variable is an
+error, not an empty string). User text is passed as a *value*: Jinja never evaluates values as template
+code, so ``{{ 7*7 }}`` in a context stays those characters. It is delimited by markers that the template
+declares to be data, and any marker inside the user text is defanged, so the context cannot close its
+own block. ``provenance.template`` is ``<name>@<first 12 hex of the template file's SHA-256>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from cem.fer.aus import AU_NAMES
+from cem.resources import prompts_dir
+from cem.schema import FaceEvidence
+
+DEFAULT_TEMPLATE = "context"
+_MARKERS = ("<<<CONTEXT", "CONTEXT>>>")
+MAX_CONTEXT_CHARS = 4000
+
+
+@dataclass
+class Exemplar:
+    """A labelled example image for the few-shot template."""
+
+    image: Any  # path or RGB array
+    label: str
+    note: str = ""
+
+
+@dataclass
+class Prompt:
+    """What the model receives: the text (with the chat template applied later) and images in order."""
+
+    text: str
+    images: list[Any] = field(default_factory=list)
+    template_id: str = ""
+
+
+def _template_path(name: str) -> Path:
+    p = Path(name)
+    if p.suffix == ".j2" and p.is_file():
+        return p
+    q = prompts_dir() / f"{name}.j2"
+    if not q.is_file():
+        known = ", ".join(sorted(x.stem for x in prompts_dir().glob("*.j2")))
+        raise FileNotFoundError(f"prompt template {name!r} not found (shipped: {known})")
+    return q
+
+
+@lru_cache(maxsize=32)
+def _load(path: str) -> tuple[Any, str]:
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import SandboxedEnvironment
+
+    env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False)
+    source = Path(path).read_text(encoding="utf-8")
+    digest = hashlib.sha256(source.encode("utf-8")).hexdigest()[:12]
+    return env.from_string(source), digest
+
+
+def template_id(name: str) -> str:
+    path = _template_path(name)
+    return f"{path.stem}@{_load(str(path))[1]}"
+
+
+def sanitize_context(text: str | None) -> str | None:
+    """User context as inert data: markers defanged, control characters dropped, length bounded."""
+    if text is None or not str(text).strip():
+        return None
+    s = "".join(ch for ch in str(text) if ch in "\n\t" or ch.isprintable())
+    for m in _MARKERS:
+        s = s.replace(m, m.replace("CONTEXT", "C0NTEXT"))
+    s = s.replace("<<<", "‹‹‹").replace(">>>", "›››")
+    if len(s) > MAX_CONTEXT_CHARS:
+        s = s[:MAX_CONTEXT_CHARS] + " [truncated]"
+    return s.strip()
+
+
+def evidence_line(face: FaceEvidence, top_k: int = 3) -> str:
+    """One compact line per face: position, quality flags, pose, present AUs, leading expression labels."""
+    flags = []
+    q = face.quality
+    for name, on in (("small", q.too_small), ("blurred", q.blur > 0.7), ("turned", q.extreme_pose),
+                     ("cut off", q.cut_by_frame), ("no mesh", q.mesh_failed)):
+        if on:
+            flags.append(name)
+    parts = [f"Face {face.index + 1} ({face.position})"]
+    parts.append("quality: " + (", ".join(flags) if flags else "ok"))
+    if face.pose is not None:
+        parts.append(f"pose yaw {face.pose.yaw:.0f} pitch {face.pose.pitch:.0f} roll {face.pose.roll:.0f}")
+    present = sorted(((k, a.intensity) for k, a in face.aus.items() if a.present), key=lambda x: -x[1])
+    if face.aus:
+        parts.append("AUs: " + (", ".join(f"{k} {AU_NAMES.get(k, '')} {v:.1f}" for k, v in present) or "none"))
+    top = sorted(face.expression.items(), key=lambda kv: -kv[1])[:top_k]
+    parts.append("expression model: " + ", ".join(f"{k} {v:.2f}" for k, v in top))
+    return "; ".join(parts)
+
+
+def schema_hint(labels: list[str], n_faces: int) -> str:
+    example = {"faces": [{"index": 1, "distribution": {lab: 0.0 for lab in labels},
+                          "cues": [{"cue": "...", "source": "face|scene|body|text", "au": "AU12 or null",
+                                    "supports": labels[0], "weight": 0.5}],
+                          "rationale": "one sentence"}]}
+    return json.dumps(example, separators=(",", ":")) + f" (one entry per face; index = the face number, 1..{n_faces})"
+
+
+def render_prompt(template: str | None, faces: list[FaceEvidence], labels: list[str], context: str | None = None,
+                  image: Any = None, exemplars: list[Exemplar] | None = None) -> Prompt:
+    """Render a template; images are the exemplars' (few-shot) followed by the photo."""
+    name = template or DEFAULT_TEMPLATE
+    path = _template_path(name)
+    tpl, digest = _load(str(path))
+    exemplars = exemplars or []
+    if "few_shot" in path.stem and not exemplars:
+        raise ValueError("the few_shot template needs exemplars (reasoner.options.exemplars in the config)")
+    text = tpl.render(
+        faces=[{"index": f.index, "line": evidence_line(f)} for f in faces],
+        labels=list(labels), context=sanitize_context(context), schema_hint=schema_hint(labels, max(1, len(faces))),
+        exemplars=[{"label": e.label, "note": e.note} for e in exemplars],
+    )
+    images = [e.image for e in exemplars] + ([image] if image is not None else [])
+    return Prompt(text=text.strip() + "\n", images=images, template_id=f"{path.stem}@{digest}")

@@ -1,0 +1,227 @@
+"""The reasoner's answer: JSON schema, a bounded EBNF grammar for constrained decoding, a lenient parser.
+
+In the answer, ``index`` is the face *number* as the prompt shows it (1..n, "Face 1"); the parser turns it
+into the record's 0-based index.
+
+Constrained decoding uses xgrammar (chosen over lm-format-enforcer, whose transformers integration does
+not import under transformers 5, and outlines, which pulls a heavier stack for the same EBNF engine). The
+grammar leaves no free whitespace and bounds every number (0, 1 or 0.d[d]) and string (at most
+``MAX_TEXT`` characters of a safe alphabet), the number of cues per face (``MAX_CUES``) and the faces (exactly
+the detected ones, in order), so even a randomly initialised model emits valid JSON in a bounded number of
+tokens.
+
+The parser is lenient and never raises: JSON inside prose or code fences, trailing commas, single quotes,
+numbers as strings or percentages, distributions that sum to 100 or to anything positive; unknown labels
+are dropped. It returns per-face answers or a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+from cem.schema import Cue
+
+MAX_CUES = 4
+MAX_TEXT = 80
+SOURCES = ("face", "scene", "body", "text")
+
+
+def answer_json_schema(labels: list[str], n_faces: int) -> dict[str, Any]:
+    """JSON schema of an answer (sent as ``response_format`` to OpenAI-compatible servers)."""
+    number = {"type": "number", "minimum": 0, "maximum": 1}
+    return {
+        "type": "object", "additionalProperties": False, "required": ["faces"],
+        "properties": {"faces": {
+            "type": "array", "minItems": n_faces, "maxItems": n_faces,
+            "items": {
+                "type": "object", "additionalProperties": False,
+                "required": ["index", "distribution", "cues", "rationale"],
+                "properties": {
+                    "index": {"type": "integer", "minimum": 1, "maximum": max(1, n_faces)},
+                    "distribution": {"type": "object", "additionalProperties": False, "required": list(labels),
+                                     "properties": {lab: number for lab in labels}},
+                    "cues": {"type": "array", "maxItems": MAX_CUES, "items": {
+                        "type": "object", "additionalProperties": False,
+                        "required": ["cue", "source", "au", "supports", "weight"],
+                        "properties": {
+                            "cue": {"type": "string", "maxLength": MAX_TEXT},
+                            "source": {"enum": list(SOURCES)},
+                            "au": {"anyOf": [{"type": "string", "pattern": "^AU[0-9]{2}$"}, {"type": "null"}]},
+                            "supports": {"enum": list(labels)},
+                            "weight": number}}},
+                    "rationale": {"type": "string", "maxLength": 2 * MAX_TEXT},
+                }}}},
+    }
+
+
+def _lit(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def answer_grammar(labels: list[str], n_faces: int, au_codes: list[str]) -> str:
+    """EBNF (xgrammar/GBNF dialect) for an answer about exactly ``n_faces`` faces, in order."""
+    q = '\\"'
+    lines = []
+    faces = " \",\" ".join(f"face{i}" for i in range(1, n_faces + 1)) if n_faces else ""
+    lines.append(f'root ::= "{{{q}faces{q}:[" {faces} "]}}"')
+    dist = ' "," '.join(f'"{q}{lab}{q}:" num' for lab in labels)
+    for i in range(1, n_faces + 1):
+        lines.append(f'face{i} ::= "{{{q}index{q}:{i},{q}distribution{q}:{{" dist "}},{q}cues{q}:[" cues "],'
+                     f'{q}rationale{q}:" longtext "}}"')
+    lines.append(f"dist ::= {dist}")
+    lines.append(f'cues ::= "" | cue ("," cue){{0,{MAX_CUES - 1}}}')
+    lines.append(f'cue ::= "{{{q}cue{q}:" text ",{q}source{q}:" source ",{q}au{q}:" au ",{q}supports{q}:" label '
+                 f'",{q}weight{q}:" num "}}"')
+    lines.append("source ::= " + " | ".join(f'"{q}{s}{q}"' for s in SOURCES))
+    lines.append('au ::= "null" | ' + " | ".join(f'"{q}{a}{q}"' for a in au_codes))
+    lines.append("label ::= " + " | ".join(f'"{q}{lab}{q}"' for lab in labels))
+    lines.append('num ::= "0" | "1" | "0." [0-9] [0-9]?')
+    lines.append(f'text ::= "{q}" [a-zA-Z0-9 ,.()\'-]{{1,{MAX_TEXT}}} "{q}"')
+    lines.append(f'longtext ::= "{q}" [a-zA-Z0-9 ,.()\'-]{{1,{2 * MAX_TEXT}}} "{q}"')
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+
+_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S)
+
+
+def _candidates(text: str) -> list[str]:
+    out = [m.group(1) for m in _FENCE.finditer(text)]
+    # balanced-brace scan for every top-level {...} or [...] object in the text
+    for opener, closer in (("{", "}"), ("[", "]")):
+        depth, start, in_str, esc = 0, None, False, False
+        for i, ch in enumerate(text):
+            if in_str:
+                esc = (ch == "\\") and not esc
+                if ch == '"' and not esc:
+                    in_str = False
+                continue
+            if ch == '"':
+                in_str = True
+            elif ch == opener:
+                if depth == 0:
+                    start = i
+                depth += 1
+            elif ch == closer and depth:
+                depth -= 1
+                if depth == 0 and start is not None:
+                    out.append(text[start : i + 1])
+        if depth and start is not None:  # truncated answer: try closing it
+            out.append(text[start:] + closer * depth)
+    out.append(text)
+    return out
+
+
+def _loads(s: str) -> Any:
+    try:
+        return json.loads(s)
+    except (json.JSONDecodeError, RecursionError, ValueError):
+        pass
+    fixed = re.sub(r",\s*([}\]])", r"\1", s)  # trailing commas
+    try:
+        return json.loads(fixed)
+    except (json.JSONDecodeError, RecursionError, ValueError):
+        pass
+    if "'" in fixed and '"' not in fixed:
+        try:
+            return json.loads(fixed.replace("'", '"'))
+        except (json.JSONDecodeError, RecursionError, ValueError):
+            pass
+    return None
+
+
+def _number(v: Any) -> float | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        f = float(v)
+    elif isinstance(v, str):
+        m = re.fullmatch(r"\s*([-+]?\d+(?:\.\d*)?|[-+]?\.\d+)\s*(%?)\s*", v)
+        if not m:
+            return None
+        f = float(m.group(1)) / (100.0 if m.group(2) else 1.0)
+    else:
+        return None
+    return f if math.isfinite(f) and f >= 0 else None
+
+
+def _distribution(raw: Any, labels: list[str]) -> dict[str, float] | None:
+    if isinstance(raw, list):  # [{"label": .., "p": ..}] or [["happiness", 0.9]]
+        pairs = {}
+        for item in raw:
+            if isinstance(item, dict) and len(item) >= 2:
+                vals = list(item.values())
+                pairs[str(vals[0])] = vals[1]
+            elif isinstance(item, (list, tuple)) and len(item) == 2:
+                pairs[str(item[0])] = item[1]
+        raw = pairs
+    if not isinstance(raw, dict):
+        return None
+    lower = {str(k).strip().lower(): v for k, v in raw.items()}
+    vals = {lab: _number(lower.get(lab)) for lab in labels}
+    vals = {k: (v or 0.0) for k, v in vals.items()}
+    total = sum(vals.values())
+    if total <= 0:
+        return None
+    return {k: v / total for k, v in vals.items()}
+
+
+def parse_answer(text: Any, labels: list[str], n_faces: int) -> tuple[dict[int, dict[str, Any]], str | None]:
+    """Text -> ({0-based face index: {"distribution", "cues", "rationale"}}, error or None). Never raises."""
+    try:
+        return _parse(text, labels, n_faces)
+    except Exception as e:  # the contract of this function is "never raises"; report, don't crash
+        return {}, f"unparseable answer ({type(e).__name__}: {e})"
+
+
+def _parse(text: Any, labels: list[str], n_faces: int) -> tuple[dict[int, dict[str, Any]], str | None]:
+    if not isinstance(text, str):
+        return {}, f"answer is not text ({type(text).__name__})"
+    data = None
+    for cand in _candidates(text):
+        data = _loads(cand)
+        if isinstance(data, (dict, list)):
+            break
+    if data is None:
+        snippet = text.strip().replace("\n", " ")[:80]
+        return {}, f"no JSON found in the answer: {snippet!r}"
+    faces = data.get("faces") if isinstance(data, dict) else data
+    if isinstance(data, dict) and faces is None and "distribution" in data:
+        faces = [data]
+    if not isinstance(faces, list):
+        return {}, "answer has no 'faces' list"
+    out: dict[int, dict[str, Any]] = {}
+    for pos, f in enumerate(faces):
+        if not isinstance(f, dict):
+            continue
+        idx_raw = _number(f.get("index", f.get("face")))
+        idx = int(idx_raw) - 1 if idx_raw is not None and float(idx_raw).is_integer() else pos
+        if n_faces == 1:
+            idx = 0
+        if not 0 <= idx < n_faces or idx in out:
+            continue
+        dist = _distribution(f.get("distribution", f.get("emotions")), labels)
+        if dist is None:
+            continue
+        cues = []
+        for c in f.get("cues") or []:
+            if not isinstance(c, dict) or not isinstance(c.get("cue"), str):
+                continue
+            src = str(c.get("source", "face")).lower()
+            sup = str(c.get("supports", "")).lower()
+            au = c.get("au")
+            au = au.upper() if isinstance(au, str) and re.fullmatch(r"(?i)AU\d{2}", au.strip()) else None
+            w = _number(c.get("weight"))
+            cues.append(Cue(cue=c["cue"][:200], source=src if src in SOURCES else "face",  # type: ignore[arg-type]
+                            supports=sup if sup in labels else "", weight=min(1.0, w if w is not None else 0.5),
+                            au=au))
+        rationale = f.get("rationale")
+        out[idx] = {"distribution": dist, "cues": [c for c in cues if c.supports],
+                    "rationale": rationale[:500] if isinstance(rationale, str) else ""}
+    missing = [i + 1 for i in range(n_faces) if i not in out]
+    err = f"no valid answer for face(s) {missing}" if missing else None
+    return out, err

@@ -1,0 +1,88 @@
+"""What the LLM reasoners share: prompt building, answer handling, retries, and per-face results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cem.config import Config
+from cem.prompting import Exemplar, Prompt, render_prompt, template_id
+from cem.reasoning.answer import parse_answer
+from cem.reasoning.base import FaceReasoning
+from cem.schema import FaceEvidence
+
+
+class ModelUnavailableError(RuntimeError):
+    """The configured model cannot be loaded (offline, not cached, wrong path, missing package)."""
+
+
+@dataclass
+class Job:
+    """One image's reasoning request."""
+
+    image: np.ndarray
+    faces: list[FaceEvidence]
+    context: str | None
+    prompt: Prompt | None = None
+
+
+def options(config: Config) -> dict[str, Any]:
+    return dict(config.reasoner.options or {})
+
+
+def exemplars_from(config: Config) -> list[Exemplar]:
+    from cem.io import load_image
+
+    out = []
+    for e in options(config).get("exemplars") or []:
+        if not isinstance(e, dict) or "image" not in e or "label" not in e:
+            raise ValueError("reasoner.options.exemplars: each item needs 'image' and 'label'")
+        out.append(Exemplar(image=load_image(e["image"]), label=str(e["label"]), note=str(e.get("note", ""))))
+    return out
+
+
+class LLMReasonerBase:
+    """Common flow: render one prompt per image (all its faces), ask the model, parse, retry once."""
+
+    backend = "llm"
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.labels = list(config.labels)
+        self.template = config.reasoner.template or "context"
+        self.template_id = template_id(self.template)
+        self.exemplars = exemplars_from(config)
+        opts = options(config)
+        self.batch_size = int(opts.get("batch_size", 4))
+        self.last_stats: dict[str, float] = {}
+
+    def build_prompt(self, job: Job) -> Prompt:
+        return render_prompt(self.template, job.faces, self.labels, job.context, job.image, self.exemplars)
+
+    def to_results(self, job: Job, answer_text: str | None, likelihood: dict[int, dict[str, float]] | None,
+                   transport_error: str | None = None) -> tuple[list[FaceReasoning], str | None]:
+        """Per-face results from an answer text (cues, rationale, verbalised distribution) and, when
+        present, likelihood distributions (which then take precedence)."""
+        n = len(job.faces)
+        parsed, err = ({}, transport_error) if answer_text is None else parse_answer(answer_text, self.labels, n)
+        out = []
+        for i, f in enumerate(job.faces):
+            p = parsed.get(i)
+            dist = (likelihood or {}).get(i) or (p["distribution"] if p else None)
+            face_err = None
+            if dist is None:
+                face_err = f"reasoner gave no usable answer for face {i + 1}: {err or 'missing'}"
+            out.append(FaceReasoning(index=f.index, distribution=dist, cues=p["cues"] if p else [],
+                                     rationale=p["rationale"] if p else "", error=face_err))
+        return out, err
+
+    # subclasses implement: reason_batch(jobs) -> list[list[FaceReasoning]]
+    def reason_batch(self, jobs: list[Job]) -> list[list[FaceReasoning]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def reason(self, image: np.ndarray, faces: list[FaceEvidence], context: str | None) -> list[FaceReasoning]:
+        if not faces:
+            return []
+        return self.reason_batch([Job(image, faces, context)])[0]

@@ -1,0 +1,235 @@
+"""The ``transformers`` reasoner: a local vision-language model through ``AutoModelForImageTextToText``.
+
+Works with models that ``AutoModelForImageTextToText`` + ``AutoProcessor`` load and whose processor has a
+chat template (LLaVA-1.5/NeXT/OneVision, Qwen2-VL/2.5-VL, Idefics3/SmolVLM ...). Config
+(``reasoner.model`` and ``reasoner.options``): ``revision``, ``dtype`` (auto|float32|float16|bfloat16),
+``device_map`` (e.g. auto, via accelerate) or ``reasoner.device``, ``quantization`` (4bit|8bit, bitsandbytes),
+``max_new_tokens``, ``trust_remote_code`` (off unless set), ``distribution`` (likelihood|verbalized),
+``likelihood_temperature``, ``batch_size`` (images per ``generate``), ``do_sample``/``seed``,
+``local_files_only``.
+
+The model loads once per reasoner. All faces of an image share one prompt; up to ``batch_size`` images
+share one ``generate`` call (left padding), decoded greedily by default under an xgrammar grammar (see
+:mod:`cem.reasoning.answer`), so the same input gives the same output.
+
+``distribution: likelihood`` (the default) scores each label as a continuation of the prompt from the
+model's own log-probabilities: the prompt (with the image) runs once and its KV cache is shared by every
+(face, label) continuation ``"Face k: <label>"``, scored together in one batched forward pass; a label's
+log-probability is the sum over its tokens (multi-token labels included); per face the scores are
+renormalised with a temperature. The generated JSON still supplies cues and rationale.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from typing import Any
+
+import numpy as np
+
+from cem.config import Config
+from cem.fer.aus import AU_NAMES
+from cem.reasoning.answer import answer_grammar
+from cem.reasoning.base import FaceReasoning
+from cem.reasoning.llm import Job, LLMReasonerBase, ModelUnavailableError, options
+
+_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "auto": "auto"}
+
+
+def load_model(model_id: str, opts: dict[str, Any], device: str | None) -> tuple[Any, Any]:
+    """(model, processor), or :class:`ModelUnavailableError` with what to do about it."""
+    try:
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+    except ImportError as e:
+        raise ModelUnavailableError(f"the transformers reasoner needs: pip install 'cem[llm]' ({e})") from None
+    common = {"revision": opts.get("revision"), "trust_remote_code": bool(opts.get("trust_remote_code", False)),
+              "local_files_only": bool(opts.get("local_files_only", False))}
+    kwargs: dict[str, Any] = dict(common)
+    dtype = str(opts.get("dtype", "float32"))
+    if dtype not in _DTYPES:
+        raise ValueError(f"reasoner.options.dtype must be one of {sorted(_DTYPES)}, not {dtype!r}")
+    kwargs["dtype"] = dtype if dtype == "auto" else getattr(torch, dtype)
+    quant = opts.get("quantization")
+    if quant:
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError:
+            raise ModelUnavailableError("quantization needs bitsandbytes: pip install 'cem[quant]'") from None
+        if quant == "4bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                               bnb_4bit_compute_dtype=torch.float32
+                                                               if dtype in ("float32", "auto") else kwargs["dtype"])
+        elif quant == "8bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        else:
+            raise ValueError(f"reasoner.options.quantization must be 4bit or 8bit, not {quant!r}")
+    if opts.get("device_map"):
+        kwargs["device_map"] = opts["device_map"]
+    elif device and device != "cpu":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"reasoner.device={device!r} but torch sees no CUDA device")
+        kwargs["device_map"] = device
+    try:
+        processor = AutoProcessor.from_pretrained(model_id, **common)
+        model = AutoModelForImageTextToText.from_pretrained(model_id, **kwargs).eval()
+    except OSError as e:
+        raise ModelUnavailableError(
+            f"model {model_id!r} is not available here ({str(e).splitlines()[0]}). Download it once with "
+            f"`hf download {model_id}` (or point --model at a local folder); offline runs need it in the "
+            "Hugging Face cache, with HF_HUB_OFFLINE=1. To run without a model: --reasoner rules."
+        ) from None
+    if getattr(processor, "chat_template", None) is None:
+        raise ModelUnavailableError(f"{model_id}: the processor has no chat template; cem needs one")
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, processor
+
+
+class TransformersReasoner(LLMReasonerBase):
+    backend = "transformers"
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        if not config.reasoner.model:
+            raise ValueError("the transformers reasoner needs a model: --model ID_OR_PATH or reasoner.model")
+        self.model_id = config.reasoner.model
+        opts = options(config)
+        self.opts = opts
+        self.mode = opts.get("distribution", "likelihood")
+        if self.mode not in ("likelihood", "verbalized"):
+            raise ValueError(f"reasoner.options.distribution must be likelihood or verbalized, not {self.mode!r}")
+        self.max_new_tokens = int(opts.get("max_new_tokens", 384))
+        self.temperature = float(opts.get("likelihood_temperature", 1.0))
+        self.do_sample = bool(opts.get("do_sample", False))
+        self.seed = opts.get("seed")
+        self.model, self.processor = load_model(self.model_id, opts, config.reasoner.device)
+        self._grammar_compiler = None
+        self._grammars: dict[int, Any] = {}
+
+    # ---------------------------------------------------------------------------------------- helpers
+    @property
+    def device(self) -> Any:
+        return next(self.model.parameters()).device
+
+    def _chat_text(self, prompt_text: str, n_images: int) -> str:
+        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt_text}]
+        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+    def _inputs(self, jobs: list[Job]) -> Any:
+        from PIL import Image
+
+        texts, images = [], []
+        for j in jobs:
+            texts.append(self._chat_text(j.prompt.text, len(j.prompt.images)))
+            images.extend(Image.fromarray(im) if isinstance(im, np.ndarray) else im for im in j.prompt.images)
+        kw: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
+        if images:
+            kw["images"] = images
+        return self.processor(**kw).to(self.device)
+
+    def _grammar(self, n_faces: int) -> Any:
+        import xgrammar as xgr
+
+        if self._grammar_compiler is None:
+            vocab = self.model.config.get_text_config().vocab_size
+            info = xgr.TokenizerInfo.from_huggingface(self.processor.tokenizer, vocab_size=vocab)
+            self._grammar_compiler = xgr.GrammarCompiler(info)
+        if n_faces not in self._grammars:
+            self._grammars[n_faces] = self._grammar_compiler.compile_grammar(
+                answer_grammar(self.labels, n_faces, list(AU_NAMES)))
+        return self._grammars[n_faces]
+
+    def generate(self, jobs: list[Job]) -> list[str]:
+        """Constrained generation for several images in one ``generate`` call."""
+        import torch
+        import xgrammar as xgr
+
+        inputs = self._inputs(jobs)
+        processor = xgr.contrib.hf.LogitsProcessor([self._grammar(len(j.faces)) for j in jobs])
+        if self.seed is not None:
+            torch.manual_seed(int(self.seed))
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=self.do_sample,
+                                      logits_processor=[processor])
+        new = out[:, inputs["input_ids"].shape[1]:]
+        self.last_stats["prompt_tokens"] = float(inputs["attention_mask"].sum())
+        self.last_stats["generated_tokens"] = float((new != self.processor.tokenizer.pad_token_id).sum())
+        return self.processor.batch_decode(new, skip_special_tokens=True)
+
+    def label_likelihoods(self, job: Job) -> dict[int, dict[str, float]]:
+        """Per face, a distribution over labels from the model's log-probabilities (one shared prefix)."""
+        import torch
+
+        tok = self.processor.tokenizer
+        inputs = self._inputs([job])
+        rows, spans = [], []  # token ids per (face, label); span of label tokens inside the row
+        for f_i in range(len(job.faces)):
+            stem = f"Face {f_i + 1}:"
+            stem_ids = tok(stem, add_special_tokens=False)["input_ids"]
+            for lab in self.labels:
+                ids = tok(f"{stem} {lab}", add_special_tokens=False)["input_ids"]
+                k = 0
+                while k < min(len(ids), len(stem_ids)) and ids[k] == stem_ids[k]:
+                    k += 1
+                rows.append(ids)
+                spans.append((k, len(ids)))
+        width = max(len(r) for r in rows)
+        pad = tok.pad_token_id
+        cont = torch.full((len(rows), width), pad, dtype=torch.long)
+        cmask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            cont[i, : len(r)] = torch.tensor(r)
+            cmask[i, : len(r)] = 1
+        cont, cmask = cont.to(self.device), cmask.to(self.device)
+        # transformers 5 names the KV cache `cache`; 4.x called it `past_key_values`
+        cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        with torch.inference_mode():
+            pre = self.model(**inputs, use_cache=True)
+            cache = getattr(pre, cache_kw)
+            cache.batch_repeat_interleave(len(rows))
+            mask = torch.cat([inputs["attention_mask"].repeat(len(rows), 1), cmask], dim=1)
+            out = self.model(input_ids=cont, attention_mask=mask, use_cache=False, **{cache_kw: cache})
+        first = torch.log_softmax(pre.logits[:, -1].float(), dim=-1).repeat(len(rows), 1)
+        rest = torch.log_softmax(out.logits.float(), dim=-1)
+        # log p(token j) comes from the logits before it: the prefix's last position for j = 0
+        logp_all = torch.cat([first[:, None], rest[:, :-1]], dim=1)
+        tok_logp = logp_all.gather(2, cont[:, :, None])[:, :, 0]
+        scores = torch.stack([tok_logp[i, a:b].sum() for i, (a, b) in enumerate(spans)]).cpu().numpy()
+        self.last_stats["prompt_tokens"] = float(inputs["attention_mask"].sum())
+        out_d: dict[int, dict[str, float]] = {}
+        n = len(self.labels)
+        for f_i in range(len(job.faces)):
+            s = scores[f_i * n : (f_i + 1) * n] / self.temperature
+            p = np.exp(s - s.max())
+            p /= p.sum()
+            out_d[f_i] = dict(zip(self.labels, p.tolist()))
+        return out_d
+
+    # ---------------------------------------------------------------------------------------- interface
+    def reason_batch(self, jobs: list[Job]) -> list[list[FaceReasoning]]:
+        results: list[list[FaceReasoning]] = [[] for _ in jobs]
+        todo = [i for i, j in enumerate(jobs) if j.faces]
+        for i in todo:
+            jobs[i].prompt = self.build_prompt(jobs[i])
+        t_model = 0.0
+        for start in range(0, len(todo), max(1, self.batch_size)):
+            idx = todo[start : start + self.batch_size]
+            t = time.perf_counter()
+            texts = self.generate([jobs[i] for i in idx])
+            likes = [self.label_likelihoods(jobs[i]) if self.mode == "likelihood" else None for i in idx]
+            t_model += time.perf_counter() - t
+            for i, text, like in zip(idx, texts, likes):
+                res, err = self.to_results(jobs[i], text, like)
+                if err and any(r.distribution is None for r in res):  # retry once, alone, with the error
+                    retry = jobs[i].prompt.text + f"\nYour previous answer was invalid ({err}). Answer again.\n"
+                    jobs[i].prompt.text = retry
+                    t = time.perf_counter()
+                    res, _ = self.to_results(jobs[i], self.generate([jobs[i]])[0], like)
+                    t_model += time.perf_counter() - t
+                results[i] = res
+        self.last_stats["model_ms"] = t_model * 1000
+        return results
