@@ -176,6 +176,23 @@ def train_expression(args: tuple[str, ...]) -> None:
     sys.exit(train_main(list(args)))
 
 
+def _reasoner_availability(cfg) -> str:
+    backend, model = cfg.reasoner.backend, cfg.reasoner.model
+    if backend == "rules":
+        return "ready (offline)"
+    if backend == "openai":
+        url = (cfg.reasoner.options or {}).get("base_url") or os.environ.get("OPENAI_BASE_URL") or "?"
+        return f"server {url}, model {model} (not contacted)"
+    if model and Path(model).is_dir():
+        return f"local folder {model}"
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return "needs pip install 'cem[llm]'"
+    hit = try_to_load_from_cache(model, "config.json")
+    return f"{model}: in the local cache" if isinstance(hit, str) else f"{model}: not downloaded (hf download {model})"
+
+
 @main.command()
 def models() -> None:
     """List shipped configs and whether what each needs is available locally now."""
@@ -186,10 +203,8 @@ def models() -> None:
     for path in sorted(configs_dir().glob("*.yaml")):
         cfg = Config.load(path)
         weights = Path(cfg.expression.weights) if cfg.expression.weights else DEFAULT_WEIGHTS
-        ok = (weights / "model.safetensors").is_file()
-        backend = cfg.reasoner.backend
-        note = "offline, ready" if backend == "rules" and ok else f"{backend} {cfg.reasoner.model or ''}".strip()
-        click.echo(f"{path.stem:<20} {backend:<13} {'available' if ok else 'missing weights'}  {note}")
+        fer = "FER weights ok" if (weights / "model.safetensors").is_file() else "FER weights MISSING"
+        click.echo(f"{path.stem:<21} {cfg.reasoner.backend:<13} {fer}; reasoner: {_reasoner_availability(cfg)}")
 
 
 @main.command("schema")
@@ -249,6 +264,55 @@ def report(results: str, output: str, title: str | None) -> None:
 
     counts = write_report(results, output, title)
     click.echo(f"cem: report of {counts['images']} images, {counts['faces']} faces -> {output}", err=True)
+
+
+@main.group()
+def prompt() -> None:
+    """Prompt templates: render what the model receives."""
+
+
+@prompt.command("render")
+@click.argument("image")
+@click.option("--template", default=None, help="Template name in prompts/ or a .j2 path (default: the config's).")
+@click.option("--context", default=None, help="Context text.")
+@click.option("--config", "config_name", default="default", show_default=True)
+@click.option("--model", default=None, help="Apply this model's chat template too (transformers reasoner).")
+@click.option("--faces", type=click.Choice(["detect", "whole"]), default=None)
+def prompt_render(image: str, template: str | None, context: str | None, config_name: str, model: str | None,
+                  faces: str | None) -> None:
+    """Print exactly the prompt text the reasoner sends for IMAGE (and which images go with it)."""
+    from cem.config import Config, ConfigError
+    from cem.io import ImageLoadError, load_image
+
+    try:
+        config = Config.load(config_name, template=template, faces=faces)
+    except ConfigError as e:
+        _fail(str(e))
+    from cem.fer.stage import FERStage
+    from cem.prompting import render_prompt, template_id
+    from cem.reasoning.llm import exemplars_from
+
+    try:
+        rgb = load_image(image, config.image.max_pixels)
+    except ImageLoadError as e:
+        _fail(str(e))
+    stage = FERStage(config)
+    try:
+        evidence = stage.measure(rgb)
+        name = config.reasoner.template or "context"
+        p = render_prompt(name, evidence, config.labels, context, rgb, exemplars_from(config))
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    text = p.text
+    if model:
+        from transformers import AutoProcessor
+
+        proc = AutoProcessor.from_pretrained(model)
+        content = [{"type": "image"} for _ in p.images] + [{"type": "text", "text": p.text}]
+        text = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    click.echo(text, nl=not text.endswith("\n"))
+    click.echo(f"[template {template_id(name)}; {len(p.images)} image(s): "
+               f"{len(p.images) - 1} exemplar(s) then the photo; {len(evidence)} face(s)]", err=True)
 
 
 if __name__ == "__main__":

@@ -37,3 +37,35 @@ def yaw_turned(face: np.ndarray, k: float = 0.4) -> np.ndarray:
     dst = np.float32([[0, h * k / 2], [w * (1 - k / 3), 0], [w * (1 - k / 3), h], [0, h * (1 - k / 2)]])
     m = cv2.getPerspectiveTransform(src, dst)
     return cv2.warpPerspective(face, m, (w, h), borderMode=cv2.BORDER_REPLICATE)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory):
+    """A tiny random LLaVA built on the spot (no download); its text is noise, its plumbing is real."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("xgrammar")
+    from cem.testing import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny_llava"))
+
+
+@pytest.fixture(scope="session")
+def llm_pipeline(tiny_llava):
+    import cem
+
+    p = cem.Pipeline.from_config("default", reasoner="transformers", model=str(tiny_llava),
+                                 reasoner__options={"local_files_only": True, "max_cues": 2,
+                                                    "max_text_chars": 24})
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="session")
+def two_faces(astronaut) -> np.ndarray:
+    import cv2
+
+    canvas = np.full((300, 700, 3), 190, np.uint8)
+    face = cv2.resize(np.ascontiguousarray(astronaut[30:270, 110:350]), (220, 220))
+    canvas[40:260, 20:240] = face
+    canvas[40:260, 420:640] = face[:, ::-1]
+    return canvas

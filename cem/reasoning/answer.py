@@ -29,7 +29,8 @@ MAX_TEXT = 80
 SOURCES = ("face", "scene", "body", "text")
 
 
-def answer_json_schema(labels: list[str], n_faces: int) -> dict[str, Any]:
+def answer_json_schema(labels: list[str], n_faces: int, max_cues: int = MAX_CUES,
+                       max_text: int = MAX_TEXT) -> dict[str, Any]:
     """JSON schema of an answer (sent as ``response_format`` to OpenAI-compatible servers)."""
     number = {"type": "number", "minimum": 0, "maximum": 1}
     return {
@@ -43,16 +44,16 @@ def answer_json_schema(labels: list[str], n_faces: int) -> dict[str, Any]:
                     "index": {"type": "integer", "minimum": 1, "maximum": max(1, n_faces)},
                     "distribution": {"type": "object", "additionalProperties": False, "required": list(labels),
                                      "properties": {lab: number for lab in labels}},
-                    "cues": {"type": "array", "maxItems": MAX_CUES, "items": {
+                    "cues": {"type": "array", "maxItems": max_cues, "items": {
                         "type": "object", "additionalProperties": False,
                         "required": ["cue", "source", "au", "supports", "weight"],
                         "properties": {
-                            "cue": {"type": "string", "maxLength": MAX_TEXT},
+                            "cue": {"type": "string", "maxLength": max_text},
                             "source": {"enum": list(SOURCES)},
                             "au": {"anyOf": [{"type": "string", "pattern": "^AU[0-9]{2}$"}, {"type": "null"}]},
                             "supports": {"enum": list(labels)},
                             "weight": number}}},
-                    "rationale": {"type": "string", "maxLength": 2 * MAX_TEXT},
+                    "rationale": {"type": "string", "maxLength": 2 * max_text},
                 }}}},
     }
 
@@ -61,7 +62,8 @@ def _lit(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def answer_grammar(labels: list[str], n_faces: int, au_codes: list[str]) -> str:
+def answer_grammar(labels: list[str], n_faces: int, au_codes: list[str], max_cues: int = MAX_CUES,
+                   max_text: int = MAX_TEXT) -> str:
     """EBNF (xgrammar/GBNF dialect) for an answer about exactly ``n_faces`` faces, in order."""
     q = '\\"'
     lines = []
@@ -72,16 +74,29 @@ def answer_grammar(labels: list[str], n_faces: int, au_codes: list[str]) -> str:
         lines.append(f'face{i} ::= "{{{q}index{q}:{i},{q}distribution{q}:{{" dist "}},{q}cues{q}:[" cues "],'
                      f'{q}rationale{q}:" longtext "}}"')
     lines.append(f"dist ::= {dist}")
-    lines.append(f'cues ::= "" | cue ("," cue){{0,{MAX_CUES - 1}}}')
+    lines.append(f'cues ::= "" | cue ("," cue){{0,{max_cues - 1}}}')
     lines.append(f'cue ::= "{{{q}cue{q}:" text ",{q}source{q}:" source ",{q}au{q}:" au ",{q}supports{q}:" label '
                  f'",{q}weight{q}:" num "}}"')
     lines.append("source ::= " + " | ".join(f'"{q}{s}{q}"' for s in SOURCES))
     lines.append('au ::= "null" | ' + " | ".join(f'"{q}{a}{q}"' for a in au_codes))
     lines.append("label ::= " + " | ".join(f'"{q}{lab}{q}"' for lab in labels))
     lines.append('num ::= "0" | "1" | "0." [0-9] [0-9]?')
-    lines.append(f'text ::= "{q}" [a-zA-Z0-9 ,.()\'-]{{1,{MAX_TEXT}}} "{q}"')
-    lines.append(f'longtext ::= "{q}" [a-zA-Z0-9 ,.()\'-]{{1,{2 * MAX_TEXT}}} "{q}"')
+    lines.append(f'text ::= "{q}" [a-zA-Z0-9 ,.()\'-]{{1,{max_text}}} "{q}"')
+    lines.append(f'longtext ::= "{q}" [a-zA-Z0-9 ,.()\'-]{{1,{2 * max_text}}} "{q}"')
     return "\n".join(lines)
+
+
+def max_answer_chars(labels: list[str], n_faces: int, au_codes: list[str], max_cues: int = MAX_CUES,
+                     max_text: int = MAX_TEXT) -> int:
+    """Upper bound on the length of any answer the grammar admits. Every token is at least one character,
+    so generation with at least this many new tokens always completes the JSON."""
+    num = 4
+    dist = sum(len(lab) + 3 + num for lab in labels) + len(labels)
+    longest_label = max(len(lab) for lab in labels) + 2
+    cue = (len('{"cue":,"source":,"au":,"supports":,"weight":}') + max_text + 2 + 7 + 6 + longest_label + num)
+    face = (len('{"index":,"distribution":{},"cues":[],"rationale":}') + len(str(n_faces)) + dist
+            + max_cues * (cue + 1) + 2 * max_text + 2)
+    return len('{"faces":[]}') + n_faces * (face + 1)
 
 
 # ------------------------------------------------------------------------------------------------ parsing

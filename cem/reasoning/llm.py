@@ -9,7 +9,7 @@ import numpy as np
 
 from cem.config import Config
 from cem.prompting import Exemplar, Prompt, render_prompt, template_id
-from cem.reasoning.answer import parse_answer
+from cem.reasoning.answer import MAX_CUES, MAX_TEXT, parse_answer
 from cem.reasoning.base import FaceReasoning
 from cem.schema import FaceEvidence
 
@@ -56,6 +56,9 @@ class LLMReasonerBase:
         self.exemplars = exemplars_from(config)
         opts = options(config)
         self.batch_size = int(opts.get("batch_size", 4))
+        # bounds of the constrained answer (cues per face, characters per cue; the rationale gets twice that)
+        self.max_cues = int(opts.get("max_cues", MAX_CUES))
+        self.max_text = int(opts.get("max_text_chars", MAX_TEXT))
         self.last_stats: dict[str, float] = {}
 
     def build_prompt(self, job: Job) -> Prompt:

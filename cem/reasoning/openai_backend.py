@@ -121,7 +121,7 @@ class OpenAIReasoner(LLMReasonerBase):
         if self.guided:
             body["response_format"] = {"type": "json_schema", "json_schema": {
                 "name": "cem_answer", "strict": True,
-                "schema": answer_json_schema(self.labels, len(job.faces))}}
+                "schema": answer_json_schema(self.labels, len(job.faces), self.max_cues, self.max_text)}}
         return body
 
     def _likelihood(self, job: Job) -> dict[int, dict[str, float]]:

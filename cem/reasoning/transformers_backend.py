@@ -4,7 +4,9 @@ Works with models that ``AutoModelForImageTextToText`` + ``AutoProcessor`` load 
 chat template (LLaVA-1.5/NeXT/OneVision, Qwen2-VL/2.5-VL, Idefics3/SmolVLM ...). Config
 (``reasoner.model`` and ``reasoner.options``): ``revision``, ``dtype`` (auto|float32|float16|bfloat16),
 ``device_map`` (e.g. auto, via accelerate) or ``reasoner.device``, ``quantization`` (4bit|8bit, bitsandbytes),
-``max_new_tokens``, ``trust_remote_code`` (off unless set), ``distribution`` (likelihood|verbalized),
+``max_cues``, ``max_text_chars`` (bounds of the constrained answer), ``max_new_tokens``
+(raised where needed to the grammar's worst-case answer length, so a constrained answer always completes),
+``trust_remote_code`` (off unless set), ``distribution`` (likelihood|verbalized),
 ``likelihood_temperature``, ``batch_size`` (images per ``generate``), ``do_sample``/``seed``,
 ``local_files_only``.
 
@@ -23,13 +25,14 @@ from __future__ import annotations
 
 import inspect
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cem.config import Config
 from cem.fer.aus import AU_NAMES
-from cem.reasoning.answer import answer_grammar
+from cem.reasoning.answer import answer_grammar, max_answer_chars
 from cem.reasoning.base import FaceReasoning
 from cem.reasoning.llm import Job, LLMReasonerBase, ModelUnavailableError, options
 
@@ -71,10 +74,13 @@ def load_model(model_id: str, opts: dict[str, Any], device: str | None) -> tuple
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"reasoner.device={device!r} but torch sees no CUDA device")
         kwargs["device_map"] = device
+    if (model_id.startswith((".", "/", "~")) or "\\" in model_id) and not Path(model_id).expanduser().is_dir():
+        raise ModelUnavailableError(f"model folder {model_id!r} does not exist. Point --model at a folder "
+                                    "saved with save_pretrained, or at a Hugging Face model id.")
     try:
         processor = AutoProcessor.from_pretrained(model_id, **common)
         model = AutoModelForImageTextToText.from_pretrained(model_id, **kwargs).eval()
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a malformed repo id
         raise ModelUnavailableError(
             f"model {model_id!r} is not available here ({str(e).splitlines()[0]}). Download it once with "
             f"`hf download {model_id}` (or point --model at a local folder); offline runs need it in the "
@@ -140,7 +146,7 @@ class TransformersReasoner(LLMReasonerBase):
             self._grammar_compiler = xgr.GrammarCompiler(info)
         if n_faces not in self._grammars:
             self._grammars[n_faces] = self._grammar_compiler.compile_grammar(
-                answer_grammar(self.labels, n_faces, list(AU_NAMES)))
+                answer_grammar(self.labels, n_faces, list(AU_NAMES), self.max_cues, self.max_text))
         return self._grammars[n_faces]
 
     def generate(self, jobs: list[Job]) -> list[str]:
@@ -152,9 +158,12 @@ class TransformersReasoner(LLMReasonerBase):
         processor = xgr.contrib.hf.LogitsProcessor([self._grammar(len(j.faces)) for j in jobs])
         if self.seed is not None:
             torch.manual_seed(int(self.seed))
+        # the grammar bounds every answer; never stop before the longest one it admits could complete
+        budget = max(max_answer_chars(self.labels, len(j.faces), list(AU_NAMES), self.max_cues, self.max_text)
+                     for j in jobs)
         with torch.inference_mode():
-            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=self.do_sample,
-                                      logits_processor=[processor])
+            out = self.model.generate(**inputs, max_new_tokens=max(self.max_new_tokens, budget),
+                                      do_sample=self.do_sample, logits_processor=[processor])
         new = out[:, inputs["input_ids"].shape[1]:]
         self.last_stats["prompt_tokens"] = float(inputs["attention_mask"].sum())
         self.last_stats["generated_tokens"] = float((new != self.processor.tokenizer.pad_token_id).sum())
