@@ -75,3 +75,29 @@ def test_metrics_by_hand():
     assert ev.macro_f1(h, m) == 1.0
     assert ev.confusion_matrix(h, m, 3).tolist() == [[1, 0, 0], [0, 0, 0], [0, 0, 1]]
     assert ev.roc_auc(np.array([3.0, 2.0]), np.array([1.0, 2.0])) == pytest.approx(0.875)
+
+
+def test_contradicted_support_is_downweighted():
+    from cem.fuse import downweight_contradicted
+
+    dist = {"neutral": 0.2, "happiness": 0.4, "sadness": 0.4}
+    cues = [Cue("smile", "face", "happiness", 1.0, grounding="supported"),
+            Cue("frown", "face", "sadness", 1.0, grounding="contradicted"),
+            Cue("rain", "scene", "sadness", 1.0, grounding="unverifiable")]
+    out = downweight_contradicted(dist, cues, 0.5)
+    raw = {"neutral": 0.2, "happiness": 0.4, "sadness": 0.4 * (1 - 0.5 * 0.5)}
+    s = sum(raw.values())
+    assert out == pytest.approx({k: v / s for k, v in raw.items()})
+    assert downweight_contradicted(dist, cues, 0.0) == dist
+
+
+def test_reasoner_labels_beyond_the_expression_models_are_pooled():
+    labels = ["neutral", "happiness", "pride"]
+    pe = {"neutral": 0.2, "happiness": 0.8}
+    pr = {"neutral": 0.2, "happiness": 0.3, "pride": 0.5}
+    fused = pool(pe, pr, labels, FusionConfig(1.0, 1.0, 1.0, label_map={"pride": "happiness"}))
+    raw = np.array([0.2 / 1.8 * 0.2, 0.8 / 1.8 * 0.3, 0.8 / 1.8 * 0.5])
+    assert list(fused.values()) == pytest.approx(list(raw / raw.sum()))
+    unmapped = pool(pe, pr, labels, FusionConfig(1.0, 1.0, 1.0))  # pride gets the mean (uninformative)
+    raw = np.array([0.2 / 1.5 * 0.2, 0.8 / 1.5 * 0.3, 0.5 / 1.5 * 0.5])
+    assert list(unmapped.values()) == pytest.approx(list(raw / raw.sum()))

@@ -105,28 +105,34 @@ _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S)
 
 
 def _candidates(text: str) -> list[str]:
+    """Code-fenced blocks, every balanced top-level {...}/[...] span, and a truncated tail closed with the
+    brackets it still needs (a reply cut off by a token limit), then the text itself."""
     out = [m.group(1) for m in _FENCE.finditer(text)]
-    # balanced-brace scan for every top-level {...} or [...] object in the text
-    for opener, closer in (("{", "}"), ("[", "]")):
-        depth, start, in_str, esc = 0, None, False, False
-        for i, ch in enumerate(text):
-            if in_str:
-                esc = (ch == "\\") and not esc
-                if ch == '"' and not esc:
-                    in_str = False
-                continue
-            if ch == '"':
-                in_str = True
-            elif ch == opener:
-                if depth == 0:
-                    start = i
-                depth += 1
-            elif ch == closer and depth:
-                depth -= 1
-                if depth == 0 and start is not None:
-                    out.append(text[start : i + 1])
-        if depth and start is not None:  # truncated answer: try closing it
-            out.append(text[start:] + closer * depth)
+    pairs = {"{": "}", "[": "]"}
+    stack: list[str] = []
+    start, in_str, esc = None, False, False
+    for i, ch in enumerate(text):
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+            continue
+        if ch == '"' and stack:
+            in_str = True
+        elif ch in pairs:
+            if not stack:
+                start = i
+            stack.append(pairs[ch])
+        elif stack and ch == stack[-1]:
+            stack.pop()
+            if not stack and start is not None:
+                out.append(text[start : i + 1])
+    if stack and start is not None:
+        tail = text[start:] + ('"' if in_str else "")
+        out.append(tail + "".join(reversed(stack)))
     out.append(text)
     return out
 
