@@ -34,7 +34,6 @@ HERE = Path(__file__).resolve().parent
 
 def run_pipeline(pixels: np.ndarray, limit: int | None = None) -> dict[str, np.ndarray]:
     import cem
-    from cem.fuse import pool  # noqa: F401  (documenting: emotion below is the pipeline's own fusion)
 
     pipe = cem.Pipeline.from_config("default")
     labels = pipe.config.labels
@@ -49,22 +48,6 @@ def run_pipeline(pixels: np.ndarray, limit: int | None = None) -> dict[str, np.n
         rules.append([rr.distribution[k] for k in labels])
     pipe.close()
     return {"expression": np.array(expr), "emotion": np.array(emo), "rules": np.array(rules)}
-
-
-def fit_fusion(p_expr: np.ndarray, p_rules: np.ndarray, p_human: np.ndarray) -> dict[str, float]:
-    from cem.training import fit_temperature
-
-    best = None
-    le, lr = np.log(np.clip(p_expr, 1e-6, None)), np.log(np.clip(p_rules, 1e-6, None))
-    for w in np.round(np.arange(0.0, 1.51, 0.05), 2):
-        z = le + w * lr
-        t = fit_temperature(z, p_human)
-        p = np.exp((z - z.max(1, keepdims=True)) / t)
-        p /= p.sum(1, keepdims=True)
-        ce = float(-(p_human * np.log(np.clip(p, 1e-12, None))).sum(1).mean())
-        if best is None or ce < best["cross_entropy"]:
-            best = {"reasoner_weight": float(w), "temperature": float(t), "cross_entropy": ce}
-    return best
 
 
 def fer_baseline(python: str, pixels: np.ndarray) -> np.ndarray:
@@ -98,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                  "emotion": distribution_metrics(human, out["emotion"]),
                  "rules_reasoner_alone": distribution_metrics(human, out["rules"])}
     if a.fit_fusion:
+        from cem.fuse import fit_fusion
+
         res["fitted_fusion"] = fit_fusion(out["expression"], out["rules"], human)
     if a.baseline_fer:
         res["fer_package"] = distribution_metrics(human, fer_baseline(a.baseline_fer, valid.pixels[: a.limit]))

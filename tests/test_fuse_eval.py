@@ -101,3 +101,17 @@ def test_reasoner_labels_beyond_the_expression_models_are_pooled():
     unmapped = pool(pe, pr, labels, FusionConfig(1.0, 1.0, 1.0))  # pride gets the mean (uninformative)
     raw = np.array([0.2 / 1.5 * 0.2, 0.8 / 1.5 * 0.3, 0.5 / 1.5 * 0.5])
     assert list(unmapped.values()) == pytest.approx(list(raw / raw.sum()))
+
+
+def test_fit_fusion_recovers_known_weights():
+    from cem.fuse import fit_fusion
+
+    rng = np.random.default_rng(0)
+    le, lr = rng.normal(0, 1.5, (3000, 4)), rng.normal(0, 1.5, (3000, 4))
+    pe = np.exp(le) / np.exp(le).sum(1, keepdims=True)
+    prr = np.exp(lr) / np.exp(lr).sum(1, keepdims=True)
+    z = (np.log(pe) + 0.5 * np.log(prr)) / 1.5
+    human = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    fit = fit_fusion(pe, prr, human)
+    assert fit["reasoner_weight"] == pytest.approx(0.5, abs=0.051)
+    assert fit["temperature"] == pytest.approx(1.5, rel=0.05)
