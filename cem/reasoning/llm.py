@@ -61,6 +61,11 @@ class LLMReasonerBase:
         self.max_text = int(opts.get("max_text_chars", MAX_TEXT))
         self.last_stats: dict[str, float] = {}
 
+    def use_template(self, name: str) -> None:
+        """Switch the prompt template without reloading the model (prompt experiments)."""
+        self.template_id = template_id(name)
+        self.template = name
+
     def build_prompt(self, job: Job) -> Prompt:
         return render_prompt(self.template, job.faces, self.labels, job.context, job.image, self.exemplars)
 
