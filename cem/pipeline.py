@@ -30,9 +30,13 @@ class Pipeline:
 
     Build one with :meth:`from_config` and reuse it: the models load once, here, and serve every call.
 
-    >>> pipe = cem.Pipeline.from_config("default")          # doctest: +SKIP
-    >>> result = pipe.analyze("photo.jpg", context="at a funeral")
-    >>> result.faces[0].top_emotion, result.to_dict()["faces"][0]["emotion"]
+    Example:
+        ```python
+        pipe = cem.Pipeline.from_config("default")
+        result = pipe.analyze("photo.jpg", context="at a funeral")
+        face = result.faces[0]
+        print(face.top_emotion, face.emotion, result.to_dict())
+        ```
     """
 
     def __init__(self, config: Config) -> None:
