@@ -74,15 +74,22 @@ def _repair_jsonl(path: Path) -> set[str]:
               help="Also write one row per face to this CSV (stable columns, ready for pandas or R).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes running the pipeline in parallel (output order and content unchanged).")
+@click.option("--frames", "frames_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Videos: per-frame table (one row per face per processed frame); .csv or .parquet.")
+@click.option("--every", type=click.IntRange(min=1), default=None, help="Videos: process every Nth frame.")
+@click.option("--fps", type=click.FloatRange(min=0.01), default=None, help="Videos: sample at this frame rate.")
 @click.option("--limit", type=click.IntRange(min=0), default=None, help="Process at most this many images.")
 @click.option("--dry-run", is_flag=True, help="List the images that would be processed, and stop.")
 def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: str | None, model: str | None,
              faces: str | None, context: str | None, context_file: str | None, resume: bool,
-             csv_path: Path | None, workers: int, limit: int | None, dry_run: bool) -> None:
+             csv_path: Path | None, workers: int, frames_path: Path | None, every: int | None, fps: float | None,
+             limit: int | None, dry_run: bool) -> None:
     """Annotate images into OUTPUT, one JSON record per image.
 
     INPUTS are files, folders (searched recursively for images), globs, and CSV manifests (a .csv with
     an 'image' column, optional 'context', and extra columns that are carried into the output).
+    Videos (mp4, avi, mov, mkv) named as inputs are tracked frame by frame; OUTPUT gets one record per
+    key moment and --frames the per-frame table.
     """
     from cem.config import Config, ConfigError
     from cem.io import CsvFaceWriter, JsonlWriter, collect_inputs, read_context_csv
@@ -98,6 +105,16 @@ def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: 
         items = collect_inputs(inputs)
     except (ValueError, OSError) as e:
         _fail(str(e))
+    from cem.video import is_video
+
+    videos = [it for it in items if is_video(it.path)]
+    items = [it for it in items if not is_video(it.path)]
+    if videos and not dry_run:
+        _annotate_videos(config, videos, output, frames_path, every, fps, context, resume)
+        if not items:
+            return
+    elif frames_path and not dry_run:
+        _fail("--frames applies to video inputs, and none was given")
     done = _repair_jsonl(output) if resume else set()
     todo = [it for it in items if it.path not in done]
     if limit is not None:
@@ -143,7 +160,7 @@ def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: 
         bar = tqdm(total=len(todo), unit="img", file=sys.stderr, dynamic_ncols=True)
     csv_writer = CsvFaceWriter(csv_path, config.labels, list(AU_NAMES), extra_cols, append=resume) \
         if csv_path else None
-    with JsonlWriter(output, append=resume) as writer:
+    with JsonlWriter(output, append=resume or bool(videos)) as writer:
         for it, rec in zip(todo, records):
             rec.update(it.extra)
             writer.write(rec)
@@ -165,6 +182,48 @@ def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: 
                f"({len(todo) / max(elapsed, 1e-9):.1f} images/s) -> {output}", err=True)
     for kind, n in errors.most_common():
         click.echo(f"  {n} x {kind}", err=True)
+
+
+def _annotate_videos(config, videos, output: Path, frames_path: Path | None, every: int | None,
+                     fps: float | None, context: str | None, resume: bool) -> None:
+    """Videos: stream frames through tracking; key moments -> OUTPUT, every frame -> --frames."""
+    from cem.fer.aus import AU_NAMES
+    from cem.io import JsonlWriter
+    from cem.pipeline import Pipeline
+    from cem.video import FrameTableWriter, VideoError, frame_columns, frame_rows
+
+    try:
+        pipeline = Pipeline(config)
+    except Exception as e:
+        _fail(f"{type(e).__name__}: {e}")
+    done = _repair_jsonl(output) if resume else set()
+    table = FrameTableWriter(frames_path, frame_columns(config.labels, list(AU_NAMES))) if frames_path else None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with JsonlWriter(output, append=resume) as writer:
+        for it in videos:
+            if it.path in done:
+                continue
+            start, n_frames, n_moments = time.perf_counter(), 0, 0
+            try:
+                for vf in pipeline.analyze_video(it.path, it.context or context, every=every, fps=fps):
+                    n_frames += 1
+                    if table:
+                        table.write(frame_rows(vf, config.labels, list(AU_NAMES), it.path))
+                    for rec in vf.moments:
+                        rec.update(it.extra)
+                        writer.write(rec)
+                        n_moments += 1
+            except VideoError as e:
+                writer.write({"image": it.path, "width": None, "height": None, "faces": [], "error": str(e),
+                              "provenance": pipeline._provenance({}).to_dict()})
+                click.echo(f"cem: {e}", err=True)
+                continue
+            el = time.perf_counter() - start
+            click.echo(f"cem: {it.path}: {n_frames} frames in {el:.1f} s ({n_frames / max(el, 1e-9):.1f} frames/s), "
+                       f"{n_moments} key moments", err=True)
+    if table:
+        table.close()
+    pipeline.close()
 
 
 @main.command("train-expression", context_settings={"ignore_unknown_options": True})

@@ -171,6 +171,42 @@ class Pipeline:
         if chunk:
             yield from flush()
 
+    def analyze_video(self, path: str | os.PathLike, context: str | None = None, every: int | None = None,
+                      fps: float | None = None, options: Any = None) -> Iterator[Any]:
+        """Stream a video: yields a :class:`cem.video.VideoFrame` per processed frame (tracked, smoothed
+        faces; ``moments`` holds the contract records of the key moments reasoned on that frame).
+
+        ``every``: process every Nth frame; ``fps``: sample at that rate; ``options``: a
+        :class:`cem.video.VideoOptions` for tracking, smoothing and key-moment settings.
+        """
+        from cem.video import VideoOptions, track_video
+
+        opts = options or VideoOptions()
+        if every is not None:
+            opts.every = every
+        if fps is not None:
+            opts.fps = fps
+        name = os.fspath(path)
+        for vf in track_video(self.fer, name, self.config.labels, opts):
+            keys = [f for f in vf.faces if f.key]
+            if keys and opts.reason:
+                timings: dict[str, float] = {}
+                evidence = [f.evidence for f in keys]
+                for i, ev in enumerate(evidence):
+                    ev.index = i
+                m = (name, vf.rgb, evidence, timings, None)
+                (answers, err), = self._reason([m], [context])
+                result = self._finish(*m, answers, err)
+                for face, tf in zip(result.to_dict()["faces"], keys):
+                    face["track_id"] = tf.track_id
+                    vf.moments.append({
+                        "image": name, "video": name, "frame": vf.frame, "time": round(vf.time, 4),
+                        "track_id": tf.track_id, "t_start": round(tf.t_start, 4), "t_end": round(vf.time, 4),
+                        "key_reason": tf.key_reason, "width": vf.width, "height": vf.height, "faces": [face],
+                        "error": None, "provenance": result.provenance.to_dict()})
+            vf.rgb = None  # do not hold decoded frames beyond this step
+            yield vf
+
     def close(self) -> None:
         self.fer.close()
 

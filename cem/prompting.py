@@ -100,6 +100,8 @@ def evidence_line(face: FaceEvidence, top_k: int = 3) -> str:
         parts.append("AUs: " + (", ".join(f"{k} {AU_NAMES.get(k, '')} {v:.1f}" for k, v in present) or "none"))
     top = sorted(face.expression.items(), key=lambda kv: -kv[1])[:top_k]
     parts.append("expression model: " + ", ".join(f"{k} {v:.2f}" for k, v in top))
+    if face.timeline:
+        parts.append(f"over time: {face.timeline}")
     return "; ".join(parts)
 
 

@@ -93,6 +93,7 @@ class FaceEvidence:
     expression: dict[str, float]
     landmarks: Any = None  # (478, 3) float array in image pixels, or None when the mesh failed
     position: str = "center"  # coarse horizontal position in the image: left, center or right
+    timeline: str | None = None  # video: a summary of this track's AU/expression change since the last key frame
 
 
 @dataclass

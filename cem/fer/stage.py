@@ -23,6 +23,14 @@ def _position(cx: float, width: int) -> str:
     return "left" if r < 1 / 3 else "right" if r > 2 / 3 else "center"
 
 
+def _box_from_mesh(tight: tuple[float, float, float, float],
+                   previous: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    """A detector-like square box centred on the mesh, sized like the previous box (so it does not drift)."""
+    cx, cy = tight[0] + tight[2] / 2, tight[1] + tight[3] / 2
+    side = 0.5 * previous[2] + 0.5 * max(tight[2], tight[3]) * 0.85
+    return (cx - side / 2, cy - side / 2, side, side)
+
+
 class FERStage:
     """Measures every face of an RGB image. ``faces="whole"`` treats the image as one pre-cropped face."""
 
@@ -46,7 +54,10 @@ class FERStage:
     def labels(self) -> list[str]:
         return list(self.config.labels)
 
-    def measure(self, rgb: np.ndarray, faces: str | None = None) -> list[FaceEvidence]:
+    def measure(self, rgb: np.ndarray, faces: str | None = None,
+                boxes: list[tuple[tuple[float, float, float, float], float]] | None = None) -> list[FaceEvidence]:
+        """Faces of one RGB image. ``boxes`` ((x, y, w, h), score) skips detection and meshes those boxes
+        (video tracking); a box on which no mesh fits is dropped, since the tracker will re-detect."""
         import cv2
 
         mode = faces or self.config.faces.mode
@@ -58,6 +69,16 @@ class FERStage:
             crop = cv2.resize(gray, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_AREA
                               if min(h, w) > CROP_SIZE else cv2.INTER_LINEAR)
             items.append(((0.0, 0.0, float(w), float(h)), 1.0, mesh, crop))
+        elif boxes is not None:
+            for bbox, score in boxes:
+                mesh = self.mesher.mesh_in_box(rgb, bbox)
+                if mesh is None:
+                    continue
+                r_eye, l_eye = eye_centers(mesh)
+                x0, y0 = mesh[:, 0].min(), mesh[:, 1].min()
+                tight = (float(x0), float(y0), float(mesh[:, 0].max() - x0), float(mesh[:, 1].max() - y0))
+                items.append((_box_from_mesh(tight, bbox), score, mesh,
+                              aligned_crop(gray, r_eye, l_eye, self.ref, CROP_SIZE)))
         else:
             if self.detector is None:
                 self.detector = self._make_detector()

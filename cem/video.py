@@ -1,0 +1,365 @@
+"""Video: the FER stage on every sampled frame with face tracking, smoothing, per-person baselines, and
+context reasoning on key moments only.
+
+Streaming: frames are decoded one at a time with OpenCV and never written to disk; what is kept per track
+is bounded (a short history for timeline summaries, at most ``BASELINE_MAX`` neutral samples), so memory
+does not grow with the length of the video.
+
+**Tracking.** Detection runs on the first frame, every ``detect_every`` frames and whenever a track was
+not re-found; in between, each live track's face is re-meshed in its last box (cheaper than detection).
+Detections are matched to tracks by IoU (Hungarian assignment, IoU >= 0.3); a detection that matches no
+live track is compared with tracks lost less than ``max_gap_s`` ago by position and size (centre distance
+under 1.5 face widths, size ratio within 2/3..3/2) and re-acquired under the same ``track_id``; otherwise it
+starts a new track. No identity recognition is involved.
+
+**Smoothing.** AU intensities and the expression distribution of a track are smoothed with an exponential
+moving average whose weight follows the time between processed frames: ``a = 1 - exp(-dt / tau)``,
+``tau = smooth_tau_s`` (0.15 s), so the filter behaves the same at any sampling rate.
+
+**Baselines.** A frame where the track's smoothed expression gives neutral >= 0.6 is a neutral sample;
+once ``baseline_min`` (15) samples exist, the track's baseline per AU is their median, and each frame also
+reports ``AUxx_rel = max(0, AUxx - baseline)`` (the subject-specific calibration OpenFace does).
+
+**Key moments.** A track's frame is a key moment when ``key_interval_s`` (2 s) passed since its last key
+moment, or when the change score, the Jensen-Shannon divergence (bits) between its smoothed expression
+now and at its last key moment, exceeds ``change_threshold`` (0.2). Only key moments go to the reasoner,
+with a summary of the track's AU and expression timeline since the last key moment in the prompt.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cem.schema import ActionUnit, FaceEvidence
+
+VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm"})
+BASELINE_MAX = 300
+
+
+class VideoError(ValueError):
+    """A video that cannot be opened or decoded."""
+
+
+def is_video(path: str) -> bool:
+    return Path(path).suffix.lower() in VIDEO_EXTENSIONS
+
+
+@dataclass
+class VideoOptions:
+    every: int | None = None  # process every Nth frame
+    fps: float | None = None  # or sample at this rate (frames per second)
+    detect_every: int = 10
+    max_gap_s: float = 2.0
+    smooth_tau_s: float = 0.15
+    baseline_min: int = 15
+    key_interval_s: float = 2.0
+    change_threshold: float = 0.2
+    reason: bool = True
+
+
+def iter_frames(path: str, every: int | None = None, fps: float | None = None) -> Iterator[tuple[int, float, Any]]:
+    """(frame index, time in s, RGB frame) for the sampled frames, decoded one at a time."""
+    import cv2
+
+    if not Path(path).is_file():
+        raise VideoError(f"{path}: file not found")
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise VideoError(f"{path}: OpenCV cannot open this video")
+    native = cap.get(cv2.CAP_PROP_FPS) or 0.0
+    if native <= 0 or math.isnan(native):
+        native = 30.0
+    step = max(1, int(every)) if every else (max(1, round(native / fps)) if fps else 1)
+    i = 0
+    try:
+        while True:
+            ok = cap.grab()
+            if not ok:
+                break
+            if i % step == 0:
+                ok, bgr = cap.retrieve()
+                if not ok:
+                    break
+                yield i, i / native, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            i += 1
+    finally:
+        cap.release()
+    if i == 0:
+        raise VideoError(f"{path}: no frame could be decoded")
+
+
+def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    from cem.fer.detect import _iou as iou
+
+    return iou(a, b)
+
+
+def js_bits(p: np.ndarray, q: np.ndarray) -> float:
+    p, q = np.clip(p, 1e-12, None), np.clip(q, 1e-12, None)
+    p, q = p / p.sum(), q / q.sum()
+    m = (p + q) / 2
+    return float(0.5 * (p * np.log2(p / m)).sum() + 0.5 * (q * np.log2(q / m)).sum())
+
+
+@dataclass
+class Track:
+    track_id: int
+    bbox: tuple[float, float, float, float]
+    score: float
+    last_seen: float
+    last_frame: int
+    au: dict[str, float] = field(default_factory=dict)  # smoothed intensities
+    expression: np.ndarray | None = None  # smoothed distribution
+    neutral_samples: deque = field(default_factory=lambda: deque(maxlen=BASELINE_MAX))
+    history: deque = field(default_factory=lambda: deque(maxlen=600))  # (t, au dict, expression)
+    last_key_t: float | None = None
+    last_key_expr: np.ndarray | None = None
+
+    def baseline(self, minimum: int) -> dict[str, float] | None:
+        if len(self.neutral_samples) < minimum:
+            return None
+        keys = self.neutral_samples[0].keys()
+        return {k: float(np.median([s[k] for s in self.neutral_samples])) for k in keys}
+
+
+@dataclass
+class TrackedFace:
+    track_id: int
+    evidence: FaceEvidence  # smoothed AUs and expression
+    raw: FaceEvidence  # as measured on this frame
+    au_relative: dict[str, float] | None
+    change: float
+    key: bool
+    key_reason: str | None
+    t_start: float
+
+
+@dataclass
+class VideoFrame:
+    frame: int
+    time: float
+    width: int
+    height: int
+    faces: list[TrackedFace]
+    rgb: Any = None
+    moments: list[dict[str, Any]] = field(default_factory=list)  # records of key moments on this frame
+
+
+class FaceTracker:
+    """Keeps face identities across frames (see the module docs for the matching rules)."""
+
+    def __init__(self, opts: VideoOptions) -> None:
+        self.opts = opts
+        self.tracks: dict[int, Track] = {}
+        self._next = 0
+
+    def live(self, t: float, frame_gap_s: float) -> list[Track]:
+        return [tr for tr in self.tracks.values() if t - tr.last_seen <= frame_gap_s + 1e-9]
+
+    def assign(self, boxes: list[tuple[float, float, float, float]], scores: list[float], t: float,
+               frame: int) -> list[int]:
+        """Track ids for the boxes of one frame (new ids for new faces)."""
+        from scipy.optimize import linear_sum_assignment
+
+        ids = [-1] * len(boxes)
+        candidates = [tr for tr in self.tracks.values() if t - tr.last_seen <= self.opts.max_gap_s]
+        if boxes and candidates:
+            cost = np.array([[1 - _iou(b, tr.bbox) for tr in candidates] for b in boxes])
+            rows, cols = linear_sum_assignment(cost)
+            for r, c in zip(rows, cols):
+                if cost[r, c] <= 0.7:
+                    ids[r] = candidates[c].track_id
+        used = {i for i in ids if i >= 0}
+        for k, b in enumerate(boxes):
+            if ids[k] >= 0:
+                continue
+            best, best_d = None, None
+            for tr in candidates:
+                if tr.track_id in used:
+                    continue
+                size_ratio = b[2] / max(tr.bbox[2], 1e-6)
+                d = math.hypot(b[0] + b[2] / 2 - tr.bbox[0] - tr.bbox[2] / 2,
+                               b[1] + b[3] / 2 - tr.bbox[1] - tr.bbox[3] / 2) / max(tr.bbox[2], 1e-6)
+                if 2 / 3 <= size_ratio <= 1.5 and d < 1.5 and (best_d is None or d < best_d):
+                    best, best_d = tr, d
+            if best is not None:
+                ids[k] = best.track_id
+                used.add(best.track_id)
+            else:
+                ids[k] = self._next
+                self.tracks[self._next] = Track(self._next, b, scores[k], t, frame)
+                self._next += 1
+        for k, tid in enumerate(ids):
+            tr = self.tracks[tid]
+            tr.bbox, tr.score, tr.last_seen, tr.last_frame = boxes[k], scores[k], t, frame
+        # forget tracks gone for longer than the re-identification window
+        for tid in [tid for tid, tr in self.tracks.items() if t - tr.last_seen > self.opts.max_gap_s]:
+            del self.tracks[tid]
+        return ids
+
+
+def _timeline_summary(tr: Track, since: float, labels: list[str]) -> str | None:
+    pts = [h for h in tr.history if h[0] >= since]
+    if len(pts) < 2:
+        return None
+    (t0, au0, e0), (t1, au1, e1) = pts[0], pts[-1]
+    dt = t1 - t0
+    changes = sorted(((abs(au1[k] - au0[k]), k) for k in au1 if k in au0), reverse=True)
+    parts = []
+    for delta, k in changes[:3]:
+        if delta >= 0.5:
+            verb = "rose" if au1[k] > au0[k] else "fell"
+            parts.append(f"{k} {verb} from {au0[k]:.1f} to {au1[k]:.1f} over {dt:.1f} s")
+    top0, top1 = labels[int(np.argmax(e0))], labels[int(np.argmax(e1))]
+    if top0 != top1:
+        parts.append(f"expression changed from {top0} to {top1}")
+    return "; ".join(parts) or f"little change over {dt:.1f} s"
+
+
+def track_video(stage: Any, path: str, labels: list[str], opts: VideoOptions) -> Iterator[VideoFrame]:
+    """Run the FER stage over a video with tracking, smoothing, baselines and key-moment flags."""
+    tracker = FaceTracker(opts)
+    last_t: float | None = None
+    processed = 0
+    for frame_idx, t, rgb in iter_frames(path, opts.every, opts.fps):
+        h, w = rgb.shape[:2]
+        dt = 0.0 if last_t is None else t - last_t
+        live = tracker.live(t, max(dt, 1e-3) * 1.5)
+        if processed % max(1, opts.detect_every) == 0 or not live:
+            evidence = stage.measure(rgb, "detect")
+        else:
+            evidence = stage.measure(rgb, "detect", boxes=[(tr.bbox, tr.score) for tr in live])
+            if len(evidence) < len(live):  # a tracked face was lost: look again with the detector
+                evidence = stage.measure(rgb, "detect")
+        ids = tracker.assign([e.bbox for e in evidence], [e.detection_score for e in evidence], t, frame_idx)
+        faces = []
+        for ev, tid in zip(evidence, ids):
+            tr = tracker.tracks[tid]
+            a = 1.0 if tr.expression is None else 1.0 - math.exp(-max(dt, 0.0) / opts.smooth_tau_s)
+            raw_expr = np.array([ev.expression[k] for k in labels])
+            tr.expression = raw_expr if tr.expression is None else (1 - a) * tr.expression + a * raw_expr
+            for k, au in ev.aus.items():
+                tr.au[k] = au.intensity if k not in tr.au else (1 - a) * tr.au[k] + a * au.intensity
+            smooth_aus = {k: ActionUnit(tr.au[k], tr.au[k] >= 1.0) for k in ev.aus}
+            if tr.expression[labels.index("neutral")] >= 0.6 if "neutral" in labels else False:
+                if ev.aus:
+                    tr.neutral_samples.append({k: v.intensity for k, v in smooth_aus.items()})
+            base = tr.baseline(opts.baseline_min)
+            rel = {k: max(0.0, v.intensity - base.get(k, 0.0)) for k, v in smooth_aus.items()} if base else None
+            tr.history.append((t, {k: v.intensity for k, v in smooth_aus.items()}, tr.expression.copy()))
+            change = 0.0 if tr.last_key_expr is None else js_bits(tr.expression, tr.last_key_expr)
+            key_reason = None
+            if tr.last_key_t is None:
+                key_reason = "first appearance"
+            elif change > opts.change_threshold:
+                key_reason = f"expression change (JS {change:.2f} bits)"
+            elif t - tr.last_key_t >= opts.key_interval_s:
+                key_reason = "interval"
+            t_start = tr.last_key_t if tr.last_key_t is not None else t
+            smoothed = FaceEvidence(
+                index=ev.index, bbox=ev.bbox, detection_score=ev.detection_score, pose=ev.pose,
+                quality=ev.quality, aus=smooth_aus, expression=dict(zip(labels, (tr.expression /
+                                                                                 tr.expression.sum()).tolist())),
+                landmarks=ev.landmarks, position=ev.position,
+                timeline=_timeline_summary(tr, t_start, labels) if key_reason else None)
+            if key_reason:
+                tr.last_key_t, tr.last_key_expr = t, tr.expression.copy()
+            faces.append(TrackedFace(tid, smoothed, ev, rel, change, key_reason is not None, key_reason, t_start))
+        yield VideoFrame(frame_idx, t, w, h, faces, rgb)
+        last_t = t
+        processed += 1
+
+
+FRAME_COLUMNS_HEAD = ["video", "time", "frame", "track_id", "x", "y", "w", "h", "yaw", "pitch", "roll", "key_moment"]
+
+
+def frame_rows(vf: VideoFrame, labels: list[str], au_codes: list[str], video: str = "") -> list[dict[str, Any]]:
+    rows = []
+    for f in vf.faces:
+        e = f.evidence
+        x, y, w, h = e.bbox
+        row: dict[str, Any] = {"video": video, "time": round(vf.time, 4), "frame": vf.frame, "track_id": f.track_id,
+                               "x": round(x, 1), "y": round(y, 1), "w": round(w, 1), "h": round(h, 1),
+                               "yaw": round(e.pose.yaw, 2) if e.pose else None,
+                               "pitch": round(e.pose.pitch, 2) if e.pose else None,
+                               "roll": round(e.pose.roll, 2) if e.pose else None, "key_moment": f.key}
+        for k in au_codes:
+            row[k] = round(e.aus[k].intensity, 3) if k in e.aus else None
+        for k in au_codes:
+            row[f"{k}_rel"] = round(f.au_relative[k], 3) if f.au_relative and k in f.au_relative else None
+        for k in labels:
+            row[f"expression_{k}"] = round(e.expression[k], 5)
+        rows.append(row)
+    return rows
+
+
+def frame_columns(labels: list[str], au_codes: list[str]) -> list[str]:
+    return (FRAME_COLUMNS_HEAD + list(au_codes) + [f"{k}_rel" for k in au_codes]
+            + [f"expression_{k}" for k in labels])
+
+
+class FrameTableWriter:
+    """Per-frame table: CSV (streamed) or Parquet (``.parquet``; written in row groups, needs pyarrow)."""
+
+    def __init__(self, path: str | Path, columns: list[str]) -> None:
+        self.path, self.columns = Path(path), columns
+        self.parquet = self.path.suffix.lower() == ".parquet"
+        self._buf: list[dict[str, Any]] = []
+        self._pq_writer = None
+        if self.parquet:
+            try:
+                import pyarrow  # noqa: F401
+            except ImportError:
+                raise VideoError("--frames *.parquet needs pyarrow (pip install pyarrow); or use .csv") from None
+        else:
+            import csv
+
+            self._fh = open(self.path, "w", newline="", encoding="utf-8")
+            self._w = csv.DictWriter(self._fh, fieldnames=columns)
+            self._w.writeheader()
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        if not self.parquet:
+            for r in rows:
+                self._w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+            return
+        self._buf.extend(rows)
+        if len(self._buf) >= 2000:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self._buf:
+            return
+        table = pa.Table.from_pylist(self._buf, schema=self._schema())
+        if self._pq_writer is None:
+            self._pq_writer = pq.ParquetWriter(str(self.path), table.schema)
+        self._pq_writer.write_table(table)
+        self._buf = []
+
+    def _schema(self) -> Any:
+        import pyarrow as pa
+
+        types = {"video": pa.string(), "frame": pa.int64(), "track_id": pa.int64(), "key_moment": pa.bool_()}
+        return pa.schema([(c, types.get(c, pa.float64())) for c in self.columns])
+
+    def close(self) -> None:
+        if self.parquet:
+            self._flush()
+            if self._pq_writer is None:  # no face in the whole video: still write the (empty) table
+                import pyarrow.parquet as pq
+
+                pq.write_table(self._schema().empty_table(), str(self.path))
+            else:
+                self._pq_writer.close()
+        else:
+            self._fh.close()
