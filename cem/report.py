@@ -55,6 +55,42 @@ def _card_data(rec: dict[str, Any], max_pixels: int) -> dict[str, Any]:
             "scale": scale, "error": rec.get("error"), "faces": faces}
 
 
+def timelines(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Video key-moment records grouped per (video, track): time points and the emotion distribution."""
+    series: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in records:
+        if "track_id" not in r or not r.get("faces"):
+            continue
+        key = (r.get("video", r["image"]), int(r["track_id"]))
+        s = series.setdefault(key, {"video": key[0], "track_id": key[1], "t": [], "emotion": []})
+        s["t"].append(float(r.get("t_end", r.get("time", 0.0))))
+        s["emotion"].append(r["faces"][0]["emotion"])
+    return list(series.values())
+
+
+def timeline_svg(series: dict[str, Any], width: int = 560, height: int = 140) -> str:
+    """An inline SVG line chart of one track's emotion probabilities over time (no external assets)."""
+    colors = ["#888", "#e6a700", "#1f9bd1", "#3949ab", "#d32f2f", "#2e7d32", "#7b1fa2", "#6d4c41"]
+    ts = series["t"]
+    t0, t1 = min(ts), max(ts) if max(ts) > min(ts) else min(ts) + 1
+    labels = list(series["emotion"][0])
+    pad = 28
+    def xy(t: float, p: float) -> str:
+        return f"{pad + (t - t0) / (t1 - t0) * (width - 2 * pad):.1f},{height - pad - p * (height - 2 * pad):.1f}"
+    lines = []
+    for i, lab in enumerate(labels):
+        pts = " ".join(xy(t, e.get(lab, 0.0)) for t, e in zip(ts, series["emotion"]))
+        lines.append(f'<polyline fill="none" stroke="{colors[i % len(colors)]}" stroke-width="2" points="{pts}">'
+                     f"<title>{html.escape(lab)}</title></polyline>")
+    legend = " ".join(f'<tspan fill="{colors[i % len(colors)]}">{html.escape(lab)}</tspan>'
+                      for i, lab in enumerate(labels))
+    return (f'<svg class="timeline" width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">'
+            f'<rect width="{width}" height="{height}" fill="#fff" stroke="#ddd"/>'
+            f'<text x="{pad}" y="14" font-size="11">{html.escape(Path(series["video"]).name)} track '
+            f'{series["track_id"]}: emotion over time ({t0:.1f}-{t1:.1f} s)</text>'
+            f'<text x="{pad}" y="{height - 6}" font-size="10">{legend}</text>' + "".join(lines) + "</svg>")
+
+
 def build_report(records: list[dict[str, Any]], title: str = "cem report", max_pixels: int = 50_000_000) -> str:
     cards = [_card_data(r, max_pixels) for r in records]
     tops = Counter(f["top"] for c in cards for f in c["faces"])
@@ -64,7 +100,9 @@ def build_report(records: list[dict[str, Any]], title: str = "cem report", max_p
     summary = {"images": len(cards), "faces": n_faces, "errors": n_err, "top_emotions": dict(tops.most_common()),
                "labels": labels}
     payload = json.dumps({"summary": summary, "cards": cards}).replace("</", "<\\/")
-    return _TEMPLATE.replace("__TITLE__", html.escape(title)).replace("__DATA__", payload)
+    charts = "".join(timeline_svg(s) for s in timelines(records))
+    return (_TEMPLATE.replace("__TITLE__", html.escape(title)).replace("__DATA__", payload)
+            .replace("__TIMELINES__", f'<section id="timelines">{charts}</section>' if charts else ""))
 
 
 def write_report(jsonl: str | Path, out: str | Path, title: str | None = None) -> dict[str, int]:

@@ -58,3 +58,21 @@ def test_report_in_headless_chromium(records, tmp_path):
     subprocess.run([*flags, f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120)
     img = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert img.shape[1] == 1280 and img.std() > 10  # not a blank page
+
+
+def test_video_tracks_get_a_timeline_plot():
+    labels = ["neutral", "happiness", "sadness"]
+
+    def moment(t, p):
+        face = {"index": 0, "bbox": [0, 0, 10, 10], "top_emotion": "x", "emotion": dict(zip(labels, p)),
+                "expression": dict(zip(labels, p)), "aus": {}, "cues": [], "rationale": "", "track_id": 3}
+        return {"image": "v.mp4", "video": "v.mp4", "track_id": 3, "t_start": 0.0, "t_end": t, "faces": [face],
+                "error": None, "width": 10, "height": 10}
+
+    page = build_report([moment(0.0, [0.8, 0.1, 0.1]), moment(2.0, [0.2, 0.7, 0.1]), moment(4.0, [0.1, 0.1, 0.8])])
+    svg = re.search(r'<section id="timelines">(.*?)</section>', page, re.S).group(1)
+    assert svg.count("<polyline") == 3 and "track 3" in svg
+    happiness = re.search(r'points="([^"]+)"><title>happiness', svg).group(1).split()
+    assert len(happiness) == 3
+    ys = [float(p.split(",")[1]) for p in happiness]
+    assert ys[1] < ys[0] and ys[1] < ys[2]  # the peak of happiness is at t = 2 s (SVG y grows downwards)
