@@ -57,8 +57,12 @@ class Pipeline:
         return cls(Config.load(name_or_path, **overrides))
 
     def _provenance(self, timings: dict[str, float]) -> Provenance:
+        sampling = None
+        if getattr(self.reasoner, "do_sample", False):
+            sampling = {"do_sample": True, "seed": getattr(self.reasoner, "seed", None)}
         return Provenance(cem_version=cem.__version__, config=self.config.name, reasoner=self.reasoner.backend,
-                          model=self.reasoner.model_id, template=self.reasoner.template_id, timings_ms=timings)
+                          model=self.reasoner.model_id, template=self.reasoner.template_id, timings_ms=timings,
+                          sampling=sampling)
 
     def _measure(self, image: ImageInput, faces: str | None) -> tuple[Any, ...]:
         """Load and FER-measure one image: (name, rgb, evidence, timings, error)."""

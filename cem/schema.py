@@ -138,11 +138,15 @@ class Provenance:
     model: str | None
     template: str | None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    sampling: dict[str, Any] | None = None  # only when a reasoner samples: {"do_sample": true, "seed": ...}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"cem_version": self.cem_version, "config": self.config, "reasoner": self.reasoner,
-                "model": self.model, "template": self.template,
-                "timings_ms": {k: _r(v, 2) for k, v in self.timings_ms.items()}}
+        d = {"cem_version": self.cem_version, "config": self.config, "reasoner": self.reasoner,
+             "model": self.model, "template": self.template,
+             "timings_ms": {k: _r(v, 2) for k, v in self.timings_ms.items()}}
+        if self.sampling is not None:
+            d["sampling"] = self.sampling
+        return d
 
 
 @dataclass
