@@ -124,15 +124,23 @@ def ground_cues(cues: list[Cue], face: FaceEvidence) -> list[Cue]:
 
 
 def fit_fusion(p_expression: np.ndarray, p_reasoner: np.ndarray, p_human: np.ndarray,
-               weights: np.ndarray | None = None) -> dict[str, float]:
+               weights: np.ndarray | None = None, objective: str = "plurality") -> dict[str, float]:
     """Fit ``reasoner_weight`` (grid 0..1.5 by 0.05, expression weight fixed at 1) and ``temperature``
-    (golden-section on log T) minimising the mean cross-entropy of the pooled distribution to the human
-    distributions. Arrays are (N, K) over the same labels. Returns the values for ``fusion:`` in a config
-    and the cross-entropy they reach."""
+    (golden-section on log T). ``objective="plurality"`` minimises the NLL of the plurality label (ties
+    excluded; calibrates the top-1 confidence, as the expression model's temperature does);
+    ``"distribution"`` minimises the cross-entropy to the human distributions. Arrays are (N, K) over the
+    same labels. Returns the values for ``fusion:`` in a config and the loss they reach."""
+    from cem.eval import plurality
     from cem.training import fit_temperature
 
     ph = np.asarray(p_human, float)
     ph = ph / ph.sum(1, keepdims=True)
+    if objective == "plurality":
+        y, keep = plurality(ph)
+        ph = np.eye(ph.shape[1])[y[keep]]
+        p_expression, p_reasoner = np.asarray(p_expression)[keep], np.asarray(p_reasoner)[keep]
+    elif objective != "distribution":
+        raise ValueError("objective must be 'plurality' or 'distribution'")
     le = np.log(np.clip(p_expression, 1e-6, None))
     lr = np.log(np.clip(p_reasoner, 1e-6, None))
     grid = np.round(np.arange(0.0, 1.51, 0.05), 2) if weights is None else np.asarray(weights, float)
@@ -146,6 +154,6 @@ def fit_fusion(p_expression: np.ndarray, p_reasoner: np.ndarray, p_human: np.nda
         ce = float(-(ph * np.log(np.clip(p, 1e-12, None))).sum(1).mean())
         if best is None or ce < best["cross_entropy"]:
             best = {"expression_weight": 1.0, "reasoner_weight": float(w), "temperature": float(t),
-                    "cross_entropy": ce}
+                    "cross_entropy": ce, "objective": objective}
     assert best is not None
     return best

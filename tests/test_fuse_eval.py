@@ -112,6 +112,6 @@ def test_fit_fusion_recovers_known_weights():
     prr = np.exp(lr) / np.exp(lr).sum(1, keepdims=True)
     z = (np.log(pe) + 0.5 * np.log(prr)) / 1.5
     human = np.exp(z) / np.exp(z).sum(1, keepdims=True)
-    fit = fit_fusion(pe, prr, human)
+    fit = fit_fusion(pe, prr, human, objective="distribution")
     assert fit["reasoner_weight"] == pytest.approx(0.5, abs=0.051)
     assert fit["temperature"] == pytest.approx(1.5, rel=0.05)
