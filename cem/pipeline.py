@@ -80,6 +80,7 @@ class Pipeline:
         except Exception as e:  # a model failure on one image must not end a batch; it is reported
             return name, rgb, [], timings, f"{name}: FER stage failed ({type(e).__name__}: {e})"
         timings["fer"] = (time.perf_counter() - t1) * 1000
+        timings.update(self.fer.last_timings)
         return name, rgb, evidence, timings, None
 
     def _finish(self, name: str, rgb: np.ndarray | None, evidence: list, timings: dict[str, float],
