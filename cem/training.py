@@ -199,7 +199,7 @@ def train_expression(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            running += float(loss)
+            running += float(loss.detach())
             step += 1
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 break
