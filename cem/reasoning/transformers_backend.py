@@ -3,7 +3,8 @@
 Works with models that ``AutoModelForImageTextToText`` + ``AutoProcessor`` load and whose processor has a
 chat template (LLaVA-1.5/NeXT/OneVision, Qwen2-VL/2.5-VL, Idefics3/SmolVLM ...). Config
 (``reasoner.model`` and ``reasoner.options``): ``revision``, ``dtype`` (auto|float32|float16|bfloat16),
-``device_map`` (e.g. auto, via accelerate) or ``reasoner.device``, ``quantization`` (4bit|8bit, bitsandbytes),
+``device_map`` (e.g. auto, via accelerate) or ``reasoner.device``, ``quantization`` (4bit|8bit, bitsandbytes;
+``quantization_skip`` lists modules kept unquantised, by default the vision tower, projector and head),
 ``max_cues``, ``max_text_chars`` (bounds of the constrained answer), ``max_new_tokens``
 (raised where needed to the grammar's worst-case answer length, so a constrained answer always completes),
 ``trust_remote_code`` (off unless set), ``distribution`` (likelihood|verbalized),
@@ -36,6 +37,13 @@ from cem.reasoning.answer import answer_grammar, max_answer_chars
 from cem.reasoning.base import FaceReasoning
 from cem.reasoning.llm import Job, LLMReasonerBase, ModelUnavailableError, options
 
+QUANT_SKIP_DEFAULT = ("vision_tower", "multi_modal_projector", "visual", "lm_head")
+
+
+def _skip_patterns(names: list[str]) -> list[str]:
+    """Module names to keep unquantised, in both matching styles: transformers 4 matches substrings,
+    transformers 5 matches from the start of the module path (or as a regex), hence ``.*name`` too."""
+    return [p for n in names for p in (n, rf".*\b{n}")]
 _DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "auto": "auto"}
 
 
@@ -60,12 +68,15 @@ def load_model(model_id: str, opts: dict[str, Any], device: str | None) -> tuple
             from transformers import BitsAndBytesConfig
         except ImportError:
             raise ModelUnavailableError("quantization needs bitsandbytes: pip install 'cem[quant]'") from None
+        # the vision tower, projector and output head stay unquantised (as is usual for VLMs; it also keeps
+        # 4-bit's requirement of input widths divisible by 64 to the language model's layers)
+        skip = _skip_patterns(list(opts.get("quantization_skip", QUANT_SKIP_DEFAULT)))
         if quant == "4bit":
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                               bnb_4bit_compute_dtype=torch.float32
-                                                               if dtype in ("float32", "auto") else kwargs["dtype"])
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=skip,
+                bnb_4bit_compute_dtype=torch.float32 if dtype in ("float32", "auto") else kwargs["dtype"])
         elif quant == "8bit":
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
         else:
             raise ValueError(f"reasoner.options.quantization must be 4bit or 8bit, not {quant!r}")
     if opts.get("device_map"):
