@@ -164,3 +164,23 @@ def test_memory_flat_on_a_long_video(tmp_path, face_crop):
     assert r.returncode == 0, r.stderr[-2000:]
     growth_kb = int(r.stdout.strip().splitlines()[-1])
     assert growth_kb < 40_000  # frames 100..400 add (almost) nothing
+
+
+def test_parquet_frame_table(pipeline, video, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    from cem.fer.aus import AU_NAMES
+    from cem.video import FrameTableWriter, frame_columns, frame_rows
+
+    labels = pipeline.config.labels
+    path = tmp_path / "frames.parquet"
+    writer = FrameTableWriter(path, frame_columns(labels, list(AU_NAMES)))
+    n = 0
+    for vf in pipeline.analyze_video(video, every=5, options=VideoOptions(reason=False)):
+        rows = frame_rows(vf, labels, list(AU_NAMES), str(video))
+        n += len(rows)
+        writer.write(rows)
+    writer.close()
+    table = pq.read_table(path)
+    assert table.num_rows == n > 0
+    assert table.column_names == frame_columns(labels, list(AU_NAMES))
+    assert set(table.column("track_id").to_pylist()) == {0}
