@@ -10,13 +10,14 @@ Run: ``python benchmarks/annotate_throughput.py [--sizes 200 2000] [--workers 2]
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import emit
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fer_speed import sample_images  # noqa: E402
@@ -49,10 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="cem-throughput-") as tmp:
         res = [run(n, a.workers, Path(tmp)) for n in a.sizes]
-    print(json.dumps(res, indent=2))
-    if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=2))
-    return 0
+    return emit(res, a.json)
 
 
 if __name__ == "__main__":

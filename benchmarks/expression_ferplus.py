@@ -20,7 +20,6 @@ Run: ``python benchmarks/expression_ferplus.py [--fit-fusion] [--baseline-fer /p
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from _common import emit
 
 HERE = Path(__file__).resolve().parent
 
@@ -86,10 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         res["fitted_fusion"] = fit_fusion(out["expression"], out["rules"], human)
     if a.baseline_fer:
         res["fer_package"] = distribution_metrics(human, fer_baseline(a.baseline_fer, valid.pixels[: a.limit]))
-    print(json.dumps(res, indent=2))
-    if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=2))
-    return 0
+    return emit(res, a.json)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Run: ``python benchmarks/fer_speed.py [--n 200] [--json OUT]``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import emit
 
 
 def sample_images(n: int) -> list[str]:
@@ -113,10 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_geometric_stage_to_minimal": geometric / bare_min,
         "median_ms": {k: float(np.median(v)) for k, v in stage_ms.items()},
     }
-    print(json.dumps(res, indent=2))
-    if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=2))
-    return 0
+    return emit(res, a.json)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ model measure plumbing, not a real model's speed. Run:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -18,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import emit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,10 +56,7 @@ def main(argv: list[str] | None = None) -> int:
            "median_prompt_tokens": med(single, "prompt_tokens"),
            "median_generated_tokens": med(single, "generated_tokens"),
            "median_fer_ms": med(single, "fer"), "faces": sum(len(r.faces) for r in batched)}
-    print(json.dumps(res, indent=2))
-    if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=2))
-    return 0
+    return emit(res, a.json)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ Run: ``python benchmarks/video_speed.py [--frames 600] [--json OUT]``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -18,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import emit
 
 
 def synthetic_video(path: Path, n: int) -> Path:
@@ -59,10 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {"video": str(path) if a.video else f"synthetic 640x360, {a.frames} frames at 30 fps",
            "frames": n, "faces": faces, "key_moments": moments, "seconds": wall, "frames_per_s": n / wall,
            "reasoning": "rules on key moments" if a.reason else "off"}
-    print(json.dumps(res, indent=2))
-    if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=2))
-    return 0
+    return emit(res, a.json)
 
 
 if __name__ == "__main__":
