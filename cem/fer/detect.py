@@ -7,10 +7,40 @@ needs and tie each mesh to its detection.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+
+
+@contextlib.contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """Hold back what native code writes to file descriptor 2 while MediaPipe graphs start (absl prints
+    informational warnings there before its logging is configured); replay it if starting fails."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # no real stderr (e.g. some notebook kernels)
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), fd)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, fd)
+            tmp.seek(0)
+            sys.stderr.write(tmp.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
 
 DetectorModel = Literal["short", "full", "both"]
 
@@ -51,10 +81,14 @@ class FaceDetector:
         if model not in ("short", "full", "both"):
             raise ValueError(f"faces.detector must be short, full or both, not {model!r}")
         selections = {"short": [0], "full": [1], "both": [0, 1]}[model]
-        self._detectors = [
-            mp.solutions.face_detection.FaceDetection(model_selection=s, min_detection_confidence=min_score)
-            for s in selections
-        ]
+        with quiet_native_stderr():
+            self._detectors = [
+                mp.solutions.face_detection.FaceDetection(model_selection=s, min_detection_confidence=min_score)
+                for s in selections
+            ]
+            blank = np.zeros((64, 64, 3), np.uint8)
+            for d in self._detectors:  # the first inference prints start-up notes too
+                d.process(blank)
         self.nms_iou = nms_iou
 
     def _detect_tile(self, tile: np.ndarray, x0: int, y0: int) -> list[Detection]:
@@ -105,9 +139,11 @@ class FaceMesher:
     def __init__(self, min_score: float = 0.3) -> None:
         import mediapipe as mp
 
-        self._mesh = mp.solutions.face_mesh.FaceMesh(
-            static_image_mode=True, max_num_faces=2, refine_landmarks=True, min_detection_confidence=min_score
-        )
+        with quiet_native_stderr():
+            self._mesh = mp.solutions.face_mesh.FaceMesh(
+                static_image_mode=True, max_num_faces=2, refine_landmarks=True, min_detection_confidence=min_score
+            )
+            self._mesh.process(np.zeros((64, 64, 3), np.uint8))
 
     def _run(self, rgb: np.ndarray) -> list[np.ndarray]:
         res = self._mesh.process(rgb)
