@@ -24,9 +24,9 @@ MIN_EMOTION_VOTES = 5
 def shared_data_dir() -> Path | None:
     """The shared data folder: ``$CEM_DATA_DIR`` or ``../shared/data`` above the working directory or repo."""
     env = os.environ.get("CEM_DATA_DIR")
-    candidates = [Path(env)] if env else []
     here = Path(__file__).resolve()
-    candidates += [Path.cwd().parent / "shared" / "data", here.parents[2] / "shared" / "data"]
+    # an explicit CEM_DATA_DIR is the only place looked at; otherwise ../shared/data beside the checkout
+    candidates = [Path(env)] if env else [Path.cwd().parent / "shared" / "data", here.parents[2] / "shared" / "data"]
     for c in candidates:
         if (c / "ferplus").is_dir():
             return c
