@@ -3,8 +3,8 @@
 Per image: a thumbnail (downscaled to ``THUMB_PX``, JPEG, embedded as a data URI) with numbered face boxes,
 and per face the emotion distribution beside the expression model's as bars, AU intensities, cues with
 their grounding as badges, the rationale, and any error. A summary (counts, emotion histogram) and
-filters (top emotion, errors only) sit at the top. Cards are rendered lazily as they scroll into view,
-so a report of a few thousand images stays responsive.
+filters (top emotion, errors only) sit at the top. The first 40 cards render at once and the rest
+lazily as they scroll into view, so a report of a few thousand images stays responsive.
 """
 
 from __future__ import annotations

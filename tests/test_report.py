@@ -76,3 +76,19 @@ def test_video_tracks_get_a_timeline_plot():
     assert len(happiness) == 3
     ys = [float(p.split(",")[1]) for p in happiness]
     assert ys[1] < ys[0] and ys[1] < ys[2]  # the peak of happiness is at t = 2 s (SVG y grows downwards)
+
+
+def test_large_report_renders_lazily(records, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("headless Chromium not installed (Debian package 'chromium'); report not rendered")
+    many = [records[1]] * 300  # one face each
+    page = tmp_path / "big.html"
+    page.write_text(build_report(many))
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,1000", "--virtual-time-budget=3000"]
+    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    rendered = len(re.findall(r'<div class="face" data-face="\d+"', dom))
+    assert 40 <= rendered < 300  # the first cards at once, the rest only near the viewport
+    assert dom.count('<section class="card') == 300  # every card exists, for filtering
