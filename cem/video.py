@@ -95,12 +95,6 @@ def iter_frames(path: str, every: int | None = None, fps: float | None = None) -
         raise VideoError(f"{path}: no frame could be decoded")
 
 
-def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    from cem.fer.detect import _iou as iou
-
-    return iou(a, b)
-
-
 def js_bits(p: np.ndarray, q: np.ndarray) -> float:
     p, q = np.clip(p, 1e-12, None), np.clip(q, 1e-12, None)
     p, q = p / p.sum(), q / q.sum()
@@ -168,10 +162,12 @@ class FaceTracker:
         """Track ids for the boxes of one frame (new ids for new faces)."""
         from scipy.optimize import linear_sum_assignment
 
+        from cem.fer.detect import box_iou
+
         ids = [-1] * len(boxes)
         candidates = [tr for tr in self.tracks.values() if t - tr.last_seen <= self.opts.max_gap_s]
         if boxes and candidates:
-            cost = np.array([[1 - _iou(b, tr.bbox) for tr in candidates] for b in boxes])
+            cost = np.array([[1 - box_iou(b, tr.bbox) for tr in candidates] for b in boxes])
             rows, cols = linear_sum_assignment(cost)
             for r, c in zip(rows, cols):
                 if cost[r, c] <= 0.7:

@@ -40,15 +40,21 @@ def test_report_is_self_contained(records):
     assert data["cards"][0]["thumb"].startswith("data:image/jpeg;base64,")
 
 
-def test_report_in_headless_chromium(records, tmp_path):
+def chromium_flags(tmp_path, window: str, budget_ms: int) -> list[str]:
+    """Headless Chromium as this machine's closed network needs it (no background connections)."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
         pytest.skip("headless Chromium not installed (Debian package 'chromium'); report not rendered")
+    return [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}", f"--window-size={window}",
+            f"--virtual-time-budget={budget_ms}"]
+
+
+def test_report_in_headless_chromium(records, tmp_path):
+    flags = chromium_flags(tmp_path, "1280,2400", 4000)
     page = tmp_path / "report.html"
     page.write_text(build_report(records))
-    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2400", "--virtual-time-budget=4000"]
     dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
     # rendered by the page's script (the template in the script has ${...} where these have numbers)
     assert len(re.findall(r'<div class="face" data-face="\d+"', dom)) == 3
@@ -79,15 +85,10 @@ def test_video_tracks_get_a_timeline_plot():
 
 
 def test_large_report_renders_lazily(records, tmp_path):
-    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if browser is None:
-        pytest.skip("headless Chromium not installed (Debian package 'chromium'); report not rendered")
+    flags = chromium_flags(tmp_path, "1280,1000", 3000)
     many = [records[1]] * 300  # one face each
     page = tmp_path / "big.html"
     page.write_text(build_report(many))
-    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,1000", "--virtual-time-budget=3000"]
     dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
     rendered = len(re.findall(r'<div class="face" data-face="\d+"', dom))
     assert 40 <= rendered < 300  # the first cards at once, the rest only near the viewport

@@ -80,13 +80,10 @@ class ScriptedStage:
         self.labels = labels
 
     def measure(self, rgb, faces=None, boxes=None):
-        import cv2
-
-        frame_no = int(rgb[0, 0, 0])  # the test writes the frame number into the first pixel
+        frame_no = int(rgb[0, 0, 0])  # the frame number, decoded from the frame's top-left block
         expr = np.full(len(self.labels), 0.01)
         expr[self.labels.index("happiness" if frame_no < 30 else "sadness")] = 1.0
         expr /= expr.sum()
-        _ = cv2  # the real stage needs OpenCV too; keep the import surface identical
         return [FaceEvidence(index=0, bbox=(100.0, 100.0, 80.0, 80.0), detection_score=0.9, pose=None,
                              quality=Quality(80, 0.1, False), aus={}, expression=dict(zip(self.labels, expr)))]
 

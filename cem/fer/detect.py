@@ -52,7 +52,8 @@ class Detection:
     keypoints: np.ndarray  # (6, 2) pixels: right eye, left eye, nose tip, mouth, right ear, left ear
 
 
-def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+def box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    """Intersection over union of two (x, y, w, h) boxes."""
     ax2, ay2, bx2, by2 = a[0] + a[2], a[1] + a[3], b[0] + b[2], b[1] + b[3]
     iw = max(0.0, min(ax2, bx2) - max(a[0], b[0]))
     ih = max(0.0, min(ay2, by2) - max(a[1], b[1]))
@@ -124,7 +125,7 @@ class FaceDetector:
                     found += self._detect_tile(np.ascontiguousarray(rgb[start : start + side]), 0, start)
         kept: list[Detection] = []
         for d in sorted(found, key=lambda d: -d.score):
-            if all(_iou(d.bbox, k.bbox) < self.nms_iou and _inside(d.bbox, k.bbox) < 0.6 for k in kept):
+            if all(box_iou(d.bbox, k.bbox) < self.nms_iou and _inside(d.bbox, k.bbox) < 0.6 for k in kept):
                 kept.append(d)
         return sorted(kept, key=lambda d: d.bbox[0] + d.bbox[2] / 2)
 

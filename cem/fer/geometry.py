@@ -3,12 +3,13 @@ the aligned crop that the expression model sees.
 
 The canonical face is not taken from MediaPipe (the 0.10.21 wheel ships no canonical model); it is the
 mirror-symmetrised generalised-Procrustes mean of meshes of neutral FER+ training faces, stored in
-``cem/fer/data/reference.npz`` by :mod:`cem.fer.reference` (see there for how it was made). Its units:
+``cem/fer/data/reference.json`` by :mod:`cem.fer.reference` (see there for how it was made). Its units:
 the distance between the outer eye corners is 1; axes x right, y down, z away from the camera.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-REFERENCE_PATH = Path(__file__).parent / "data" / "reference.npz"
+REFERENCE_PATH = Path(__file__).parent / "data" / "reference.json"
 
 # Landmarks that move little with expression: forehead and nose ridge, eye corners, temples, cheekbones.
 RIGID_POINTS = np.array([10, 151, 9, 8, 168, 6, 197, 195, 5, 4, 1, 33, 133, 263, 362, 127, 356, 234, 454,
@@ -40,15 +41,15 @@ def load_reference(path: str | None = None) -> Reference:
     p = Path(path) if path else REFERENCE_PATH
     if not p.is_file():
         raise FileNotFoundError(f"{p}: the neutral reference is missing; rebuild it with python -m cem.fer.reference")
-    with np.load(p, allow_pickle=False) as d:
-        return Reference(
-            canonical=d["canonical"].astype(np.float64),
-            mirror=d["mirror"].astype(np.int64),
-            crop_eyes=d["crop_eyes"].astype(np.float64),
-            measure_center=d["measure_center"].astype(np.float64),
-            measure_scale=d["measure_scale"].astype(np.float64),
-            measure_names=tuple(str(s) for s in d["measure_names"]),
-        )
+    d = json.loads(p.read_text(encoding="utf-8"))
+    return Reference(
+        canonical=np.array(d["canonical"], dtype=np.float64),
+        mirror=np.array(d["mirror"], dtype=np.int64),
+        crop_eyes=np.array(d["crop_eyes"], dtype=np.float64),
+        measure_center=np.array(d["measure_center"], dtype=np.float64),
+        measure_scale=np.array(d["measure_scale"], dtype=np.float64),
+        measure_names=tuple(str(s) for s in d["measure_names"]),
+    )
 
 
 def umeyama(src: np.ndarray, dst: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:

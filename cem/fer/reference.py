@@ -1,4 +1,4 @@
-"""Builds ``cem/fer/data/reference.npz``, the neutral reference of the geometric FER stage.
+"""Builds ``cem/fer/data/reference.json``, the neutral reference of the geometric FER stage.
 
 How it was made (``python -m cem.fer.reference``, seeded, needs ``../shared/data/ferplus``):
 
@@ -19,6 +19,7 @@ The file holds only these averages (a few kB), no image data.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -94,12 +95,14 @@ def build(max_faces: int = 4000, seed: int = 0, out: Path = REFERENCE_PATH) -> R
     scale = 1.4826 * np.median(np.abs(values - center), axis=0)
     scale = np.maximum(scale, 1e-4)
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(
-        out, canonical=canonical.astype(np.float32), mirror=perm.astype(np.int16),
-        crop_eyes=crop_eyes.astype(np.float32), measure_center=center.astype(np.float32),
-        measure_scale=scale.astype(np.float32), measure_names=np.array(MEASUREMENT_NAMES),
-        faces_used=np.int32(len(meshes_arr)),
-    )
+    out.write_text(json.dumps({
+        "how": "python -m cem.fer.reference (see its docstring): averages over meshes of neutral-majority FER+ "
+               "training faces; no image data",
+        "faces_used": len(meshes_arr),
+        "canonical": np.round(canonical, 6).tolist(), "mirror": perm.astype(int).tolist(),
+        "crop_eyes": np.round(crop_eyes, 6).tolist(), "measure_names": list(MEASUREMENT_NAMES),
+        "measure_center": np.round(center, 8).tolist(), "measure_scale": np.round(scale, 8).tolist(),
+    }, separators=(",", ":")), encoding="utf-8")
     print(f"wrote {out}; crop eyes {crop_eyes.round(2).tolist()}")
     return Reference(canonical, perm, crop_eyes, center, scale, MEASUREMENT_NAMES)
 
