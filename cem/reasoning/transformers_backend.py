@@ -176,8 +176,11 @@ class TransformersReasoner(LLMReasonerBase):
             out = self.model.generate(**inputs, max_new_tokens=max(self.max_new_tokens, budget),
                                       do_sample=self.do_sample, logits_processor=[processor])
         new = out[:, inputs["input_ids"].shape[1]:]
-        self.last_stats["prompt_tokens"] = float(inputs["attention_mask"].sum())
-        self.last_stats["generated_tokens"] = float((new != self.processor.tokenizer.pad_token_id).sum())
+        # totals over the images of this reason_batch call (the pipeline divides by the image count)
+        stats = self.last_stats
+        stats["prompt_tokens"] = stats.get("prompt_tokens", 0.0) + float(inputs["attention_mask"].sum())
+        stats["generated_tokens"] = (stats.get("generated_tokens", 0.0)
+                                     + float((new != self.processor.tokenizer.pad_token_id).sum()))
         return self.processor.batch_decode(new, skip_special_tokens=True)
 
     def label_likelihoods(self, job: Job) -> dict[int, dict[str, float]]:
@@ -219,7 +222,6 @@ class TransformersReasoner(LLMReasonerBase):
         logp_all = torch.cat([first[:, None], rest[:, :-1]], dim=1)
         tok_logp = logp_all.gather(2, cont[:, :, None])[:, :, 0]
         scores = torch.stack([tok_logp[i, a:b].sum() for i, (a, b) in enumerate(spans)]).cpu().numpy()
-        self.last_stats["prompt_tokens"] = float(inputs["attention_mask"].sum())
         out_d: dict[int, dict[str, float]] = {}
         n = len(self.labels)
         for f_i in range(len(job.faces)):
@@ -231,6 +233,7 @@ class TransformersReasoner(LLMReasonerBase):
 
     # ---------------------------------------------------------------------------------------- interface
     def reason_batch(self, jobs: list[Job]) -> list[list[FaceReasoning]]:
+        self.last_stats = {}
         results: list[list[FaceReasoning]] = [[] for _ in jobs]
         todo = [i for i, j in enumerate(jobs) if j.faces]
         for i in todo:
