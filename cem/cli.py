@@ -190,7 +190,7 @@ def _annotate_videos(config, videos, output: Path, frames_path: Path | None, eve
     from cem.fer.aus import AU_NAMES
     from cem.io import JsonlWriter
     from cem.pipeline import Pipeline
-    from cem.video import FrameTableWriter, VideoError, frame_columns, frame_rows
+    from cem.video import FrameTableWriter, VideoError, frame_columns, frame_count, frame_rows
 
     try:
         pipeline = Pipeline(config)
@@ -204,9 +204,16 @@ def _annotate_videos(config, videos, output: Path, frames_path: Path | None, eve
             if it.path in done:
                 continue
             start, n_frames, n_moments = time.perf_counter(), 0, 0
+            from tqdm import tqdm
+
+            bar = tqdm(total=frame_count(it.path), unit="frame", file=sys.stderr, dynamic_ncols=True,
+                       desc=Path(it.path).name)
             try:
                 for vf in pipeline.analyze_video(it.path, it.context or context, every=every, fps=fps):
                     n_frames += 1
+                    bar.n = vf.frame + 1  # frames decoded so far, sampled or not
+                    if n_frames % 10 == 0:
+                        bar.refresh()
                     if table:
                         table.write(frame_rows(vf, config.labels, list(AU_NAMES), it.path))
                     for rec in vf.moments:
@@ -218,6 +225,8 @@ def _annotate_videos(config, videos, output: Path, frames_path: Path | None, eve
                               "provenance": pipeline._provenance({}).to_dict()})
                 click.echo(f"cem: {e}", err=True)
                 continue
+            finally:
+                bar.close()
             el = time.perf_counter() - start
             click.echo(f"cem: {it.path}: {n_frames} frames in {el:.1f} s ({n_frames / max(el, 1e-9):.1f} frames/s), "
                        f"{n_moments} key moments", err=True)

@@ -64,6 +64,18 @@ class VideoOptions:
     reason: bool = True
 
 
+def frame_count(path: str) -> int | None:
+    """Frames the container says the video has (for progress bars; None when it does not say)."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    try:
+        n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+    finally:
+        cap.release()
+    return n if n > 0 else None
+
+
 def iter_frames(path: str, every: int | None = None, fps: float | None = None) -> Iterator[tuple[int, float, Any]]:
     """(frame index, time in s, RGB frame) for the sampled frames, decoded one at a time."""
     import cv2

@@ -120,3 +120,16 @@ def test_lenient_forms():
 def test_grammar_is_bounded():
     g = answer_grammar(LABELS, 2, ["AU01", "AU12"])
     assert "[0-9]+" not in g and "*" not in g and "{1,80}" in g and "face2 ::=" in g
+
+
+def test_cli_prompt_render_prints_what_the_model_gets(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    r = subprocess.run([sys.executable, "-m", "cem.cli", "prompt", "render", str(root / "examples" / "astronaut.jpg"),
+                        "--context", "{{ 7*7 }} at a launch"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Face 1 (center); quality: ok" in r.stdout and "AU12 lip corner puller" in r.stdout
+    assert "{{ 7*7 }} at a launch" in r.stdout and "49" not in r.stdout.split("<<<CONTEXT")[1].split("CONTEXT>>>")[0]
+    assert "[template context@" in r.stderr
