@@ -37,6 +37,9 @@ class FacesConfig:
     # a detection on which the face mesh finds no face is kept (flagged mesh_failed) only when the
     # detector is at least this sure; weaker ones are false positives (helmets, patterns, borders)
     min_score_unmeshed: float = 0.8
+    # when no face is found, search again with this margin (fraction of the long side) added around the
+    # image: faces filling a tightly cropped photo are otherwise missed; 0 turns it off
+    pad_retry: float = 0.25
     max_faces: int = 32
 
 

@@ -107,3 +107,19 @@ def test_small_face_is_flagged_not_dropped(pipeline, face_crop):
     assert len(r.faces) == 1
     q = r.faces[0].evidence.quality
     assert q.too_small and q.face_px < 32
+
+
+def test_face_filling_a_tight_crop_is_found(pipeline, astronaut):
+    import cv2
+
+    tight = cv2.resize(np.ascontiguousarray(astronaut[95:180, 185:265]), (256, 256))  # forehead and chin cut
+    r = pipeline.analyze(tight)
+    assert len(r.faces) == 1
+    f = r.faces[0]
+    assert f.evidence.quality.cut_by_frame and f.evidence.aus and f.top_emotion == "happiness"
+    from cem.config import Config
+    from cem.fer.stage import FERStage
+
+    off = FERStage(Config.load("default", faces__pad_retry=0.0))
+    assert off.measure(tight) == []  # without the padded retry the detectors miss it
+    off.close()

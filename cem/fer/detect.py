@@ -76,7 +76,8 @@ TILE_ASPECT = 1.5
 class FaceDetector:
     """MediaPipe face detection: ``short`` (faces within ~2 m), ``full`` (up to ~5 m) or ``both`` (merged)."""
 
-    def __init__(self, model: DetectorModel = "both", min_score: float = 0.5, nms_iou: float = 0.3) -> None:
+    def __init__(self, model: DetectorModel = "both", min_score: float = 0.5, nms_iou: float = 0.3,
+                 pad_retry: float = 0.25) -> None:
         import mediapipe as mp
 
         if model not in ("short", "full", "both"):
@@ -91,6 +92,7 @@ class FaceDetector:
             for d in self._detectors:  # the first inference prints start-up notes too
                 d.process(blank)
         self.nms_iou = nms_iou
+        self.pad_retry = pad_retry
 
     def _detect_tile(self, tile: np.ndarray, x0: int, y0: int) -> list[Detection]:
         h, w = tile.shape[:2]
@@ -109,7 +111,8 @@ class FaceDetector:
 
         The MediaPipe detectors squeeze the whole image into a 128 or 192 px square, so in a wide or tall
         image faces shrink below what they can find. Such images are also scanned in overlapping square
-        tiles (side = the short edge, 25 % overlap); detections are merged by score-ordered NMS.
+        tiles (side = the short edge, 25 % overlap); detections are merged by score-ordered NMS. When
+        nothing is found, the image is searched once more with a ``pad_retry`` margin (tight face crops).
         """
         h, w = rgb.shape[:2]
         found = self._detect_tile(rgb, 0, 0)
@@ -123,6 +126,14 @@ class FaceDetector:
                     found += self._detect_tile(np.ascontiguousarray(rgb[:, start : start + side]), start, 0)
                 else:
                     found += self._detect_tile(np.ascontiguousarray(rgb[start : start + side]), 0, start)
+        if not found and self.pad_retry > 0:
+            # a face that fills the frame (a tight, pre-cropped photo) has too little context for the
+            # detectors: look again with a replicated margin; boxes map back and may extend past the edge
+            import cv2
+
+            p = int(round(self.pad_retry * max(h, w)))
+            padded = cv2.copyMakeBorder(rgb, p, p, p, p, cv2.BORDER_REPLICATE)
+            found = self._detect_tile(np.ascontiguousarray(padded), -p, -p)
         kept: list[Detection] = []
         for d in sorted(found, key=lambda d: -d.score):
             if all(box_iou(d.bbox, k.bbox) < self.nms_iou and _inside(d.bbox, k.bbox) < 0.6 for k in kept):

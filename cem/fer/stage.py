@@ -42,7 +42,8 @@ class FERStage:
         self.last_timings: dict[str, float] = {}
         self.ref = load_reference()
         self.detector: Any = None  # created on first use: --faces whole never needs it
-        self._make_detector = lambda: FaceDetector(config.faces.detector, config.faces.min_score)
+        self._make_detector = lambda: FaceDetector(config.faces.detector, config.faces.min_score,
+                                                   pad_retry=config.faces.pad_retry)
         self.mesher = FaceMesher()
         self.expression = ExpressionModel.from_pretrained(config.expression.weights, config.expression.device)
         if list(self.expression.labels) != list(config.labels):
