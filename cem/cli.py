@@ -29,6 +29,17 @@ def main() -> None:
     os.environ.setdefault("GLOG_minloglevel", "2")
 
 
+def _build_pipeline(config):
+    """The pipeline for a run; a model or configuration that cannot be used ends the run with one clear
+    message and exit status 2, before any output is written."""
+    from cem.pipeline import Pipeline
+
+    try:
+        return Pipeline(config)
+    except Exception as e:
+        _fail(f"{type(e).__name__}: {e}")
+
+
 def _repair_jsonl(path: Path) -> set[str]:
     """Images already in ``path``; a half-written last line (crash) is cut off so appends stay valid."""
     done: set[str] = set()
@@ -135,12 +146,8 @@ def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: 
               "(or an openai server, which batches itself)")
     pipeline = None
     if workers == 1:
-        from cem.pipeline import Pipeline
 
-        try:
-            pipeline = Pipeline(config)
-        except Exception as e:  # configuration that cannot be used: a clear message and a non-zero exit
-            _fail(f"{type(e).__name__}: {e}")
+        pipeline = _build_pipeline(config)
         records = (pipeline.analyze(it.path, it.context).to_dict() for it in todo)
     else:
         from cem.parallel import analyze_parallel
@@ -189,13 +196,9 @@ def _annotate_videos(config, videos, output: Path, frames_path: Path | None, eve
     """Videos: stream frames through tracking; key moments -> OUTPUT, every frame -> --frames."""
     from cem.fer.aus import AU_NAMES
     from cem.io import JsonlWriter
-    from cem.pipeline import Pipeline
     from cem.video import FrameTableWriter, VideoError, frame_columns, frame_count, frame_rows
 
-    try:
-        pipeline = Pipeline(config)
-    except Exception as e:
-        _fail(f"{type(e).__name__}: {e}")
+    pipeline = _build_pipeline(config)
     done = _repair_jsonl(output) if resume else set()
     table = FrameTableWriter(frames_path, frame_columns(config.labels, list(AU_NAMES))) if frames_path else None
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from cem.eval import js_divergence
 from cem.schema import ActionUnit, FaceEvidence
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm"})
@@ -105,13 +106,6 @@ def iter_frames(path: str, every: int | None = None, fps: float | None = None) -
         cap.release()
     if i == 0:
         raise VideoError(f"{path}: no frame could be decoded")
-
-
-def js_bits(p: np.ndarray, q: np.ndarray) -> float:
-    p, q = np.clip(p, 1e-12, None), np.clip(q, 1e-12, None)
-    p, q = p / p.sum(), q / q.sum()
-    m = (p + q) / 2
-    return float(0.5 * (p * np.log2(p / m)).sum() + 0.5 * (q * np.log2(q / m)).sum())
 
 
 @dataclass
@@ -262,7 +256,7 @@ def track_video(stage: Any, path: str, labels: list[str], opts: VideoOptions) ->
             base = tr.baseline(opts.baseline_min)
             rel = {k: max(0.0, v.intensity - base.get(k, 0.0)) for k, v in smooth_aus.items()} if base else None
             tr.history.append((t, {k: v.intensity for k, v in smooth_aus.items()}, tr.expression.copy()))
-            change = 0.0 if tr.last_key_expr is None else js_bits(tr.expression, tr.last_key_expr)
+            change = 0.0 if tr.last_key_expr is None else js_divergence(tr.expression[None], tr.last_key_expr[None])
             key_reason = None
             if tr.last_key_t is None:
                 key_reason = "first appearance"

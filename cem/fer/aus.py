@@ -112,9 +112,11 @@ def intensity_from_score(score: np.ndarray | float) -> np.ndarray:
     return 5.0 * (1.0 - np.exp(-np.logaddexp(0.0, s) / _SPREAD))
 
 
-def measurement_z(landmarks: np.ndarray, ref: Reference) -> np.ndarray:
-    """Robust neutral z-scores of the base measurements for one mesh in image pixels."""
-    front, _ = frontalize(landmarks, ref)
+def measurement_z(landmarks: np.ndarray, ref: Reference, front: np.ndarray | None = None) -> np.ndarray:
+    """Robust neutral z-scores of the base measurements for one mesh in image pixels (``front``: the
+    mesh already frontalised by the caller, so the alignment is not computed twice)."""
+    if front is None:
+        front, _ = frontalize(landmarks, ref)
     m = base_measurements(front)
     values = np.array([m[n] for n in ref.measure_names])
     return (values - ref.measure_center) / ref.measure_scale
@@ -130,9 +132,9 @@ def au_scores(z: np.ndarray, ref: Reference) -> dict[str, float]:
     return out
 
 
-def estimate_aus(landmarks: np.ndarray, ref: Reference) -> dict[str, ActionUnit]:
-    """AU intensities and presence for one mesh (478, 3) in image pixels."""
-    scores = au_scores(measurement_z(landmarks, ref), ref)
+def estimate_aus(landmarks: np.ndarray, ref: Reference, front: np.ndarray | None = None) -> dict[str, ActionUnit]:
+    """AU intensities and presence for one mesh (478, 3) in image pixels (``front``: see measurement_z)."""
+    scores = au_scores(measurement_z(landmarks, ref, front), ref)
     out = {}
     for code, s in scores.items():
         i = float(intensity_from_score(s))

@@ -107,9 +107,9 @@ class FERStage:
             pose = None
             aus = {}
             if mesh is not None:
-                _, rot = frontalize(mesh, self.ref)
+                front, rot = frontalize(mesh, self.ref)  # once: pose and AUs share the alignment
                 pose = Pose(*pose_from_rotation(rot))
-                aus = estimate_aus(mesh, self.ref)
+                aus = estimate_aus(mesh, self.ref, front)
             quality = assess(gray, bbox, pose, self.config.faces.min_face_px, mesh_failed=mesh is None)
             p = np.array([probs[i, label_index[lab]] for lab in self.labels])
             p = p / p.sum()
