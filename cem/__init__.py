@@ -12,9 +12,10 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from cem.config import Config
     from cem.pipeline import Pipeline
-    from cem.schema import FaceResult, ImageResult
+    from cem.contract import FaceResult, ImageResult
+    from cem.results import read_results
 
-__all__ = ["Pipeline", "Config", "ImageResult", "FaceResult", "__version__"]
+__all__ = ["Pipeline", "Config", "ImageResult", "FaceResult", "read_results", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -27,7 +28,11 @@ def __getattr__(name: str) -> Any:
 
         return Config
     if name in ("ImageResult", "FaceResult"):
-        from cem import schema
+        from cem import contract
 
-        return getattr(schema, name)
+        return getattr(contract, name)
+    if name == "read_results":
+        from cem.results import read_results
+
+        return read_results
     raise AttributeError(f"module 'cem' has no attribute {name!r}")

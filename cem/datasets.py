@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-FERPLUS_LABELS = ("neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt")
+from cem.contract import FERPLUS_LABELS
+
+__all__ = ["FERPLUS_LABELS", "FerPlus", "load_ferplus", "shared_data_dir"]
 MIN_EMOTION_VOTES = 5
 
 

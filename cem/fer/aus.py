@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cem.fer.geometry import Reference, frontalize
-from cem.schema import ActionUnit
+from cem.contract import AU_NAMES, ActionUnit
 
 # Mesh indices (MediaPipe face mesh topology). "Right" is the subject's right (image left).
 _BROW_INNER = [107, 55, 336, 285]
@@ -75,31 +75,34 @@ MEASUREMENT_NAMES: tuple[str, ...] = tuple(base_measurements(np.zeros((478, 3)))
 @dataclass(frozen=True)
 class AUDefinition:
     code: str
-    name: str  # FACS name
     weights: dict[str, float]  # base measurement -> weight on its neutral z-score
+
+    @property
+    def name(self) -> str:
+        """FACS name, from the registry in :mod:`cem.contract`."""
+        return AU_NAMES[self.code]
 
 
 AU_DEFINITIONS: tuple[AUDefinition, ...] = (
-    AUDefinition("AU01", "inner brow raiser", {"brow_inner_height": 1.0, "brow_oblique": 0.5}),
-    AUDefinition("AU02", "outer brow raiser", {"brow_outer_height": 1.0}),
-    AUDefinition("AU04", "brow lowerer", {"brow_height": -1.0, "brow_gap": -0.5}),
-    AUDefinition("AU05", "upper lid raiser", {"upper_lid_raise": 1.0, "eye_aperture": 0.5}),
-    AUDefinition("AU06", "cheek raiser", {"cheek_height": 1.0, "nasolabial_height": 1.0, "lower_lid_height": 0.5}),
-    AUDefinition("AU07", "lid tightener", {"lower_lid_height": 1.0, "eye_aperture": -0.5}),
-    AUDefinition("AU09", "nose wrinkler", {"ala_height": 0.5, "upper_lip_height": 1.0, "brow_inner_height": -1.0}),
-    AUDefinition("AU10", "upper lip raiser", {"upper_lip_height": 1.0, "lip_gap": 0.3}),
-    AUDefinition("AU12", "lip corner puller", {"mouth_width": 1.0, "corner_vs_center": 1.0, "corner_depth": 0.5}),
-    AUDefinition("AU14", "dimpler", {"corner_depth": 1.0, "corner_vs_center": -0.5}),
-    AUDefinition("AU15", "lip corner depressor", {"corner_vs_center": -1.0, "corner_height": -0.5}),
-    AUDefinition("AU17", "chin raiser", {"chin_to_lip": -1.0}),
-    AUDefinition("AU20", "lip stretcher", {"mouth_width": 1.0, "corner_vs_center": -0.5}),
-    AUDefinition("AU23", "lip tightener", {"lip_thickness": -1.0, "mouth_width": -0.3}),
-    AUDefinition("AU24", "lip pressor", {"lip_thickness": -1.0, "lip_gap": -0.5}),
-    AUDefinition("AU25", "lips part", {"lip_gap": 1.0}),
-    AUDefinition("AU26", "jaw drop", {"lower_lip_drop": 1.0, "lip_gap": 1.0, "jaw_drop": 0.5}),
-    AUDefinition("AU43", "eyes closed", {"eye_aperture": -1.0, "upper_lid_raise": -0.5}),
+    AUDefinition("AU01", {"brow_inner_height": 1.0, "brow_oblique": 0.5}),
+    AUDefinition("AU02", {"brow_outer_height": 1.0}),
+    AUDefinition("AU04", {"brow_height": -1.0, "brow_gap": -0.5}),
+    AUDefinition("AU05", {"upper_lid_raise": 1.0, "eye_aperture": 0.5}),
+    AUDefinition("AU06", {"cheek_height": 1.0, "nasolabial_height": 1.0, "lower_lid_height": 0.5}),
+    AUDefinition("AU07", {"lower_lid_height": 1.0, "eye_aperture": -0.5}),
+    AUDefinition("AU09", {"ala_height": 0.5, "upper_lip_height": 1.0, "brow_inner_height": -1.0}),
+    AUDefinition("AU10", {"upper_lip_height": 1.0, "lip_gap": 0.3}),
+    AUDefinition("AU12", {"mouth_width": 1.0, "corner_vs_center": 1.0, "corner_depth": 0.5}),
+    AUDefinition("AU14", {"corner_depth": 1.0, "corner_vs_center": -0.5}),
+    AUDefinition("AU15", {"corner_vs_center": -1.0, "corner_height": -0.5}),
+    AUDefinition("AU17", {"chin_to_lip": -1.0}),
+    AUDefinition("AU20", {"mouth_width": 1.0, "corner_vs_center": -0.5}),
+    AUDefinition("AU23", {"lip_thickness": -1.0, "mouth_width": -0.3}),
+    AUDefinition("AU24", {"lip_thickness": -1.0, "lip_gap": -0.5}),
+    AUDefinition("AU25", {"lip_gap": 1.0}),
+    AUDefinition("AU26", {"lower_lip_drop": 1.0, "lip_gap": 1.0, "jaw_drop": 0.5}),
+    AUDefinition("AU43", {"eye_aperture": -1.0, "upper_lid_raise": -0.5}),
 )
-AU_NAMES: dict[str, str] = {d.code: d.name for d in AU_DEFINITIONS}
 
 PRESENCE_THRESHOLD = 1.0
 _OFFSET = 2.0
