@@ -194,6 +194,7 @@ def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: 
 def _annotate_videos(config, videos, output: Path, frames_path: Path | None, every: int | None,
                      fps: float | None, context: str | None, resume: bool) -> None:
     """Videos: stream frames through tracking; key moments -> OUTPUT, every frame -> --frames."""
+    from cem.contract import error_record
     from cem.fer.aus import AU_NAMES
     from cem.io import JsonlWriter
     from cem.video import FrameTableWriter, VideoError, frame_columns, frame_count, frame_rows
@@ -224,8 +225,7 @@ def _annotate_videos(config, videos, output: Path, frames_path: Path | None, eve
                         writer.write(rec)
                         n_moments += 1
             except VideoError as e:
-                writer.write({"image": it.path, "width": None, "height": None, "faces": [], "error": str(e),
-                              "provenance": pipeline._provenance({}).to_dict()})
+                writer.write(error_record(it.path, str(e), pipeline._provenance({}), it.context or context))
                 click.echo(f"cem: {e}", err=True)
                 continue
             finally:
@@ -279,11 +279,33 @@ def models() -> None:
 
 
 @main.command("schema")
-def schema_cmd() -> None:
-    """Print the JSON Schema of one output record."""
-    from cem.schema import RECORD_JSON_SCHEMA
+@click.option("--kind", type=click.Choice(["image", "moment", "error", "frame"]), default="image", show_default=True,
+              help="image: one record per image; moment: one per video key moment; error: an input that could "
+                   "not be read; frame: one row of the video frame table.")
+def schema_cmd(kind: str) -> None:
+    """Print the JSON Schema of one output record (generated from cem.contract)."""
+    from cem.contract import json_schema
 
-    click.echo(json.dumps(RECORD_JSON_SCHEMA, indent=2))
+    click.echo(json.dumps(json_schema(kind), indent=2))
+
+
+@main.command("table")
+@click.argument("results", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Table to write: .csv or .parquet (one row per face; see docs/output.md).")
+def table_cmd(results: str, output: str) -> None:
+    """Write the per-face table of RESULTS (a cem JSONL): the same JSONL always gives the same bytes."""
+    from cem.results import write_table
+
+    try:
+        summary = write_table(results, output)
+    except (ValueError, OSError) as e:
+        _fail(str(e))
+    if summary.skipped_lines:
+        lines = ", ".join(map(str, summary.skipped_lines[:20])) + (", ..." if len(summary.skipped_lines) > 20 else "")
+        click.echo(f"cem: {results}: skipped {len(summary.skipped_lines)} line(s) that are not valid records "
+                   f"(line {lines})", err=True)
+    click.echo(f"cem: {summary.rows} rows ({summary.images} images) -> {output}", err=True)
 
 
 @main.command("eval")

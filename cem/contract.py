@@ -43,7 +43,8 @@ __all__ = [
     "Pose", "Quality", "ActionUnit", "Cue", "Provenance", "FaceEvidence", "FaceResult", "ImageResult",
     "FaceRecord", "ImageRecord", "MomentRecord", "ErrorRecord", "FrameRow", "RecordError", "RECORD_KINDS",
     "RECORD_FIELDS", "BBOX_COLUMNS", "json_schema", "validate_record", "record_kind", "error_record",
-    "moment_record", "face_rows", "cue_rows", "frame_row", "frame_columns", "column_groups",
+    "moment_record", "face_rows", "cue_rows", "frame_row", "frame_columns", "column_groups", "order_columns",
+    "CUE_COLUMNS", "IMAGE_COLUMNS", "POSE_COLUMNS", "QUALITY_COLUMNS", "DISTRIBUTION_TOLERANCE",
 ]
 
 # ---------------------------------------------------------------------------------------------- registries

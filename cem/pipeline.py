@@ -184,6 +184,7 @@ class Pipeline:
         ``every``: process every Nth frame; ``fps``: sample at that rate; ``options``: a
         :class:`cem.video.VideoOptions` for tracking, smoothing and key-moment settings.
         """
+        from cem.contract import moment_record
         from cem.video import VideoOptions, track_video
 
         opts = options or VideoOptions()
@@ -202,13 +203,11 @@ class Pipeline:
                 m = (name, vf.rgb, evidence, timings, None)
                 (answers, err), = self._reason([m], [context])
                 result = self._finish(*m, answers, err)
-                for face, tf in zip(result.to_dict()["faces"], keys):
-                    face["track_id"] = tf.track_id
-                    vf.moments.append({
-                        "image": name, "video": name, "frame": vf.frame, "time": round(vf.time, 4),
-                        "track_id": tf.track_id, "t_start": round(tf.t_start, 4), "t_end": round(vf.time, 4),
-                        "key_reason": tf.key_reason, "width": vf.width, "height": vf.height, "faces": [face],
-                        "error": None, "provenance": result.provenance.to_dict()})
+                result.context = context
+                for face, tf in zip(result.faces, keys):
+                    vf.moments.append(moment_record(
+                        result, face, video=name, frame=vf.frame, time=vf.time, track_id=tf.track_id,
+                        t_start=tf.t_start, key_reason=tf.key_reason))
             vf.rgb = None  # do not hold decoded frames beyond this step
             yield vf
 

@@ -1,0 +1,214 @@
+"""Results as pandas DataFrames: one row per face, read from a cem JSONL, with column groups.
+
+```python
+import cem
+
+df = cem.read_results("out.jsonl")        # one row per face; an image without faces is one row too
+df.cem.emotion                            # fused emotion distribution (columns: labels)
+df.cem.aus, df.cem.au_presence            # AU intensities (0-5) and presence flags (columns: AU codes)
+df.cem.expression, df.cem.pose, df.cem.bbox, df.cem.quality, df.cem.info
+cues = cem.results.read_cues("out.jsonl")  # one row per cue, with image and face_index
+```
+
+The columns are the flat projection of the record types in :mod:`cem.contract` (see ``docs/output.md``).
+Every record is validated against the contract as it is read; a line that is not a valid record is skipped
+with a :class:`CorruptLinesWarning` that names the file, how many lines and which. :func:`write_table`
+writes the same table as CSV or Parquet, byte for byte the same for the same JSONL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cem.contract import CUE_COLUMNS, RecordError, column_groups, cue_rows, face_rows, order_columns, validate_record
+
+__all__ = ["read_results", "read_cues", "write_table", "read_records", "CorruptLinesWarning", "TableSummary",
+           "CemAccessor"]
+
+
+class CorruptLinesWarning(UserWarning):
+    """Lines of a results file that are not valid records (they were skipped)."""
+
+
+@dataclass
+class ReadReport:
+    """What reading a results file skipped: (line number, why) per bad line."""
+
+    path: str
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+
+    def message(self) -> str:
+        lines = ", ".join(str(n) for n, _ in self.skipped[:20]) + (", ..." if len(self.skipped) > 20 else "")
+        first = self.skipped[0][1]
+        return (f"{self.path}: skipped {len(self.skipped)} line(s) that are not valid cem records "
+                f"(line {lines}); first: {first}")
+
+
+def read_records(path: str | os.PathLike, report: ReadReport | None = None) -> Iterator[dict[str, Any]]:
+    """Valid records of a JSONL file, as written (dicts). Lines that are not JSON objects or do not satisfy
+    the contract are skipped and listed in ``report`` (blank lines are ignored)."""
+    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+        for n, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                validate_record(rec)
+            except json.JSONDecodeError as e:
+                if report is not None:
+                    report.skipped.append((n, f"line {n}: not JSON ({e.msg})"))
+                continue
+            except RecordError as e:
+                if report is not None:
+                    report.skipped.append((n, f"line {n}: {e}"))
+                continue
+            yield rec
+
+
+def _read_rows(path: str | os.PathLike, project: Callable[[dict[str, Any]], list[dict[str, Any]]]
+               ) -> tuple[list[dict[str, Any]], ReadReport]:
+    report = ReadReport(os.fspath(path))
+    rows = [row for rec in read_records(path, report) for row in project(rec)]
+    if report.skipped:
+        warnings.warn(report.message(), CorruptLinesWarning, stacklevel=3)
+    return rows, report
+
+
+def _frame(rows: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
+    """A DataFrame with nullable dtypes chosen from the values as read: bool -> boolean, int -> Int64,
+    numbers -> float64, text -> object; so a column keeps its type when some rows (images without faces)
+    have no value."""
+    data: dict[str, pd.Series] = {}
+    for col in columns:
+        raw = [r.get(col) for r in rows]
+        values = [v for v in raw if v is not None]
+        dtype: str = "object"
+        if values and all(isinstance(v, bool) for v in values):
+            dtype = "boolean"
+        elif values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            dtype = "Int64"
+        elif values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            dtype = "float64"
+        data[col] = pd.Series(raw, dtype=dtype)
+    return pd.DataFrame(data, columns=columns)
+
+
+def read_results(path: str | os.PathLike) -> pd.DataFrame:
+    """The records of a cem JSONL as a DataFrame, one row per face (image and provenance fields repeated).
+
+    An image without faces (an error, or no face found) is one row with missing face columns and its
+    ``error``, so no input is invisible. Columns: see :func:`cem.contract.order_columns`; groups through
+    the ``df.cem`` accessor. ``df.attrs["skipped_lines"]`` lists lines that were skipped (also warned).
+    """
+    rows, report = _read_rows(path, face_rows)
+    columns = order_columns(k for r in rows for k in r)
+    df = _frame(rows, columns)
+    df.attrs["source"] = os.fspath(path)
+    df.attrs["skipped_lines"] = [n for n, _ in report.skipped]
+    return df
+
+
+def read_cues(path: str | os.PathLike) -> pd.DataFrame:
+    """One row per cue of every face: image, face_index, cue, source, au, supports, weight, grounding, role."""
+    rows, report = _read_rows(path, cue_rows)
+    df = _frame(rows, list(CUE_COLUMNS))
+    df.attrs["skipped_lines"] = [n for n, _ in report.skipped]
+    return df
+
+
+@dataclass
+class TableSummary:
+    """What :func:`write_table` wrote: rows, the images they came from and the lines skipped."""
+
+    path: str
+    rows: int
+    images: int
+    skipped_lines: list[int]
+
+
+def write_table(jsonl_path: str | os.PathLike, out_path: str | os.PathLike) -> TableSummary:
+    """Write the per-face table of ``jsonl_path`` to ``out_path``: CSV (``.csv``) or Parquet (``.parquet``,
+    needs pyarrow). The same JSONL always gives the same bytes. The file is replaced only once it is
+    complete. Corrupt lines are skipped (see :func:`read_results`) and counted in the summary."""
+    out = Path(out_path)
+    suffix = out.suffix.lower()
+    if suffix not in (".csv", ".parquet"):
+        raise ValueError(f"{out}: the table must end in .csv or .parquet")
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always", CorruptLinesWarning)
+        df = read_results(jsonl_path)
+    tmp = out.with_name(f".{out.name}.part")
+    try:
+        if suffix == ".csv":
+            df.to_csv(tmp, index=False, lineterminator="\n", encoding="utf-8", errors="surrogateescape")
+        else:
+            try:
+                import pyarrow  # noqa: F401
+            except ImportError:
+                raise ValueError(f"{out}: Parquet tables need pyarrow (pip install pyarrow); or use .csv") from None
+            df.to_parquet(tmp, index=False)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return TableSummary(os.fspath(out), len(df), int(df["image"].nunique()) if len(df) else 0,
+                        list(df.attrs["skipped_lines"]))
+
+
+@pd.api.extensions.register_dataframe_accessor("cem")
+class CemAccessor:
+    """Column groups of a face table (``df.cem.<group>``), in the spirit of Py-Feat's ``Fex``.
+
+    ``aus`` (intensities) and ``au_presence`` (booleans) have the AU codes as columns; ``expression`` and
+    ``emotion`` have the labels; ``pose``, ``bbox``, ``quality`` and ``info`` (image-level and provenance
+    fields) keep their column names.
+    """
+
+    def __init__(self, df: pd.DataFrame) -> None:
+        self._df = df
+
+    def _group(self, name: str, strip_prefix: str = "", strip_suffix: str = "") -> pd.DataFrame:
+        cols = column_groups(list(self._df.columns))[name]
+        out = self._df[cols]
+        if strip_prefix or strip_suffix:
+            out = out.rename(columns=lambda c: c.removeprefix(strip_prefix).removesuffix(strip_suffix))
+        return out
+
+    @property
+    def aus(self) -> pd.DataFrame:
+        return self._group("aus")
+
+    @property
+    def au_presence(self) -> pd.DataFrame:
+        return self._group("au_presence", strip_suffix="_present")
+
+    @property
+    def expression(self) -> pd.DataFrame:
+        return self._group("expression", strip_prefix="expression_")
+
+    @property
+    def emotion(self) -> pd.DataFrame:
+        return self._group("emotion", strip_prefix="emotion_")
+
+    @property
+    def pose(self) -> pd.DataFrame:
+        return self._group("pose")
+
+    @property
+    def bbox(self) -> pd.DataFrame:
+        return self._group("bbox")
+
+    @property
+    def quality(self) -> pd.DataFrame:
+        return self._group("quality")
+
+    @property
+    def info(self) -> pd.DataFrame:
+        return self._group("info")
