@@ -11,8 +11,8 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from cem.config import Config
-    from cem.pipeline import Pipeline
     from cem.contract import FaceResult, ImageResult
+    from cem.pipeline import Pipeline
     from cem.results import read_results
 
 __all__ = ["Pipeline", "Config", "ImageResult", "FaceResult", "read_results", "__version__"]

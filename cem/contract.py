@@ -127,7 +127,6 @@ _CONFIG = ConfigDict(
     arbitrary_types_allowed=True,  # numpy landmark arrays on FaceEvidence
     json_schema_serialization_defaults_required=True,  # a field with a default is still always written
 )
-_RECORD_CONFIG = ConfigDict(_CONFIG, extra="forbid")
 
 
 def _omit_none(v: Any) -> bool:
@@ -349,7 +348,7 @@ class ImageRecord(BaseModel):
     """One JSONL record of ``cem annotate`` for an image. Columns of a CSV manifest are carried through
     as extra top-level fields (scalars)."""
 
-    model_config = ConfigDict(_CONFIG, extra="allow", title="cem image record")
+    model_config = ConfigDict(**_CONFIG, extra="allow", title="cem image record")
     __pydantic_extra__: dict[str, _Scalar] = Field(init=False)
 
     image: str = Field(description="the input as given (a path, or <array WxH> for arrays)")
@@ -379,7 +378,7 @@ class MomentRecord(ImageRecord):
     track_id: NonNegInt
     t_start: Seconds = Field(description="time of this track's previous key moment (or of this one)")
     t_end: Seconds
-    key_reason: str = Field(description="first appearance | expression change (JS x bits) | interval")
+    key_reason: str = Field(min_length=1, description="first appearance | expression change (JS x bits) | interval")
     faces: list[FaceRecord] = Field(min_length=1, max_length=1)
 
 
@@ -401,7 +400,7 @@ _FRAME_HEAD: dict[str, Any] = {
 FrameRow: type[BaseModel] = create_model(  # one row of the video frame table (--frames)
     "FrameRow",
     __config__=ConfigDict(
-        _CONFIG, extra="allow", title="cem video frame row",
+        **_CONFIG, extra="allow", title="cem video frame row",
         json_schema_extra={"description": "Then one column per AU (intensity), per AU relative to the track's "
                                           "neutral baseline (AUxx_rel) and per label (expression_<label>).",
                            "patternProperties": {r"^AU[0-9]{2}(_rel)?$|^expression_.+$":

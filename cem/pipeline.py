@@ -207,7 +207,7 @@ class Pipeline:
                 for face, tf in zip(result.faces, keys):
                     vf.moments.append(moment_record(
                         result, face, video=name, frame=vf.frame, time=vf.time, track_id=tf.track_id,
-                        t_start=tf.t_start, key_reason=tf.key_reason))
+                        t_start=tf.t_start, key_reason=tf.key_reason or ""))
             vf.rgb = None  # do not hold decoded frames beyond this step
             yield vf
 

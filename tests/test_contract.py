@@ -245,7 +245,9 @@ def test_write_table_is_byte_stable_and_matches_read_results(pipeline, astronaut
     assert back.columns.tolist() == df.columns.tolist()
     assert np.allclose(back[df.cem.emotion.columns.map("emotion_{}".format)].to_numpy(float),
                        df.filter(like="emotion_").to_numpy(float), equal_nan=True)
-    r = CliRunner().invoke(__import__("cem.cli", fromlist=["main"]).main, ["table", str(path), "-o", str(tmp_path / "c.csv")])
+    from cem.cli import main
+
+    r = CliRunner().invoke(main, ["table", str(path), "-o", str(tmp_path / "c.csv")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "c.csv").read_bytes() == a.read_bytes()
     pytest.importorskip("pyarrow")

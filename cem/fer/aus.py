@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cem.fer.geometry import Reference, frontalize
 from cem.contract import AU_NAMES, ActionUnit
+from cem.fer.geometry import Reference, frontalize
 
 # Mesh indices (MediaPipe face mesh topology). "Right" is the subject's right (image left).
 _BROW_INNER = [107, 55, 336, 285]
