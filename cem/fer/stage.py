@@ -114,7 +114,8 @@ class FERStage:
             p = np.array([probs[i, label_index[lab]] for lab in self.labels])
             p = p / p.sum()
             out.append(FaceEvidence(
-                index=i, bbox=tuple(float(v) for v in bbox), detection_score=float(score), pose=pose,
+                index=i, bbox=(float(bbox[0]), float(bbox[1]), float(bbox[2]), float(bbox[3])),
+                detection_score=float(score), pose=pose,
                 quality=quality, aus=aus, expression=dict(zip(self.labels, p.tolist())), landmarks=mesh,
                 position=_position(bbox[0] + bbox[2] / 2, w),
             ))

@@ -100,7 +100,7 @@ class RulesReasoner:
                          f"is matched strongly, so the face reads as mostly neutral.")
         else:
             cited = ", ".join(f"{c.au} ({AU_NAMES[c.au]}, {face.aus[c.au].intensity:.1f})"
-                              for c in cues if c.supports == top)
+                              for c in cues if c.supports == top and c.au)
             rationale = f"{cited} match the EMFACS prototype of {top}." if cited else (
                 f"The AU pattern leans towards {top}.")
         return FaceReasoning(index=face.index, distribution=dist, cues=cues, rationale=rationale)
