@@ -99,7 +99,8 @@ Intensity = Annotated[_Intensity, _round_to(3, _Intensity)]
 Weight = Annotated[_Prob, _round_to(3, _Prob)]
 Blur = Annotated[_Prob, _round_to(3, _Prob)]
 Milliseconds = Annotated[float, _round_to(2, float)]
-Seconds = Annotated[float, Field(ge=0.0), _round_to(4, float)]
+_Sec = Annotated[float, Field(ge=0.0)]
+Seconds = Annotated[_Sec, _round_to(4, _Sec)]
 AUCode = Annotated[str, Field(pattern=AU_KEY_PATTERN)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PosInt = Annotated[int, Field(ge=1)]
@@ -193,7 +194,7 @@ class Cue:
     role: CueRole = "for"
 
     @model_serializer(mode="wrap")
-    def _ordered(self, handler: Any) -> Any:
+    def _ordered(self, handler):  # unannotated on purpose: an annotated return type would replace the schema
         d = handler(self)
         return {k: d[k] for k in _CUE_ORDER if k in d}
 

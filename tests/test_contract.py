@@ -293,6 +293,18 @@ def test_schema_command_prints_each_generated_schema():
     assert RECORD_JSON_SCHEMA == json_schema("image")
 
 
+def test_generated_schemas_describe_every_field():
+    for kind in ("image", "moment", "error", "frame"):
+        schema = json_schema(kind)
+        for name, sub in {kind: schema, **schema.get("$defs", {})}.items():
+            assert sub.get("properties"), f"{kind}: {name} has no properties in its schema"
+    cue = json_schema("image")["$defs"]["Cue"]
+    assert cue["required"] == ["cue", "source", "supports", "weight", "au", "grounding", "role"]
+    assert cue["properties"]["role"]["enum"] == ["for", "alternative", "against"]
+    face = json_schema("moment")["$defs"]["FaceRecord"]
+    assert "landmarks" in face["properties"] and "landmarks" not in face["required"]
+
+
 def test_one_label_registry_and_one_au_registry():
     import cem.datasets
     from cem.config import Config
@@ -305,6 +317,14 @@ def test_one_label_registry_and_one_au_registry():
     assert aus.AU_DEFINITIONS[0].name == "inner brow raiser"
     schema = json.dumps(json_schema("image"))
     assert "^AU[0-9]{2}$" in schema
+
+
+def test_docs_output_page_is_generated_from_the_contract():
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "docs" / "gen_output.py"
+    r = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
 
 
 def test_import_cem_does_not_import_pandas():
