@@ -42,7 +42,8 @@ __all__ = [
     "FERPLUS_LABELS", "AU_NAMES", "AU_DESCRIPTIONS", "AU_KEY_PATTERN", "CueSource", "Grounding", "CueRole",
     "Pose", "Quality", "ActionUnit", "Cue", "Provenance", "FaceEvidence", "FaceResult", "ImageResult",
     "FaceRecord", "ImageRecord", "MomentRecord", "ErrorRecord", "FrameRow", "RecordError", "RECORD_KINDS",
-    "RECORD_FIELDS", "BBOX_COLUMNS", "json_schema", "validate_record", "record_kind", "error_record",
+    "RECORD_FIELDS", "BBOX_COLUMNS", "DECIMALS", "rounded", "json_schema", "validate_record", "record_kind",
+    "error_record",
     "moment_record", "face_rows", "cue_rows", "frame_row", "frame_columns", "column_groups", "order_columns",
     "CUE_COLUMNS", "IMAGE_COLUMNS", "POSE_COLUMNS", "QUALITY_COLUMNS", "DISTRIBUTION_TOLERANCE",
 ]
@@ -85,22 +86,36 @@ CueRole = Literal["for", "alternative", "against"]
 # Every float is finite (``allow_inf_nan=False`` in the shared config); the serializer is the rounding written.
 
 
-def _round_to(nd: int, base: Any) -> PlainSerializer:
+DECIMALS: dict[str, int] = {
+    "px": 1, "score": 4, "degrees": 2, "probability": 5, "intensity": 3, "weight": 3, "blur": 3, "ms": 2,
+    "seconds": 4, "landmark": 2,
+}
+"""Decimals written for each kind of number (records and tables alike)."""
+
+
+def rounded(kind: str, v: float) -> float:
+    """``v`` rounded as cem writes a number of ``kind`` (see :data:`DECIMALS`)."""
+    return float(round(float(v), DECIMALS[kind]))
+
+
+def _round_to(kind: str, base: Any) -> PlainSerializer:
+    nd = DECIMALS[kind]
     return PlainSerializer(lambda v: float(round(float(v), nd)), return_type=base, when_used="always")
 
 
 _Prob = Annotated[float, Field(ge=0.0, le=1.0)]
-_Px = Annotated[float, _round_to(1, float)]
-Score = Annotated[_Prob, _round_to(4, _Prob)]
-Degrees = Annotated[float, _round_to(2, float)]
-Probability = Annotated[_Prob, _round_to(5, _Prob)]
+_Px = Annotated[float, _round_to("px", float)]
+Score = Annotated[_Prob, _round_to("score", _Prob)]
+Degrees = Annotated[float, _round_to("degrees", float)]
+Probability = Annotated[_Prob, _round_to("probability", _Prob)]
 _Intensity = Annotated[float, Field(ge=0.0, le=5.0)]
-Intensity = Annotated[_Intensity, _round_to(3, _Intensity)]
-Weight = Annotated[_Prob, _round_to(3, _Prob)]
-Blur = Annotated[_Prob, _round_to(3, _Prob)]
-Milliseconds = Annotated[float, _round_to(2, float)]
+Intensity = Annotated[_Intensity, _round_to("intensity", _Intensity)]
+Weight = Annotated[_Prob, _round_to("weight", _Prob)]
+Blur = Annotated[_Prob, _round_to("blur", _Prob)]
+Milliseconds = Annotated[float, _round_to("ms", float)]
 _Sec = Annotated[float, Field(ge=0.0)]
-Seconds = Annotated[_Sec, _round_to(4, _Sec)]
+Seconds = Annotated[_Sec, _round_to("seconds", _Sec)]
+_Landmark = Annotated[float, _round_to("landmark", float)]
 AUCode = Annotated[str, Field(pattern=AU_KEY_PATTERN)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PosInt = Annotated[int, Field(ge=1)]
@@ -121,13 +136,16 @@ Distribution = Annotated[dict[str, Probability], AfterValidator(_is_distribution
 BBOX_COLUMNS: tuple[str, str, str, str] = ("x", "y", "w", "h")
 BBox = Annotated[tuple[_Px, _Px, Annotated[_Px, Field(ge=0)], Annotated[_Px, Field(ge=0)]],
                  Field(description="x, y, w, h in pixels of the upright (EXIF-corrected) image")]
-Point3 = tuple[Degrees, Degrees, Degrees]  # landmarks: pixels (x, y) and depth (z, same scale), to 0.01
+Point3 = tuple[_Landmark, _Landmark, _Landmark]  # landmarks: pixels (x, y) and depth (z, same scale)
 
 _CONFIG = ConfigDict(
     allow_inf_nan=False,  # NaN/inf anywhere is a validation error
     arbitrary_types_allowed=True,  # numpy landmark arrays on FaceEvidence
     json_schema_serialization_defaults_required=True,  # a field with a default is still always written
 )
+# the small parts are checked again (and copied) wherever they are used: one changed after its construction
+# cannot slip into a record
+_PART_CONFIG = ConfigDict(**_CONFIG, revalidate_instances="always")
 
 
 def _omit_none(v: Any) -> bool:
@@ -137,7 +155,7 @@ def _omit_none(v: Any) -> bool:
 # ---------------------------------------------------------------------------------------------- stage types
 
 
-@dataclass(config=_CONFIG)
+@dataclass(config=_PART_CONFIG)
 class Pose:
     """Head pose in degrees. yaw > 0: face turned towards the image's right (the subject's left);
     pitch > 0: face tilted up; roll > 0: head tilted clockwise in the image."""
@@ -150,7 +168,7 @@ class Pose:
         return _dump(Pose, self)
 
 
-@dataclass(config=_CONFIG)
+@dataclass(config=_PART_CONFIG)
 class Quality:
     """Face quality flags: faces are flagged, never silently dropped."""
 
@@ -165,7 +183,7 @@ class Quality:
         return _dump(Quality, self)
 
 
-@dataclass(config=_CONFIG)
+@dataclass(config=_PART_CONFIG)
 class ActionUnit:
     """One action unit estimate: intensity on the FACS-like 0-5 scale and a presence flag."""
 
@@ -179,7 +197,7 @@ class ActionUnit:
 _CUE_ORDER = ("cue", "source", "au", "supports", "weight", "grounding", "role")
 
 
-@dataclass(config=_CONFIG)
+@dataclass(config=_PART_CONFIG)
 class Cue:
     """One cue of a rationale and the emotion it supports. ``grounding`` is set by the fuse stage;
     ``role`` says whether the cue argues for the face's final ``top_emotion`` ("for"), for another label
@@ -202,7 +220,7 @@ class Cue:
         return _dump(Cue, self)
 
 
-@dataclass(config=_CONFIG)
+@dataclass(config=_PART_CONFIG)
 class Provenance:
     """Where a record came from: versions, config, reasoner, model, prompt template, timings (ms)."""
 
@@ -283,11 +301,10 @@ class FaceResult:
     def to_record(self, landmarks: bool = False, track_id: int | None = None) -> FaceRecord:
         """This face as written; ``landmarks`` adds the mesh (when it was measured)."""
         ev = self.evidence
-        # parts are dumped and validated again: one changed after construction cannot slip through
-        face = _dump(FaceMeasures, ev)
+        face = {k: getattr(ev, k) for k in FaceMeasures.__dataclass_fields__}
         if landmarks and ev.landmarks is not None:
             face["landmarks"] = [[float(v) for v in p[:3]] for p in ev.landmarks]
-        face.update(emotion=self.emotion, top_emotion=self.top_emotion, cues=[_dump(Cue, c) for c in self.cues],
+        face.update(emotion=self.emotion, top_emotion=self.top_emotion, cues=self.cues,
                     rationale=self.rationale, error=self.error, track_id=track_id)
         record: FaceRecord = _adapter(FaceRecord).validate_python(face)
         return record
@@ -323,7 +340,7 @@ class ImageResult:
         try:
             return ImageRecord(image=self.image, width=self.width, height=self.height, faces=faces,
                                context=self.context, error=self.error,
-                               provenance=_dump(Provenance, self.provenance), **self.extra)
+                               provenance=self.provenance, **self.extra)
         except ValidationError as e:
             raise RecordError(_explain(e, self.image)) from None
 
@@ -485,13 +502,15 @@ def moment_record(result: ImageResult, face: FaceResult, *, video: str, frame: i
                   t_start: float, key_reason: str, landmarks: bool = False) -> dict[str, Any]:
     """The record of one video key moment: ``face`` (of ``result``, reasoned on frame ``frame``) with its
     track, written as an image record of that frame plus the video fields (validated)."""
+    try:
+        record = face.to_record(landmarks, track_id=track_id)
+    except ValidationError as e:
+        raise RecordError(_explain(e, f"{video}: frame {frame}, track {track_id}")) from None
     d = {"image": video, "video": video, "frame": frame, "time": time, "track_id": track_id,
          "t_start": t_start, "t_end": time, "key_reason": key_reason, "width": result.width,
-         "height": result.height,
-         "faces": [_dump(FaceRecord, face.to_record(landmarks, track_id=track_id))],
-         "context": result.context, "error": None, "provenance": _dump(Provenance, result.provenance)}
-    model = _validated(MomentRecord, d, video)
-    out: dict[str, Any] = model.model_dump(mode="json")
+         "height": result.height, "faces": [record], "context": result.context, "error": None,
+         "provenance": result.provenance}
+    out: dict[str, Any] = _validated(MomentRecord, d, video).model_dump(mode="json")
     return out
 
 
@@ -639,16 +658,16 @@ def frame_row(video: str, time: float, frame: int, track_id: int, evidence: Face
               au_relative: Mapping[str, float] | None, labels: Sequence[str],
               au_codes: Sequence[str]) -> dict[str, Any]:
     """One row of the video frame table for one tracked face (rounded as in the records)."""
-    face = _dump(FaceMeasures, evidence)
-    row: dict[str, Any] = {"video": video, "time": round(time, 4), "frame": frame, "track_id": track_id}
-    row.update(zip(BBOX_COLUMNS, face["bbox"]))
-    row.update({c: (face["pose"] or {}).get(c) for c in POSE_COLUMNS})
+    ev = evidence
+    row: dict[str, Any] = {"video": video, "time": rounded("seconds", time), "frame": frame, "track_id": track_id}
+    row.update(zip(BBOX_COLUMNS, (rounded("px", v) for v in ev.bbox)))
+    row.update({c: rounded("degrees", getattr(ev.pose, c)) if ev.pose else None for c in POSE_COLUMNS})
     row["key_moment"] = bool(key_moment)
     for k in au_codes:
-        row[k] = face["aus"][k]["intensity"] if k in face["aus"] else None
+        row[k] = rounded("intensity", ev.aus[k].intensity) if k in ev.aus else None
     for k in au_codes:
         rel = (au_relative or {}).get(k)
-        row[f"{k}_rel"] = round(float(rel), 3) if rel is not None else None
+        row[f"{k}_rel"] = rounded("intensity", rel) if rel is not None else None
     for k in labels:
-        row[f"expression_{k}"] = face["expression"].get(k)
+        row[f"expression_{k}"] = rounded("probability", ev.expression[k]) if k in ev.expression else None
     return row
