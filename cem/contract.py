@@ -399,6 +399,14 @@ class MomentRecord(ImageRecord):
     key_reason: str = Field(min_length=1, description="first appearance | expression change (JS x bits) | interval")
     faces: list[FaceRecord] = Field(min_length=1, max_length=1)
 
+    @model_validator(mode="after")
+    def _one_track(self) -> MomentRecord:
+        if self.faces[0].track_id != self.track_id:
+            raise ValueError(f"the face's track_id {self.faces[0].track_id} is not the record's {self.track_id}")
+        if not self.t_start <= self.t_end:
+            raise ValueError(f"t_start {self.t_start} is after t_end {self.t_end}")
+        return self
+
 
 class ErrorRecord(ImageRecord):
     """The record of an input that could not be analysed at all (unreadable image or video)."""
@@ -451,8 +459,9 @@ def _explain(e: ValidationError, what: str) -> str:
     parts = []
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(record)"
-        value = repr(err.get("input"))
-        parts.append(f"{loc}: {err['msg']} (got {value[:60]})")
+        value = err.get("input")
+        got = "" if isinstance(value, (dict, list)) else f" (got {repr(value)[:60]})"
+        parts.append(f"{loc}: {err['msg']}{got}")
     return f"{what}: not a valid record: " + "; ".join(parts)
 
 
