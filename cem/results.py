@@ -113,6 +113,7 @@ def read_results(path: str | os.PathLike) -> pd.DataFrame:
     df = _frame(rows, columns)
     df.attrs["source"] = os.fspath(path)
     df.attrs["skipped_lines"] = [n for n, _ in report.skipped]
+    df.attrs["skipped_reasons"] = [why for _, why in report.skipped]
     return df
 
 
@@ -126,12 +127,13 @@ def read_cues(path: str | os.PathLike) -> pd.DataFrame:
 
 @dataclass
 class TableSummary:
-    """What :func:`write_table` wrote: rows, the images they came from and the lines skipped."""
+    """What :func:`write_table` wrote: rows, the images they came from, the lines skipped and why."""
 
     path: str
     rows: int
     images: int
     skipped_lines: list[int]
+    skipped_reasons: list[str]
 
 
 def write_table(jsonl_path: str | os.PathLike, out_path: str | os.PathLike) -> TableSummary:
@@ -159,7 +161,7 @@ def write_table(jsonl_path: str | os.PathLike, out_path: str | os.PathLike) -> T
     finally:
         tmp.unlink(missing_ok=True)
     return TableSummary(os.fspath(out), len(df), int(df["image"].nunique()) if len(df) else 0,
-                        list(df.attrs["skipped_lines"]))
+                        list(df.attrs["skipped_lines"]), list(df.attrs["skipped_reasons"]))
 
 
 @pd.api.extensions.register_dataframe_accessor("cem")

@@ -278,6 +278,7 @@ def test_corrupt_lines_are_skipped_and_reported(tmp_path):
     r = CliRunner().invoke(main, ["table", str(path), "-o", str(tmp_path / "t.csv")])
     assert r.exit_code == 0
     assert "skipped 4 line(s)" in r.output and "line 2, 3, 4, 7" in r.output and "4 rows (1 images)" in r.output
+    assert "first: line 2: not JSON" in r.output
 
 
 def test_schema_command_prints_each_generated_schema():
