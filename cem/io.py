@@ -119,7 +119,7 @@ def load_image(source: ImageInput, max_pixels: int = 50_000_000, max_side: int =
     try:
         fh = open(name, "rb")  # noqa: SIM115 - closed below; opening first separates "cannot open" from "bad image"
     except OSError as e:
-        raise ImageLoadError(f"{name}: cannot open ({os_reason(e)})") from None
+        raise ImageLoadError(f"{name}: {os_reason(e)} (the file cannot be opened)") from None
     try:
         with fh, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -139,7 +139,7 @@ def load_image(source: ImageInput, max_pixels: int = 50_000_000, max_side: int =
         raise ImageLoadError(f"{name}: not enough memory to decode this image") from None
     except OSError as e:
         if e.errno is not None:  # a read error of the file system, not of the image data
-            raise ImageLoadError(f"{name}: cannot read ({os_reason(e)})") from None
+            raise ImageLoadError(f"{name}: {os_reason(e)} (while reading the file)") from None
         raise ImageLoadError(f"{name}: corrupt or truncated image ({e})") from None
     except (SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
         raise ImageLoadError(f"{name}: corrupt or truncated image ({type(e).__name__}: {e})") from None
@@ -253,7 +253,7 @@ def _walk(folder: str) -> list[InputItem]:
             with os.scandir(d) as it:
                 entries = list(it)
         except OSError as e:
-            out.append(InputItem(d, error=f"{d}: cannot read folder ({os_reason(e)})"))
+            out.append(InputItem(d, error=f"{d}: {os_reason(e)} (a folder that cannot be listed)"))
             continue
         for e in entries:
             image_name = _is_image_name(e.name)
@@ -408,7 +408,10 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], contexts: ContextTable |
     for i in inputs:
         s = os.fsdecode(i) if isinstance(i, bytes) else os.fspath(i)
         if s.lower().endswith(".csv") and os.path.isfile(s):
-            items.extend(read_manifest(s))
+            rows = read_manifest(s)
+            if not rows:
+                notes.append(f"{s}: the manifest has no rows")
+            items.extend(rows)
         else:
             _expand_one(s, items, notes)
     problem = _context_problem(context, "--context")
