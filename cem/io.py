@@ -272,6 +272,9 @@ def _walk(folder: str) -> list[InputItem]:
 
 
 def _expand_one(s: str, out: list[InputItem], notes: list[str]) -> None:
+    if not s:
+        notes.append("an empty input name was given and ignored")
+        return
     if _lexists(s):
         if _is_dir(s):
             found = _walk(s)
@@ -374,7 +377,7 @@ class ContextTable:
             if key in self.errors:
                 return None, self.errors[key]
             if key in self.contexts:
-                return self.contexts[key], None
+                return self.contexts[key] or None, None  # an empty cell: no context of its own
         return None, None
 
 

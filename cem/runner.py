@@ -347,6 +347,9 @@ def annotate(pipeline_or_config: Any, inputs: Iterable[str | os.PathLike], out: 
     else:
         config, pipeline = pipeline_or_config.config, pipeline_or_config
     out = Path(out)
+    for flag, other in (("--csv", csv), ("--frames", frames)):
+        if other is not None and os.path.abspath(other) == os.path.abspath(out):
+            raise RunError(f"{flag} {other} is the JSONL output itself; give another file")
     runner = Runner(config, pipeline, workers=workers, faces=faces, landmarks=landmarks, progress=progress,
                     image_timeout_s=image_timeout_s, echo=echo)
     found = _expand(inputs, contexts, context, context_file)

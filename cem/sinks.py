@@ -175,6 +175,7 @@ class ExistingOutput:
     videos_done: set[RecordKey] = field(default_factory=set)  # videos with a summary or an error record
     rejected: list[bytes] = field(default_factory=list)  # lines moved to OUT.rejected
     repaired_tail: bool = False  # the last record lacked its newline
+    torn_tail: bool = False  # the last line was a fragment (a crash while writing it)
 
 
 def _is_record(obj: Any) -> bool:
@@ -194,6 +195,7 @@ def scan(path: Path) -> tuple[ExistingOutput, list[bytes]]:
         except (json.JSONDecodeError, UnicodeDecodeError):
             rec = None
         if not _is_record(rec):
+            found.torn_tail = not line.endswith(b"\n")
             found.rejected.append(line if line.endswith(b"\n") else line + b"\n")
             continue
         if not line.endswith(b"\n"):
@@ -221,6 +223,8 @@ class JsonlSink:
         self._fh: IO[bytes] | None = None
         if self.path.is_dir():
             raise OutputError(f"{self.path}: is a folder; give a file name for the output")
+        if self.path.exists() and not self.path.is_file():  # a FIFO or device would block or not resume
+            raise OutputError(f"{self.path}: not a regular file; give a file name for the output")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -235,6 +239,11 @@ class JsonlSink:
         except OSError as e:
             self.lock.release()
             raise OutputError(f"{self.path}: cannot read it to resume ({os_reason(e)})") from None
+        torn_only = len(self.existing.rejected) == 1 and self.existing.torn_tail
+        if self.existing.rejected and not self._good and not torn_only:
+            self.lock.release()
+            raise OutputError(f"{self.path}: holds no cem record ({len(self.existing.rejected)} other lines); "
+                              f"refusing to resume into it (is it the right file?)")
 
     def open(self) -> None:
         """Start writing: truncate (a new run) or repair and append (``resume``)."""
@@ -289,14 +298,15 @@ class JsonlSink:
         self.close()
 
 
-def write_table(jsonl: str | os.PathLike, out: str | os.PathLike) -> int:
+def write_table(jsonl: str | os.PathLike, out: str | os.PathLike) -> None:
     """Regenerate the per-face table ``out`` from every record of ``jsonl`` (so after ``--resume`` it holds
-    every row and its columns always match). Returns the number of rows."""
+    every row and its columns always match)."""
     try:
         from cem.results import write_table as contract_write_table  # the contract's one table writer
     except ImportError:
-        return _write_table_fallback(jsonl, out)
-    return int(contract_write_table(jsonl, out) or 0)
+        _write_table_fallback(jsonl, out)
+        return
+    contract_write_table(jsonl, out)
 
 
 # --- LEAD: fallback until cem.results.write_table is merged; delete this block then. -------------------

@@ -321,7 +321,7 @@ class FrameTableWriter:
         self.path, self.columns = Path(path), columns
         self.parquet = self.path.suffix.lower() == ".parquet"
         self._buf: list[dict[str, Any]] = []
-        self._pq_writer = None
+        self._pq_writer: Any = None
         self._existing: set[tuple[str, str, str]] = set()
         self._target = self.path
         resuming = resume and self.path.is_file() and self.path.stat().st_size > 0
