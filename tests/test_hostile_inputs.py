@@ -187,6 +187,32 @@ def test_unwritable_output_is_a_clear_error(face_png, tmp_path, target, problem)
     assert r.returncode == 2 and problem in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_outputs_that_would_block_or_destroy_are_refused(face_png, tmp_path):
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    r = _cem("annotate", face_png, "-o", fifo, timeout=60)  # opening a FIFO for writing would block forever
+    assert r.returncode == 2 and "not a regular file" in r.stderr, r.stderr
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my thesis, chapter 1\nchapter 2\n")
+    r = _cem("annotate", face_png, "-o", notes, "--resume")
+    assert r.returncode == 2 and "holds no cem record" in r.stderr, r.stderr
+    assert notes.read_text() == "my thesis, chapter 1\nchapter 2\n" and not Path(f"{notes}.rejected").exists()
+    out = tmp_path / "o.jsonl"
+    r = _cem("annotate", face_png, "-o", out, "--csv", out)
+    assert r.returncode == 2 and "is the JSONL output itself" in r.stderr and not out.exists()
+
+
+def test_check_command_answers_without_a_traceback():
+    import importlib.util
+
+    r = _cem("check", "--config", "default")
+    assert "Traceback" not in r.stderr
+    if importlib.util.find_spec("cem.preflight") is None:
+        assert r.returncode == 2 and "no pre-flight module" in r.stderr
+    else:
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
 @pytest.mark.skipif(ROOT and not SETPRIV, reason="running as root without setpriv: permissions do not bite")
 def test_output_in_a_read_only_folder(face_png, tmp_path):
     ro = tmp_path / "ro"
