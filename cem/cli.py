@@ -98,6 +98,10 @@ def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: 
                       echo=lambda s: click.echo(s, err=True))
     except RunError as e:
         _fail(safe_text(str(e)))
+    except KeyboardInterrupt:
+        click.echo(f"cem: interrupted; every record written to {output} is kept: run again with --resume",
+                   err=True)
+        sys.exit(130)
     if dry_run:
         for path in summary.planned:
             click.echo(path)

@@ -113,16 +113,20 @@ def _reasoner_cause(face: dict[str, Any]) -> str | None:
     return reasoner_failure_cause(face.get("error"))
 
 
-def preflight(config: Config) -> None:
+def preflight(config: Config) -> bool:
     """For a reasoner other than rules, the pre-flight check (model or server reachable) before any image;
-    raises :class:`RunError` with its one-screen text when it fails."""
-    if config.reasoner.backend == "rules" or importlib.util.find_spec("cem.preflight") is None:
-        return  # the rules reasoner needs nothing; builds without cem.preflight check when the model loads
+    raises :class:`RunError` with its one-screen text when it fails. Returns False when this installation
+    has no pre-flight module (the caller then loads the model first, which fails with the same clarity)."""
+    if config.reasoner.backend == "rules":
+        return True  # needs nothing beyond the packaged FER models
+    if importlib.util.find_spec("cem.preflight") is None:
+        return False
     from cem.preflight import preflight as check
 
     report = check(config)
     if not report.ok:
         raise RunError(report.text)
+    return True
 
 
 def _landmark_faces(record: dict[str, Any], result: Any) -> None:
@@ -158,6 +162,7 @@ class Runner:
     def close(self) -> None:
         if self._own_pipeline and self.pipeline is not None:
             self.pipeline.close()
+            self.pipeline = None
 
     # ---- images -------------------------------------------------------------------------------------
     def _measured(self, items: list[InputItem]) -> Iterator[Any]:
@@ -338,7 +343,6 @@ def annotate(pipeline_or_config: Any, inputs: Iterable[str | os.PathLike], out: 
     the 478-point mesh in each face. ``image_timeout_s``: with workers, an image taking longer becomes an
     error record. ``frames``/``every``/``fps``: video options. ``echo``: where messages go (stderr).
     """
-    from cem.video import is_video
 
     if engine != "local":
         raise RunError(f"engine {engine!r} is not available in this installation (available: local)")
@@ -352,6 +356,22 @@ def annotate(pipeline_or_config: Any, inputs: Iterable[str | os.PathLike], out: 
             raise RunError(f"{flag} {other} is the JSONL output itself; give another file")
     runner = Runner(config, pipeline, workers=workers, faces=faces, landmarks=landmarks, progress=progress,
                     image_timeout_s=image_timeout_s, echo=echo)
+    try:
+        return _run(runner, inputs, out, resume=resume, csv=csv, contexts=contexts, context=context,
+                    context_file=context_file, limit=limit, dry_run=dry_run, frames=frames, every=every, fps=fps)
+    finally:
+        runner.close()
+
+
+def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resume: bool,
+         csv: str | os.PathLike | None, contexts: Mapping[str, str] | None, context: str | None,
+         context_file: str | os.PathLike | None, limit: int | None, dry_run: bool,
+         frames: str | os.PathLike | None, every: int | None, fps: float | None) -> RunSummary:
+    from cem.video import is_video
+
+    config, workers = runner.config, runner.workers
+    if not dry_run and not preflight(config):  # an unusable model or server stops the run before anything else
+        runner.build(need_fer=workers == 1)
     found = _expand(inputs, contexts, context, context_file)
     if found.nothing_found:
         raise RunError(found.problem())
@@ -369,7 +389,6 @@ def annotate(pipeline_or_config: Any, inputs: Iterable[str | os.PathLike], out: 
         summary.planned = [safe_text(it.path) for it in (todo[:limit] if limit is not None else todo) + videos]
         return summary
 
-    preflight(config)
     try:
         sink = JsonlSink(out, resume=resume)
     except OutputError as e:
@@ -397,7 +416,6 @@ def annotate(pipeline_or_config: Any, inputs: Iterable[str | os.PathLike], out: 
                               resume)
     finally:
         sink.close()
-        runner.close()
     if csv is not None:
         try:
             write_table(out, csv)
