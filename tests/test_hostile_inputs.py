@@ -577,3 +577,22 @@ def test_base_url_flag_beats_environment_and_config(monkeypatch):
     assert cfg.reasoner.options["base_url"] == "http://flag:2/v1"
     assert cfg.reasoner.options["base_url_source"] == "--base-url"
     assert "base_url_source" not in _load_config("vllm", None).reasoner.options
+
+
+def test_table_after_resume_holds_every_row_with_aligned_columns(pipeline, face_png, tmp_path):
+    import csv
+
+    for n in ("a", "b", "c"):
+        shutil.copy(face_png, tmp_path / f"{n}.png")
+    m1, m2 = tmp_path / "m1.csv", tmp_path / "m2.csv"
+    m1.write_text("image,participant\na.png,P1\nb.png,P2\n")
+    m2.write_text("image,site,participant\nc.png,Leeds,P3\n")
+    out, table = tmp_path / "o.jsonl", tmp_path / "t.csv"
+    _run(pipeline, [m1], out, csv=table)
+    summary, _ = _run(pipeline, [m1, m2], out, csv=table, resume=True)
+    assert summary.images == 1 and summary.skipped == 2
+    lines = list(csv.reader(table.open()))
+    header, rows = lines[0], [dict(zip(lines[0], line)) for line in lines[1:]]
+    assert all(len(line) == len(header) for line in lines)
+    assert [Path(r["image"]).name for r in rows] == ["a.png", "b.png", "c.png"]
+    assert [(r["meta.participant"], r["meta.site"]) for r in rows] == [("P1", ""), ("P2", ""), ("P3", "Leeds")]
