@@ -15,12 +15,15 @@ import os
 import stat
 import struct
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
@@ -36,7 +39,7 @@ MAX_CONTEXT_CHARS = 20_000
 # CSV fields may be this large (the csv module's default is 128 KiB); larger ones are an error for that file.
 CSV_FIELD_LIMIT = 16 * 1024 * 1024
 
-ImageInput = Union[str, os.PathLike, np.ndarray, "PIL.Image.Image"]  # noqa: F821
+ImageInput = Union[str, os.PathLike, np.ndarray, "PIL.Image.Image"]
 
 
 class ImageLoadError(ValueError):
@@ -255,18 +258,18 @@ def _walk(folder: str) -> list[InputItem]:
         except OSError as e:
             out.append(InputItem(d, error=f"{d}: {os_reason(e)} (a folder that cannot be listed)"))
             continue
-        for e in entries:
-            image_name = _is_image_name(e.name)
+        for entry in entries:
+            image_name = _is_image_name(entry.name)
             try:
-                is_dir = e.is_dir(follow_symlinks=False)
+                is_dir = entry.is_dir(follow_symlinks=False)
             except OSError:
                 is_dir = False
             if is_dir:
-                stack.append(e.path)
+                stack.append(entry.path)
                 if image_name:
-                    out.append(InputItem(e.path, error=f"{e.path}: is a folder, not an image"))
+                    out.append(InputItem(entry.path, error=f"{entry.path}: is a folder, not an image"))
             elif image_name:  # regular files, links (even looping ones) and special files: loading judges them
-                out.append(InputItem(e.path))
+                out.append(InputItem(entry.path))
     out.sort(key=lambda it: Path(it.path).parts)
     return out
 
@@ -458,7 +461,7 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
             if isinstance(rec, dict):
                 yield rec
 def face_rows(record: dict[str, Any], labels: list[str], au_codes: list[str],
-              extra_columns: list[str] = ()) -> list[dict[str, Any]]:
+              extra_columns: Sequence[str] = ()) -> list[dict[str, Any]]:
     """One flat row per face of a record (one row with empty face fields for an image without faces)."""
     base = {"image": record["image"]}
     base.update({k: record.get(k, "") for k in extra_columns})
@@ -489,7 +492,7 @@ def face_rows(record: dict[str, Any], labels: list[str], au_codes: list[str],
     return rows
 
 
-def csv_columns(labels: list[str], au_codes: list[str], extra_columns: list[str] = ()) -> list[str]:
+def csv_columns(labels: list[str], au_codes: list[str], extra_columns: Sequence[str] = ()) -> list[str]:
     """The stable column order of ``--csv`` tables."""
     return (["image", *extra_columns, "face_index", "x", "y", "w", "h", "detection_score", "yaw", "pitch", "roll",
              "face_px", "blur", "extreme_pose", "mesh_failed", *au_codes]

@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -185,13 +185,15 @@ class Pipeline:
         live = [i for i, m in enumerate(batch) if m.error is None and m.evidence]
         if not live:
             return out
+        # rgb is None only for reasoners that do not look at pixels (needs_pixels is False)
+        pixels = [cast(np.ndarray, batch[i].rgb) for i in live]
         t = time.perf_counter()
         try:
             if hasattr(self.reasoner, "reason_batch"):
-                answers = self.reasoner.reason_batch([Job(batch[i].rgb, batch[i].evidence, contexts[i])
-                                                      for i in live])
+                answers = self.reasoner.reason_batch([Job(px, batch[i].evidence, contexts[i])
+                                                      for px, i in zip(pixels, live)])
             else:
-                answers = [self.reasoner.reason(batch[i].rgb, batch[i].evidence, contexts[i]) for i in live]
+                answers = [self.reasoner.reason(px, batch[i].evidence, contexts[i]) for px, i in zip(pixels, live)]
             for i, a in zip(live, answers):
                 out[i] = (a, None)
         except Exception as e:  # reported on every face of these images; the run goes on

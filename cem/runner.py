@@ -166,19 +166,19 @@ class Runner:
 
     # ---- images -------------------------------------------------------------------------------------
     def _measured(self, items: list[InputItem]) -> Iterator[Any]:
+        """One MeasuredImage per item, in order: from worker processes or this one; an item that already
+        carries an error (found while expanding the inputs) is not loaded at all."""
+        from cem.parallel import DEFAULT_IMAGE_TIMEOUT_S, WorkerPool, WorkerStartError
         from cem.pipeline import MeasuredImage
 
         keep = self.pipeline.needs_pixels
         live = [it.path for it in items if it.error is None]
         if self.workers > 1 and len(live) > 1:
-            from cem.parallel import DEFAULT_IMAGE_TIMEOUT_S, WorkerPool, WorkerStartError
-
             pool = WorkerPool(self.config, self.workers, self.faces, keep,
                               self.image_timeout_s or DEFAULT_IMAGE_TIMEOUT_S)
             source: Iterator[Any] = pool.measure(live)
         else:
             source = (self.pipeline.measure(p, self.faces, keep_pixels=keep) for p in live)
-            WorkerStartError = RuntimeError  # noqa: N806 - not raised on this path
         try:
             for it in items:
                 yield MeasuredImage(it.path, None, [], {}, it.error) if it.error is not None else next(source)

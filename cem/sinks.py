@@ -33,7 +33,7 @@ from typing import IO, Any
 
 from cem.io import os_reason
 
-RecordKey = tuple[str, Any]
+RecordKey = tuple[Any, Any]  # (image, or image_bytes for a name that is not UTF-8; context)
 
 
 class OutputError(RuntimeError):
