@@ -5,18 +5,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
-from collections import Counter
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
 from cem import __version__
 
-PROGRESS_MIN_IMAGES = 5
 
-
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     click.echo(f"cem: error: {message}", err=True)
     sys.exit(2)
 
@@ -29,213 +26,108 @@ def main() -> None:
     os.environ.setdefault("GLOG_minloglevel", "2")
 
 
-def _build_pipeline(config):
-    """The pipeline for a run; a model or configuration that cannot be used ends the run with one clear
-    message and exit status 2, before any output is written."""
-    from cem.pipeline import Pipeline
+def _load_config(config_name: str, base_url: str | None = None, **overrides: object):
+    """The run's configuration; an unusable one ends the run with exit status 2. ``--base-url`` beats
+    $OPENAI_BASE_URL, which beats the config's ``reasoner.options.base_url``."""
+    from cem.config import Config, ConfigError
 
     try:
-        return Pipeline(config)
-    except Exception as e:
-        _fail(f"{type(e).__name__}: {e}")
-
-
-def _repair_jsonl(path: Path) -> set[str]:
-    """Images already in ``path``; a half-written last line (crash) is cut off so appends stay valid."""
-    done: set[str] = set()
-    if not path.exists():
-        return done
-    data = path.read_bytes()
-    good_end = 0
-    pos = 0
-    for line in data.splitlines(keepends=True):
-        pos += len(line)
-        try:
-            rec = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            if line.strip():
-                break
-            continue
-        if not line.endswith(b"\n"):
-            break
-        done.add(rec.get("image"))
-        good_end = pos
-    if good_end < len(data):
-        click.echo(f"cem: repairing {path}: dropping an incomplete last record", err=True)
-        with open(path, "r+b") as fh:
-            fh.truncate(good_end)
-    return done
+        config = Config.load(config_name, **overrides)
+    except ConfigError as e:
+        _fail(str(e))
+    if base_url:
+        config.reasoner.options = {**(config.reasoner.options or {}), "base_url": base_url,
+                                   "base_url_source": "--base-url"}
+    return config
 
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
               help="JSONL file: one record per input image.")
 @click.option("--config", "config_name", default="default", show_default=True, help="Config name or YAML path.")
 @click.option("--reasoner", type=click.Choice(["rules", "transformers", "openai"]), default=None,
               help="Reasoning backend (default: the config's).")
 @click.option("--model", default=None, help="Model id or local path for the reasoner.")
+@click.option("--base-url", default=None,
+              help="openai reasoner: the server's URL (beats $OPENAI_BASE_URL, which beats the config).")
 @click.option("--faces", type=click.Choice(["detect", "whole"]), default=None,
               help="detect: find faces; whole: each image is one pre-cropped face.")
 @click.option("--context", default=None, help="Text context given to the reasoner for every image.")
-@click.option("--context-file", type=click.Path(exists=True, dir_okay=False), default=None,
+@click.option("--context-file", type=click.Path(dir_okay=False), default=None,
               help="CSV with columns image,context.")
-@click.option("--resume", is_flag=True, help="Skip images already in OUTPUT and append the rest.")
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write one row per face to this CSV (stable columns, ready for pandas or R).")
+@click.option("--resume", is_flag=True, help="Skip inputs already in OUTPUT and append the rest.")
+@click.option("--csv", "csv_path", type=click.Path(path_type=Path), default=None,
+              help="After the run, the per-face table of every record in OUTPUT (.csv or .parquet).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Processes running the pipeline in parallel (output order and content unchanged).")
-@click.option("--frames", "frames_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="FER processes (each gets cores/N torch threads); reasoning stays batched in this process.")
+@click.option("--landmarks", is_flag=True, help="Write each face's 478-point mesh into the records.")
+@click.option("--engine", type=click.Choice(["local"]), default="local", show_default=True,
+              help="Where the stages run.")
+@click.option("--frames", "frames_path", type=click.Path(path_type=Path), default=None,
               help="Videos: per-frame table (one row per face per processed frame); .csv or .parquet.")
 @click.option("--every", type=click.IntRange(min=1), default=None, help="Videos: process every Nth frame.")
 @click.option("--fps", type=click.FloatRange(min=0.01), default=None, help="Videos: sample at this frame rate.")
 @click.option("--limit", type=click.IntRange(min=0), default=None, help="Process at most this many images.")
 @click.option("--dry-run", is_flag=True, help="List the images that would be processed, and stop.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
 def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: str | None, model: str | None,
-             faces: str | None, context: str | None, context_file: str | None, resume: bool,
-             csv_path: Path | None, workers: int, frames_path: Path | None, every: int | None, fps: float | None,
-             limit: int | None, dry_run: bool) -> None:
+             base_url: str | None, faces: str | None, context: str | None, context_file: str | None, resume: bool,
+             csv_path: Path | None, workers: int, landmarks: bool, engine: str, frames_path: Path | None,
+             every: int | None, fps: float | None, limit: int | None, dry_run: bool, no_progress: bool) -> None:
     """Annotate images into OUTPUT, one JSON record per image.
 
     INPUTS are files, folders (searched recursively for images), globs, and CSV manifests (a .csv with
-    an 'image' column, optional 'context', and extra columns that are carried into the output).
+    an 'image' column, optional 'context', and extra columns that are carried into each record's 'meta').
     Videos (mp4, avi, mov, mkv) named as inputs are tracked frame by frame; OUTPUT gets one record per
     key moment and --frames the per-frame table.
+
+    Exit status: 0 when the run finished (inputs that failed have error records); 2 for unusable
+    arguments, configuration or output; 3 when the reasoner failed on every face (the records then hold
+    the expression model's emotions alone).
     """
-    from cem.config import Config, ConfigError
-    from cem.io import CsvFaceWriter, JsonlWriter, collect_inputs, read_context_csv
+    from cem.runner import RunError
+    from cem.runner import annotate as run
+    from cem.sinks import safe_text
 
+    config = _load_config(config_name, base_url, reasoner=reasoner, model=model, faces=faces)
     try:
-        config = Config.load(config_name, reasoner=reasoner, model=model, faces=faces)
-    except ConfigError as e:
-        _fail(str(e))
-    contexts: dict[str, str] = {}
-    try:
-        if context_file:
-            contexts = read_context_csv(context_file)
-        items = collect_inputs(inputs)
-    except (ValueError, OSError) as e:
-        _fail(str(e))
-    from cem.video import is_video
-
-    videos = [it for it in items if is_video(it.path)]
-    items = [it for it in items if not is_video(it.path)]
-    if videos and not dry_run:
-        _annotate_videos(config, videos, output, frames_path, every, fps, context, resume)
-        if not items:
-            return
-    elif frames_path and not dry_run:
-        _fail("--frames applies to video inputs, and none was given")
-    done = _repair_jsonl(output) if resume else set()
-    todo = [it for it in items if it.path not in done]
-    if limit is not None:
-        todo = todo[:limit]
+        summary = run(config, inputs, output, resume=resume, workers=workers, csv=csv_path, context=context,
+                      context_file=context_file, landmarks=landmarks, progress=not no_progress, limit=limit,
+                      dry_run=dry_run, frames=frames_path, every=every, fps=fps, engine=engine,
+                      echo=lambda s: click.echo(s, err=True))
+    except RunError as e:
+        _fail(safe_text(str(e)))
+    except KeyboardInterrupt:
+        click.echo(f"cem: interrupted; every record written to {output} is kept: run again with --resume",
+                   err=True)
+        sys.exit(130)
     if dry_run:
-        for it in todo:
-            click.echo(it.path)
-        click.echo(f"{len(todo)} images to process ({len(items) - len(todo)} skipped)", err=True)
+        for path in summary.planned:
+            click.echo(path)
+        click.echo(f"{len(summary.planned)} inputs to process ({summary.skipped} already done)", err=True)
         return
-    if not todo:
-        click.echo(f"cem: nothing to do ({len(items)} inputs, all already in {output})", err=True)
-        return
-    for it in todo:  # precedence: manifest context, then --context-file, then --context
-        it.context = it.context or contexts.get(it.path) or contexts.get(Path(it.path).name) or context
-
-    if workers > 1 and config.reasoner.backend != "rules":
-        _fail("--workers > 1 runs whole pipelines per process; with an LLM reasoner use one process "
-              "(or an openai server, which batches itself)")
-    pipeline = None
-    if workers == 1:
-
-        pipeline = _build_pipeline(config)
-        records = (pipeline.analyze(it.path, it.context).to_dict() for it in todo)
-    else:
-        from cem.parallel import analyze_parallel
-
-        records = analyze_parallel(config, [(it.path, it.context) for it in todo], workers)
-
-    from cem.fer.aus import AU_NAMES
-
-    extra_cols = list(dict.fromkeys(k for it in todo for k in it.extra))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    n_faces, errors = 0, Counter()
-    bar = None
-    if len(todo) > PROGRESS_MIN_IMAGES:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(todo), unit="img", file=sys.stderr, dynamic_ncols=True)
-    csv_writer = CsvFaceWriter(csv_path, config.labels, list(AU_NAMES), extra_cols, append=resume) \
-        if csv_path else None
-    with JsonlWriter(output, append=resume or bool(videos)) as writer:
-        for it, rec in zip(todo, records):
-            rec.update(it.extra)
-            writer.write(rec)
-            if csv_writer:
-                csv_writer.write(rec)
-            n_faces += len(rec["faces"])
-            if rec["error"]:
-                errors[rec["error"].split(": ", 1)[-1].split(" (")[0]] += 1
-            if bar is not None:
-                bar.update(1)
-    if csv_writer:
-        csv_writer.close()
-    if bar is not None:
-        bar.close()
-    if pipeline is not None:
-        pipeline.close()
-    elapsed = time.perf_counter() - start
-    click.echo(f"cem: {len(todo)} images, {n_faces} faces, {sum(errors.values())} errors in {elapsed:.1f} s "
-               f"({len(todo) / max(elapsed, 1e-9):.1f} images/s) -> {output}", err=True)
-    for kind, n in errors.most_common():
-        click.echo(f"  {n} x {kind}", err=True)
+    for line in summary.lines():
+        click.echo(safe_text(line), err=True)
+    sys.exit(summary.exit_code)
 
 
-def _annotate_videos(config, videos, output: Path, frames_path: Path | None, every: int | None,
-                     fps: float | None, context: str | None, resume: bool) -> None:
-    """Videos: stream frames through tracking; key moments -> OUTPUT, every frame -> --frames."""
-    from cem.contract import error_record
-    from cem.fer.aus import AU_NAMES
-    from cem.io import JsonlWriter
-    from cem.video import FrameTableWriter, VideoError, frame_columns, frame_count, frame_rows
+@main.command()
+@click.option("--config", "config_name", default="default", show_default=True, help="Config name or YAML path.")
+@click.option("--model", default=None, help="Model id or local path for the reasoner.")
+@click.option("--base-url", default=None, help="openai reasoner: the server's URL.")
+def check(config_name: str, model: str | None, base_url: str | None) -> None:
+    """Pre-flight: load the model or reach the server, run one image, say what is missing (exit 0 or 2)."""
+    import importlib.util
 
-    pipeline = _build_pipeline(config)
-    done = _repair_jsonl(output) if resume else set()
-    table = FrameTableWriter(frames_path, frame_columns(config.labels, list(AU_NAMES))) if frames_path else None
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with JsonlWriter(output, append=resume) as writer:
-        for it in videos:
-            if it.path in done:
-                continue
-            start, n_frames, n_moments = time.perf_counter(), 0, 0
-            from tqdm import tqdm
+    config = _load_config(config_name, base_url, model=model)
+    if importlib.util.find_spec("cem.preflight") is None:
+        _fail("cem check: this installation has no pre-flight module (cem.preflight); nothing was checked")
+    from cem.preflight import preflight
 
-            bar = tqdm(total=frame_count(it.path), unit="frame", file=sys.stderr, dynamic_ncols=True,
-                       desc=Path(it.path).name)
-            try:
-                for vf in pipeline.analyze_video(it.path, it.context or context, every=every, fps=fps):
-                    n_frames += 1
-                    bar.n = vf.frame + 1  # frames decoded so far, sampled or not
-                    if n_frames % 10 == 0:
-                        bar.refresh()
-                    if table:
-                        table.write(frame_rows(vf, config.labels, list(AU_NAMES), it.path))
-                    for rec in vf.moments:
-                        rec.update(it.extra)
-                        writer.write(rec)
-                        n_moments += 1
-            except VideoError as e:
-                writer.write(error_record(it.path, str(e), pipeline._provenance({}), it.context or context))
-                click.echo(f"cem: {e}", err=True)
-                continue
-            finally:
-                bar.close()
-            el = time.perf_counter() - start
-            click.echo(f"cem: {it.path}: {n_frames} frames in {el:.1f} s ({n_frames / max(el, 1e-9):.1f} frames/s), "
-                       f"{n_moments} key moments", err=True)
-    if table:
-        table.close()
-    pipeline.close()
+    report = preflight(config)
+    click.echo(report.text)
+    sys.exit(0 if report.ok else 2)
 
 
 @main.command("train-expression", context_settings={"ignore_unknown_options": True})

@@ -1,70 +1,152 @@
-"""Inputs and outputs: image loading and validation, input expansion, JSONL writing.
+"""Inputs: image loading and validation, and input expansion (files, folders, globs, CSV manifests).
 
-Every problem with one input becomes an :class:`ImageLoadError` whose message names the input and the
-problem; the pipeline turns it into that image's ``error`` record and goes on with the rest.
+Every problem with one input becomes an :class:`ImageLoadError` (or an :class:`InputItem` carrying
+``error``) whose message names the input and the problem; the runner turns it into that input's error
+record and goes on with the rest. Paths are kept exactly as given (``str``; a name that is not valid
+UTF-8 keeps its undecodable bytes as surrogate escapes, as :func:`os.fsdecode` gives them); the sink
+writes them losslessly (see :mod:`cem.sinks`).
 """
 
 from __future__ import annotations
 
+import errno
 import glob
-import json
 import os
+import stat
+import struct
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
 )
+# Geometry bounds checked before any pixel reaches OpenCV: OpenCV's remap/warp calls abort the process
+# (SHRT_MAX) on sides of 32,767 px, and the FER stage's retry with a margin makes an image 1.5x wider, so
+# 16,384 px per side keeps every OpenCV call in range; a strip narrower than 1/25 of its length cannot hold
+# a face and only costs detection tiles.
+MAX_SIDE = 16_384
+MAX_ASPECT = 25.0
+# Contexts longer than this are refused per row (a prompt cannot use more; 20k characters is ~5k tokens).
+MAX_CONTEXT_CHARS = 20_000
+# CSV fields may be this large (the csv module's default is 128 KiB); larger ones are an error for that file.
+CSV_FIELD_LIMIT = 16 * 1024 * 1024
 
-ImageInput = Union[str, os.PathLike, np.ndarray, "PIL.Image.Image"]  # noqa: F821
+ImageInput = Union[str, os.PathLike, np.ndarray, "PIL.Image.Image"]
 
 
 class ImageLoadError(ValueError):
     """An input that is not a usable image (unreadable, empty, truncated, too large, not an image)."""
 
 
-def load_image(source: ImageInput, max_pixels: int = 50_000_000) -> np.ndarray:
+class InputError(ValueError):
+    """Inputs that cannot be used at all (a manifest without an 'image' column, nothing found, ...)."""
+
+
+def os_reason(e: OSError) -> str:
+    """A short, stable description of why a file system call failed."""
+    reasons = {errno.ENOENT: "file not found", errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+               errno.ELOOP: "symbolic link loop", errno.ENOTDIR: "a part of the path is not a folder",
+               errno.ENAMETOOLONG: "name too long", errno.EIO: "input/output error",
+               errno.EISDIR: "is a folder, not an image"}
+    return reasons.get(e.errno or 0, (e.strerror or type(e).__name__).lower())
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a file"
+
+
+def check_geometry(name: str, width: int, height: int, max_pixels: int, max_side: int = MAX_SIDE,
+                   max_aspect: float = MAX_ASPECT) -> None:
+    """Refuse sizes the FER stage cannot take, before any pixel is decoded or reaches OpenCV."""
+    if width <= 0 or height <= 0:
+        raise ImageLoadError(f"{name}: image has no pixels ({width}x{height})")
+    if max(width, height) > max_side:
+        raise ImageLoadError(f"{name}: image too large: {width}x{height} px, limit {max_side} px per side")
+    if width * height > max_pixels:
+        raise ImageLoadError(f"{name}: image too large: {width}x{height} = {width * height} pixels exceeds "
+                             f"the limit of {max_pixels}")
+    if max(width, height) / min(width, height) > max_aspect:
+        raise ImageLoadError(f"{name}: image too elongated: {width}x{height} px (aspect ratio above "
+                             f"{max_aspect:g}:1 cannot hold a face)")
+
+
+def load_image(source: ImageInput, max_pixels: int = 50_000_000, max_side: int = MAX_SIDE) -> np.ndarray:
     """Return the image as an upright RGB uint8 array of shape (H, W, 3).
 
     EXIF orientation is applied; grayscale, palette, RGBA (composited on white), 16-bit, CMYK and other
-    modes are converted to RGB. ``max_pixels`` guards against decompression bombs.
+    modes are converted to RGB. ``max_pixels`` guards against decompression bombs, ``max_side`` against
+    geometry that OpenCV cannot handle (see :func:`check_geometry`).
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if isinstance(source, np.ndarray):
+        if source.ndim >= 2:
+            check_geometry(f"<array {source.shape[1]}x{source.shape[0]}>", source.shape[1], source.shape[0],
+                           max_pixels, max_side)
         return _array_to_rgb(source)
     if isinstance(source, Image.Image):
+        check_geometry(f"<{type(source).__name__} {source.width}x{source.height}>", source.width, source.height,
+                       max_pixels, max_side)
         return _pil_to_rgb(ImageOps.exif_transpose(source) or source)
-    path = Path(source)
-    if not path.exists():
-        raise ImageLoadError(f"{path}: file not found")
-    if path.is_dir():
-        raise ImageLoadError(f"{path}: is a folder, not an image")
-    if path.stat().st_size == 0:
-        raise ImageLoadError(f"{path}: empty file (0 bytes)")
+    name = os.fspath(source)
+    if isinstance(name, bytes):
+        name = os.fsdecode(name)
     try:
-        with warnings.catch_warnings():
+        st = os.stat(name)
+    except OSError as e:
+        if e.errno == errno.ENOENT and os.path.lexists(name):
+            raise ImageLoadError(f"{name}: broken symbolic link (its target does not exist)") from None
+        raise ImageLoadError(f"{name}: {os_reason(e)}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageLoadError(f"{name}: is a folder, not an image")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageLoadError(f"{name}: not a regular file ({_file_kind(st.st_mode)})")
+    if st.st_size == 0:
+        raise ImageLoadError(f"{name}: empty file (0 bytes)")
+    try:
+        fh = open(name, "rb")  # noqa: SIM115 - closed below; opening first separates "cannot open" from "bad image"
+    except OSError as e:
+        raise ImageLoadError(f"{name}: {os_reason(e)} (the file cannot be opened)") from None
+    try:
+        with fh, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(fh) as im:
                 w, h = im.size
-                if w * h > max_pixels:
-                    raise ImageLoadError(f"{path}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
+                check_geometry(name, w, h, max_pixels, max_side)
                 im.load()
                 upright = ImageOps.exif_transpose(im) or im
                 return _pil_to_rgb(upright)
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
-        raise ImageLoadError(f"{path}: not an image file PIL can read") from None
+        raise ImageLoadError(f"{name}: not an image file PIL can read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageLoadError(f"{path}: decompression bomb refused ({e})") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageLoadError(f"{path}: corrupt or truncated image ({e})") from None
+        raise ImageLoadError(f"{name}: decompression bomb refused ({e})") from None
+    except MemoryError:
+        raise ImageLoadError(f"{name}: not enough memory to decode this image") from None
+    except OSError as e:
+        if e.errno is not None:  # a read error of the file system, not of the image data
+            raise ImageLoadError(f"{name}: {os_reason(e)} (while reading the file)") from None
+        raise ImageLoadError(f"{name}: corrupt or truncated image ({e})") from None
+    except (SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
+        raise ImageLoadError(f"{name}: corrupt or truncated image ({type(e).__name__}: {e})") from None
+
 
 
 def _pil_to_rgb(im: Any) -> np.ndarray:
@@ -109,140 +191,277 @@ def _array_to_rgb(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[str]:
-    """Files, folders (recursive, image extensions only, sorted) and globs -> list of paths as given.
-
-    A file named explicitly is kept whatever its extension (so that a bad file gets an error record);
-    a name that matches nothing is kept too, and fails at load time with "file not found".
-    """
-    out: list[str] = []
-    seen: set[str] = set()
-
-    def add(p: str) -> None:
-        if p not in seen:
-            seen.add(p)
-            out.append(p)
-
-    for item in inputs:
-        s = os.fspath(item)
-        p = Path(s)
-        if p.is_dir():
-            for f in sorted(p.rglob("*")):
-                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
-                    add(str(f))
-        elif p.exists():
-            add(s)
-        elif glob.has_magic(s):
-            for m in sorted(glob.glob(s, recursive=True)):
-                mp = Path(m)
-                if mp.is_file():
-                    add(m)
-                elif mp.is_dir():
-                    for f in sorted(mp.rglob("*")):
-                        if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
-                            add(str(f))
-        else:
-            add(s)
-    return out
-
 
 @dataclass
 class InputItem:
-    """One image to process: its path as it will appear in the record, its context, manifest extras."""
+    """One input to process: its path as it will appear in the record, its context, manifest columns,
+    and a problem already found while expanding the inputs (written as this input's error record)."""
 
     path: str
     context: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+    found: bool = True  # False: nothing exists at this path (a typo?)
+    row: str | None = None  # "manifest.csv:LINE" for a manifest row
+
+
+@dataclass
+class InputSet:
+    """What a list of inputs expands to."""
+
+    items: list[InputItem]
+    notes: list[str] = field(default_factory=list)  # inputs that gave nothing: empty globs, folders without images
+    duplicates: list[str] = field(default_factory=list)  # manifest rows skipped as exact repeats
+
+    @property
+    def nothing_found(self) -> bool:
+        """True when no input named anything that exists: the arguments are unusable (exit status 2)."""
+        return not any(it.found for it in self.items)
+
+    def problem(self) -> str:
+        missing = [f"{it.path}: file not found" for it in self.items if not it.found]
+        return "no input found: " + "; ".join(self.notes + missing)
+
+
+def _lexists(path: str) -> bool:
+    """Whether something (a file, folder, link, even a broken one) is at ``path``; unknowable counts as yes,
+    so that loading reports the real problem (e.g. permission denied) in that input's record."""
+    try:
+        os.lstat(path)
+    except OSError as e:
+        return e.errno not in (errno.ENOENT, errno.ENOTDIR)
+    return True
+
+
+def _is_dir(path: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _walk(folder: str) -> list[InputItem]:
+    """Image files under ``folder`` (recursive; symbolic links to folders are not followed, so no loop),
+    sorted. A folder that cannot be listed, and anything with an image name that is a folder, become
+    items carrying that error, so that they get a record instead of vanishing."""
+    out: list[InputItem] = []
+    stack = [folder]
+    while stack:
+        d = stack.pop()
+        try:
+            with os.scandir(d) as it:
+                entries = list(it)
+        except OSError as e:
+            out.append(InputItem(d, error=f"{d}: {os_reason(e)} (a folder that cannot be listed)"))
+            continue
+        for entry in entries:
+            image_name = _is_image_name(entry.name)
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                stack.append(entry.path)
+                if image_name:
+                    out.append(InputItem(entry.path, error=f"{entry.path}: is a folder, not an image"))
+            elif image_name:  # regular files, links (even looping ones) and special files: loading judges them
+                out.append(InputItem(entry.path))
+    out.sort(key=lambda it: Path(it.path).parts)
+    return out
+
+
+def _expand_one(s: str, out: list[InputItem], notes: list[str]) -> None:
+    if not s:
+        notes.append("an empty input name was given and ignored")
+        return
+    if _lexists(s):
+        if _is_dir(s):
+            found = _walk(s)
+            if not found:
+                notes.append(f"{s}: no image files in this folder")
+            out.extend(found)
+        else:
+            out.append(InputItem(s))
+    elif glob.has_magic(s):
+        matches = sorted(glob.glob(s, recursive=True))
+        if not matches:
+            notes.append(f"{s}: no file matches this pattern")
+        for m in matches:
+            if _is_dir(m):
+                if _is_image_name(m):
+                    out.append(InputItem(m, error=f"{m}: is a folder, not an image"))
+                out.extend(_walk(m))
+            else:
+                out.append(InputItem(m))
+    else:
+        out.append(InputItem(s, found=False))
+
+
+def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[str]:
+    """Files, folders (recursive, image extensions only, sorted) and globs -> paths as given, each once.
+
+    A file named explicitly is kept whatever its extension (so that a bad file gets an error record);
+    a name that matches nothing is kept too, and fails at load time with "file not found".
+    """
+    return [it.path for it in collect_inputs(inputs).items]
+
+
+def _csv_rows(path: str | os.PathLike, required: set[str]) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, row) of a UTF-8 CSV (a byte-order mark, as Excel writes, is accepted); header names
+    are stripped of spaces. Problems with the file as a whole raise :class:`InputError`."""
+    import csv
+
+    if csv.field_size_limit() < CSV_FIELD_LIMIT:
+        csv.field_size_limit(CSV_FIELD_LIMIT)
+    try:
+        fh = open(path, newline="", encoding="utf-8-sig")  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise InputError(f"{path}: cannot open ({os_reason(e)})") from None
+    with fh:
+        reader = csv.reader(fh)
+        try:
+            header = [h.strip() for h in next(reader, [])]
+            missing = sorted(required - set(header))
+            if missing:
+                need = ", ".join(repr(m) for m in sorted(required))
+                raise InputError(f"{path}: needs the column(s) {need}; the header is {header}")
+            for row in reader:
+                if not any(cell.strip() for cell in row):
+                    continue
+                cells = dict(zip(header, row))
+                yield reader.line_num, {k: cells.get(k, "") for k in header if k}
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except csv.Error as e:
+            raise InputError(f"{path}:{reader.line_num}: {e} (fields are limited to {CSV_FIELD_LIMIT} bytes)") from None
+
+
+def _context_problem(context: str | None, where: str) -> str | None:
+    if context is not None and len(context) > MAX_CONTEXT_CHARS:
+        return f"context in {where} has {len(context)} characters, more than the limit of {MAX_CONTEXT_CHARS}"
+    return None
 
 
 def read_manifest(path: str | os.PathLike) -> list[InputItem]:
     """A CSV manifest: column ``image`` (relative paths are relative to the manifest's folder), optional
-    ``context``, and any other columns, which are carried into the output records."""
-    import csv
-
+    ``context``, and any other columns, which are carried into the output records (under ``meta``).
+    A row with no image or an over-long context becomes an item carrying that error."""
     base = Path(path).parent
     items = []
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if reader.fieldnames is None or "image" not in reader.fieldnames:
-            raise ValueError(f"{path}: a manifest needs an 'image' column")
-        reserved = {"image", "context", "width", "height", "faces", "error", "provenance"}
-        for n, row in enumerate(reader, start=2):
-            img = (row.get("image") or "").strip()
-            if not img:
-                raise ValueError(f"{path}:{n}: empty 'image' cell")
-            p = img if os.path.isabs(img) else str(base / img)
-            extra = {k: v for k, v in row.items() if k not in reserved and k is not None}
-            items.append(InputItem(p, (row.get("context") or None), extra))
+    for n, row in _csv_rows(path, {"image"}):
+        img = row.get("image", "").strip()
+        where = f"{os.fspath(path)}:{n}"
+        extra = {k: v for k, v in row.items() if k not in ("image", "context")}
+        if not img:
+            items.append(InputItem(where, extra=extra, error=f"{where}: empty 'image' cell", row=where))
+            continue
+        p = img if os.path.isabs(img) else str(base / img)
+        context = row.get("context") or None
+        problem = _context_problem(context, where)
+        items.append(InputItem(p, None if problem else context, extra, error=f"{p}: {problem}" if problem else None,
+                               found=_lexists(p), row=where))
     return items
 
 
-def collect_inputs(inputs: Iterable[str | os.PathLike]) -> list[InputItem]:
-    """Like :func:`expand_inputs`, and an input ending in ``.csv`` is read as a manifest."""
-    items: list[InputItem] = []
-    plain: list[str] = []
+@dataclass
+class ContextTable:
+    """An ``image,context`` file: contexts by image (path as given or file name), and per-image problems."""
 
-    def flush() -> None:
-        items.extend(InputItem(p) for p in expand_inputs(plain))
-        plain.clear()
+    contexts: dict[str, str]
+    errors: dict[str, str]
 
-    for i in inputs:
-        if os.fspath(i).lower().endswith(".csv") and Path(i).is_file():
-            flush()
-            items.extend(read_manifest(i))
+    def lookup(self, path: str) -> tuple[str | None, str | None]:
+        """(context, error) for an image path: by the path as given, else by its file name."""
+        for key in (path, Path(path).name):
+            if key in self.errors:
+                return None, self.errors[key]
+            if key in self.contexts:
+                return self.contexts[key] or None, None  # an empty cell: no context of its own
+        return None, None
+
+
+def read_context_csv(path: str | os.PathLike) -> ContextTable:
+    """``image,context`` CSV. One image given two different contexts is an :class:`InputError` (which one
+    was meant cannot be known); an over-long context is an error for that image only."""
+    contexts: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    lines: dict[str, int] = {}
+    for n, row in _csv_rows(path, {"image", "context"}):
+        img, ctx = row["image"].strip(), row.get("context", "")
+        if img in lines and contexts.get(img) != ctx:
+            raise InputError(f"{path}: lines {lines[img]} and {n} give two different contexts for {img!r}")
+        lines[img] = n
+        problem = _context_problem(ctx, f"{os.fspath(path)}:{n}")
+        if problem:
+            errors[img] = problem
         else:
-            plain.append(os.fspath(i))
-    flush()
-    return items
+            contexts[img] = ctx
+    return ContextTable(contexts, errors)
 
 
-def read_context_csv(path: str | os.PathLike) -> dict[str, str]:
-    """``image,context`` CSV -> {image: context}. Keys are matched by path as given and by file name."""
-    import csv
-
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if reader.fieldnames is None or not {"image", "context"} <= set(reader.fieldnames):
-            raise ValueError(f"{path}: a context file needs the columns 'image' and 'context'")
-        return {row["image"]: row["context"] or "" for row in reader}
-
-
-class JsonlWriter:
-    """Appends one JSON object per line and flushes each, so a crash loses at most the line being written."""
-
-    def __init__(self, path: str | os.PathLike, append: bool = False) -> None:
-        self.path = Path(path)
-        self._fh: IO[str] = open(self.path, "a" if append else "w", encoding="utf-8")
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._fh.flush()
-
-    def close(self) -> None:
-        self._fh.close()
-
-    def __enter__(self) -> JsonlWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+def collect_inputs(inputs: Iterable[str | os.PathLike], contexts: ContextTable | Mapping[str, str] | None = None,
+                   context: str | None = None) -> InputSet:
+    """Expand inputs: files, folders (recursive), globs, and CSV manifests (``.csv`` files). Each item's
+    context is the manifest's, else the context file's (by path, then file name), else ``context``.
+    Items are unique by (path, context): a repeated manifest row is skipped and reported, so two rows for
+    one image with different contexts stay two records."""
+    items: list[InputItem] = []
+    notes: list[str] = []
+    for i in inputs:
+        s = os.fsdecode(i) if isinstance(i, bytes) else os.fspath(i)
+        if s.lower().endswith(".csv") and os.path.isfile(s):
+            rows = read_manifest(s)
+            if not rows:
+                notes.append(f"{s}: the manifest has no rows")
+            items.extend(rows)
+        else:
+            _expand_one(s, items, notes)
+    problem = _context_problem(context, "--context")
+    if problem:
+        raise InputError(problem)
+    table = contexts if isinstance(contexts, ContextTable) else ContextTable(dict(contexts or {}), {})
+    for it in items:
+        if it.context is None and it.error is None:
+            ctx, err = table.lookup(it.path)
+            it.context = ctx if ctx is not None else context
+            if err:
+                it.error = f"{it.path}: {err}"
+    unique: list[InputItem] = []
+    seen: dict[tuple[str, str | None], int] = {}
+    duplicates = []
+    for n, it in enumerate(items):
+        key = (it.path, it.context)
+        if key in seen:
+            if it.row:  # a repeated manifest row is reported; a path named twice is just one input
+                first = items[seen[key]].row or "the command line"
+                duplicates.append(f"{it.row}: {it.path} repeats {first} with the same context; skipped")
+            continue
+        seen[key] = n
+        unique.append(it)
+    return InputSet(unique, notes, duplicates)
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
-    """Records of a JSONL file; a half-written last line (crash) is skipped."""
-    with open(path, encoding="utf-8") as fh:
+    """Records of a JSONL file; lines that are not JSON objects (e.g. a half-written last line) are skipped."""
+    import json
+
+    with open(path, encoding="utf-8", errors="replace") as fh:
         for line in fh:
             line = line.strip()
             if not line:
                 continue
             try:
-                yield json.loads(line)
+                rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-
-
+            if isinstance(rec, dict):
+                yield rec
 def face_rows(record: dict[str, Any], labels: list[str], au_codes: list[str],
-              extra_columns: list[str] = ()) -> list[dict[str, Any]]:
+              extra_columns: Sequence[str] = ()) -> list[dict[str, Any]]:
     """One flat row per face of a record (one row with empty face fields for an image without faces)."""
     base = {"image": record["image"]}
     base.update({k: record.get(k, "") for k in extra_columns})
@@ -273,7 +492,7 @@ def face_rows(record: dict[str, Any], labels: list[str], au_codes: list[str],
     return rows
 
 
-def csv_columns(labels: list[str], au_codes: list[str], extra_columns: list[str] = ()) -> list[str]:
+def csv_columns(labels: list[str], au_codes: list[str], extra_columns: Sequence[str] = ()) -> list[str]:
     """The stable column order of ``--csv`` tables."""
     return (["image", *extra_columns, "face_index", "x", "y", "w", "h", "detection_score", "yaw", "pitch", "roll",
              "face_px", "blur", "extreme_pose", "mesh_failed", *au_codes]
@@ -281,25 +500,3 @@ def csv_columns(labels: list[str], au_codes: list[str], extra_columns: list[str]
             + ["top_emotion", "error"])
 
 
-class CsvFaceWriter:
-    """Writes one row per face with :func:`csv_columns`, flushed per image."""
-
-    def __init__(self, path: str | os.PathLike, labels: list[str], au_codes: list[str],
-                 extra_columns: list[str] = (), append: bool = False) -> None:
-        import csv
-
-        self.labels, self.au_codes, self.extra = list(labels), list(au_codes), list(extra_columns)
-        self.columns = csv_columns(self.labels, self.au_codes, self.extra)
-        exists = append and Path(path).is_file() and Path(path).stat().st_size > 0
-        self._fh = open(path, "a" if exists else "w", newline="", encoding="utf-8")
-        self._w = csv.DictWriter(self._fh, fieldnames=self.columns, extrasaction="ignore")
-        if not exists:
-            self._w.writeheader()
-
-    def write(self, record: dict[str, Any]) -> None:
-        for row in face_rows(record, self.labels, self.au_codes, self.extra):
-            self._w.writerow(row)
-        self._fh.flush()
-
-    def close(self) -> None:
-        self._fh.close()

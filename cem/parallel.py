@@ -1,42 +1,190 @@
-"""``--workers N``: the pipeline in N worker processes, results in input order.
+"""``--workers N``: the FER stage in N worker processes; reasoning stays in the calling process.
 
-Each worker builds its own :class:`~cem.pipeline.Pipeline` once (models are not shared across processes)
-and limits torch to one intra-op thread, so N workers use about N cores. Processes are started with
-``spawn``: MediaPipe and torch are not fork-safe once loaded. Output is identical to a serial run: the same
-records in the same order (``imap`` keeps order); only ``provenance.timings_ms`` differs.
+Each worker builds its own FER stage once and sets torch's intra-op threads to ``cores // N`` (set in the
+worker, when it starts: nothing is set at import), so N workers share the machine instead of each taking
+every core. Workers return :class:`~cem.pipeline.MeasuredImage` objects; the caller reasons over them in
+batches, so a reasoner's ``batch_size`` and an openai server's ``concurrency`` apply with workers too.
+
+The pool is crash- and hang-aware: each worker has one image at a time, so when a worker dies (OpenCV
+aborting on a pathological image, the out-of-memory killer) or passes the per-image time limit, that
+image gets an error record naming the input and what happened, the worker is replaced, and the run goes
+on. Processes are started with ``spawn``: MediaPipe and torch are not fork-safe once loaded. Results come
+back in input order, identical to a serial run except for ``provenance.timings_ms``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import signal
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from cem.config import Config
 
-_PIPELINE: Any = None
+DEFAULT_IMAGE_TIMEOUT_S = 600.0
 
 
-def _init(config: Config) -> None:
-    global _PIPELINE
-    import os
-
-    os.environ.setdefault("GLOG_minloglevel", "2")
-    import torch
-
-    torch.set_num_threads(1)  # this process is ours: one thread per worker, N workers ~ N cores
-    from cem.pipeline import Pipeline
-
-    _PIPELINE = Pipeline(config)
+class WorkerStartError(RuntimeError):
+    """A worker could not build its pipeline (the same problem would stop a serial run at start)."""
 
 
-def _work(job: tuple[str, str | None]) -> dict[str, Any]:
-    path, context = job
-    return _PIPELINE.analyze(path, context).to_dict()
+def cpu_count() -> int:
+    """Cores this process may use (its affinity mask, which containers and ``taskset`` narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
-def analyze_parallel(config: Config, jobs: list[tuple[str, str | None]], workers: int) -> Iterator[dict[str, Any]]:
-    """Yield one record dict per (path, context) job, in order."""
-    import multiprocessing as mp
+def threads_per_worker(workers: int) -> int:
+    return max(1, cpu_count() // max(1, workers))
 
-    with mp.get_context("spawn").Pool(workers, initializer=_init, initargs=(config,)) as pool:
-        yield from pool.imap(_work, jobs, chunksize=1)
+
+def _worker_main(conn: Any, config: Config, threads: int, faces: str | None, keep_pixels: bool) -> None:
+    os.environ.setdefault("GLOG_minloglevel", "2")  # this process only: MediaPipe's info lines
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        from cem.pipeline import Pipeline
+
+        pipeline = Pipeline(config)
+    except Exception as e:
+        conn.send(("start-error", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", None))
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:
+            break
+        if job is None:
+            break
+        idx, path = job
+        conn.send(("done", (idx, pipeline.measure(path, faces, keep_pixels=keep_pixels))))
+    pipeline.close()
+
+
+@dataclass
+class _Worker:
+    proc: Any
+    conn: Any
+    job: tuple[int, str] | None = None
+    started: float = 0.0
+    ready: bool = False
+
+
+class WorkerPool:
+    """N FER worker processes; :meth:`measure` yields one MeasuredImage per path, in order."""
+
+    def __init__(self, config: Config, workers: int, faces: str | None = None, keep_pixels: bool = True,
+                 image_timeout_s: float = DEFAULT_IMAGE_TIMEOUT_S) -> None:
+        import multiprocessing as mp
+
+        self.ctx = mp.get_context("spawn")
+        self.config, self.n, self.faces, self.keep_pixels = config, workers, faces, keep_pixels
+        self.timeout = image_timeout_s
+        self.threads = threads_per_worker(workers)
+        self.workers: list[_Worker] = []
+
+    def _spawn(self) -> _Worker:
+        parent, child = self.ctx.Pipe()
+        proc = self.ctx.Process(target=_worker_main, daemon=True,
+                                args=(child, self.config, self.threads, self.faces, self.keep_pixels))
+        proc.start()
+        child.close()
+        return _Worker(proc, parent)
+
+    def _stop(self, w: _Worker) -> None:
+        if w.proc.is_alive():
+            w.proc.kill()
+        w.proc.join(timeout=10)
+        w.conn.close()
+
+    def measure(self, paths: Iterable[str]) -> Iterator[Any]:
+        from multiprocessing.connection import wait
+
+        from cem.pipeline import MeasuredImage
+
+        pending: deque[tuple[int, str]] = deque(enumerate(paths))
+        total = len(pending)
+        done: dict[int, Any] = {}
+        next_out = 0
+        self.workers = [self._spawn() for _ in range(min(self.n, max(1, total)))]
+        try:
+            while next_out < total:
+                for w in self.workers:
+                    if w.ready and w.job is None and pending:
+                        w.job, w.started = pending.popleft(), time.monotonic()
+                        try:
+                            w.conn.send(w.job)
+                        except OSError:
+                            pass  # the worker died: its sentinel is ready, and the job is reported below
+                busy = [w for w in self.workers if w.job is not None]
+                wait_s = min((w.started + self.timeout - time.monotonic() for w in busy), default=5.0)
+                ready = wait([w.conn for w in self.workers] + [w.proc.sentinel for w in self.workers],
+                             timeout=max(0.0, wait_s))
+                for i, w in enumerate(list(self.workers)):
+                    failure = None
+                    if w.conn in ready:
+                        try:
+                            kind, payload = w.conn.recv()
+                        except (EOFError, OSError):
+                            kind, payload = "dead", None
+                        if kind == "start-error":
+                            raise WorkerStartError(payload)
+                        if kind == "ready":
+                            w.ready = True
+                        elif kind == "done":
+                            done[payload[0]] = payload[1]
+                            w.job = None
+                        else:
+                            failure = "dead"
+                    elif w.proc.sentinel in ready:
+                        failure = "dead"
+                    elif w.job is not None and time.monotonic() - w.started > self.timeout:
+                        failure = "timeout"
+                    if failure is None:
+                        continue
+                    self._stop(w)
+                    if w.job is not None:
+                        idx, path = w.job
+                        done[idx] = MeasuredImage(path, None, [], {}, f"{path}: {_describe_failure(failure, w, self)}")
+                    elif not w.ready:
+                        raise WorkerStartError(f"a worker process died while starting ({_exit_text(w.proc.exitcode)})")
+                    self.workers[i] = self._spawn()
+                while next_out in done:
+                    yield done.pop(next_out)
+                    next_out += 1
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for w in self.workers:
+            if w.proc.is_alive() and w.job is None and w.ready:
+                try:
+                    w.conn.send(None)
+                except OSError:
+                    pass
+                w.proc.join(timeout=5)
+            self._stop(w)
+        self.workers = []
+
+
+def _exit_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+def _describe_failure(kind: str, w: _Worker, pool: WorkerPool) -> str:
+    if kind == "timeout":
+        return f"analysis timed out after {pool.timeout:g} s (the worker was stopped)"
+    return f"the worker process crashed while analysing this image ({_exit_text(w.proc.exitcode)})"

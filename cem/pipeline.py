@@ -2,27 +2,69 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 import cem
 from cem.config import Config
 from cem.fuse import downweight_contradicted, ground_cues, pool
-from cem.io import ImageInput, ImageLoadError, load_image
-from cem.schema import FaceResult, ImageResult, Provenance
+from cem.io import MAX_SIDE, ImageInput, ImageLoadError, load_image
+from cem.schema import FaceEvidence, FaceResult, ImageResult, Provenance
+
+
+def _with_context(result: ImageResult, context: str | None) -> ImageResult:
+    """Every record carries the context it was given (``null`` when none)."""
+    if hasattr(result, "context"):  # the contract's ImageResult has the field
+        result.context = context
+    else:
+        result.extra["context"] = context
+    return result
 
 
 def _describe(image: ImageInput) -> str:
     if isinstance(image, (str, os.PathLike)):
-        return os.fspath(image)
+        name = os.fspath(image)
+        return os.fsdecode(name) if isinstance(name, bytes) else name
     if isinstance(image, np.ndarray):
         return f"<array {image.shape[1] if image.ndim > 1 else '?'}x{image.shape[0]}>"
     return f"<{type(image).__name__}>"
+
+
+_REASON_FAILED = re.compile(r"^reasoner failed \(([^)]+)\)")
+
+
+def reasoner_failure_cause(error: str | None) -> str | None:
+    """The cause word of a face's ``error`` when its reasoner failed ("timeout", "http-503", ...), else None."""
+    if not error:
+        return None
+    m = _REASON_FAILED.match(error)
+    if m:
+        return m.group(1)
+    return "other" if error.startswith("reasoner") else None
+
+
+@dataclass
+class MeasuredImage:
+    """One image after loading and the FER stage, before reasoning; picklable (worker processes send it).
+
+    ``rgb`` may be None when the reasoner does not look at pixels (then ``width``/``height`` still hold the
+    size); ``error`` is set when the image could not be loaded or measured."""
+
+    name: str
+    rgb: np.ndarray | None
+    evidence: list[FaceEvidence]
+    timings: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    width: int | None = None
+    height: int | None = None
 
 
 class Pipeline:
@@ -36,16 +78,31 @@ class Pipeline:
         result = pipe.analyze("photo.jpg", context="at a funeral")
         face = result.faces[0]
         print(face.top_emotion, face.emotion, result.to_dict())
+        summary = pipe.annotate(["photos/"], "out.jsonl", resume=True)   # the runner the CLI uses
         ```
     """
 
-    def __init__(self, config: Config) -> None:
-        from cem.fer.stage import FERStage
+    def __init__(self, config: Config, load_fer: bool = True) -> None:
+        """``load_fer=False`` builds only the reasoner (a process that reasons over images measured by
+        worker processes); the FER stage then loads on first use."""
         from cem.reasoning import make_reasoner
 
         self.config = config
         self.reasoner = make_reasoner(config)  # first: a bad backend fails before models load
-        self.fer = FERStage(config)
+        self._fer: Any = None
+        if load_fer:
+            self._fer = self._make_fer()
+
+    def _make_fer(self) -> Any:
+        from cem.fer.stage import FERStage
+
+        return FERStage(self.config)
+
+    @property
+    def fer(self) -> Any:
+        if self._fer is None:
+            self._fer = self._make_fer()
+        return self._fer
 
     @classmethod
     def from_config(cls, name_or_path: str | Path = "default", **overrides: Any) -> Pipeline:
@@ -56,44 +113,58 @@ class Pipeline:
         """
         return cls(Config.load(name_or_path, **overrides))
 
-    def _provenance(self, timings: dict[str, float]) -> Provenance:
+    def provenance(self, timings: dict[str, float] | None = None) -> Provenance:
+        """Provenance of records made by this pipeline (also for error records written by the runner)."""
         sampling = None
         if getattr(self.reasoner, "do_sample", False):
             sampling = {"do_sample": True, "seed": getattr(self.reasoner, "seed", None)}
         return Provenance(cem_version=cem.__version__, config=self.config.name, reasoner=self.reasoner.backend,
-                          model=self.reasoner.model_id, template=self.reasoner.template_id, timings_ms=timings,
-                          sampling=sampling)
+                          model=self.reasoner.model_id, template=self.reasoner.template_id,
+                          timings_ms=dict(timings or {}), sampling=sampling)
 
-    def _measure(self, image: ImageInput, faces: str | None) -> tuple[Any, ...]:
-        """Load and FER-measure one image: (name, rgb, evidence, timings, error)."""
+    _provenance = provenance  # the name other branches used before the runner existed
+
+    def measure(self, image: ImageInput, faces: str | None = None, keep_pixels: bool = True) -> MeasuredImage:
+        """Load and FER-measure one image. Never raises for a bad image: the result carries ``error``.
+        ``keep_pixels=False`` drops the decoded image after measuring (for reasoners that do not see it)."""
         name = _describe(image)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         try:
-            rgb = load_image(image, self.config.image.max_pixels)
+            rgb = load_image(image, self.config.image.max_pixels,
+                             int(getattr(self.config.image, "max_side", MAX_SIDE)))
         except ImageLoadError as e:
-            return name, None, [], timings, str(e)
+            return MeasuredImage(name, None, [], timings, str(e))
         timings["load"] = (time.perf_counter() - t0) * 1000
+        h, w = rgb.shape[:2]
         t1 = time.perf_counter()
         try:
             evidence = self.fer.measure(rgb, faces)
         except Exception as e:  # a model failure on one image must not end a batch; it is reported
-            return name, rgb, [], timings, f"{name}: FER stage failed ({type(e).__name__}: {e})"
+            return MeasuredImage(name, None, [], timings, f"{name}: FER stage failed ({type(e).__name__}: {e})",
+                                 w, h)
         timings["fer"] = (time.perf_counter() - t1) * 1000
         timings.update(self.fer.last_timings)
-        return name, rgb, evidence, timings, None
+        return MeasuredImage(name, rgb if keep_pixels else None, evidence, timings, None, w, h)
 
-    def _finish(self, name: str, rgb: np.ndarray | None, evidence: list, timings: dict[str, float],
-                error: str | None, answers: list | None, reason_error: str | None) -> ImageResult:
-        if error is not None or rgb is None:
-            h, w = (rgb.shape[:2] if rgb is not None else (None, None))
-            return ImageResult(name, w, h, [], self._provenance(timings), error=error)
+    @property
+    def needs_pixels(self) -> bool:
+        """Whether the reasoner looks at the image itself (the rules reasoner reads only the evidence)."""
+        return self.reasoner.backend != "rules"
+
+    def _finish(self, m: MeasuredImage, answers: list | None, reason_error: str | None,
+                context: str | None) -> ImageResult:
+        w, h = m.width, m.height
+        if m.rgb is not None:
+            h, w = m.rgb.shape[:2]
+        if m.error is not None:
+            return _with_context(ImageResult(m.name, w, h, [], self.provenance(m.timings), error=m.error), context)
         by_index = {a.index: a for a in answers or []}
         t = time.perf_counter()
         results = []
-        for ev in evidence:
+        for ev in m.evidence:
             a = by_index.get(ev.index)
-            err = reason_error or (a.error if a else "reasoner returned no answer for this face")
+            err = reason_error or (a.error if a else "reasoner failed (invalid-answer): no answer for this face")
             dist = a.distribution if a else None
             cues = ground_cues(a.cues, ev) if a else []
             if dist is not None:
@@ -102,34 +173,37 @@ class Pipeline:
             emotion = pool(ev.expression, dist, self.config.labels, self.config.fusion)
             results.append(FaceResult(evidence=ev, emotion=emotion, cues=cues,
                                       rationale=a.rationale if a else "", error=err if dist is None else None))
-        timings["fuse"] = (time.perf_counter() - t) * 1000
-        timings["total"] = sum(v for k, v in timings.items() if k in ("load", "fer", "reason", "fuse"))
-        h, w = rgb.shape[:2]
-        return ImageResult(name, w, h, results, self._provenance(timings))
+        m.timings["fuse"] = (time.perf_counter() - t) * 1000
+        m.timings["total"] = sum(v for k, v in m.timings.items() if k in ("load", "fer", "reason", "fuse"))
+        return _with_context(ImageResult(m.name, w, h, results, self.provenance(m.timings)), context)
 
-    def _reason(self, batch: list[tuple[Any, ...]], contexts: list[str | None]) -> list[tuple[list, str | None]]:
+    def _reason(self, batch: list[MeasuredImage], contexts: list[str | None]) -> list[tuple[list, str | None]]:
         """Reason over several measured images at once (one model batch where the backend batches)."""
         from cem.reasoning.llm import Job
 
         out: list[tuple[list, str | None]] = [([], None) for _ in batch]
-        live = [i for i, m in enumerate(batch) if m[4] is None and m[2]]
+        live = [i for i, m in enumerate(batch) if m.error is None and m.evidence]
         if not live:
             return out
+        # rgb is None only for reasoners that do not look at pixels (needs_pixels is False)
+        pixels = [cast(np.ndarray, batch[i].rgb) for i in live]
         t = time.perf_counter()
         try:
             if hasattr(self.reasoner, "reason_batch"):
-                answers = self.reasoner.reason_batch([Job(batch[i][1], batch[i][2], contexts[i]) for i in live])
+                answers = self.reasoner.reason_batch([Job(px, batch[i].evidence, contexts[i])
+                                                      for px, i in zip(pixels, live)])
             else:
-                answers = [self.reasoner.reason(batch[i][1], batch[i][2], contexts[i]) for i in live]
+                answers = [self.reasoner.reason(px, batch[i].evidence, contexts[i]) for px, i in zip(pixels, live)]
             for i, a in zip(live, answers):
                 out[i] = (a, None)
         except Exception as e:  # reported on every face of these images; the run goes on
+            cause = getattr(e, "cause", None) or "model-error"
             for i in live:
-                out[i] = ([], f"reasoner failed ({type(e).__name__}: {e})")
+                out[i] = ([], f"reasoner failed ({cause}): {type(e).__name__}: {e}")
         elapsed = (time.perf_counter() - t) * 1000
         stats = dict(getattr(self.reasoner, "last_stats", {}) or {})
         for i in live:
-            tm = batch[i][3]
+            tm = batch[i].timings
             tm["reason"] = elapsed / len(live)
             if "model_ms" in stats:
                 tm["reason_model"] = stats["model_ms"] / len(live)
@@ -139,12 +213,22 @@ class Pipeline:
                     tm[k] = stats[k] / len(live)
         return out
 
+    def reason_many(self, measured: Sequence[MeasuredImage], contexts: Sequence[str | None]) -> list[ImageResult]:
+        """Reason over measured images in one call (the reasoner batches them) and fuse: one result each."""
+        batch, ctx = list(measured), list(contexts)
+        if len(batch) != len(ctx):
+            raise ValueError(f"reason_many: {len(batch)} images but {len(ctx)} contexts")
+        return [self._finish(m, a, err, c) for m, c, (a, err) in zip(batch, ctx, self._reason(batch, ctx))]
+
+    @property
+    def batch_size(self) -> int:
+        """Images per reasoning call: the reasoner's ``batch_size`` (an openai reasoner's covers its concurrency)."""
+        return max(1, int(getattr(self.reasoner, "batch_size", 1) or 1))
+
     def analyze(self, image: ImageInput, context: str | None = None, faces: str | None = None) -> ImageResult:
         """Analyse one image (path, PIL image or RGB array). Never raises for a bad image: the result then
         carries ``error`` and no faces."""
-        m = self._measure(image, faces)
-        (answers, reason_error), = self._reason([m], [context])
-        return self._finish(*m, answers, reason_error)
+        return self.reason_many([self.measure(image, faces)], [context])[0]
 
     def analyze_many(self, images: Iterable[ImageInput],
                      contexts: Sequence[str | None] | Mapping[str, str] | None = None,
@@ -152,16 +236,9 @@ class Pipeline:
         """Yield one result per image, in order. ``contexts``: a list aligned with ``images`` or a mapping
         from the image's path (as given, or its file name) to its context. Images are reasoned over in
         batches of ``batch_size`` (default: the reasoner's), so an LLM backend can share model calls."""
-        size = batch_size or int(getattr(self.reasoner, "batch_size", 1) or 1)
-        chunk: list[tuple[Any, ...]] = []
+        size = batch_size or self.batch_size
+        chunk: list[MeasuredImage] = []
         chunk_ctx: list[str | None] = []
-
-        def flush() -> Iterator[ImageResult]:
-            for m, (a, err) in zip(chunk, self._reason(chunk, chunk_ctx)):
-                yield self._finish(*m, a, err)
-            chunk.clear()
-            chunk_ctx.clear()
-
         for i, image in enumerate(images):
             ctx: str | None = None
             if isinstance(contexts, Mapping):
@@ -169,12 +246,21 @@ class Pipeline:
                 ctx = contexts.get(key) or contexts.get(Path(key).name)
             elif contexts is not None:
                 ctx = contexts[i]
-            chunk.append(self._measure(image, faces))
+            chunk.append(self.measure(image, faces))
             chunk_ctx.append(ctx)
             if len(chunk) >= size:
-                yield from flush()
+                yield from self.reason_many(chunk, chunk_ctx)
+                chunk, chunk_ctx = [], []
         if chunk:
-            yield from flush()
+            yield from self.reason_many(chunk, chunk_ctx)
+
+    def annotate(self, inputs: Iterable[str | os.PathLike], out: str | os.PathLike, **kwargs: Any) -> Any:
+        """Annotate files, folders, globs and CSV manifests into the JSONL file ``out``: the runner the CLI,
+        notebooks and engines use (resume, lock, workers, progress, summary). Keyword arguments: see
+        :func:`cem.runner.annotate`. Returns a :class:`cem.runner.RunSummary`."""
+        from cem.runner import annotate
+
+        return annotate(self, inputs, out, **kwargs)
 
     def analyze_video(self, path: str | os.PathLike, context: str | None = None, every: int | None = None,
                       fps: float | None = None, options: Any = None) -> Iterator[Any]:
@@ -187,7 +273,7 @@ class Pipeline:
         from cem.contract import moment_record
         from cem.video import VideoOptions, track_video
 
-        opts = options or VideoOptions()
+        opts = dataclasses.replace(options or VideoOptions())  # the caller's options are never changed
         if every is not None:
             opts.every = every
         if fps is not None:
@@ -200,9 +286,8 @@ class Pipeline:
                 evidence = [f.evidence for f in keys]
                 for i, ev in enumerate(evidence):
                     ev.index = i
-                m = (name, vf.rgb, evidence, timings, None)
-                (answers, err), = self._reason([m], [context])
-                result = self._finish(*m, answers, err)
+                m = MeasuredImage(name, vf.rgb, evidence, timings, None, vf.width, vf.height)
+                result = self.reason_many([m], [context])[0]
                 result.context = context
                 for face, tf in zip(result.faces, keys):
                     vf.moments.append(moment_record(
@@ -212,7 +297,8 @@ class Pipeline:
             yield vf
 
     def close(self) -> None:
-        self.fer.close()
+        if self._fer is not None:
+            self._fer.close()
 
     def __enter__(self) -> Pipeline:
         return self

@@ -29,6 +29,7 @@ with a summary of the track's AU and expression timeline since the last key mome
 from __future__ import annotations
 
 import math
+import os
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -308,26 +309,57 @@ def frame_columns(labels: list[str], au_codes: list[str]) -> list[str]:
 
 
 class FrameTableWriter:
-    """Per-frame table: CSV (streamed) or Parquet (``.parquet``; written in row groups, needs pyarrow)."""
+    """Per-frame table: CSV (streamed) or Parquet (``.parquet``; written in row groups, needs pyarrow).
 
-    def __init__(self, path: str | Path, columns: list[str]) -> None:
+    ``resume=True`` keeps the rows already in the table and skips rows of the same (video, frame,
+    track_id) when an interrupted video is processed again: the table is never wiped by ``--resume``.
+    A CSV is appended to; a Parquet file (which cannot be appended to) is rewritten with its old rows
+    first, into a temporary file that replaces it only when complete.
+    """
+
+    def __init__(self, path: str | Path, columns: list[str], resume: bool = False) -> None:
         self.path, self.columns = Path(path), columns
         self.parquet = self.path.suffix.lower() == ".parquet"
         self._buf: list[dict[str, Any]] = []
-        self._pq_writer = None
+        self._pq_writer: Any = None
+        self._existing: set[tuple[str, str, str]] = set()
+        self._target = self.path
+        resuming = resume and self.path.is_file() and self.path.stat().st_size > 0
         if self.parquet:
             try:
-                import pyarrow  # noqa: F401
+                import pyarrow.parquet as pq
             except ImportError:
                 raise VideoError("--frames *.parquet needs pyarrow (pip install pyarrow); or use .csv") from None
+            if resuming:
+                old = pq.read_table(self.path)
+                if old.column_names != columns:
+                    raise VideoError(f"{self.path}: its columns differ from this run's; cannot resume into it")
+                rows = old.to_pylist()
+                self._existing = {self._key(r) for r in rows}
+                self.path = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+                self._buf.extend(rows)
         else:
             import csv
 
-            self._fh = open(self.path, "w", newline="", encoding="utf-8")
+            if resuming:
+                with open(self.path, newline="", encoding="utf-8") as fh:
+                    reader = csv.reader(fh)
+                    header = next(reader, [])
+                    if header != columns:
+                        raise VideoError(f"{self.path}: its columns differ from this run's; cannot resume into it")
+                    self._existing = {self._key(dict(zip(header, r))) for r in reader}
+            self._fh = open(self.path, "a" if resuming else "w", newline="", encoding="utf-8")  # noqa: SIM115
             self._w = csv.DictWriter(self._fh, fieldnames=columns)
-            self._w.writeheader()
+            if not resuming:
+                self._w.writeheader()
+
+    @staticmethod
+    def _key(row: dict[str, Any]) -> tuple[str, str, str]:
+        return (str(row.get("video")), str(row.get("frame")), str(row.get("track_id")))
 
     def write(self, rows: list[dict[str, Any]]) -> None:
+        if self._existing:
+            rows = [r for r in rows if self._key(r) not in self._existing]
         if not self.parquet:
             for r in rows:
                 self._w.writerow({k: ("" if v is None else v) for k, v in r.items()})
@@ -363,5 +395,7 @@ class FrameTableWriter:
                 pq.write_table(self._schema().empty_table(), str(self.path))
             else:
                 self._pq_writer.close()
+            if self.path != self._target:
+                os.replace(self.path, self._target)
         else:
             self._fh.close()

@@ -36,12 +36,13 @@ def test_manifest_csv_and_extra_columns(small_set, tmp_path):
     r = _cem("annotate", str(man), "-o", str(out), "--csv", str(table))
     assert r.returncode == 0, r.stderr
     recs = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [x["participant"] for x in recs] == ["P01", "P02", "P03"]
+    assert [x["meta"] for x in recs] == [{"participant": p} for p in ("P01", "P02", "P03")]
+    assert [x["context"] for x in recs] == ["at a launch", None, None]
     assert recs[0]["image"] == str(small_set / "a.jpg")
     rows = list(csv.DictReader(table.open()))
-    assert [row["participant"] for row in rows] == ["P01", "P02", "P03"]  # coffee: one row, no face
+    assert [row["meta.participant"] for row in rows] == ["P01", "P02", "P03"]  # coffee: one row, no face
     header = next(csv.reader(table.open()))
-    assert header[:4] == ["image", "participant", "face_index", "x"]
+    assert header[:5] == ["image", "context", "meta.participant", "face_index", "x"]
     assert "AU12" in header and "expression_happiness" in header and "emotion_contempt" in header
     assert header[-2:] == ["top_emotion", "error"]
     assert rows[0]["top_emotion"] == recs[0]["faces"][0]["top_emotion"]
@@ -169,7 +170,7 @@ def test_csv_columns_stable_for_0_1_3_faces(pipeline, astronaut, small_set, tmp_
     from cem.io import csv_columns
 
     lines = list(csv.reader(table.open()))
-    assert lines[0] == csv_columns(LABELS, list(AU_NAMES))
+    assert lines[0] == csv_columns(LABELS, list(AU_NAMES), ["context"])
     rows = [dict(zip(lines[0], line)) for line in lines[1:]]
     assert [row["image"].split("/")[-1] for row in rows] == ["c.png", "a.jpg"] + ["three.png"] * 3
     assert [row["face_index"] for row in rows] == ["", "0", "0", "1", "2"]

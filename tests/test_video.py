@@ -119,7 +119,8 @@ def test_cli_video_outputs(video, tmp_path):
     r = subprocess.run([sys.executable, "-m", "cem.cli", "annotate", str(video), "-o", str(moments), "--frames",
                         str(table), "--every", "2"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    recs = [json.loads(x) for x in moments.read_text().splitlines()]
+    *recs, done = [json.loads(x) for x in moments.read_text().splitlines()]
+    assert done["video_summary"] == {"frames": 45, "moments": len(recs), "complete": True}  # marks it finished
     assert recs and all({"track_id", "t_start", "t_end", "faces"} <= set(x) for x in recs)
     assert recs[0]["key_reason"] == "first appearance" and recs[0]["faces"][0]["track_id"] == 0
     face = recs[0]["faces"][0]
@@ -181,3 +182,31 @@ def test_parquet_frame_table(pipeline, video, tmp_path):
     assert table.num_rows == n > 0
     assert table.column_names == frame_columns(labels, list(AU_NAMES))
     assert set(table.column("track_id").to_pylist()) == {0}
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_frame_table_resume_keeps_old_rows_and_skips_repeats(tmp_path, suffix):
+    from cem.video import FrameTableWriter
+
+    if suffix == "parquet":
+        pytest.importorskip("pyarrow")
+    cols = ["video", "time", "frame", "track_id", "x"]
+    row = lambda f: {"video": "v.mp4", "time": f / 10, "frame": f, "track_id": 0, "x": float(f)}  # noqa: E731
+    path = tmp_path / f"frames.{suffix}"
+    w = FrameTableWriter(path, cols)
+    w.write([row(0), row(1)])
+    w.close()
+    w = FrameTableWriter(path, cols, resume=True)  # an interrupted video, processed again from its start
+    w.write([row(0), row(1), row(2)])
+    w.close()
+    if suffix == "csv":
+        import csv
+
+        frames = [int(r["frame"]) for r in csv.DictReader(path.open())]
+    else:
+        import pyarrow.parquet as pq
+
+        frames = pq.read_table(path).column("frame").to_pylist()
+    assert frames == [0, 1, 2]
+    with pytest.raises(Exception, match="columns differ"):
+        FrameTableWriter(path, cols[:-1], resume=True)

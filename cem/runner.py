@@ -1,0 +1,428 @@
+"""The one runner: inputs -> batches through the pipeline -> JSONL (+ table) -> summary and exit status.
+
+The CLI (``cem annotate``), notebooks (``Pipeline.annotate``) and engines call :func:`annotate`. It expands
+inputs (files, folders, globs, CSV manifests, a context file), runs the FER stage serially or in worker
+processes, reasons in batches of the reasoner's ``batch_size`` (an openai reasoner's batch covers its
+``concurrency``), writes one record per input through :class:`cem.sinks.JsonlSink` (lock, resume, valid
+JSON), regenerates the ``--csv`` table from the whole JSONL, and summarises.
+
+Exit status (``RunSummary.exit_code``): 0 when the run finished, even if some inputs failed (each has an
+error record); 2 for unusable arguments, configuration or output (raised as :class:`RunError` before any
+record is written); 3 when the reasoner failed on every face, after writing the records, whose emotions
+are then the expression model's alone.
+
+Manifest columns other than ``image`` and ``context`` are carried into each record under ``meta`` (a
+column named like a record field, e.g. ``track_id`` or ``faces``, can never overwrite it).
+
+Videos: each video's key moments are written as they are found; when the video is finished, one summary
+record (``video``, ``video_summary: {frames, moments, complete: true}``) marks it done. ``--resume``
+skips videos with a summary (or an error record), re-runs an interrupted one from the start without
+writing again the moments and frame rows it already has, and never truncates the frame table.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cem.config import Config
+from cem.io import InputError, InputItem, InputSet, collect_inputs, read_context_csv
+from cem.sinks import JsonlSink, OutputError, input_key, safe_text, write_table
+
+PROGRESS_MIN_IMAGES = 5
+
+
+class RunError(RuntimeError):
+    """A run that cannot start (unusable inputs, configuration or output); ``exit_code`` is 2."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class RunSummary:
+    """What a run did. ``lines()`` is the summary printed on stderr."""
+
+    output: Path
+    images: int = 0  # records of images written by this run
+    faces: int = 0
+    errors: Counter[str] = field(default_factory=Counter)  # images with an error, by problem
+    reasoner_failed: Counter[str] = field(default_factory=Counter)  # faces whose reasoner failed, by cause
+    skipped: int = 0  # inputs already in the output (--resume)
+    rejected: int = 0  # lines of the output moved to OUT.rejected (--resume)
+    repaired: bool = False  # a half-written last record was completed or moved away
+    videos: int = 0
+    moments: int = 0
+    frames: int = 0
+    notes: list[str] = field(default_factory=list)  # inputs that gave nothing, skipped duplicate rows, ...
+    elapsed_s: float = 0.0
+    table: Path | None = None
+    exit_code: int = 0
+    planned: list[str] = field(default_factory=list)  # --dry-run: the inputs that would be processed
+
+    @property
+    def n_errors(self) -> int:
+        return sum(self.errors.values())
+
+    def lines(self) -> list[str]:
+        out = [f"cem: {note}" for note in self.notes]
+        if self.rejected:
+            out.append(f"cem: {self.rejected} unreadable line(s) of {self.output} were moved to "
+                       f"{self.output}.rejected")
+        if self.skipped:
+            out.append(f"cem: {self.skipped} input(s) already in {self.output} were skipped (--resume)")
+        rate = self.images / max(self.elapsed_s, 1e-9)
+        out.append(f"cem: {self.images} images, {self.faces} faces, {self.n_errors} errors in {self.elapsed_s:.1f} s "
+                   f"({rate:.1f} images/s) -> {self.output}")
+        out += [f"  {n} x {kind}" for kind, n in self.errors.most_common()]
+        if self.videos:
+            out.append(f"cem: {self.videos} video(s), {self.frames} frames, {self.moments} key moments")
+        failed = sum(self.reasoner_failed.values())
+        if failed:
+            causes = ", ".join(f"{n} x {c}" for c, n in self.reasoner_failed.most_common())
+            out.append(f"cem: the reasoner failed on {failed} of {self.faces + self.moments} faces ({causes})")
+        if self.exit_code == 3:
+            out.append("cem: the reasoner failed on every face: the emotions in these records are the expression "
+                       "model's alone (exit status 3)")
+        if self.table:
+            out.append(f"cem: table of every record in {self.output} -> {self.table}")
+        return out
+
+
+def problem_kind(record: dict[str, Any]) -> str:
+    """The problem of an error record, without the input's name (which may itself contain ': ')."""
+    error = str(record.get("error") or "")
+    image = str(record.get("image") or "")
+    if image and error.startswith(image + ": "):
+        error = error[len(image) + 2:]
+    return re.split(r" \(|: ", error, maxsplit=1)[0] or "error"
+
+
+def _reasoner_cause(face: dict[str, Any]) -> str | None:
+    from cem.pipeline import reasoner_failure_cause
+
+    return reasoner_failure_cause(face.get("error"))
+
+
+def preflight(config: Config) -> bool:
+    """For a reasoner other than rules, the pre-flight check (model or server reachable) before any image;
+    raises :class:`RunError` with its one-screen text when it fails. Returns False when this installation
+    has no pre-flight module (the caller then loads the model first, which fails with the same clarity)."""
+    if config.reasoner.backend == "rules":
+        return True  # needs nothing beyond the packaged FER models
+    if importlib.util.find_spec("cem.preflight") is None:
+        return False
+    from cem.preflight import preflight as check
+
+    report = check(config)
+    if not report.ok:
+        raise RunError(report.text)
+    return True
+
+
+def _landmark_faces(record: dict[str, Any], result: Any) -> None:
+    """Add each face's 478-point mesh (pixels, 2 decimals) to the record: ``--landmarks``.
+    LEAD: the contract's ``to_dict(landmarks=True)`` replaces this at merge."""
+    for face, fr in zip(record["faces"], result.faces):
+        lm = fr.evidence.landmarks
+        face["landmarks"] = None if lm is None else [[round(float(v), 2) for v in p] for p in lm]
+
+
+class Runner:
+    """One run's state; :func:`annotate` is the entry point."""
+
+    def __init__(self, config: Config, pipeline: Any = None, *, workers: int = 1, faces: str | None = None,
+                 landmarks: bool = False, progress: bool = True, image_timeout_s: float | None = None,
+                 echo: Callable[[str], None] | None = None) -> None:
+        self.config, self.pipeline = config, pipeline
+        self.workers, self.faces, self.landmarks, self.progress = workers, faces, landmarks, progress
+        self.image_timeout_s = image_timeout_s
+        self.echo = echo or (lambda s: print(s, file=sys.stderr))
+        self._own_pipeline = pipeline is None
+
+    def build(self, need_fer: bool) -> Any:
+        if self.pipeline is None:
+            from cem.pipeline import Pipeline
+
+            try:
+                self.pipeline = Pipeline(self.config, load_fer=need_fer)
+            except Exception as e:  # a model or configuration that cannot be used: one message, exit 2
+                raise RunError(f"{type(e).__name__}: {e}") from None
+        return self.pipeline
+
+    def close(self) -> None:
+        if self._own_pipeline and self.pipeline is not None:
+            self.pipeline.close()
+            self.pipeline = None
+
+    # ---- images -------------------------------------------------------------------------------------
+    def _measured(self, items: list[InputItem]) -> Iterator[Any]:
+        """One MeasuredImage per item, in order: from worker processes or this one; an item that already
+        carries an error (found while expanding the inputs) is not loaded at all."""
+        from cem.parallel import DEFAULT_IMAGE_TIMEOUT_S, WorkerPool, WorkerStartError
+        from cem.pipeline import MeasuredImage
+
+        keep = self.pipeline.needs_pixels
+        live = [it.path for it in items if it.error is None]
+        if self.workers > 1 and len(live) > 1:
+            pool = WorkerPool(self.config, self.workers, self.faces, keep,
+                              self.image_timeout_s or DEFAULT_IMAGE_TIMEOUT_S)
+            source: Iterator[Any] = pool.measure(live)
+        else:
+            source = (self.pipeline.measure(p, self.faces, keep_pixels=keep) for p in live)
+        try:
+            for it in items:
+                yield MeasuredImage(it.path, None, [], {}, it.error) if it.error is not None else next(source)
+        except WorkerStartError as e:
+            raise RunError(f"a worker could not start: {e}") from None
+
+    def run_images(self, items: list[InputItem], sink: JsonlSink, summary: RunSummary) -> None:
+        pipe = self.pipeline
+        bar = None
+        if self.progress and len(items) > PROGRESS_MIN_IMAGES:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(items), unit="img", file=sys.stderr, dynamic_ncols=True)
+        size = pipe.batch_size
+        chunk: list[tuple[InputItem, Any]] = []
+
+        def flush() -> None:
+            results = pipe.reason_many([m for _, m in chunk], [it.context for it, _ in chunk])
+            for (it, _), result in zip(chunk, results):
+                rec = result.to_dict()
+                if self.landmarks:
+                    _landmark_faces(rec, result)
+                if it.extra:
+                    rec["meta"] = dict(it.extra)
+                self._count(sink.write(rec), summary)
+                if bar is not None:
+                    bar.update(1)
+            chunk.clear()
+
+        try:
+            for it, m in zip(items, self._measured(items)):
+                chunk.append((it, m))
+                if len(chunk) >= size:
+                    flush()
+            if chunk:
+                flush()
+        finally:
+            if bar is not None:
+                bar.close()
+
+    @staticmethod
+    def _count(rec: dict[str, Any], summary: RunSummary) -> None:
+        summary.images += 1
+        summary.faces += len(rec["faces"])
+        if rec.get("error"):
+            summary.errors[problem_kind(rec)] += 1
+        for face in rec["faces"]:
+            cause = _reasoner_cause(face)
+            if cause:
+                summary.reasoner_failed[cause] += 1
+
+    # ---- videos -------------------------------------------------------------------------------------
+    def run_videos(self, items: list[InputItem], sink: JsonlSink, summary: RunSummary, frames: Path | None,
+                   every: int | None, fps: float | None, resume: bool) -> None:
+        from cem.fer.aus import AU_NAMES
+        from cem.video import FrameTableWriter, VideoError, frame_columns
+
+        table = None
+        if frames is not None:
+            try:
+                table = FrameTableWriter(frames, frame_columns(self.config.labels, list(AU_NAMES)), resume=resume)
+            except (VideoError, OSError) as e:
+                raise RunError(f"--frames {frames}: {e}") from None
+        try:
+            for it in items:
+                if input_key(it.path, it.context) in sink.existing.videos_done:
+                    summary.skipped += 1
+                    continue
+                self._run_video(it, sink, summary, table, every, fps)
+        finally:
+            if table is not None:
+                table.close()
+
+    def _run_video(self, it: InputItem, sink: JsonlSink, summary: RunSummary, table: Any, every: int | None,
+                   fps: float | None) -> None:
+        from cem.fer.aus import AU_NAMES
+        from cem.video import VideoError, frame_count, frame_rows
+
+        pipe = self.pipeline
+        labels, aus = self.config.labels, list(AU_NAMES)
+        shown = safe_text(it.path)
+        start, n_frames, n_moments, size = time.perf_counter(), 0, 0, (None, None)
+        base: dict[str, Any] = {"image": it.path, "video": it.path, "context": it.context}
+        if it.extra:
+            base["meta"] = dict(it.extra)
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=frame_count(it.path), unit="frame", file=sys.stderr, dynamic_ncols=True,
+                       desc=Path(shown).name)
+        summary.videos += 1
+        try:
+            for vf in pipe.analyze_video(it.path, it.context, every=every, fps=fps):
+                n_frames += 1
+                size = (vf.width, vf.height)
+                if bar is not None:
+                    bar.n = vf.frame + 1  # frames decoded so far, sampled or not
+                    if n_frames % 10 == 0:
+                        bar.refresh()
+                if table is not None:
+                    table.write(frame_rows(vf, labels, aus, shown))
+                for rec in vf.moments:
+                    n_moments += 1
+                    key = (shown, it.context, rec["frame"], rec["track_id"])
+                    if key in sink.existing.moments:  # written before an interruption
+                        continue
+                    if it.extra:
+                        rec["meta"] = dict(it.extra)
+                    written = sink.write(rec)
+                    summary.moments += 1
+                    for face in written["faces"]:
+                        cause = _reasoner_cause(face)
+                        if cause:
+                            summary.reasoner_failed[cause] += 1
+        except VideoError as e:
+            rec = sink.write(base | {"width": None, "height": None, "faces": [], "error": str(e),
+                                     "provenance": pipe.provenance().to_dict()})
+            summary.errors[problem_kind(rec)] += 1
+            self.echo(f"cem: {safe_text(str(e))}")
+            return
+        finally:
+            if bar is not None:
+                bar.close()
+        summary.frames += n_frames
+        sink.write(base | {"width": size[0], "height": size[1], "faces": [], "error": None,
+                           "video_summary": {"frames": n_frames, "moments": n_moments, "complete": True},
+                           "provenance": pipe.provenance().to_dict()})
+        el = time.perf_counter() - start
+        self.echo(f"cem: {shown}: {n_frames} frames in {el:.1f} s ({n_frames / max(el, 1e-9):.1f} frames/s), "
+                  f"{n_moments} key moments")
+
+
+def _expand(inputs: Iterable[str | os.PathLike], contexts: Mapping[str, str] | None, context: str | None,
+            context_file: str | os.PathLike | None) -> InputSet:
+    try:
+        table = read_context_csv(context_file) if context_file else contexts
+        return collect_inputs(inputs, table, context)
+    except InputError as e:
+        raise RunError(str(e)) from None
+
+
+def annotate(pipeline_or_config: Any, inputs: Iterable[str | os.PathLike], out: str | os.PathLike, *,
+             resume: bool = False, workers: int = 1, csv: str | os.PathLike | None = None,
+             contexts: Mapping[str, str] | None = None, context: str | None = None,
+             context_file: str | os.PathLike | None = None, landmarks: bool = False, progress: bool = True,
+             faces: str | None = None, limit: int | None = None, dry_run: bool = False,
+             frames: str | os.PathLike | None = None, every: int | None = None, fps: float | None = None,
+             engine: str = "local", image_timeout_s: float | None = None,
+             echo: Callable[[str], None] | None = None) -> RunSummary:
+    """Annotate ``inputs`` into the JSONL file ``out``; returns a :class:`RunSummary` (its ``exit_code``
+    is 0 or 3). Raises :class:`RunError` (exit status 2) before writing anything when the inputs, the
+    configuration or the output cannot be used.
+
+    ``pipeline_or_config``: a built :class:`~cem.pipeline.Pipeline` (notebooks) or a
+    :class:`~cem.config.Config` (the CLI: models then load only when there is work). ``inputs``: files,
+    folders (recursive), globs, CSV manifests (``image``, optional ``context``, extra columns -> ``meta``).
+    ``contexts``/``context_file``: contexts by image path or file name; ``context``: for every other image.
+    ``resume``: skip inputs already in ``out`` (by image and context), append the rest. ``workers``: FER
+    processes (each with ``cores // workers`` torch threads); reasoning stays in this process, batched.
+    ``csv``: afterwards, the per-face table of every record in ``out`` (.csv or .parquet). ``landmarks``:
+    the 478-point mesh in each face. ``image_timeout_s``: with workers, an image taking longer becomes an
+    error record. ``frames``/``every``/``fps``: video options. ``echo``: where messages go (stderr).
+    """
+
+    if engine != "local":
+        raise RunError(f"engine {engine!r} is not available in this installation (available: local)")
+    if isinstance(pipeline_or_config, Config):
+        config, pipeline = pipeline_or_config, None
+    else:
+        config, pipeline = pipeline_or_config.config, pipeline_or_config
+    out = Path(out)
+    for flag, other in (("--csv", csv), ("--frames", frames)):
+        if other is not None and os.path.abspath(other) == os.path.abspath(out):
+            raise RunError(f"{flag} {other} is the JSONL output itself; give another file")
+    runner = Runner(config, pipeline, workers=workers, faces=faces, landmarks=landmarks, progress=progress,
+                    image_timeout_s=image_timeout_s, echo=echo)
+    try:
+        return _run(runner, inputs, out, resume=resume, csv=csv, contexts=contexts, context=context,
+                    context_file=context_file, limit=limit, dry_run=dry_run, frames=frames, every=every, fps=fps)
+    finally:
+        runner.close()
+
+
+def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resume: bool,
+         csv: str | os.PathLike | None, contexts: Mapping[str, str] | None, context: str | None,
+         context_file: str | os.PathLike | None, limit: int | None, dry_run: bool,
+         frames: str | os.PathLike | None, every: int | None, fps: float | None) -> RunSummary:
+    from cem.video import is_video
+
+    config, workers = runner.config, runner.workers
+    if not dry_run and not preflight(config):  # an unusable model or server stops the run before anything else
+        runner.build(need_fer=workers == 1)
+    found = _expand(inputs, contexts, context, context_file)
+    if found.nothing_found:
+        raise RunError(found.problem())
+    summary = RunSummary(out, notes=found.notes + found.duplicates)
+    videos = [it for it in found.items if it.error is None and is_video(it.path)]
+    images = [it for it in found.items if not (it.error is None and is_video(it.path))]
+    if frames is not None and not videos:
+        raise RunError("--frames applies to video inputs, and none was given")
+    if dry_run:
+        from cem.sinks import scan
+
+        done = scan(out)[0] if resume and out.is_file() else None
+        todo = [it for it in images if done is None or input_key(it.path, it.context) not in done.keys]
+        summary.skipped = len(images) - len(todo)
+        summary.planned = [safe_text(it.path) for it in (todo[:limit] if limit is not None else todo) + videos]
+        return summary
+
+    try:
+        sink = JsonlSink(out, resume=resume)
+    except OutputError as e:
+        raise RunError(str(e)) from None
+    try:
+        runner.build(need_fer=workers == 1 or bool(videos))
+        t0 = time.perf_counter()  # the rate counts images, not model loading
+        try:
+            sink.open()
+        except OutputError as e:
+            raise RunError(str(e)) from None
+        summary.rejected, summary.repaired = len(sink.existing.rejected), sink.existing.repaired_tail
+        todo = [it for it in images if input_key(it.path, it.context) not in sink.existing.keys]
+        summary.skipped = len(images) - len(todo)
+        if limit is not None:
+            todo = todo[:limit]
+        uses_context = getattr(runner.pipeline.reasoner, "uses_context", config.reasoner.backend != "rules")
+        if not uses_context and any(it.context for it in todo + videos):
+            runner.echo(f"cem: note: the {config.reasoner.backend} reasoner does not use context; contexts are "
+                        f"recorded but do not change the emotions")
+        if todo:
+            runner.run_images(todo, sink, summary)
+        if videos:
+            runner.run_videos(videos, sink, summary, Path(frames) if frames is not None else None, every, fps,
+                              resume)
+    finally:
+        sink.close()
+    if csv is not None:
+        try:
+            write_table(out, csv)
+        except (OSError, ImportError, ValueError) as e:
+            raise RunError(f"--csv {csv}: cannot write the table ({type(e).__name__}: {e})") from None
+        summary.table = Path(csv)
+    summary.elapsed_s = time.perf_counter() - t0
+    if summary.reasoner_failed and sum(summary.reasoner_failed.values()) == summary.faces + summary.moments:
+        summary.exit_code = 3
+    return summary

@@ -1,0 +1,335 @@
+"""Where records go: the JSONL output (locked, resumable, always valid JSON) and tables derived from it.
+
+Decisions (documented here because every writer and reader of cem output relies on them):
+
+- **Names that are not UTF-8.** Paths are kept as given. On POSIX a file name with bytes that are not
+  UTF-8 reaches Python with those bytes as surrogate escapes (U+DC80..U+DCFF). Such a record's ``image``
+  shows each undecodable byte as the four characters ``\\xNN`` and adds ``image_bytes``: the exact name
+  (``os.fsencode``), base64-encoded, so the path is recoverable losslessly. Records of valid UTF-8 names
+  have no ``image_bytes``. Resume keys records by ``image_bytes`` when present.
+- **Other strings** (a model's rationale, an error message quoting a path) are written as valid UTF-8:
+  surrogate escapes become ``\\xNN`` as above; any other lone surrogate (e.g. ``"caf\\udce9"`` in a model
+  reply, valid JSON but not valid Unicode) becomes U+FFFD.
+- **Numbers.** JSON is written with ``allow_nan=False``. A record holding NaN or an infinity (e.g. a
+  reasoner's NaN log-probability) is replaced by an error record for that image naming the fields, so the
+  file stays valid JSON and nothing downstream scores a NaN silently.
+- **Resume never deletes.** Lines that are not JSON objects with an ``image`` string (corrupt, non-object,
+  a half-written last line) are moved to ``OUT.rejected`` beside the output (appended, never overwritten)
+  and reported; the other records stay, in order. Records are keyed by (image, context), so two manifest
+  rows for one image with different contexts are two records.
+- **One writer.** ``OUT.lock`` beside the output is held with an exclusive ``flock`` for the whole run; a
+  second run on the same output is refused at once with a message naming the output (exit status 2).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from cem.io import os_reason
+
+RecordKey = tuple[Any, Any]  # (image, or image_bytes for a name that is not UTF-8; context)
+
+
+class OutputError(RuntimeError):
+    """The output cannot be written (unwritable place, a folder, in use by another run)."""
+
+
+def _escape_surrogates(s: str) -> str:
+    out = []
+    for ch in s:
+        o = ord(ch)
+        if 0xDC80 <= o <= 0xDCFF:  # a byte that was not UTF-8, kept by surrogateescape
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif 0xD800 <= o <= 0xDFFF:  # any other lone surrogate: not Unicode text
+            out.append("\ufffd")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def safe_text(s: str) -> str:
+    """``s`` as valid Unicode (encodable as UTF-8); unchanged when it already is."""
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return _escape_surrogates(s)
+
+
+def image_fields(path: str) -> dict[str, str]:
+    """The ``image`` field of a record for ``path`` (and ``image_bytes`` when the name is not UTF-8)."""
+    shown = safe_text(path)
+    if shown == path:
+        return {"image": path}
+    return {"image": shown, "image_bytes": base64.b64encode(os.fsencode(path)).decode("ascii")}
+
+
+def input_key(path: str, context: str | None) -> RecordKey:
+    """The resume key of an input: the same as :func:`record_key` of the record it produces."""
+    fields = image_fields(path)
+    return (fields.get("image_bytes") or fields["image"], context)
+
+
+def record_key(record: dict[str, Any]) -> RecordKey:
+    return (record.get("image_bytes") or record.get("image"), record.get("context"))
+
+
+def clean(value: Any, where: str, bad: list[str] | None) -> Any:
+    """A JSON-ready copy: strings made valid Unicode, numpy scalars and arrays made Python, non-finite
+    numbers listed in ``bad`` (by their place in the record), or made null when ``bad`` is None."""
+    if isinstance(value, str):
+        return safe_text(value)
+    if isinstance(value, bool) or value is None or isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            if bad is None:
+                return None
+            bad.append(f"{where} = {value}")
+        return value
+    if isinstance(value, dict):
+        return {safe_text(str(k)): clean(v, f"{where}.{k}" if where else str(k), bad) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(v, f"{where}[{i}]", bad) for i, v in enumerate(value)]
+    if hasattr(value, "tolist"):  # numpy scalar or array
+        return clean(value.tolist(), where, bad)
+    return clean(str(value), where, bad)
+
+
+def finalize(record: dict[str, Any]) -> dict[str, Any]:
+    """The record as it is written: image fields made lossless, text valid, numbers finite (else an error
+    record for that image that names the offending fields)."""
+    rec = dict(record)
+    image = rec.get("image")
+    if isinstance(image, str):
+        rec.update(image_fields(image))
+    bad: list[str] = []
+    out = clean(rec, "", bad)
+    if not bad:
+        return out
+    shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    keep = {k: out[k] for k in ("image", "image_bytes", "width", "height", "context", "meta", "video")
+            if k in out}
+    return keep | {"faces": [], "error": f"{out.get('image')}: invalid numbers in the result (NaN or infinity: "
+                                         f"{shown}); the record was not kept",
+                   "provenance": clean(record.get("provenance"), "provenance", None)}
+
+
+def dumps(record: dict[str, Any]) -> str:
+    """One JSONL line (without newline) for an already :func:`finalize`-d record."""
+    return json.dumps(record, ensure_ascii=False, allow_nan=False)
+
+
+class OutputLock:
+    """An exclusive ``flock`` on ``OUT.lock`` beside the output, held for a run; refused at once if held."""
+
+    def __init__(self, output: Path) -> None:
+        import fcntl
+
+        self.path = output.with_name(output.name + ".lock")
+        self._fd: int | None = None
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise OutputError(f"{output}: cannot write beside it ({self.path}: {os_reason(e)})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise OutputError(f"{output} is being written by another cem run (it holds {self.path}); "
+                                  f"wait for it to finish or write to another file") from None
+            # the lock file may have been removed (and a new one made) by a finishing run since we opened it
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+                return
+            os.close(fd)
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.unlink(self.path)  # still held: no other run can hold this file now
+        except OSError:
+            pass  # a lock file left behind is harmless: the next run locks it again
+        os.close(self._fd)
+        self._fd = None
+
+
+@dataclass
+class ExistingOutput:
+    """What an output file holds before a resumed run."""
+
+    keys: set[RecordKey] = field(default_factory=set)  # (image, context) of every image record
+    moments: set[tuple[Any, ...]] = field(default_factory=set)  # (video, context, frame, track_id)
+    videos_done: set[RecordKey] = field(default_factory=set)  # videos with a summary or an error record
+    rejected: list[bytes] = field(default_factory=list)  # lines moved to OUT.rejected
+    repaired_tail: bool = False  # the last record lacked its newline
+    torn_tail: bool = False  # the last line was a fragment (a crash while writing it)
+
+
+def _is_record(obj: Any) -> bool:
+    return isinstance(obj, dict) and isinstance(obj.get("image"), str)
+
+
+def scan(path: Path) -> tuple[ExistingOutput, list[bytes]]:
+    """Read an output: what it holds and its good lines (bytes, each ending in a newline)."""
+    found = ExistingOutput()
+    good: list[bytes] = []
+    data = path.read_bytes() if path.exists() else b""
+    for line in data.splitlines(keepends=True):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            rec = None
+        if not _is_record(rec):
+            found.torn_tail = not line.endswith(b"\n")
+            found.rejected.append(line if line.endswith(b"\n") else line + b"\n")
+            continue
+        if not line.endswith(b"\n"):
+            found.repaired_tail = True
+            line += b"\n"
+        good.append(line)
+        key = record_key(rec)
+        if "video" in rec and "frame" in rec:  # a key moment
+            found.moments.add((rec["video"], rec.get("context"), rec.get("frame"), rec.get("track_id")))
+        elif "video" in rec:  # a video's summary (written when it was finished) or its error record
+            found.videos_done.add(key)
+        else:
+            found.keys.add(key)
+    return found, good
+
+
+class JsonlSink:
+    """The JSONL output of a run: locked, repaired on resume, one flushed line per record."""
+
+    def __init__(self, path: str | os.PathLike, resume: bool = False) -> None:
+        """Check the place and take the lock (nothing is written yet: see :meth:`open`); with ``resume``,
+        read what the output already holds (``existing``)."""
+        self.path = Path(path)
+        self.resume = resume
+        self._fh: IO[bytes] | None = None
+        if self.path.is_dir():
+            raise OutputError(f"{self.path}: is a folder; give a file name for the output")
+        if self.path.exists() and not self.path.is_file():  # a FIFO or device would block or not resume
+            raise OutputError(f"{self.path}: not a regular file; give a file name for the output")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"{self.path}: cannot create its folder {self.path.parent} ({os_reason(e)})") from None
+        self.lock = OutputLock(self.path)
+        self.existing = ExistingOutput()
+        self._good: list[bytes] = []
+        self.written = 0
+        try:
+            if resume and self.path.exists():
+                self.existing, self._good = scan(self.path)
+        except OSError as e:
+            self.lock.release()
+            raise OutputError(f"{self.path}: cannot read it to resume ({os_reason(e)})") from None
+        torn_only = len(self.existing.rejected) == 1 and self.existing.torn_tail
+        if self.existing.rejected and not self._good and not torn_only:
+            self.lock.release()
+            raise OutputError(f"{self.path}: holds no cem record ({len(self.existing.rejected)} other lines); "
+                              f"refusing to resume into it (is it the right file?)")
+
+    def open(self) -> None:
+        """Start writing: truncate (a new run) or repair and append (``resume``)."""
+        try:
+            if self.existing.rejected or self.existing.repaired_tail:
+                self._rewrite(self._good)
+            self._good = []
+            self._fh = open(self.path, "ab" if self.resume else "wb")  # noqa: SIM115 - closed in close()
+        except OSError as e:
+            raise OutputError(f"{self.path}: cannot write ({os_reason(e)})") from None
+
+    @property
+    def rejected_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".rejected")
+
+    def _rewrite(self, good: list[bytes]) -> None:
+        """Move rejected lines to OUT.rejected (appended), then replace OUT by its good lines atomically."""
+        if self.existing.rejected:
+            with open(self.rejected_path, "ab") as fh:
+                fh.writelines(self.existing.rejected)
+                fh.flush()
+                os.fsync(fh.fileno())
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:
+            fh.writelines(good)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Write one record (see :func:`finalize`); returns what was written."""
+        if self._fh is None:
+            self.open()
+        assert self._fh is not None
+        rec = finalize(record)
+        self._fh.write(dumps(rec).encode("utf-8") + b"\n")
+        self._fh.flush()
+        self.written += 1
+        return rec
+
+    def close(self) -> None:
+        try:
+            if self._fh is not None:
+                self._fh.close()
+        finally:
+            self.lock.release()
+
+    def __enter__(self) -> JsonlSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def write_table(jsonl: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Regenerate the per-face table ``out`` from every record of ``jsonl`` (so after ``--resume`` it holds
+    every row and its columns always match)."""
+    try:
+        from cem.results import write_table as contract_write_table  # the contract's one table writer
+    except ImportError:
+        _write_table_fallback(jsonl, out)
+        return
+    contract_write_table(jsonl, out)
+
+
+# --- LEAD: fallback until cem.results.write_table is merged; delete this block then. -------------------
+def _write_table_fallback(jsonl: str | os.PathLike, out: str | os.PathLike) -> int:
+    import csv
+
+    from cem.fer.aus import AU_NAMES
+    from cem.io import csv_columns, face_rows, read_jsonl
+
+    records = [r for r in read_jsonl(jsonl) if "frame" not in r]
+    labels: list[str] = list(dict.fromkeys(k for r in records for f in r.get("faces") or []
+                                           for k in f.get("emotion", {})))
+    meta_cols = list(dict.fromkeys(f"meta.{k}" for r in records for k in (r.get("meta") or {})))
+    columns = csv_columns(labels, list(AU_NAMES), ["context", *meta_cols])
+    n = 0
+    with open(out, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for r in records:
+            flat = r | {"context": r.get("context") or ""} | {f"meta.{k}": v for k, v in (r.get("meta") or {}).items()}
+            rows = face_rows(flat, labels, list(AU_NAMES), ["context", *meta_cols])
+            w.writerows(rows)
+            n += len(rows)
+    return n
+# --- end of fallback -------------------------------------------------------------------------------------
+

@@ -1,0 +1,598 @@
+"""Hostile inputs and crashes: nothing lost, nothing hung, every bad input one clear error record.
+
+Everything is generated on the spot. Each case asserts the exact records written, that no valid record
+was lost, that the error names the input and the problem, and the exit status. CLI cases run the real
+``cem`` in a subprocess; API cases call :func:`cem.runner.annotate` with the session's pipeline. Tests that
+need file permissions to bite run the CLI without the DAC capabilities when the suite runs as root.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cem.runner import RunError, annotate
+from cem.sinks import OutputLock
+
+ROOT = os.geteuid() == 0
+SETPRIV = shutil.which("setpriv")
+
+
+def _cem(*args, cwd=None, drop_dac=False, timeout=300):
+    """Run the real CLI. ``drop_dac``: as root, without the capabilities that bypass file permissions."""
+    cmd = [sys.executable, "-m", "cem.cli", *map(os.fsdecode, args)]
+    if drop_dac and ROOT:
+        cmd = [SETPRIV, "--bounding-set=-dac_override,-dac_read_search", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=timeout, errors="replace")
+
+
+def _strict_records(path) -> list[dict]:
+    """Every line must be strict UTF-8 JSON (no NaN/Infinity) holding an object."""
+    def no_constants(name):
+        raise AssertionError(f"non-standard JSON constant {name} in {path}")
+
+    out = []
+    for line in Path(path).read_bytes().splitlines():
+        rec = json.loads(line.decode("utf-8"), parse_constant=no_constants)
+        assert isinstance(rec, dict)
+        out.append(rec)
+    return out
+
+
+def _strip_timings(recs):
+    for r in recs:
+        r["provenance"].pop("timings_ms", None)
+    return recs
+
+
+@pytest.fixture(scope="module")
+def face_png(tmp_path_factory, face_crop) -> Path:
+    p = tmp_path_factory.mktemp("face") / "face.png"
+    Image.fromarray(face_crop).resize((96, 96)).save(p)
+    return p
+
+
+def _run(pipeline, inputs, out, **kw):
+    kw.setdefault("faces", "whole")
+    kw.setdefault("progress", False)
+    messages: list[str] = []
+    summary = annotate(pipeline, [os.fspath(i) for i in inputs], out, echo=messages.append, **kw)
+    return summary, messages
+
+
+# ---------------------------------------------------------------- one folder of everything that can go wrong
+@pytest.fixture(scope="module")
+def hostile_folder(tmp_path_factory, face_png) -> Path:
+    root = tmp_path_factory.mktemp("hostile")
+    good = face_png.read_bytes()
+    (root / "good.png").write_bytes(good)
+    with open(os.path.join(os.fsencode(root), b"caf\xe9.png"), "wb") as fh:  # a name that is not UTF-8
+        fh.write(good)
+    (root / "a: b.png").write_text("not a picture, and a name with ': ' in it")
+    (root / "dir.jpg").mkdir()
+    (root / "dir.jpg" / "inner.png").write_bytes(good)
+    os.symlink("loop.jpg", root / "loop.jpg")
+    os.symlink("nowhere.png", root / "dangling.jpg")
+    os.mkfifo(root / "fifo.jpg")
+    Image.new("L", (20000, 100)).save(root / "wide.png")
+    Image.new("L", (2000, 40)).save(root / "strip.png")
+    Image.new("RGB", (2600, 1800), (120, 110, 100)).save(root / "big.png")
+    (root / "empty.png").write_bytes(b"")
+    (root / "locked").mkdir()
+    (root / "locked" / "hidden.png").write_bytes(good)
+    (root / "locked").chmod(0)
+    (root / "secret.png").write_bytes(good)
+    (root / "secret.png").chmod(0)
+    return root
+
+
+EXPECTED_ERRORS = {
+    "a: b.png": "not an image file PIL can read",
+    "dir.jpg": "is a folder, not an image",
+    "loop.jpg": "symbolic link loop",
+    "dangling.jpg": "broken symbolic link",
+    "fifo.jpg": "not a regular file (a FIFO",
+    "wide.png": "image too large: 20000x100 px, limit 16384 px per side",
+    "strip.png": "image too elongated: 2000x40 px",
+    "empty.png": "empty file (0 bytes)",
+    "locked": "permission denied (a folder that cannot be listed)",
+    "secret.png": "permission denied",
+}
+EXPECTED_OK = {"good.png", "caf\\xe9.png", "inner.png", "big.png"}
+
+
+@pytest.mark.skipif(ROOT and not SETPRIV, reason="running as root without setpriv: permissions do not bite")
+def test_cli_hostile_folder_one_record_each_then_resume_then_workers(hostile_folder, tmp_path):
+    out = tmp_path / "out.jsonl"
+    r = _cem("annotate", hostile_folder, "-o", out, "--faces", "whole", "--csv", tmp_path / "t.csv",
+             drop_dac=True)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    recs = _strict_records(out)
+    by_name = {Path(rec["image"]).name: rec for rec in recs}
+    assert len(recs) == len(EXPECTED_ERRORS) + len(EXPECTED_OK) == len(by_name)
+    for name, problem in EXPECTED_ERRORS.items():
+        rec = by_name[name]
+        assert rec["error"].startswith(rec["image"] + ": ") and problem in rec["error"], rec["error"]
+        assert rec["faces"] == []
+    for name in EXPECTED_OK:
+        assert by_name[name]["error"] is None and len(by_name[name]["faces"]) == 1, by_name[name]
+    # the non-UTF-8 name: shown with \xNN, and exactly recoverable
+    raw = by_name["caf\\xe9.png"]
+    assert base64.b64decode(raw["image_bytes"]) == os.path.join(os.fsencode(hostile_folder), b"caf\xe9.png")
+    assert all("image_bytes" not in rec for name, rec in by_name.items() if name != "caf\\xe9.png")
+    # the summary groups problems without the names (a name with ': ' does not garble it)
+    assert f"{len(recs)} images, {len(EXPECTED_OK)} faces, {len(EXPECTED_ERRORS)} errors" in r.stderr
+    assert "  1 x not an image file PIL can read" in r.stderr and "  1 x b.png" not in r.stderr
+    assert "  2 x permission denied" in r.stderr
+    before = out.read_bytes()
+
+    r2 = _cem("annotate", hostile_folder, "-o", out, "--faces", "whole", "--resume", drop_dac=True)
+    assert r2.returncode == 0, r2.stderr
+    assert out.read_bytes() == before  # nothing redone, nothing lost, the non-UTF-8 name matched
+    assert f"{len(recs)} input(s) already in" in r2.stderr and "0 images" in r2.stderr
+
+    par = tmp_path / "par.jsonl"
+    r3 = _cem("annotate", hostile_folder, "-o", par, "--faces", "whole", "--workers", "2", drop_dac=True)
+    assert r3.returncode == 0, r3.stderr
+    assert _strip_timings(_strict_records(par)) == _strip_timings(recs)
+
+
+# ---------------------------------------------------------------- arguments that find nothing: exit 2
+@pytest.mark.parametrize("make,arg,problem", [
+    (lambda d: None, "*.jpg", "no file matches this pattern"),
+    (lambda d: None, "typo.jpg", "typo.jpg: file not found"),
+    (lambda d: None, "typo_folder/", "file not found"),
+    (lambda d: (d / "empty").mkdir(), "empty", "no image files in this folder"),
+    (lambda d: (d / "m.csv").write_text("\ufeffimage,context\n", encoding="utf-8"), "m.csv", "has no rows"),
+])
+def test_nothing_found_is_an_unusable_argument(tmp_path, make, arg, problem):
+    make(tmp_path)
+    r = _cem("annotate", arg, "-o", tmp_path / "o.jsonl", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert problem in r.stderr and "Traceback" not in r.stderr and "already" not in r.stderr
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_empty_glob_beside_a_real_file_is_a_note(pipeline, face_png, tmp_path):
+    summary, _ = _run(pipeline, [face_png, tmp_path / "*.nothing"], tmp_path / "o.jsonl")
+    assert summary.exit_code == 0 and summary.images == 1
+    assert any("no file matches this pattern" in line for line in summary.lines())
+    assert len(_strict_records(tmp_path / "o.jsonl")) == 1
+
+
+def test_same_file_named_twice_is_one_record(pipeline, face_png, tmp_path):
+    summary, _ = _run(pipeline, [face_png, face_png, face_png.parent], tmp_path / "o.jsonl")
+    assert summary.images == 1 and len(_strict_records(tmp_path / "o.jsonl")) == 1
+
+
+# ---------------------------------------------------------------- outputs that cannot be written: exit 2
+@pytest.mark.parametrize("target,problem", [
+    ("/dev/null/x.jsonl", "cannot create its folder"),
+    ("{tmp}", "is a folder"),
+])
+def test_unwritable_output_is_a_clear_error(face_png, tmp_path, target, problem):
+    r = _cem("annotate", face_png, "-o", target.format(tmp=tmp_path))
+    assert r.returncode == 2 and problem in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_outputs_that_would_block_or_destroy_are_refused(face_png, tmp_path):
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    r = _cem("annotate", face_png, "-o", fifo, timeout=60)  # opening a FIFO for writing would block forever
+    assert r.returncode == 2 and "not a regular file" in r.stderr, r.stderr
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my thesis, chapter 1\nchapter 2\n")
+    r = _cem("annotate", face_png, "-o", notes, "--resume")
+    assert r.returncode == 2 and "holds no cem record" in r.stderr, r.stderr
+    assert notes.read_text() == "my thesis, chapter 1\nchapter 2\n" and not Path(f"{notes}.rejected").exists()
+    out = tmp_path / "o.jsonl"
+    r = _cem("annotate", face_png, "-o", out, "--csv", out)
+    assert r.returncode == 2 and "is the JSONL output itself" in r.stderr and not out.exists()
+
+
+def test_check_command_answers_without_a_traceback():
+    import importlib.util
+
+    r = _cem("check", "--config", "default")
+    assert "Traceback" not in r.stderr
+    if importlib.util.find_spec("cem.preflight") is None:
+        assert r.returncode == 2 and "no pre-flight module" in r.stderr
+    else:
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.skipif(ROOT and not SETPRIV, reason="running as root without setpriv: permissions do not bite")
+def test_output_in_a_read_only_folder(face_png, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    r = _cem("annotate", face_png, "-o", ro / "o.jsonl", drop_dac=True)
+    assert r.returncode == 2 and "permission denied" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_unwritable_table_is_reported_after_the_records(pipeline, face_png, tmp_path):
+    with pytest.raises(RunError, match="--csv /dev/null/t.csv: cannot write the table"):
+        _run(pipeline, [face_png], tmp_path / "o.jsonl", csv="/dev/null/t.csv")
+    assert len(_strict_records(tmp_path / "o.jsonl")) == 1  # the records were kept
+
+
+# ---------------------------------------------------------------- one writer per output
+def test_second_writer_is_refused(pipeline, face_png, tmp_path):
+    out = tmp_path / "o.jsonl"
+    out.write_text('{"image": "kept.png", "faces": [], "error": null}\n')
+    lock = OutputLock(out)
+    try:
+        with pytest.raises(RunError, match="being written by another cem run"):
+            _run(pipeline, [face_png], out, resume=True)
+        r = _cem("annotate", face_png, "-o", out)
+        assert r.returncode == 2 and "being written by another cem run" in r.stderr
+    finally:
+        lock.release()
+    assert out.read_text() == '{"image": "kept.png", "faces": [], "error": null}\n'
+    assert not Path(str(out) + ".lock").exists()
+    summary, _ = _run(pipeline, [face_png], out, resume=True)  # free again
+    assert summary.images == 1 and len(_strict_records(out)) == 2
+
+
+def test_two_resumed_runs_at_once_do_not_duplicate(face_png, tmp_path):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(8):
+        shutil.copy(face_png, imgs / f"{i}.png")
+    out = tmp_path / "o.jsonl"
+    first = subprocess.Popen([sys.executable, "-m", "cem.cli", "annotate", str(imgs), "-o", str(out), "--faces",
+                              "whole", "--resume"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not Path(str(out) + ".lock").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    second = _cem("annotate", imgs, "-o", out, "--faces", "whole", "--resume")
+    first.communicate(timeout=300)
+    assert first.returncode == 0
+    assert second.returncode == 2 and "being written by another cem run" in second.stderr
+    images = [r["image"] for r in _strict_records(out)]
+    assert sorted(images) == sorted(str(p) for p in imgs.glob("*.png"))
+
+
+# ---------------------------------------------------------------- resume never deletes
+def test_resume_moves_bad_lines_aside_and_keeps_every_record(pipeline, face_png, tmp_path):
+    imgs = [tmp_path / f"{i}.png" for i in range(4)]
+    for p in imgs:
+        shutil.copy(face_png, p)
+    out = tmp_path / "o.jsonl"
+    _run(pipeline, imgs[:3], out)
+    good = out.read_bytes().splitlines(keepends=True)
+    bad = [b"{corrupt\n", b"[1, 2, 3]\n", b'"a string"\n', b'{"no_image": 1}\n', b"\xff\xfe\n"]
+    half = b'{"image": "' + str(imgs[3]).encode()  # a crash while writing the last line
+    out.write_bytes(good[0] + bad[0] + bad[1] + good[1] + bad[2] + bad[3] + bad[4] + good[2] + half)
+    summary, _ = _run(pipeline, imgs, out, resume=True)
+    assert summary.rejected == 6 and summary.skipped == 3 and summary.images == 1
+    assert out.read_bytes().splitlines(keepends=True)[:3] == good  # every valid record kept, in order
+    assert [r["image"] for r in _strict_records(out)] == [str(p) for p in imgs]
+    rejected = Path(str(out) + ".rejected").read_bytes()
+    assert rejected == b"".join(bad) + half + b"\n"
+    assert any(".rejected" in line for line in summary.lines())
+    summary, _ = _run(pipeline, imgs, out, resume=True)  # a clean file: nothing moved, nothing redone
+    assert summary.rejected == 0 and summary.images == 0
+    assert Path(str(out) + ".rejected").read_bytes() == rejected
+
+
+def test_resume_completes_a_last_record_missing_its_newline(pipeline, face_png, tmp_path):
+    out = tmp_path / "o.jsonl"
+    _run(pipeline, [face_png], out)
+    out.write_bytes(out.read_bytes().rstrip(b"\n"))
+    other = tmp_path / "b.png"
+    shutil.copy(face_png, other)
+    summary, _ = _run(pipeline, [face_png, other], out, resume=True)
+    assert summary.repaired and summary.rejected == 0 and summary.images == 1
+    assert [r["image"] for r in _strict_records(out)] == [str(face_png), str(other)]
+
+
+# ---------------------------------------------------------------- manifests and context files
+def test_manifest_bom_contexts_duplicates_long_fields_and_colliding_columns(pipeline, face_png, tmp_path):
+    shutil.copy(face_png, tmp_path / "a.png")
+    shutil.copy(face_png, tmp_path / "b.png")
+    huge = "x" * 200_000  # beyond the csv module's default field limit (128 KiB)
+    man = tmp_path / "m.csv"
+    man.write_text("\ufeffimage,context,track_id,faces\n"
+                   "a.png,at a party,7,x\n"
+                   "a.png,at a funeral,8,y\n"
+                   "a.png,at a party,9,z\n"
+                   ",lonely context,,\n"
+                   f"b.png,{huge},,\n", encoding="utf-8")
+    out = tmp_path / "o.jsonl"
+    summary, _ = _run(pipeline, [man], out)
+    recs = _strict_records(out)
+    assert len(recs) == 4 and summary.images == 4
+    a1, a2, empty, b = recs
+    assert (a1["context"], a2["context"]) == ("at a party", "at a funeral")
+    assert a1["meta"] == {"track_id": "7", "faces": "x"} and isinstance(a1["faces"], list) and "track_id" not in a1
+    assert empty["image"] == f"{man}:5" and empty["error"] == f"{man}:5: empty 'image' cell"
+    assert b["image"] == str(tmp_path / "b.png") and b["faces"] == [] and b["context"] is None
+    assert f"context in {man}:6 has 200000 characters, more than the limit of 20000" in b["error"]
+    assert any(f"{man}:4" in n and "same context" in n for n in summary.notes)
+    again, _ = _run(pipeline, [man], out, resume=True)  # keyed by (image, context): nothing redone
+    assert again.images == 0 and again.skipped == 4 and len(_strict_records(out)) == 4
+
+
+def test_context_file_with_bom_long_field_and_conflicts(pipeline, face_png, tmp_path):
+    ctx = tmp_path / "ctx.csv"
+    ctx.write_text(f"\ufeffimage,context\n{face_png.name},{'y' * 150_000}\n", encoding="utf-8")
+    summary, _ = _run(pipeline, [face_png], tmp_path / "o.jsonl", context_file=ctx)
+    (rec,) = _strict_records(tmp_path / "o.jsonl")
+    assert rec["error"].startswith(f"{face_png}: context in {ctx}:2 has 150000 characters")
+    conflict = tmp_path / "c.csv"
+    conflict.write_text(f"image,context\n{face_png.name},one\nother.png,x\n{face_png.name},two\n")
+    with pytest.raises(RunError, match=r"lines 2 and 4 give two different contexts for 'face.png'"):
+        _run(pipeline, [face_png], tmp_path / "o2.jsonl", context_file=conflict)
+    r = _cem("annotate", face_png, "-o", tmp_path / "o3.jsonl", "--context-file", tmp_path / "missing.csv")
+    assert r.returncode == 2 and "missing.csv: cannot open (file not found)" in r.stderr
+
+
+def test_manifest_without_image_column_and_binary_manifest(tmp_path):
+    (tmp_path / "m.csv").write_text("path,context\nx.png,y\n")
+    r = _cem("annotate", tmp_path / "m.csv", "-o", tmp_path / "o.jsonl")
+    assert r.returncode == 2 and "m.csv: needs the column(s) 'image'" in r.stderr
+    (tmp_path / "b.csv").write_bytes(b"image\n\xff\xfe\x00junk\n")
+    r = _cem("annotate", tmp_path / "b.csv", "-o", tmp_path / "o.jsonl")
+    assert r.returncode == 2 and "b.csv: not UTF-8 text" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------- what a reasoner sends back
+def _reasoner_answering(distribution, rationale="", cue_text="lip corners up"):
+    from cem.reasoning.base import FaceReasoning
+    from cem.schema import Cue
+
+    def reason(image, faces, context):
+        return [FaceReasoning(f.index, dict(distribution), [Cue(cue_text, "face", "happiness", 0.5, "AU12")],
+                              rationale) for f in faces]
+    return reason
+
+
+def test_lone_surrogates_in_a_reply_are_written_as_valid_utf8(pipeline, face_png, tmp_path, monkeypatch):
+    labels = pipeline.config.labels
+    fake = _reasoner_answering({k: 1 / len(labels) for k in labels}, rationale="caf\udce9 and x\ud800y",
+                               cue_text="smile\udfff")
+    monkeypatch.setattr(pipeline.reasoner, "reason", fake)
+    summary, _ = _run(pipeline, [face_png], tmp_path / "o.jsonl")
+    (rec,) = _strict_records(tmp_path / "o.jsonl")
+    assert rec["error"] is None and summary.images == 1
+    assert rec["faces"][0]["rationale"] == "caf\\xe9 and x\ufffdy"
+    assert rec["faces"][0]["cues"][0]["cue"] == "smile\ufffd"
+
+
+def test_non_finite_numbers_become_an_error_record(pipeline, face_png, tmp_path, monkeypatch):
+    labels = pipeline.config.labels
+    nan_reason = _reasoner_answering({k: float("nan") for k in labels})
+    good_reason = _reasoner_answering({k: 1 / len(labels) for k in labels})
+    other = tmp_path / "ok.png"
+    shutil.copy(face_png, other)
+    monkeypatch.setattr(pipeline.reasoner, "reason",
+                        lambda image, faces, context: (nan_reason if context == "nan" else good_reason)(
+                            image, faces, context))
+    man = tmp_path / "m.csv"
+    man.write_text(f"image,context\n{face_png},nan\n{other},fine\n")
+    summary, _ = _run(pipeline, [man], tmp_path / "o.jsonl")
+    bad, ok = _strict_records(tmp_path / "o.jsonl")
+    assert bad["image"] == str(face_png) and bad["faces"] == [] and bad["context"] == "nan"
+    assert bad["error"].startswith(f"{face_png}: invalid numbers in the result (NaN or infinity: faces[0].emotion.")
+    assert ok["error"] is None and len(ok["faces"]) == 1
+    assert summary.images == 2 and summary.errors == {"invalid numbers in the result": 1}
+
+
+def test_reasoner_failing_on_every_face_exits_3(pipeline, face_png, tmp_path, monkeypatch):
+    def broken(image, faces, context):
+        raise TimeoutError("server did not answer")
+
+    monkeypatch.setattr(pipeline.reasoner, "reason", broken)
+    summary, _ = _run(pipeline, [face_png], tmp_path / "o.jsonl")
+    (rec,) = _strict_records(tmp_path / "o.jsonl")
+    assert rec["faces"][0]["error"].startswith("reasoner failed (model-error): TimeoutError: server did not answer")
+    assert summary.exit_code == 3 and summary.reasoner_failed == {"model-error": 1}
+    assert any("the expression model's alone" in line for line in summary.lines())
+
+
+def test_reasoner_failing_on_some_faces_is_counted_not_fatal(pipeline, face_png, tmp_path, monkeypatch):
+    labels = pipeline.config.labels
+    good = _reasoner_answering({k: 1 / len(labels) for k in labels})
+
+    def flaky(image, faces, context):
+        if context == "fail":
+            raise ConnectionError("refused")
+        return good(image, faces, context)
+
+    monkeypatch.setattr(pipeline.reasoner, "reason", flaky)
+    man = tmp_path / "m.csv"
+    man.write_text(f"image,context\n{face_png},fail\n{face_png},fine\n")
+    summary, _ = _run(pipeline, [man], tmp_path / "o.jsonl")
+    assert summary.exit_code == 0 and summary.reasoner_failed == {"model-error": 1} and summary.faces == 2
+    assert any("reasoner failed on 1 of 2 faces" in line for line in summary.lines())
+
+
+def test_cli_unreachable_server_never_exits_0(face_png, tmp_path):
+    import importlib.util
+
+    out = tmp_path / "o.jsonl"
+    r = _cem("annotate", face_png, "-o", out, "--faces", "whole", "--reasoner", "openai", "--model", "m",
+             "--base-url", "http://127.0.0.1:9/v1", timeout=120)
+    assert "Traceback" not in r.stderr
+    if importlib.util.find_spec("cem.preflight") is not None:  # the pre-flight check stops it before any image
+        assert r.returncode == 2 and not out.exists(), r.stderr
+    else:  # the reasoner fails on every face: records are written, the exit status says so
+        assert r.returncode == 3, r.stderr
+        (rec,) = _strict_records(out)
+        assert rec["faces"][0]["error"].startswith("reasoner")
+        assert "the expression model's alone" in r.stderr
+
+
+def test_batches_reach_the_reasoner(pipeline, face_png, tmp_path, monkeypatch):
+    from cem.reasoning.rules import RulesReasoner
+
+    sizes: list[int] = []
+
+    def reason_batch(jobs):
+        sizes.append(len(jobs))
+        return [RulesReasoner(pipeline.config.labels).reason(j.image, j.faces, j.context) for j in jobs]
+
+    monkeypatch.setattr(pipeline.reasoner, "reason_batch", reason_batch, raising=False)
+    monkeypatch.setattr(pipeline.reasoner, "batch_size", 3, raising=False)
+    imgs = []
+    for i in range(7):
+        imgs.append(tmp_path / f"{i}.png")
+        shutil.copy(face_png, imgs[-1])
+    summary, _ = _run(pipeline, imgs, tmp_path / "o.jsonl")
+    assert sizes == [3, 3, 1] and summary.images == 7 and summary.n_errors == 0
+
+
+# ---------------------------------------------------------------- geometry and workers
+def test_loader_bounds_geometry_and_keeps_sane_large_images(tmp_path):
+    from cem.io import ImageLoadError, load_image
+
+    Image.new("L", (33000, 1000)).save(tmp_path / "p.png")
+    with pytest.raises(ImageLoadError, match=r"p.png: image too large: 33000x1000 px, limit 16384 px per side"):
+        load_image(tmp_path / "p.png")
+    with pytest.raises(ImageLoadError, match="too elongated: 1x30"):
+        load_image(np.zeros((30, 1, 3), np.uint8))
+    Image.new("RGB", (6000, 4000)).save(tmp_path / "ok.jpg")
+    assert load_image(tmp_path / "ok.jpg").shape == (4000, 6000, 3)
+
+
+def test_worker_crash_and_hang_become_error_records(face_png, tmp_path):
+    import signal
+
+    from cem.config import Config
+    from cem.parallel import WorkerPool
+
+    slow = []
+    for name in ("crash.png", "hang.png"):
+        slow.append(tmp_path / name)
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (2000, 2000, 3), np.uint8)).save(slow[-1])
+    paths = [str(face_png), str(slow[0]), str(slow[1]), str(face_png)]
+    pool = WorkerPool(Config.load("default", faces="whole"), 1, image_timeout_s=3.0)
+    stop = threading.Event()
+
+    def saboteur():  # SIGKILL the worker busy with crash.png, SIGSTOP the one busy with hang.png
+        done: set[str] = set()
+        while not stop.is_set() and len(done) < 2:
+            for w in list(pool.workers):
+                job = w.job
+                if job and job[1] in map(str, slow) and job[1] not in done:
+                    os.kill(w.proc.pid, signal.SIGKILL if job[1].endswith("crash.png") else signal.SIGSTOP)
+                    done.add(job[1])
+            time.sleep(0.001)
+
+    t = threading.Thread(target=saboteur, daemon=True)
+    t.start()
+    try:
+        results = list(pool.measure(paths))
+    finally:
+        stop.set()
+        t.join()
+    assert [m.name for m in results] == paths
+    ok1, crashed, hung, ok2 = results
+    assert ok1.error is None and ok2.error is None and len(ok2.evidence) == 1
+    assert crashed.error == (f"{slow[0]}: the worker process crashed while analysing this image "
+                             f"(killed by signal SIGKILL)")
+    assert hung.error == f"{slow[1]}: analysis timed out after 3 s (the worker was stopped)"
+
+
+# ---------------------------------------------------------------- video resume
+@pytest.fixture(scope="module")
+def short_video(tmp_path_factory, face_crop):
+    import cv2
+
+    f = cv2.resize(face_crop, (120, 120))
+    path = tmp_path_factory.mktemp("v") / "clip.mp4"
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, (320, 180))
+    for i in range(40):
+        c = np.full((180, 320, 3), 160, np.uint8)
+        x = 20 + i * 4
+        c[30:150, x : x + 120] = f
+        vw.write(cv2.cvtColor(c, cv2.COLOR_RGB2BGR))
+    vw.release()
+    return path
+
+
+def test_video_resume_keeps_frames_and_finishes_an_interrupted_video(pipeline, short_video, tmp_path):
+    import csv
+
+    out, frames = tmp_path / "m.jsonl", tmp_path / "f.csv"
+    summary, _ = _run(pipeline, [short_video], out, frames=frames, every=4, faces=None)
+    recs = _strict_records(out)
+    moments = [r for r in recs if "frame" in r]
+    assert moments and recs[-1]["video_summary"] == {"frames": 10, "moments": len(moments), "complete": True}
+    rows = frames.read_text().splitlines()
+    assert len(rows) > 6  # header + the face on (nearly) every one of 10 sampled frames
+    # an interruption after the first moment and three frame rows
+    out.write_text(json.dumps(moments[0]) + "\n")
+    frames.write_text("\n".join(rows[:4]) + "\n")
+    summary, _ = _run(pipeline, [short_video], out, frames=frames, every=4, faces=None, resume=True)
+    again = _strict_records(out)
+    assert _strip_timings(again) == _strip_timings(recs)  # nothing twice, nothing missing
+    assert frames.read_text().splitlines() == rows
+    assert list(csv.DictReader(frames.open()))[0]["video"] == str(short_video)
+    # a finished video is skipped, and its table is left whole
+    summary, _ = _run(pipeline, [short_video], out, frames=frames, every=4, faces=None, resume=True)
+    assert summary.skipped == 1 and summary.moments == 0
+    assert frames.read_text().splitlines() == rows and len(_strict_records(out)) == len(recs)
+
+
+def test_analyze_video_leaves_the_callers_options_alone(pipeline, short_video):
+    from cem.video import VideoOptions
+
+    opts = VideoOptions(reason=False)
+    n = sum(1 for _ in pipeline.analyze_video(short_video, every=8, options=opts))
+    assert n == 5 and opts.every is None and opts.fps is None
+
+
+# ---------------------------------------------------------------- flags
+def test_landmarks_only_when_asked(pipeline, astronaut, tmp_path):
+    Image.fromarray(astronaut).save(tmp_path / "a.png")
+    _run(pipeline, [tmp_path / "a.png"], tmp_path / "plain.jsonl", faces=None)
+    _run(pipeline, [tmp_path / "a.png"], tmp_path / "lm.jsonl", faces=None, landmarks=True)
+    (plain,), (lm,) = _strict_records(tmp_path / "plain.jsonl"), _strict_records(tmp_path / "lm.jsonl")
+    assert "landmarks" not in plain["faces"][0]
+    points = lm["faces"][0]["landmarks"]
+    assert len(points) == 478 and all(len(p) == 3 for p in points)
+    x, y, w, h = lm["faces"][0]["bbox"]
+    assert x - w / 2 < np.median([p[0] for p in points]) < x + 1.5 * w
+
+
+def test_base_url_flag_beats_environment_and_config(monkeypatch):
+    from cem.cli import _load_config
+
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://env:1/v1")
+    cfg = _load_config("vllm", "http://flag:2/v1")
+    assert cfg.reasoner.options["base_url"] == "http://flag:2/v1"
+    assert cfg.reasoner.options["base_url_source"] == "--base-url"
+    assert "base_url_source" not in _load_config("vllm", None).reasoner.options
+
+
+def test_table_after_resume_holds_every_row_with_aligned_columns(pipeline, face_png, tmp_path):
+    import csv
+
+    for n in ("a", "b", "c"):
+        shutil.copy(face_png, tmp_path / f"{n}.png")
+    m1, m2 = tmp_path / "m1.csv", tmp_path / "m2.csv"
+    m1.write_text("image,participant\na.png,P1\nb.png,P2\n")
+    m2.write_text("image,site,participant\nc.png,Leeds,P3\n")
+    out, table = tmp_path / "o.jsonl", tmp_path / "t.csv"
+    _run(pipeline, [m1], out, csv=table)
+    summary, _ = _run(pipeline, [m1, m2], out, csv=table, resume=True)
+    assert summary.images == 1 and summary.skipped == 2
+    lines = list(csv.reader(table.open()))
+    header, rows = lines[0], [dict(zip(lines[0], line)) for line in lines[1:]]
+    assert all(len(line) == len(header) for line in lines)
+    assert [Path(r["image"]).name for r in rows] == ["a.png", "b.png", "c.png"]
+    assert [(r["meta.participant"], r["meta.site"]) for r in rows] == [("P1", ""), ("P2", ""), ("P3", "Leeds")]
