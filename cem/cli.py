@@ -330,11 +330,24 @@ def eval_cmd(results: str, labels_csv: str, config_name: str, as_json: bool, plo
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="HTML file to write.")
 @click.option("--title", default=None, help="Page title.")
 def report(results: str, output: str, title: str | None) -> None:
-    """Write a self-contained HTML report of RESULTS (a cem JSONL)."""
-    from cem.report import write_report
+    """Write a self-contained HTML report of RESULTS (a cem JSONL).
 
-    counts = write_report(results, output, title)
-    click.echo(f"cem: report of {counts['images']} images, {counts['faces']} faces -> {output}", err=True)
+    Lines that are not usable records are skipped, each named on stderr and counted in the page; a file
+    with no usable record at all is an error (exit status 2)."""
+    from cem.report import ReportError, write_report
+
+    try:
+        done = write_report(results, output, title)
+    except ReportError as e:
+        _fail(str(e))
+    shown = 20
+    for p in done.problems[:shown]:
+        click.echo(f"cem: {p}", err=True)
+    if len(done.problems) > shown:
+        click.echo(f"cem: ... and {len(done.problems) - shown} more skipped lines (listed in the report)", err=True)
+    skipped = f", {len(done.problems)} lines skipped" if done.problems else ""
+    nan = f", {done.non_finite} records with NaN/Infinity shown as n/a" if done.non_finite else ""
+    click.echo(f"cem: report of {done.images} images, {done.faces} faces{skipped}{nan} -> {output}", err=True)
 
 
 @main.group()
