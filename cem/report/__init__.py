@@ -46,6 +46,7 @@ from cem.report.records import (
     need,
     number,
     read_lines,
+    visible,
 )
 
 THUMB_PX = 320
@@ -55,8 +56,8 @@ MAX_EXTRA = 20  # extra top-level fields (manifest columns) shown per card
 MAX_PROBLEMS_SHOWN = 200  # skipped-line messages listed in the page (all are counted)
 _HERE = Path(__file__).parent
 # top-level record fields the report shows in their own place; any other field is shown as "name: value"
-_KNOWN = frozenset({"image", "width", "height", "faces", "context", "error", "provenance", "video", "frame",
-                    "time", "track_id", "t_start", "t_end", "key_reason"})
+_KNOWN = frozenset({"image", "width", "height", "faces", "context", "error", "provenance"})
+_KNOWN_MOMENT = _KNOWN | {"video", "frame", "time", "track_id", "t_start", "t_end", "key_reason"}
 _COLORS = ["#888", "#e6a700", "#1f9bd1", "#3949ab", "#d32f2f", "#2e7d32", "#7b1fa2", "#6d4c41"]
 _GROUNDING = ("supported", "contradicted", "unverifiable")
 
@@ -80,6 +81,8 @@ class ReportSummary:
 
 
 def _clip(text: str, limit: int = MAX_TEXT) -> str:
+    """Text as shown: lone surrogates written out (:func:`visible`), cut at ``limit`` characters."""
+    text = visible(text)
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters)"
 
 
@@ -217,7 +220,8 @@ def _card(line: Line, thumbs: _Thumbnails) -> tuple[dict[str, Any], _Moment | No
         "h": None if dims[1] is None else round(dims[1]), "error": error,
         "context": _text(rec, "context", "context"),
         "moment": None if moment is None else f"t = {moment.t:.2f} s, track {moment.track}",
-        "extra": [[_clip(k, 60), _scalar(v)] for k, v in rec.items() if k not in _KNOWN][:MAX_EXTRA],
+        "extra": [[_clip(k, 60), _scalar(v)] for k, v in rec.items()
+                  if k not in (_KNOWN if moment is None else _KNOWN_MOMENT)][:MAX_EXTRA],
         "notes": notes, "faces": [_face(f, i, scale) for i, f in enumerate(faces)],
     }
     return card, moment
@@ -325,8 +329,8 @@ def _render(rep: _Collected, title: str) -> str:
     csp = (f"default-src 'none'; script-src '{_sha256(script)}'; style-src '{_sha256(style)}'; "
            "img-src data:; base-uri 'none'; form-action 'none'")
     return str(template.render(
-        title=title, csp=csp, summary=summary, timelines=_timelines(rep.moments),
-        problems=[str(p) for p in rep.problems[:MAX_PROBLEMS_SHOWN]],
+        title=visible(title), csp=csp, summary=summary, timelines=_timelines(rep.moments),
+        problems=[visible(str(p)) for p in rep.problems[:MAX_PROBLEMS_SHOWN]],
         problems_more=max(0, len(rep.problems) - MAX_PROBLEMS_SHOWN),
         # escaped by script_json, and the package's own script and style: Markup, so not escaped again
         data_json=Markup(script_json({"summary": summary, "cards": rep.cards})),
@@ -350,7 +354,8 @@ def write_report(jsonl: str | os.PathLike[str], out: str | os.PathLike[str], tit
                  max_pixels: int = 50_000_000) -> ReportSummary:
     """Read ``jsonl`` (lines that are not records are skipped and listed), write the page to ``out``.
 
-    Raises :class:`ReportError` when the file holds no usable record or a file cannot be read or written. The page goes to a temporary file first, so ``out`` is never left half-written."""
+    Raises :class:`ReportError` when the file holds no usable record or a file cannot be read or written.
+    The page goes to a temporary file first, so ``out`` is never left half-written."""
     name = os.fspath(jsonl)
     try:
         lines, problems = read_lines(jsonl)
@@ -364,11 +369,11 @@ def write_report(jsonl: str | os.PathLike[str], out: str | os.PathLike[str], tit
     out = Path(out)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        # text that is not UTF-8 (a lone surrogate from a file name) is written as a visible \udcxx escape
-        tmp.write_bytes(page.encode("utf-8", errors="backslashreplace"))
+        tmp.write_bytes(page.encode("utf-8"))  # every text in it went through visible(): no lone surrogates
         os.replace(tmp, out)
     except OSError as e:
         raise ReportError(f"{os.fspath(out)}: cannot write the report ({e.strerror or e})") from e
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.exists():  # only when writing failed half-way
+            tmp.unlink()
     return ReportSummary(len(rep.cards), sum(len(c["faces"]) for c in rep.cards), rep.non_finite, rep.problems)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +103,21 @@ def read_lines(path: str | os.PathLike[str]) -> tuple[list[Line], list[Problem]]
             continue
         lines.append(Line(where, n, obj, hooks.count))
     return lines, problems
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escape_surrogate(m: re.Match[str]) -> str:
+    code = ord(m.group())
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
+
+
+def visible(text: str) -> str:
+    """``text`` with every lone surrogate written out: a byte that was not UTF-8 (a surrogate escape,
+    U+DC80..U+DCFF) as ``\\xNN``, any other as ``\\uNNNN``. Such text cannot be encoded as UTF-8, and
+    browsers handle it badly (headless Chromium crashes serialising it), so the report shows it escaped."""
+    return _SURROGATE.sub(_escape_surrogate, text) if _SURROGATE.search(text) else text
 
 
 # ---------------------------------------------------------------------------------------------------
