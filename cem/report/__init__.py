@@ -52,6 +52,8 @@ from cem.report.records import (
 THUMB_PX = 320
 MAX_TEXT = 4000  # characters of a rationale, cue, error or context shown (the rest is cut, and said so)
 MAX_CUES = 50  # cues shown per face
+MAX_FACES = 100  # faces shown per image
+MAX_KEYS = 60  # labels and AUs shown per face; emotions in the histogram
 MAX_EXTRA = 20  # extra top-level fields (manifest columns) shown per card
 MAX_PROBLEMS_SHOWN = 200  # skipped-line messages listed in the page (all are counted)
 _HERE = Path(__file__).parent
@@ -153,6 +155,10 @@ class _Thumbnails:
         return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), scale, None
 
 
+def _pairs(dist: dict[str, float | None]) -> list[list[Any]]:
+    return [[_clip(k, 60), v] for k, v in list(dist.items())[:MAX_KEYS]]
+
+
 def _face(f: dict[str, Any], i: int, scale: float) -> dict[str, Any]:
     what = f"faces[{i}]"
     index = need(f, "index", int, f"{what}.index", optional=True)
@@ -162,7 +168,7 @@ def _face(f: dict[str, Any], i: int, scale: float) -> dict[str, Any]:
         box = [round(v * scale, 1) for v in bbox(f, what)]
     track = need(f, "track_id", int, f"{what}.track_id", optional=True)
     aus = []
-    for code, au in (need(f, "aus", dict, f"{what}.aus", optional=True) or {}).items():
+    for code, au in list((need(f, "aus", dict, f"{what}.aus", optional=True) or {}).items())[:MAX_KEYS]:
         if not isinstance(au, dict):
             raise RecordError(f"'{what}.aus[{code!r}]' is not an object")
         present = need(au, "present", bool, f"{what}.aus[{code!r}].present", optional=True)
@@ -179,8 +185,8 @@ def _face(f: dict[str, Any], i: int, scale: float) -> dict[str, Any]:
     return {
         "index": i if index is None else index, "box": box, "track": track,
         "top": _text(f, "top_emotion", f"{what}.top_emotion"),
-        "emotion": [[_clip(k, 60), v] for k, v in distribution(f, "emotion", what, strict=False).items()],
-        "expression": [[_clip(k, 60), v] for k, v in distribution(f, "expression", what, strict=False).items()],
+        "emotion": _pairs(distribution(f, "emotion", what, strict=False)),
+        "expression": _pairs(distribution(f, "expression", what, strict=False)),
         "aus": aus, "cues": cues, "more_cues": max(0, len(cues_in) - MAX_CUES),
         "rationale": _text(f, "rationale", f"{what}.rationale"), "error": _text(f, "error", f"{what}.error"),
     }
@@ -215,6 +221,8 @@ def _card(line: Line, thumbs: _Thumbnails) -> tuple[dict[str, Any], _Moment | No
             notes.append(why)
     if line.non_finite:
         notes.append(f"{line.non_finite} NaN/Infinity value(s) in this record are shown as n/a")
+    if len(faces) > MAX_FACES:
+        notes.append(f"{len(faces)} faces: the first {MAX_FACES} are shown")
     card = {
         "image": _clip(image, 1000), "thumb": uri, "w": None if dims[0] is None else round(dims[0]),
         "h": None if dims[1] is None else round(dims[1]), "error": error,
@@ -222,7 +230,7 @@ def _card(line: Line, thumbs: _Thumbnails) -> tuple[dict[str, Any], _Moment | No
         "moment": None if moment is None else f"t = {moment.t:.2f} s, track {moment.track}",
         "extra": [[_clip(k, 60), _scalar(v)] for k, v in rec.items()
                   if k not in (_KNOWN if moment is None else _KNOWN_MOMENT)][:MAX_EXTRA],
-        "notes": notes, "faces": [_face(f, i, scale) for i, f in enumerate(faces)],
+        "notes": notes, "faces": [_face(f, i, scale) for i, f in enumerate(faces[:MAX_FACES])],
     }
     return card, moment
 
@@ -299,7 +307,7 @@ class _Collected:
             "images": len(self.cards), "faces": len(faces), "skipped": len(self.problems),
             "non_finite": self.non_finite,
             "errors": sum(1 for c in self.cards if c["error"]) + sum(1 for f in faces if f["error"]),
-            "top_emotions": [[k, n] for k, n in Counter(f["top"] for f in faces if f["top"]).most_common()],
+            "top_emotions": [[k, n] for k, n in Counter(f["top"] for f in faces if f["top"]).most_common(MAX_KEYS)],
         }
 
 
