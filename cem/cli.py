@@ -327,7 +327,7 @@ def eval_cmd(results: str, labels_csv: str, config_name: str, as_json: bool, plo
     click.echo(f"{'metric':<10}{'expression':>12}{'emotion':>12}")
     for k in keys:
         a, b = res["expression"][k], res["emotion"][k]
-        fmt = (lambda v: f"{v:12d}") if isinstance(a, int) else (lambda v: f"{v:12.4f}")
+        fmt = lambda v: f"{'n/a':>12}" if v is None else f"{v:12d}" if isinstance(v, int) else f"{v:12.4f}"
         click.echo(f"{k:<10}{fmt(a)}{fmt(b)}")
     n_ties = res["expression"]["n"] - res["expression"]["n_scored"]
     click.echo(f"ties excluded from accuracy/F1/NLL/Brier/ECE: {n_ties}; labelled images without a face or "

@@ -15,6 +15,7 @@ Formulas (documented so results can be reproduced by hand):
 * NLL: ``-ln m[plurality]`` (m clipped at 1e-6), over non-tied rows.
 * Brier: ``sum_k (m_k - onehot(plurality)_k)^2``, over non-tied rows.
 * ECE (15 equal-width bins of the top-1 confidence): ``sum_b |B_b|/n * |acc(B_b) - conf(B_b)|``.
+* a metric over non-tied rows is NaN when every row is a tie.
 
 ``cem eval`` (:func:`evaluate_file`) scores a results JSONL against a labels CSV. With imperfect input,
 every case below is an error naming the file, line and column, or is counted in the output; none is
@@ -93,11 +94,15 @@ def js_divergence(p_human: np.ndarray, p_model: np.ndarray) -> float:
 
 def accuracy(p_human: np.ndarray, p_model: np.ndarray) -> float:
     y, keep = plurality(p_human)
+    if not keep.any():
+        return math.nan
     return float((np.asarray(p_model).argmax(axis=1)[keep] == y[keep]).mean())
 
 
 def macro_f1(p_human: np.ndarray, p_model: np.ndarray) -> float:
     y, keep = plurality(p_human)
+    if not keep.any():
+        return math.nan
     y, pred = y[keep], np.asarray(p_model).argmax(axis=1)[keep]
     scores = []
     for k in np.union1d(y, pred):
@@ -110,12 +115,16 @@ def macro_f1(p_human: np.ndarray, p_model: np.ndarray) -> float:
 
 def nll(p_human: np.ndarray, p_model: np.ndarray) -> float:
     y, keep = plurality(p_human)
+    if not keep.any():
+        return math.nan
     m = _clip(p_model)[keep]
     return float(-np.log(m[np.arange(len(m)), y[keep]]).mean())
 
 
 def brier(p_human: np.ndarray, p_model: np.ndarray) -> float:
     y, keep = plurality(p_human)
+    if not keep.any():
+        return math.nan
     m = normalise(p_model)[keep]
     onehot = np.eye(m.shape[1])[y[keep]]
     return float(((m - onehot) ** 2).sum(axis=1).mean())
@@ -123,6 +132,8 @@ def brier(p_human: np.ndarray, p_model: np.ndarray) -> float:
 
 def expected_calibration_error(p_human: np.ndarray, p_model: np.ndarray, bins: int = 15) -> float:
     y, keep = plurality(p_human)
+    if not keep.any():
+        return math.nan
     m = normalise(p_model)[keep]
     conf, pred = m.max(axis=1), m.argmax(axis=1)
     correct = (pred == y[keep]).astype(np.float64)
@@ -223,6 +234,7 @@ def read_labels_csv(path: str | os.PathLike[str], labels: list[str]) -> LabelSet
     name = os.fspath(path)
     rows: list[LabelRow] = []
     seen: dict[str, int] = {}
+    reader: Any = None  # for the line number of a CSV error
     try:
         with open(name, newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh)
@@ -266,8 +278,11 @@ def read_labels_csv(path: str | os.PathLike[str], labels: list[str]) -> LabelSet
                     for c in dist_cols:
                         if row[c]:
                             v[labels.index(c)] = _cell_number(name, n, c, row[c])
-                    if not np.nansum(v) > 0:
+                    total = sum(float(x) for x in v if not math.isnan(x))  # Python floats: inf, no warning
+                    if not total > 0:
                         raise EvalError(f"{name}:{n}: no positive label value for {image!r}")
+                    if not math.isfinite(total):
+                        raise EvalError(f"{name}:{n}: the label values of {image!r} are too large to add up")
                 face = None
                 if row.get("face"):
                     if not row["face"].isdigit():
@@ -277,7 +292,8 @@ def read_labels_csv(path: str | os.PathLike[str], labels: list[str]) -> LabelSet
     except UnicodeDecodeError as e:
         raise EvalError(f"{name}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     except csv.Error as e:
-        raise EvalError(f"{name}: not a readable CSV ({e})") from None
+        where = f"{name}:{reader.line_num}" if reader is not None else name
+        raise EvalError(f"{where}: not a readable CSV ({e})") from None
     except OSError as e:
         raise EvalError(f"{name}: cannot read ({e.strerror or e})") from None
     if not rows:
@@ -382,6 +398,8 @@ def _scored_face(rec: dict[str, Any], row: LabelRow, fields: tuple[str, ...], la
     for fld in fields:
         dist = distribution(faces[i], fld, f"faces[{i}]", strict=True)
         out[fld] = np.array([dist.get(k) or 0.0 for k in labels], dtype=float)
+        if not math.isfinite(sum(float(x) for x in out[fld])):
+            raise RecordError(f"'faces[{i}].{fld}' has values too large to add up")
     return out, "", largest
 
 
@@ -440,7 +458,8 @@ def match_records(records: Sequence[dict[str, Any] | Line], label_set: LabelSet,
 
 def evaluate_matched(matched: Matched) -> dict[str, Any]:
     """``{"expression": metrics, "emotion": metrics, "confusion": {...}, "labels", "missing": [...],
-    "multi_face", "matched_by_name", "problems": [...]}``; an :class:`EvalError` when nothing was scored."""
+    "multi_face", "matched_by_name", "problems": [...]}``; an :class:`EvalError` when nothing was scored.
+    A metric that has no row to average (every scored row a tie) is ``None``."""
     if len(matched.human) == 0:
         first = matched.missing[0] if matched.missing else None
         detail = f"; first: {first['image']!r} (line {first['line']}): {first['reason']}" if first else ""
@@ -448,7 +467,8 @@ def evaluate_matched(matched: Matched) -> dict[str, Any]:
     out: dict[str, Any] = {"labels": matched.labels, "confusion": {}}
     for fld in FIELDS:
         h, m = matched.pair(fld)
-        out[fld] = distribution_metrics(h, m)
+        metrics = distribution_metrics(h, m)  # NaN where no untied row is left: reported as None
+        out[fld] = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         out["confusion"][fld] = confusion_matrix(h, m, len(matched.labels)).tolist()
     out.update(missing=matched.missing, multi_face=matched.multi_face, matched_by_name=matched.by_name,
                problems=[str(p) for p in matched.problems])

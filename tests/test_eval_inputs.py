@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -222,3 +223,21 @@ def test_python_api_and_plots(tmp_path):
     assert res.exit_code == 0
     assert [Path(p).name for p in out["plots"]] == ["reliability.png", "confusion.png"]
     assert all(Path(p).stat().st_size > 1000 for p in out["plots"])
+
+
+def test_extreme_values(tmp_path):
+    results = write_jsonl(tmp_path / "r.jsonl", rec("a.jpg", face(happiness=1.0)), rec("b.jpg", face(sadness=1.0)),
+                          rec("big.jpg", face(happiness=1e308, neutral=1e308)))
+    huge = write_csv(tmp_path / "h.csv", "image,neutral,happiness\na.jpg,1e308,1e308\n")
+    fails(results, huge, f"{huge}:2: the label values of 'a.jpg' are too large to add up")
+    long = write_csv(tmp_path / "long.csv", f"image,happiness\na.jpg,1\nb.jpg,{'1' * 200_000}\n")
+    fails(results, long, f"{long}:3: not a readable CSV (field larger than field limit (131072))")
+    labels = write_csv(tmp_path / "l.csv", "image,neutral,happiness\na.jpg,1,1\nbig.jpg,0,1\n")
+    res, out = run_eval(results, labels)
+    assert out["problems"] == [f"{results}:3: skipped: 'faces[0].expression' has values too large to add up"]
+    # the one scored row is a tie: accuracy and the like have no row to average (None, "n/a"), KL does
+    assert out["emotion"]["n"] == 1 and out["emotion"]["n_scored"] == 0 and out["emotion"]["accuracy"] is None
+    kl = 0.5 * math.log(0.5 / (1 - 7e-6)) + 0.5 * math.log(0.5 / 1e-6)
+    assert out["emotion"]["kl"] == pytest.approx(kl, rel=1e-3) and out["emotion"]["ece"] is None
+    text = CliRunner().invoke(main, ["eval", str(results), "--labels", str(labels)])
+    assert text.exit_code == 0 and re.search(r"^accuracy\s+n/a\s+n/a$", text.stdout, re.M)
