@@ -423,10 +423,11 @@ def match_records(records: Sequence[dict[str, Any] | Line], label_set: LabelSet,
     ms: dict[str, list[np.ndarray]] = {f: [] for f in FIELDS}
     bad: set[int] = set()
     for row in label_set.rows:
-        ln, by_name = index.find(row, labels_dir, label_set.path)
-        if ln is None:
+        found, by_name = index.find(row, labels_dir, label_set.path)
+        if found is None:
             out.missing.append({"image": row.image, "line": row.line, "reason": "no record"})
             continue
+        ln = found
         if id(ln) in used:
             other = used[id(ln)]
             raise EvalError(f"{label_set.path}: lines {other.line} and {row.line} ({other.image!r}, {row.image!r}) "

@@ -149,7 +149,8 @@ class _Thumbnails:
         im = Image.fromarray(rgb)
         scale = min(1.0, THUMB_PX / max(im.size))
         if scale < 1:
-            im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.LANCZOS)
+            size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+            im = im.resize(size, Image.Resampling.LANCZOS)
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=80)
         return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), scale, None
@@ -198,10 +199,10 @@ def _moment(rec: dict[str, Any], faces: list[dict[str, Any]]) -> _Moment | None:
     if not isinstance(rec.get("video"), str) or len(faces) != 1:
         return None
     track = faces[0].get("track_id")
-    t = rec.get("t_end", rec.get("time"))
-    if not isinstance(track, int) or isinstance(track, bool) or number(t, "t_end", optional=True) is None:
+    t = number(rec.get("t_end", rec.get("time")), "t_end", optional=True)
+    if not isinstance(track, int) or isinstance(track, bool) or t is None:
         return None
-    return _Moment(rec["video"], track, float(t), distribution(faces[0], "emotion", "faces[0]", strict=False))
+    return _Moment(rec["video"], track, t, distribution(faces[0], "emotion", "faces[0]", strict=False))
 
 
 def _card(line: Line, thumbs: _Thumbnails) -> tuple[dict[str, Any], _Moment | None]:
