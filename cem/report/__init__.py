@@ -120,13 +120,8 @@ class _Thumbnails:
 
     def _find(self, image: str) -> str | None:
         candidates = [image] + ([] if os.path.isabs(image) else [str(d / image) for d in self.base_dirs])
-        for c in candidates:
-            try:
-                if os.path.isfile(c):
-                    return c
-            except (OSError, ValueError):  # a name with NUL or unencodable characters cannot exist here
-                continue
-        return None
+        # isfile is False for what cannot be stat'ed, including names with NUL or too long for the system
+        return next((c for c in candidates if os.path.isfile(c)), None)
 
     def get(self, image: str) -> tuple[str | None, float, str | None]:
         """(JPEG data URI or None, scale from original to thumbnail pixels, why there is none)."""
