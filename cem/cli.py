@@ -203,38 +203,51 @@ def table_cmd(results: str, output: str) -> None:
 @main.command("eval")
 @click.argument("results", type=click.Path(exists=True, dir_okay=False))
 @click.option("--labels", "labels_csv", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="CSV: image,label or image,<one column per label> (counts or proportions).")
+              help="CSV: image,label or image,<one column per label> (counts or proportions); optional 'face' "
+                   "column (index of the face to score; default: the largest face).")
 @click.option("--config", "config_name", default="default", show_default=True, help="Config giving the label set.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--plots", type=click.Path(file_okay=False), default=None, help="Write reliability and confusion PNGs.")
 def eval_cmd(results: str, labels_csv: str, config_name: str, as_json: bool, plots: str | None) -> None:
-    """Score RESULTS (a cem JSONL) against human labels: expression and emotion side by side."""
+    """Score RESULTS (a cem JSONL) against human labels: expression and emotion side by side.
+
+    Label rows match records by path (as given, relative to the labels file or the current directory),
+    by base name only when that is unambiguous. Bad label cells, duplicate rows and ambiguous names are
+    errors (exit status 2); results lines that are not usable records are skipped and listed."""
     from cem.config import Config, ConfigError
-    from cem.eval import evaluate_records, read_labels_csv, write_plots
-    from cem.io import read_jsonl
+    from cem.eval import EvalError, evaluate_file, write_plots
 
     try:
         labels = Config.load(config_name).labels
-        human = read_labels_csv(labels_csv, labels)
-        records = list(read_jsonl(results))
-        res = evaluate_records(records, human, labels)
-    except (ConfigError, ValueError) as e:
+        res, matched = evaluate_file(results, labels_csv, labels)
+    except (ConfigError, EvalError) as e:
         _fail(str(e))
+    for p in res["problems"][:20]:
+        click.echo(f"cem: {p}", err=True)
+    if len(res["problems"]) > 20:
+        click.echo(f"cem: ... and {len(res['problems']) - 20} more skipped lines (all in --json output)", err=True)
     if plots:
-        res["plots"] = write_plots(records, human, labels, plots)
+        try:
+            res["plots"] = write_plots(matched, plots)
+        except OSError as e:
+            _fail(f"{plots}: cannot write plots ({e.strerror or e})")
     if as_json:
-        click.echo(json.dumps({k: res[k] for k in ("expression", "emotion")} | {
-            "missing": len(res["missing"]), "labels": labels, "confusion": res["confusion"]}, indent=2))
+        click.echo(json.dumps({k: res[k] for k in ("expression", "emotion", "labels", "confusion", "multi_face",
+                                                   "matched_by_name")} | {
+            "missing": len(res["missing"]), "missing_images": res["missing"], "skipped": len(res["problems"]),
+            "problems": res["problems"]} | ({"plots": res["plots"]} if plots else {}), indent=2))
         return
     keys = ["n", "n_scored", "accuracy", "macro_f1", "kl", "js", "nll", "brier", "ece"]
     click.echo(f"{'metric':<10}{'expression':>12}{'emotion':>12}")
     for k in keys:
         a, b = res["expression"][k], res["emotion"][k]
-        fmt = (lambda v: f"{v:12d}") if isinstance(a, int) else (lambda v: f"{v:12.4f}")
+        fmt = lambda v: f"{'n/a':>12}" if v is None else f"{v:12d}" if isinstance(v, int) else f"{v:12.4f}"
         click.echo(f"{k:<10}{fmt(a)}{fmt(b)}")
     n_ties = res["expression"]["n"] - res["expression"]["n_scored"]
     click.echo(f"ties excluded from accuracy/F1/NLL/Brier/ECE: {n_ties}; labelled images without a face or "
                f"record: {len(res['missing'])}")
+    click.echo(f"images with several faces, scored by the largest: {res['multi_face']}; matched by base name only: "
+               f"{res['matched_by_name']}; results lines skipped: {len(res['problems'])}")
     if plots:
         click.echo("plots: " + ", ".join(res["plots"]))
 
@@ -244,11 +257,24 @@ def eval_cmd(results: str, labels_csv: str, config_name: str, as_json: bool, plo
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="HTML file to write.")
 @click.option("--title", default=None, help="Page title.")
 def report(results: str, output: str, title: str | None) -> None:
-    """Write a self-contained HTML report of RESULTS (a cem JSONL)."""
-    from cem.report import write_report
+    """Write a self-contained HTML report of RESULTS (a cem JSONL).
 
-    counts = write_report(results, output, title)
-    click.echo(f"cem: report of {counts['images']} images, {counts['faces']} faces -> {output}", err=True)
+    Lines that are not usable records are skipped, each named on stderr and counted in the page; a file
+    with no usable record at all is an error (exit status 2)."""
+    from cem.report import ReportError, write_report
+
+    try:
+        done = write_report(results, output, title)
+    except ReportError as e:
+        _fail(str(e))
+    shown = 20
+    for p in done.problems[:shown]:
+        click.echo(f"cem: {p}", err=True)
+    if len(done.problems) > shown:
+        click.echo(f"cem: ... and {len(done.problems) - shown} more skipped lines (listed in the report)", err=True)
+    skipped = f", {len(done.problems)} lines skipped" if done.problems else ""
+    nan = f", {done.non_finite} records with NaN/Infinity shown as n/a" if done.non_finite else ""
+    click.echo(f"cem: report of {done.images} images, {done.faces} faces{skipped}{nan} -> {output}", err=True)
 
 
 @main.group()

@@ -15,11 +15,42 @@ Formulas (documented so results can be reproduced by hand):
 * NLL: ``-ln m[plurality]`` (m clipped at 1e-6), over non-tied rows.
 * Brier: ``sum_k (m_k - onehot(plurality)_k)^2``, over non-tied rows.
 * ECE (15 equal-width bins of the top-1 confidence): ``sum_b |B_b|/n * |acc(B_b) - conf(B_b)|``.
+* a metric over non-tied rows is NaN when every row is a tie.
+
+``cem eval`` (:func:`evaluate_file`) scores a results JSONL against a labels CSV. With imperfect input,
+every case below is an error naming the file, line and column, or is counted in the output; none is
+resolved silently:
+
+* labels file: UTF-8 CSV (a byte-order mark is fine) with an ``image`` column and either ``label`` (one
+  label per image) or columns named after labels (counts or proportions; an empty cell means the label
+  was not offered to that image's raters, and is left out of that row on both sides). A cell that is not a
+  finite number >= 0, an unknown label, a row without votes, or two rows for one image (after path
+  normalisation) is an error: votes for one image belong in one row.
+* matching: a label row's ``image`` is matched to the record whose ``image`` is the same path: the same
+  string, or the same file once both are resolved (the label path relative to the labels file's folder or
+  the current directory; the record's relative to the current directory or the results file's folder).
+  Only if no record matches by path does the base name decide, and only when exactly one record has that
+  base name: two records of that name in different folders are an error naming both. Two label rows
+  matching one record, or one label row matching two records (an image annotated twice), are errors.
+* faces: an optional ``face`` column gives the face index to score; without it an image with several
+  faces is scored by its largest face (bounding-box area), and the number of such images is reported
+  (``multi_face``).
+* records: a results line that is not a record, or a matched record whose face fields have the wrong
+  shape or a NaN/Infinity, is skipped and listed (``problems``); its label row counts as missing.
+  Labelled images with no record, an error record, or no face are ``missing`` with the reason.
 """
 
 from __future__ import annotations
 
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
 import numpy as np
+
+from cem.report.records import Line, Problem, RecordError, bbox, distribution, face_list, need, read_lines
 
 EPS = 1e-6
 
@@ -63,11 +94,15 @@ def js_divergence(p_human: np.ndarray, p_model: np.ndarray) -> float:
 
 def accuracy(p_human: np.ndarray, p_model: np.ndarray) -> float:
     y, keep = plurality(p_human)
+    if not keep.any():
+        return math.nan
     return float((np.asarray(p_model).argmax(axis=1)[keep] == y[keep]).mean())
 
 
 def macro_f1(p_human: np.ndarray, p_model: np.ndarray) -> float:
     y, keep = plurality(p_human)
+    if not keep.any():
+        return math.nan
     y, pred = y[keep], np.asarray(p_model).argmax(axis=1)[keep]
     scores = []
     for k in np.union1d(y, pred):
@@ -80,12 +115,16 @@ def macro_f1(p_human: np.ndarray, p_model: np.ndarray) -> float:
 
 def nll(p_human: np.ndarray, p_model: np.ndarray) -> float:
     y, keep = plurality(p_human)
+    if not keep.any():
+        return math.nan
     m = _clip(p_model)[keep]
     return float(-np.log(m[np.arange(len(m)), y[keep]]).mean())
 
 
 def brier(p_human: np.ndarray, p_model: np.ndarray) -> float:
     y, keep = plurality(p_human)
+    if not keep.any():
+        return math.nan
     m = normalise(p_model)[keep]
     onehot = np.eye(m.shape[1])[y[keep]]
     return float(((m - onehot) ** 2).sum(axis=1).mean())
@@ -93,6 +132,8 @@ def brier(p_human: np.ndarray, p_model: np.ndarray) -> float:
 
 def expected_calibration_error(p_human: np.ndarray, p_model: np.ndarray, bins: int = 15) -> float:
     y, keep = plurality(p_human)
+    if not keep.any():
+        return math.nan
     m = normalise(p_model)[keep]
     conf, pred = m.max(axis=1), m.argmax(axis=1)
     correct = (pred == y[keep]).astype(np.float64)
@@ -147,42 +188,117 @@ def roc_auc(scores_pos: np.ndarray, scores_neg: np.ndarray) -> float:
 # Evaluating a cem output file against human labels (`cem eval`)
 
 
-def read_labels_csv(path: str, labels: list[str]) -> dict[str, np.ndarray]:
-    """Human labels per image from a CSV: ``image,label`` (single labels) or ``image,<label columns>``
-    (counts or proportions). An empty cell means "not rated": that label is left out of that row and the
-    rest renormalised (stored as NaN, handled by :func:`_renormalise_rated`)."""
+
+FIELDS = ("expression", "emotion")  # the distributions scored, side by side
+
+
+class EvalError(ValueError):
+    """A labels or results file that cannot be scored; the message names the file, line and column."""
+
+
+@dataclass(frozen=True)
+class LabelRow:
+    """One labelled image: the path as written, its line in the labels file, the human votes over the
+    labels (NaN = not offered to the raters) and the face index to score (None: the largest face)."""
+
+    image: str
+    line: int
+    votes: np.ndarray
+    face: int | None = None
+
+
+@dataclass
+class LabelSet:
+    """The rows of a labels file, in file order, with the file's path (relative images resolve against it)."""
+
+    path: str
+    labels: list[str]
+    rows: list[LabelRow]
+
+
+def _cell_number(path: str, line: int, column: str, cell: str) -> float:
+    try:
+        v = float(cell)
+    except ValueError:
+        raise EvalError(f"{path}:{line}: column {column!r}: {cell!r} is not a number") from None
+    if not math.isfinite(v) or v < 0:
+        raise EvalError(f"{path}:{line}: column {column!r}: {cell!r} is not a finite number >= 0")
+    return v
+
+
+def read_labels_csv(path: str | os.PathLike[str], labels: list[str]) -> LabelSet:
+    """Human labels per image from a CSV (see the policy above): ``image,label`` (single labels) or
+    ``image,<label columns>`` (counts or proportions), with an optional ``face`` column."""
     import csv
 
-    out: dict[str, np.ndarray] = {}
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        cols = reader.fieldnames or []
-        if "image" not in cols:
-            raise ValueError(f"{path}: the labels file needs an 'image' column")
-        single = "label" in cols
-        dist_cols = [c for c in cols if c in labels]
-        if not single and not dist_cols:
-            raise ValueError(f"{path}: expected a 'label' column or columns named after labels {labels}")
-        for n, row in enumerate(reader, start=2):
-            if single:
-                lab = (row["label"] or "").strip()
-                if lab not in labels:
-                    raise ValueError(f"{path}:{n}: label {lab!r} is not one of {labels}")
-                v = np.zeros(len(labels))
-                v[labels.index(lab)] = 1.0
-            else:
-                v = np.full(len(labels), np.nan)
-                for c in dist_cols:
-                    cell = (row[c] or "").strip()
-                    if cell:
-                        try:
-                            v[labels.index(c)] = float(cell)
-                        except ValueError:
-                            raise ValueError(f"{path}:{n}: column {c!r} is not a number: {cell!r}") from None
-                if np.nansum(v) <= 0:
-                    raise ValueError(f"{path}:{n}: no positive label value for {row['image']!r}")
-            out[row["image"]] = v
-    return out
+    name = os.fspath(path)
+    rows: list[LabelRow] = []
+    seen: dict[str, int] = {}
+    reader: Any = None  # for the line number of a CSV error
+    try:
+        with open(name, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            if header is None or not any(h.strip() for h in header):
+                raise EvalError(f"{name}: empty file (expected a header row with an 'image' column)")
+            cols = [h.strip() for h in header]
+            dup_cols = sorted({c for c in cols if c and cols.count(c) > 1})
+            if dup_cols:
+                raise EvalError(f"{name}:1: column {dup_cols[0]!r} appears more than once in the header")
+            if "image" not in cols:
+                raise EvalError(f"{name}:1: the labels file needs an 'image' column (found {cols})")
+            single = "label" in cols
+            dist_cols = [c for c in cols if c in labels]
+            if single and dist_cols:
+                raise EvalError(f"{name}:1: both a 'label' column and label columns {dist_cols}: use one of them")
+            if not single and not dist_cols:
+                raise EvalError(f"{name}:1: expected a 'label' column or columns named after labels {labels}")
+            for cells in reader:
+                n = reader.line_num
+                if not any(c.strip() for c in cells):
+                    continue  # blank rows (spreadsheets add them)
+                if any(c.strip() for c in cells[len(cols):]):
+                    raise EvalError(f"{name}:{n}: {len(cells)} cells, but the header has {len(cols)} columns")
+                row = {c: (cells[i].strip() if i < len(cells) else "") for i, c in enumerate(cols)}
+                image = row["image"]
+                if not image:
+                    raise EvalError(f"{name}:{n}: column 'image' is empty")
+                key = os.path.normpath(image)
+                if key in seen:
+                    raise EvalError(f"{name}:{n}: image {image!r} already has a row (line {seen[key]}); "
+                                    "put all votes for one image in one row")
+                seen[key] = n
+                if single:
+                    if row["label"] not in labels:
+                        raise EvalError(f"{name}:{n}: column 'label': {row['label']!r} is not one of {labels}")
+                    v = np.zeros(len(labels))
+                    v[labels.index(row["label"])] = 1.0
+                else:
+                    v = np.full(len(labels), np.nan)
+                    for c in dist_cols:
+                        if row[c]:
+                            v[labels.index(c)] = _cell_number(name, n, c, row[c])
+                    total = sum(float(x) for x in v if not math.isnan(x))  # Python floats: inf, no warning
+                    if not total > 0:
+                        raise EvalError(f"{name}:{n}: no positive label value for {image!r}")
+                    if not math.isfinite(total):
+                        raise EvalError(f"{name}:{n}: the label values of {image!r} are too large to add up")
+                face = None
+                if row.get("face"):
+                    if not row["face"].isdigit():
+                        raise EvalError(f"{name}:{n}: column 'face': {row['face']!r} is not a face index (0, 1, ...)")
+                    face = int(row["face"])
+                rows.append(LabelRow(image, n, v, face))
+    except UnicodeDecodeError as e:
+        raise EvalError(f"{name}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except csv.Error as e:
+        where = f"{name}:{reader.line_num}" if reader is not None else name
+        raise EvalError(f"{where}: not a readable CSV ({e})") from None
+    except OSError as e:
+        raise EvalError(f"{name}: cannot read ({e.strerror or e})") from None
+    if not rows:
+        raise EvalError(f"{name}: no label rows after the header")
+    return LabelSet(name, list(labels), rows)
 
 
 def _renormalise_rated(human: np.ndarray, model: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -193,44 +309,189 @@ def _renormalise_rated(human: np.ndarray, model: np.ndarray) -> tuple[np.ndarray
     return normalise(h), normalise(np.where(m.sum(1, keepdims=True) > 0, m, rated.astype(float)))
 
 
-def match_records(records: list[dict], human: dict[str, np.ndarray], field: str,
-                  labels: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Pairs (human, model[field]) per labelled image. An image is scored by its largest face; labelled
-    images without a record, with an error or without a face are returned as ``missing``."""
-    from pathlib import Path
+@dataclass
+class Matched:
+    """Label rows paired with the model's distributions of the face scored for them.
 
-    by_key: dict[str, dict] = {}
-    for r in records:
-        by_key[r["image"]] = r
-        by_key.setdefault(Path(r["image"]).name, r)
-    hs, ms, missing = [], [], []
-    for image, h in human.items():
-        r = by_key.get(image) or by_key.get(Path(image).name)
-        faces = (r or {}).get("faces") or []
-        if not faces:
-            missing.append(image)
+    ``human`` is (N, K) with NaN for labels not offered; ``model[field]`` is (N, K) for field in
+    ``expression`` and ``emotion``; ``missing`` holds ``{"image", "line", "reason"}`` for label rows not
+    scored; ``problems`` the results lines that were skipped."""
+
+    labels: list[str]
+    images: list[str] = field(default_factory=list)
+    human: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    model: dict[str, np.ndarray] = field(default_factory=dict)
+    missing: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    multi_face: int = 0
+    by_name: int = 0
+
+    def pair(self, field_name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(human, model) for ``field_name``, with labels not offered removed and rows renormalised."""
+        return _renormalise_rated(self.human, self.model[field_name])
+
+
+class _RecordIndex:
+    """Records by image string, by resolved path and by base name (each key -> every record with it)."""
+
+    def __init__(self, lines: list[Line], results_dir: str) -> None:
+        self.exact: dict[str, list[Line]] = {}
+        self.resolved: dict[str, list[Line]] = {}
+        self.names: dict[str, list[Line]] = {}
+        for ln in lines:
+            image = ln.record["image"]
+            self.exact.setdefault(image, []).append(ln)
+            for p in _resolutions(image, results_dir):
+                self.resolved.setdefault(p, []).append(ln)
+            self.names.setdefault(os.path.basename(image), []).append(ln)
+
+    def find(self, row: LabelRow, labels_dir: str, labels_path: str) -> tuple[Line | None, bool]:
+        """The record for ``row`` and whether only its base name matched; errors for ambiguity."""
+        found = self.exact.get(row.image) or _unique(
+            ln for p in _resolutions(row.image, labels_dir) for ln in self.resolved.get(p, []))
+        by_name = False
+        if not found:
+            found, by_name = self.names.get(os.path.basename(row.image), []), True
+            images = list(dict.fromkeys(ln.record["image"] for ln in found))
+            if len(images) > 1:
+                raise EvalError(f"{labels_path}:{row.line}: {row.image!r} matches no record by path, and its base "
+                                f"name matches records of different files: {images[0]!r} ({found[0].where}) and "
+                                f"{images[1]!r}; write the image's path as in the results")
+        if len(found) > 1:
+            raise EvalError(f"{labels_path}:{row.line}: {row.image!r} has {len(found)} records "
+                            f"({found[0].where} and {found[1].where}): score a results file with one record per image")
+        return (found[0] if found else None), by_name and bool(found)
+
+
+def _resolutions(image: str, base: str) -> list[str]:
+    """The absolute paths a path as given may mean: itself from the current directory, or from ``base``."""
+    if os.path.isabs(image):
+        return [os.path.normpath(image)]
+    return list(dict.fromkeys([os.path.abspath(image), os.path.abspath(os.path.join(base, image))]))
+
+
+def _unique(lines: Iterable[Line]) -> list[Line]:
+    return list({id(ln): ln for ln in lines}.values())
+
+
+def _scored_face(rec: dict[str, Any], row: LabelRow, fields: tuple[str, ...], labels: list[str],
+                 ) -> tuple[dict[str, np.ndarray] | None, str, bool]:
+    """(model distributions of the face to score, or None with the reason; whether it was the largest of
+    several). Raises RecordError for a record whose needed fields have the wrong shape."""
+    faces = face_list(rec)
+    error = need(rec, "error", str, "error", optional=True)
+    if not faces:
+        return None, (f"the record has an error: {error}" if error else "no face found"), False
+    largest = False
+    if row.face is not None:
+        indices = [need(f, "index", int, f"faces[{i}].index", optional=True) for i, f in enumerate(faces)]
+        picked = [i for i, ix in enumerate(indices) if (i if ix is None else ix) == row.face]
+        if not picked:
+            return None, f"no face {row.face} (the record has {len(faces)})", False
+        i = picked[0]
+    elif len(faces) == 1:
+        i = 0
+    else:
+        areas = [bx[2] * bx[3] for bx in (bbox(f, f"faces[{j}]") for j, f in enumerate(faces))]
+        i, largest = int(np.argmax(areas)), True
+    out = {}
+    for fld in fields:
+        dist = distribution(faces[i], fld, f"faces[{i}]", strict=True)
+        out[fld] = np.array([dist.get(k) or 0.0 for k in labels], dtype=float)
+        if not math.isfinite(sum(float(x) for x in out[fld])):
+            raise RecordError(f"'faces[{i}].{fld}' has values too large to add up")
+    return out, "", largest
+
+
+def match_records(records: Sequence[dict[str, Any] | Line], label_set: LabelSet,
+                  results_path: str | os.PathLike[str] | None = None) -> Matched:
+    """Pair every label row with its record's face (policy above). ``records`` are dicts or
+    :class:`~cem.report.records.Line` s (which name their file and line in messages)."""
+    lines = [r if isinstance(r, Line) else Line(f"record {i + 1}", i + 1, r) for i, r in enumerate(records)]
+    out = Matched(list(label_set.labels))
+    usable = []
+    for ln in lines:
+        image = ln.record.get("image")
+        if not isinstance(image, str) or not image:
+            out.problems.append(Problem(ln.where, "skipped: no 'image' path (not a string, or empty)", ln.line))
+        else:
+            usable.append(ln)
+    index = _RecordIndex(usable, os.path.dirname(os.fspath(results_path)) if results_path else ".")
+    labels_dir = os.path.dirname(label_set.path)
+    used: dict[int, LabelRow] = {}
+    hs: list[np.ndarray] = []
+    ms: dict[str, list[np.ndarray]] = {f: [] for f in FIELDS}
+    bad: set[int] = set()
+    for row in label_set.rows:
+        found, by_name = index.find(row, labels_dir, label_set.path)
+        if found is None:
+            out.missing.append({"image": row.image, "line": row.line, "reason": "no record"})
             continue
-        face = max(faces, key=lambda f: f["bbox"][2] * f["bbox"][3])
-        hs.append(h)
-        ms.append([face[field].get(k, 0.0) for k in labels])
-    if not hs:
-        return np.zeros((0, len(labels))), np.zeros((0, len(labels))), missing
-    return np.array(hs, dtype=float), np.array(ms, dtype=float), missing
-
-
-def evaluate_records(records: list[dict], human: dict[str, np.ndarray], labels: list[str]) -> dict:
-    """``{"expression": metrics, "emotion": metrics, "missing": [...], "confusion": {...}}``."""
-    out: dict = {}
-    for field in ("expression", "emotion"):
-        h, m, missing = match_records(records, human, field, labels)
-        if len(h) == 0:
-            raise ValueError("no labelled image matched a record with a face")
-        h, m = _renormalise_rated(h, m)
-        out[field] = distribution_metrics(h, m)
-        out.setdefault("confusion", {})[field] = confusion_matrix(h, m, len(labels)).tolist()
-        out["missing"] = missing
-    out["labels"] = labels
+        ln = found
+        if id(ln) in used:
+            other = used[id(ln)]
+            raise EvalError(f"{label_set.path}: lines {other.line} and {row.line} ({other.image!r}, {row.image!r}) "
+                            f"both match the record of {ln.record['image']!r} ({ln.where})")
+        used[id(ln)] = row
+        try:
+            dists, reason, largest = _scored_face(ln.record, row, FIELDS, label_set.labels)
+        except RecordError as e:
+            if id(ln) not in bad:
+                bad.add(id(ln))
+                out.problems.append(Problem(ln.where, f"skipped: {e}", ln.line))
+            out.missing.append({"image": row.image, "line": row.line, "reason": f"record skipped ({e})"})
+            continue
+        if dists is None:
+            out.missing.append({"image": row.image, "line": row.line, "reason": reason})
+            continue
+        out.images.append(row.image)
+        hs.append(row.votes)
+        for f in FIELDS:
+            ms[f].append(dists[f])
+        out.multi_face += largest
+        out.by_name += by_name
+    k = len(label_set.labels)
+    out.human = np.array(hs, dtype=float).reshape(-1, k)
+    out.model = {f: np.array(ms[f], dtype=float).reshape(-1, k) for f in FIELDS}
+    out.problems.sort(key=lambda p: p.line)
     return out
+
+
+def evaluate_matched(matched: Matched) -> dict[str, Any]:
+    """``{"expression": metrics, "emotion": metrics, "confusion": {...}, "labels", "missing": [...],
+    "multi_face", "matched_by_name", "problems": [...]}``; an :class:`EvalError` when nothing was scored.
+    A metric that has no row to average (every scored row a tie) is ``None``."""
+    if len(matched.human) == 0:
+        first = matched.missing[0] if matched.missing else None
+        detail = f"; first: {first['image']!r} (line {first['line']}): {first['reason']}" if first else ""
+        raise EvalError(f"no labelled image matched a record with a face ({len(matched.missing)} missing{detail})")
+    out: dict[str, Any] = {"labels": matched.labels, "confusion": {}}
+    for fld in FIELDS:
+        h, m = matched.pair(fld)
+        metrics = distribution_metrics(h, m)  # NaN where no untied row is left: reported as None
+        out[fld] = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        out["confusion"][fld] = confusion_matrix(h, m, len(matched.labels)).tolist()
+    out.update(missing=matched.missing, multi_face=matched.multi_face, matched_by_name=matched.by_name,
+               problems=[str(p) for p in matched.problems])
+    return out
+
+
+def evaluate_file(results: str | os.PathLike[str], labels_csv: str | os.PathLike[str],
+                  labels: list[str]) -> tuple[dict[str, Any], Matched]:
+    """Read both files, match and score (:func:`evaluate_matched`); lines of ``results`` that are not
+    records are listed in ``problems``. Raises :class:`EvalError` for a file that cannot be used."""
+    label_set = read_labels_csv(labels_csv, labels)
+    name = os.fspath(results)
+    try:
+        lines, problems = read_lines(name)
+    except OSError as e:
+        raise EvalError(f"{name}: cannot read ({e.strerror or e})") from None
+    if not lines:
+        detail = f"{len(problems)} lines, none a record; first: {problems[0]}" if problems else "empty file"
+        raise EvalError(f"{name}: no cem records ({detail})")
+    matched = match_records(lines, label_set, name)
+    matched.problems = sorted([*problems, *matched.problems], key=lambda p: p.line)
+    return evaluate_matched(matched), matched
 
 
 def reliability_bins(p_human: np.ndarray, p_model: np.ndarray, bins: int = 15) -> list[dict]:
@@ -245,7 +506,7 @@ def reliability_bins(p_human: np.ndarray, p_model: np.ndarray, bins: int = 15) -
              "accuracy": float(correct[idx == b].mean()) if (idx == b).any() else None} for b in range(bins)]
 
 
-def write_plots(records: list[dict], human: dict[str, np.ndarray], labels: list[str], out_dir: str) -> list[str]:
+def write_plots(matched: Matched, out_dir: str | os.PathLike[str]) -> list[str]:
     """Reliability diagram and confusion matrices (PNG) for expression and emotion; returns the paths."""
     from pathlib import Path
 
@@ -258,15 +519,14 @@ def write_plots(records: list[dict], human: dict[str, np.ndarray], labels: list[
     d.mkdir(parents=True, exist_ok=True)
     written = []
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
-    for ax, field in zip(axes, ("expression", "emotion")):
-        h, m, _ = match_records(records, human, field, labels)
-        h, m = _renormalise_rated(h, m)
+    for ax, fld in zip(axes, FIELDS):
+        h, m = matched.pair(fld)
         bins = [b for b in reliability_bins(h, m) if b["n"]]
         ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
         ax.bar([(b["lo"] + b["hi"]) / 2 for b in bins], [b["accuracy"] for b in bins], width=1 / 15,
                edgecolor="black", alpha=0.7, label="accuracy")
         ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="C3", ms=3)
-        ax.set(title=f"{field}: ECE {expected_calibration_error(h, m):.3f}", xlabel="top-1 confidence",
+        ax.set(title=f"{fld}: ECE {expected_calibration_error(h, m):.3f}", xlabel="top-1 confidence",
                ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
     fig.tight_layout()
     p = d / "reliability.png"
@@ -274,9 +534,9 @@ def write_plots(records: list[dict], human: dict[str, np.ndarray], labels: list[
     plt.close(fig)
     written.append(str(p))
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
-    for ax, field in zip(axes, ("expression", "emotion")):
-        h, m, _ = match_records(records, human, field, labels)
-        h, m = _renormalise_rated(h, m)
+    for ax, fld in zip(axes, FIELDS):
+        h, m = matched.pair(fld)
+        labels = matched.labels
         cm = confusion_matrix(h, m, len(labels)).astype(float)
         rows = cm / np.maximum(cm.sum(1, keepdims=True), 1)
         ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
@@ -287,7 +547,7 @@ def write_plots(records: list[dict], human: dict[str, np.ndarray], labels: list[
                 if cm[i, j]:
                     ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
                             color="white" if rows[i, j] > 0.5 else "black")
-        ax.set(title=f"{field} (rows: human plurality)", xlabel="predicted", ylabel="human")
+        ax.set(title=f"{fld} (rows: human plurality)", xlabel="predicted", ylabel="human")
     fig.tight_layout()
     p = d / "confusion.png"
     fig.savefig(p, dpi=110)
