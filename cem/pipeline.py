@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -12,9 +13,11 @@ import numpy as np
 
 import cem
 from cem.config import Config
-from cem.fuse import downweight_contradicted, ground_cues, pool
+from cem.fuse import downweight_contradicted, explain, ground_cues, pool
 from cem.io import ImageInput, ImageLoadError, load_image
 from cem.schema import FaceResult, ImageResult, Provenance
+
+log = logging.getLogger(__name__)
 
 
 def _describe(image: ImageInput) -> str:
@@ -46,6 +49,7 @@ class Pipeline:
         self.config = config
         self.reasoner = make_reasoner(config)  # first: a bad backend fails before models load
         self.fer = FERStage(config)
+        self._context_warned = False  # a reasoner that cannot read context says so once per pipeline
 
     @classmethod
     def from_config(cls, name_or_path: str | Path = "default", **overrides: Any) -> Pipeline:
@@ -56,13 +60,11 @@ class Pipeline:
         """
         return cls(Config.load(name_or_path, **overrides))
 
-    def _provenance(self, timings: dict[str, float]) -> Provenance:
-        sampling = None
-        if getattr(self.reasoner, "do_sample", False):
-            sampling = {"do_sample": True, "seed": getattr(self.reasoner, "seed", None)}
-        return Provenance(cem_version=cem.__version__, config=self.config.name, reasoner=self.reasoner.backend,
-                          model=self.reasoner.model_id, template=self.reasoner.template_id, timings_ms=timings,
-                          sampling=sampling)
+    def _provenance(self, timings: dict[str, float], context: str | None = None) -> Provenance:
+        r = self.reasoner
+        return Provenance(cem_version=cem.__version__, config=self.config.name, reasoner=r.backend,
+                          model=r.model_id, template=r.template_id, timings_ms=timings, sampling=r.sampling,
+                          context_used=bool(context) and r.uses_context)
 
     def _measure(self, image: ImageInput, faces: str | None) -> tuple[Any, ...]:
         """Load and FER-measure one image: (name, rgb, evidence, timings, error)."""
@@ -84,10 +86,11 @@ class Pipeline:
         return name, rgb, evidence, timings, None
 
     def _finish(self, name: str, rgb: np.ndarray | None, evidence: list, timings: dict[str, float],
-                error: str | None, answers: list | None, reason_error: str | None) -> ImageResult:
+                error: str | None, answers: list | None, reason_error: str | None,
+                context: str | None = None) -> ImageResult:
         if error is not None or rgb is None:
             h, w = (rgb.shape[:2] if rgb is not None else (None, None))
-            return ImageResult(name, w, h, [], self._provenance(timings), error=error)
+            return ImageResult(name, w, h, [], self._provenance(timings, context), error=error, context=context)
         by_index = {a.index: a for a in answers or []}
         t = time.perf_counter()
         results = []
@@ -100,34 +103,40 @@ class Pipeline:
                 dist = downweight_contradicted(dist, cues, self.config.fusion.contradicted_penalty)
             # with no reasoner distribution the emotion is the expression model's, and `error` says so
             emotion = pool(ev.expression, dist, self.config.labels, self.config.fusion)
+            # the rationale explains the final (pooled) answer, whatever the reasoner
+            who = "the AU prototypes" if self.reasoner.backend == "rules" else "the model"
+            rationale = explain(ev, emotion, cues, dist, self.config.fusion, a.rationale if a else "", who,
+                                err if dist is None else None)
             results.append(FaceResult(evidence=ev, emotion=emotion, cues=cues,
-                                      rationale=a.rationale if a else "", error=err if dist is None else None))
+                                      rationale=rationale, error=err if dist is None else None))
         timings["fuse"] = (time.perf_counter() - t) * 1000
         timings["total"] = sum(v for k, v in timings.items() if k in ("load", "fer", "reason", "fuse"))
         h, w = rgb.shape[:2]
-        return ImageResult(name, w, h, results, self._provenance(timings))
+        return ImageResult(name, w, h, results, self._provenance(timings, context), context=context)
 
     def _reason(self, batch: list[tuple[Any, ...]], contexts: list[str | None]) -> list[tuple[list, str | None]]:
         """Reason over several measured images at once (one model batch where the backend batches)."""
-        from cem.reasoning.llm import Job
+        from cem.reasoning.base import Job
 
         out: list[tuple[list, str | None]] = [([], None) for _ in batch]
         live = [i for i, m in enumerate(batch) if m[4] is None and m[2]]
         if not live:
             return out
+        if not self.reasoner.uses_context and not self._context_warned and any(contexts[i] for i in live):
+            self._context_warned = True
+            log.warning("the %s reasoner cannot use context: the context given is kept in the records "
+                        "(provenance.context_used = false) but does not change the emotions",
+                        self.reasoner.backend)
         t = time.perf_counter()
         try:
-            if hasattr(self.reasoner, "reason_batch"):
-                answers = self.reasoner.reason_batch([Job(batch[i][1], batch[i][2], contexts[i]) for i in live])
-            else:
-                answers = [self.reasoner.reason(batch[i][1], batch[i][2], contexts[i]) for i in live]
+            answers = self.reasoner.reason_batch([Job(batch[i][1], batch[i][2], contexts[i]) for i in live])
             for i, a in zip(live, answers):
                 out[i] = (a, None)
         except Exception as e:  # reported on every face of these images; the run goes on
             for i in live:
                 out[i] = ([], f"reasoner failed ({type(e).__name__}: {e})")
         elapsed = (time.perf_counter() - t) * 1000
-        stats = dict(getattr(self.reasoner, "last_stats", {}) or {})
+        stats = self.reasoner.last_stats
         for i in live:
             tm = batch[i][3]
             tm["reason"] = elapsed / len(live)
@@ -144,7 +153,7 @@ class Pipeline:
         carries ``error`` and no faces."""
         m = self._measure(image, faces)
         (answers, reason_error), = self._reason([m], [context])
-        return self._finish(*m, answers, reason_error)
+        return self._finish(*m, answers, reason_error, context)
 
     def analyze_many(self, images: Iterable[ImageInput],
                      contexts: Sequence[str | None] | Mapping[str, str] | None = None,
@@ -152,13 +161,13 @@ class Pipeline:
         """Yield one result per image, in order. ``contexts``: a list aligned with ``images`` or a mapping
         from the image's path (as given, or its file name) to its context. Images are reasoned over in
         batches of ``batch_size`` (default: the reasoner's), so an LLM backend can share model calls."""
-        size = batch_size or int(getattr(self.reasoner, "batch_size", 1) or 1)
+        size = batch_size or self.reasoner.batch_size
         chunk: list[tuple[Any, ...]] = []
         chunk_ctx: list[str | None] = []
 
         def flush() -> Iterator[ImageResult]:
-            for m, (a, err) in zip(chunk, self._reason(chunk, chunk_ctx)):
-                yield self._finish(*m, a, err)
+            for m, (a, err), ctx in zip(chunk, self._reason(chunk, chunk_ctx), chunk_ctx):
+                yield self._finish(*m, a, err, ctx)
             chunk.clear()
             chunk_ctx.clear()
 
@@ -201,7 +210,7 @@ class Pipeline:
                     ev.index = i
                 m = (name, vf.rgb, evidence, timings, None)
                 (answers, err), = self._reason([m], [context])
-                result = self._finish(*m, answers, err)
+                result = self._finish(*m, answers, err, context)
                 for face, tf in zip(result.to_dict()["faces"], keys):
                     face["track_id"] = tf.track_id
                     vf.moments.append({

@@ -15,6 +15,7 @@ FERPLUS_LABELS: tuple[str, ...] = (
 
 CueSource = Literal["face", "scene", "body", "text"]
 Grounding = Literal["supported", "contradicted", "unverifiable"]
+CueRole = Literal["for", "alternative", "against"]  # for the answer, for another label, or contradicting it
 
 
 def _r(x: float, nd: int = 4) -> float:
@@ -74,10 +75,11 @@ class Cue:
     weight: float
     au: str | None = None
     grounding: Grounding = "unverifiable"
+    role: CueRole = "for"  # set by cem.fuse.explain against the final answer
 
     def to_dict(self) -> dict[str, Any]:
         return {"cue": self.cue, "source": self.source, "au": self.au, "supports": self.supports,
-                "weight": _r(self.weight, 3), "grounding": self.grounding}
+                "weight": _r(self.weight, 3), "grounding": self.grounding, "role": self.role}
 
 
 @dataclass
@@ -139,10 +141,11 @@ class Provenance:
     template: str | None
     timings_ms: dict[str, float] = field(default_factory=dict)
     sampling: dict[str, Any] | None = None  # only when a reasoner samples: {"do_sample": true, "seed": ...}
+    context_used: bool = False  # a context was given and the reasoner reads context
 
     def to_dict(self) -> dict[str, Any]:
         d = {"cem_version": self.cem_version, "config": self.config, "reasoner": self.reasoner,
-             "model": self.model, "template": self.template,
+             "model": self.model, "template": self.template, "context_used": bool(self.context_used),
              "timings_ms": {k: _r(v, 2) for k, v in self.timings_ms.items()}}
         if self.sampling is not None:
             d["sampling"] = self.sampling
@@ -160,11 +163,12 @@ class ImageResult:
     provenance: Provenance
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. manifest columns carried through
+    context: str | None = None  # the context given with the image, as given
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
             "image": self.image, "width": self.width, "height": self.height,
-            "faces": [f.to_dict() for f in self.faces], "error": self.error,
+            "faces": [f.to_dict() for f in self.faces], "context": self.context, "error": self.error,
             "provenance": self.provenance.to_dict(),
         }
         d.update(self.extra)
@@ -183,6 +187,7 @@ RECORD_JSON_SCHEMA: dict[str, Any] = {
         "width": {"type": ["integer", "null"]},
         "height": {"type": ["integer", "null"]},
         "error": {"type": ["string", "null"]},
+        "context": {"type": ["string", "null"]},
         "faces": {"type": "array", "items": {
             "type": "object",
             "required": ["index", "bbox", "detection_score", "pose", "quality", "aus", "expression",
@@ -206,7 +211,8 @@ RECORD_JSON_SCHEMA: dict[str, Any] = {
                     "properties": {
                         "source": {"enum": ["face", "scene", "body", "text"]},
                         "au": {"type": ["string", "null"]},
-                        "grounding": {"enum": ["supported", "contradicted", "unverifiable"]}}}},
+                        "grounding": {"enum": ["supported", "contradicted", "unverifiable"]},
+                        "role": {"enum": ["for", "alternative", "against"]}}}},
                 "rationale": {"type": "string"},
                 "error": {"type": ["string", "null"]},
             }}},
