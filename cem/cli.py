@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from cem import __version__
+from cem.config import BACKENDS  # the backend registry (light: no pydantic, no models)
 
 PROGRESS_MIN_IMAGES = 5
 
@@ -72,7 +73,7 @@ def _repair_jsonl(path: Path) -> set[str]:
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="JSONL file: one record per input image.")
 @click.option("--config", "config_name", default="default", show_default=True, help="Config name or YAML path.")
-@click.option("--reasoner", type=click.Choice(["rules", "transformers", "openai"]), default=None,
+@click.option("--reasoner", type=click.Choice(list(BACKENDS)), default=None,
               help="Reasoning backend (default: the config's).")
 @click.option("--model", default=None, help="Model id or local path for the reasoner.")
 @click.option("--faces", type=click.Choice(["detect", "whole"]), default=None,

@@ -38,8 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from cem.resources import configs_dir
 from cem.schema import FERPLUS_LABELS
 
@@ -311,6 +309,8 @@ class Config:
 
     @classmethod
     def load(cls, name_or_path: str | Path = "default", **overrides: Any) -> Config:
+        import yaml  # here, not at import: the CLI reads the registry before it parses arguments
+
         p = cls.resolve(name_or_path)
         try:
             data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}

@@ -29,7 +29,7 @@ def _validate(record):
 def test_record_matches_contract(pipeline, astronaut):
     d = pipeline.analyze(astronaut).to_dict()
     _validate(d)
-    assert set(d) == {"image", "width", "height", "faces", "error", "provenance"}
+    assert set(d) == {"image", "width", "height", "faces", "context", "error", "provenance"}
     face = d["faces"][0]
     assert {"index", "bbox", "detection_score", "pose", "quality", "aus", "expression", "emotion", "top_emotion",
             "cues", "rationale"} <= set(face)
