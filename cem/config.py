@@ -415,7 +415,7 @@ def _check_section(section: Any, where: str) -> None:
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     """An instance of dataclass ``cls`` from a mapping, every field checked (``where`` names it in errors)."""
-    obj = cls.__new__(cls)
+    obj: Any = object.__new__(cls)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in data:
@@ -469,7 +469,11 @@ def _coerce(value: Any, tp: Any, where: str, meta: Any = None) -> Any:
                 return _coerce(value, a, where, meta)
             except ConfigError as e:
                 errors.append(e)
-        if len(errors) == 1:
+        if len(errors) == 1:  # X | None: X's own message, naming null as allowed when it is a type problem
+            msg = str(errors[0])
+            head = f"{where}: expected "
+            if msg.startswith(head) and type(None) in args:
+                raise ConfigError(f"{where}: expected {_describe_type(tp)}, got {value!r}")
             raise errors[0]
         raise ConfigError(f"{where}: expected {_describe_type(tp)}, got {value!r}")
     if tp is Any:
@@ -506,12 +510,12 @@ def _coerce(value: Any, tp: Any, where: str, meta: Any = None) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         kt, vt = typing.get_args(tp) or (Any, Any)
         return {_coerce(k, kt, f"{where} key {k!r}"): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             _check_section(value, where)
             return value
         if isinstance(value, dict):
-            return _build(tp, value, where)  # type: ignore[arg-type]
+            return _build(tp, value, where)
         raise ConfigError(f"{where}: expected a mapping, got {value!r}")
     raise TypeError(f"{where}: no check for type {tp!r}")  # a programming error in this module
 

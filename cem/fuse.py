@@ -21,6 +21,7 @@ When the reasoner's own top label differs from the fused one, the rationale says
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import numpy as np
 
@@ -134,7 +135,7 @@ def ground_cues(cues: list[Cue], face: FaceEvidence) -> list[Cue]:
 
 
 def fit_fusion(p_expression: np.ndarray, p_reasoner: np.ndarray, p_human: np.ndarray,
-               weights: np.ndarray | None = None, objective: str = "plurality") -> dict[str, float]:
+               weights: np.ndarray | None = None, objective: str = "plurality") -> dict[str, Any]:
     """Fit ``reasoner_weight`` (grid 0..1.5 by 0.05, expression weight fixed at 1) and ``temperature``
     (golden-section on log T). ``objective="plurality"`` minimises the NLL of the plurality label (ties
     excluded; calibrates the top-1 confidence, as the expression model's temperature does);
@@ -154,7 +155,7 @@ def fit_fusion(p_expression: np.ndarray, p_reasoner: np.ndarray, p_human: np.nda
     le = np.log(np.clip(p_expression, 1e-6, None))
     lr = np.log(np.clip(p_reasoner, 1e-6, None))
     grid = np.round(np.arange(0.0, 1.51, 0.05), 2) if weights is None else np.asarray(weights, float)
-    best: dict[str, float] | None = None
+    best: dict[str, Any] | None = None
     for w in grid:
         z = le + w * lr
         t = fit_temperature(z, ph)
