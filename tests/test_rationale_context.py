@@ -50,3 +50,15 @@ def test_llm_record_says_context_used_and_explains_the_fused_answer(llm_pipeline
         for c in f["cues"]:
             assert c["role"] == ("alternative" if c["supports"] not in shown else
                                  "against" if c["grounding"] == "contradicted" else "for")
+
+
+def test_reasoners_implement_the_declared_protocol(pipeline):
+    from cem.reasoning import Reasoner
+    from cem.reasoning.llm import LLMReasonerBase
+
+    r = pipeline.reasoner
+    assert isinstance(r, Reasoner)
+    assert (r.backend, r.uses_context, r.sampling, r.batch_size >= 1) == ("rules", False, None, True)
+    members = [m for m in Reasoner.__annotations__] + ["reason_batch"]
+    for m in members:  # the LLM base class declares every member the pipeline reads
+        assert hasattr(LLMReasonerBase, m) or m in LLMReasonerBase.__init__.__code__.co_names, m
