@@ -196,6 +196,13 @@ def test_sections_check_on_construction():
         FusionConfig(1.0, True)
 
 
+def test_a_config_edited_in_code_is_checked_when_used():
+    cfg = Config.load("default")
+    cfg.fusion.temperature = math.nan
+    with pytest.raises(ConfigError, match="default.yaml: fusion.temperature: expected a finite number"):
+        cem.Pipeline(cfg)
+
+
 def test_options_are_typed_and_normalised():
     cfg = Config.load("vllm")
     opts = cfg.backend_options()

@@ -69,7 +69,9 @@ class Reasoner(Protocol):
 
 
 def make_reasoner(config: Config) -> Reasoner:
-    """The configured backend's reasoner (its module is imported here, on first use)."""
+    """The configured backend's reasoner (its module is imported here, on first use). The config is
+    checked again first: a Config edited in code after loading gets the same errors as a file."""
+    config.validate()
     b = backend(config.reasoner.backend)
     reasoner: Reasoner = b.load_class()(config)
     return reasoner
