@@ -11,6 +11,7 @@ from typing import NoReturn
 import click
 
 from cem import __version__
+from cem.config import BACKENDS  # the backend registry (light: no pydantic, no models)
 
 
 def _fail(message: str) -> NoReturn:
@@ -46,7 +47,7 @@ def _load_config(config_name: str, base_url: str | None = None, **overrides: obj
 @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
               help="JSONL file: one record per input image.")
 @click.option("--config", "config_name", default="default", show_default=True, help="Config name or YAML path.")
-@click.option("--reasoner", type=click.Choice(["rules", "transformers", "openai"]), default=None,
+@click.option("--reasoner", type=click.Choice(list(BACKENDS)), default=None,
               help="Reasoning backend (default: the config's).")
 @click.option("--model", default=None, help="Model id or local path for the reasoner.")
 @click.option("--base-url", default=None,

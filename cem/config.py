@@ -4,16 +4,39 @@
 ``reasoner`` (reasoner.backend), ``model`` (reasoner.model), ``template`` (reasoner.template),
 ``faces`` (faces.mode), ``device`` (expression.device and reasoner.device); any field can also be set as
 ``section__field`` (e.g. ``fusion__reasoner_weight=0.5``). Unknown names are errors, never ignored.
+
+A name is looked up as typed: ``qwen2.5-vl-7b`` is the shipped ``configs/qwen2.5-vl-7b.yaml`` (a dot in a
+name is not a suffix); ``smolvlm.yaml`` and a path to any YAML file work too.
+
+Typing. Every section is a dataclass whose annotations are checked, strictly, at construction and again
+by :meth:`Config.validate` (after every load and override): an ``int`` field refuses ``2.9`` and ``True``;
+a ``float`` field takes ints and floats but refuses booleans, strings, NaN and infinities; fields with a
+``None`` default are ``X | None`` and check ``X``; ranges come from each field's metadata. Errors are
+:class:`ConfigError` naming the file (or "override"), the field and the problem.
+
+Why validated dataclasses and not pydantic: the registry and this module are imported by the CLI's
+argument parsing, and importing pydantic costs about 0.3 s (``cem --help`` stays instant); the sections
+keep their positional constructors (``FusionConfig(1.0, 0.5, 1.0)``) and ``dataclasses.asdict``; and the
+coercion rules are ours (a YAML ``1`` is a valid float, a bool is never a number), with no lax mode to
+switch off field by field.
+
+Backends. :data:`BACKENDS` is the one registry of reasoner backends: name -> the reasoner class (imported
+only when a reasoner is built) and its typed options class. ``reasoner.options`` is checked against the
+backend's options class at load; the config then holds the normalised options (aliases resolved,
+defaults filled, ``None`` left out) as a plain dict, which backends read through
+``cem.reasoning.llm.options(config)``; :meth:`Config.backend_options` gives the typed object.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import Any, Literal
 
 from cem.resources import configs_dir
 from cem.schema import FERPLUS_LABELS
@@ -23,55 +46,211 @@ class ConfigError(ValueError):
     """A configuration that cannot be used (unknown key, bad value, missing file)."""
 
 
+def _num(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None) -> Any:
+    """A numeric field with its allowed range (checked by :func:`_check_section`)."""
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le})
+
+
+class _Checked:
+    """Validates its own fields on construction (``where`` names the caller when the config has no file)."""
+
+    def __post_init__(self) -> None:
+        _check_section(self, type(self).__name__)
+
+
+# ------------------------------------------------------------------------------------------ sections
 @dataclass
-class ImageConfig:
-    max_pixels: int = 50_000_000  # decompression-bomb guard
+class ImageConfig(_Checked):
+    max_pixels: int = _num(50_000_000, ge=1)  # decompression-bomb guard
 
 
 @dataclass
-class FacesConfig:
-    mode: str = "detect"  # detect | whole
-    detector: str = "both"  # short | full | both (MediaPipe models, merged by NMS)
-    min_score: float = 0.5  # detections below this are not faces
-    min_face_px: int = 32  # smaller faces are kept but flagged too_small
+class FacesConfig(_Checked):
+    mode: Literal["detect", "whole"] = "detect"
+    detector: Literal["short", "full", "both"] = "both"  # MediaPipe models, merged by NMS
+    min_score: float = _num(0.5, ge=0.0, le=1.0)  # detections below this are not faces
+    min_face_px: int = _num(32, ge=0)  # smaller faces are kept but flagged too_small
     # a detection on which the face mesh finds no face is kept (flagged mesh_failed) only when the
     # detector is at least this sure; weaker ones are false positives (helmets, patterns, borders)
-    min_score_unmeshed: float = 0.8
+    min_score_unmeshed: float = _num(0.8, ge=0.0, le=1.0)
     # when no face is found, search again with this margin (fraction of the long side) added around the
     # image: faces filling a tightly cropped photo are otherwise missed; 0 turns it off
-    pad_retry: float = 0.25
-    max_faces: int = 32
+    pad_retry: float = _num(0.25, ge=0.0, le=2.0)
+    max_faces: int = _num(32, ge=1)
 
 
 @dataclass
-class ExpressionConfig:
+class ExpressionConfig(_Checked):
     weights: str | None = None  # folder with config.json + model.safetensors; None = packaged model
     device: str = "cpu"
 
 
 @dataclass
-class ReasonerConfig:
-    backend: str = "rules"  # rules | transformers | openai
+class ReasonerConfig(_Checked):
+    backend: str = "rules"  # a name in BACKENDS
     model: str | None = None
     template: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)  # backend-specific settings
+    # backend-specific settings, checked against BACKENDS[backend].options and stored normalised
+    options: dict[str, Any] = field(default_factory=dict)
     device: str | None = None
 
 
 @dataclass
-class FusionConfig:
+class FusionConfig(_Checked):
     """Log-linear pooling: log p ∝ (w_e log p_expression + w_r log p_reasoner) / temperature."""
 
-    expression_weight: float = 1.0
-    reasoner_weight: float = 0.5
-    temperature: float = 1.0
+    expression_weight: float = _num(1.0, ge=0.0)
+    reasoner_weight: float = _num(0.5, ge=0.0)
+    temperature: float = _num(1.0, gt=0.0)
     # 0..1: how much a label loses when the measured AUs contradict the face cues that support it
-    contradicted_penalty: float = 0.5
+    contradicted_penalty: float = _num(0.5, ge=0.0, le=1.0)
     # labels beyond the expression model's, mapped to one of its labels for pooling (e.g. pride: happiness)
     label_map: dict[str, str] = field(default_factory=dict)
     fitted_on: str | None = None  # where the weights came from (data, split, command)
 
 
+# ------------------------------------------------------------------------------------ backend options
+@dataclass
+class BackendOptions(_Checked):
+    """Options every backend accepts (none); subclasses add theirs."""
+
+    ALIASES: typing.ClassVar[dict[str, str]] = {}
+
+
+@dataclass
+class RulesOptions(BackendOptions):
+    """The rules reasoner takes no options."""
+
+
+@dataclass
+class ExemplarOption(_Checked):
+    """A few-shot example: an image file and its label (``reasoner.options.exemplars``)."""
+
+    image: str
+    label: str
+    note: str = ""
+
+
+@dataclass
+class LLMOptions(BackendOptions):
+    """Options shared by the LLM backends (prompt, answer bounds, batching)."""
+
+    batch_size: int = _num(4, ge=1)  # images per model call
+    max_cues: int = _num(4, ge=0)  # cues per face in the constrained answer
+    max_text_chars: int = _num(80, ge=1)  # characters per cue (the rationale gets twice that)
+    exemplars: list[ExemplarOption] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class TransformersOptions(LLMOptions):
+    """``transformers`` backend (see :mod:`cem.reasoning.transformers_backend`)."""
+
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "float32"
+    device_map: str | dict[str, Any] | None = None
+    quantization: Literal["4bit", "8bit"] | None = None
+    quantization_skip: list[str] | None = None  # None: the backend's default (vision tower, projector, head)
+    max_new_tokens: int = _num(384, ge=1)
+    trust_remote_code: bool = False
+    local_files_only: bool = False
+    distribution: Literal["likelihood", "verbalized"] = "likelihood"
+    likelihood_temperature: float = _num(1.0, gt=0.0)
+    do_sample: bool = False
+
+
+@dataclass
+class OpenAIOptions(LLMOptions):
+    """``openai`` backend (see :mod:`cem.reasoning.openai_backend`). ``timeout_s`` is an alias of
+    ``deadline_s``; base_url and api_key fall back to ``$OPENAI_BASE_URL`` / ``$OPENAI_API_KEY``."""
+
+    ALIASES: typing.ClassVar[dict[str, str]] = {"timeout_s": "deadline_s"}
+
+    base_url: str | None = None
+    api_key: str | None = None
+    concurrency: int = _num(4, ge=1)  # requests in flight
+    deadline_s: float = _num(60.0, gt=0.0)  # one whole request, every byte of the reply included
+    connect_timeout_s: float = _num(5.0, gt=0.0)
+    retries: int = _num(2, ge=0)
+    backoff_s: float = _num(1.0, ge=0.0)
+    retry_after_max_s: float = _num(30.0, ge=0.0)  # a server's Retry-After is honoured up to this
+    max_reply_bytes: int = _num(2_000_000, ge=1)
+    max_cues: int = _num(24, ge=0)
+    guided: bool = True  # send the answer's JSON schema as response_format
+    distribution: Literal["verbalized", "likelihood"] = "verbalized"
+    max_tokens: int = _num(512, ge=1)
+    temperature: float = _num(0.0, ge=0.0)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A registered reasoner backend: where its class lives (imported on first use) and its options."""
+
+    name: str
+    reasoner: str  # "module:Class"
+    options: type[BackendOptions]
+    summary: str
+
+    def load_class(self) -> Any:
+        import importlib
+
+        module, _, cls = self.reasoner.partition(":")
+        return getattr(importlib.import_module(module), cls)
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (
+    Backend("rules", "cem.reasoning.rules:RulesReasoner", RulesOptions, "EMFACS AU prototypes, offline"),
+    Backend("transformers", "cem.reasoning.transformers_backend:TransformersReasoner", TransformersOptions,
+            "a local vision-language model"),
+    Backend("openai", "cem.reasoning.openai_backend:OpenAIReasoner", OpenAIOptions,
+            "an OpenAI-compatible server (vLLM, SGLang, Ollama)"),
+)}
+
+
+def backend(name: str) -> Backend:
+    """The registered backend ``name``, or a :class:`ConfigError` listing the known ones."""
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown reasoner backend {name!r} (known: {', '.join(BACKENDS)})")
+    return BACKENDS[name]
+
+
+def parse_options(backend_name: str, raw: dict[str, Any] | None, where: str = "reasoner.options") -> BackendOptions:
+    """``reasoner.options`` checked against the backend's typed options (aliases resolved)."""
+    cls = backend(backend_name).options
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    data: dict[str, Any] = {}
+    for k, v in (raw or {}).items():
+        name = cls.ALIASES.get(k, k)
+        if name in data:
+            raise ConfigError(f"{where}: {k!r} and {name!r} are the same option; give one")
+        data[name] = v
+    known = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in known:
+            hint = _closest(k, sorted(known | set(cls.ALIASES)))
+            raise ConfigError(f"{where}.{k}: not an option of the {backend_name} reasoner"
+                              + (f" (did you mean {hint!r}?)" if hint else "")
+                              + f"; its options: {', '.join(sorted(known)) or 'none'}")
+    if "exemplars" in data and isinstance(data["exemplars"], list):
+        ex = []
+        for i, e in enumerate(data["exemplars"]):
+            if not isinstance(e, dict):
+                raise ConfigError(f"{where}.exemplars[{i}]: expected a mapping with image and label")
+            missing = {"image", "label"} - set(e)
+            if missing:
+                raise ConfigError(f"{where}.exemplars[{i}]: missing {', '.join(sorted(missing))}")
+            ex.append(_build(ExemplarOption, e, f"{where}.exemplars[{i}]"))
+        data["exemplars"] = ex
+    return _build(cls, data, where)
+
+
+def _closest(name: str, candidates: list[str]) -> str | None:
+    hits = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
+    return hits[0] if hits else None
+
+
+# -------------------------------------------------------------------------------------------- config
 @dataclass
 class Config:
     name: str = "default"
@@ -83,32 +262,56 @@ class Config:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     source: str = "<defaults>"
 
-    SHORTCUTS = {"reasoner": ("reasoner", "backend"), "model": ("reasoner", "model"),
-                 "template": ("reasoner", "template"), "faces": ("faces", "mode")}
+    SHORTCUTS: typing.ClassVar[dict[str, tuple[str, str]]] = {
+        "reasoner": ("reasoner", "backend"), "model": ("reasoner", "model"),
+        "template": ("reasoner", "template"), "faces": ("faces", "mode")}
+    SECTIONS: typing.ClassVar[tuple[str, ...]] = ("image", "faces", "expression", "reasoner", "fusion")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> Config:
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(data).__name__}")
         cfg = cls(source=source)
         for key, value in (data or {}).items():
             if key in ("name", "labels"):
                 setattr(cfg, key, value)
                 continue
-            section = getattr(cfg, key, None)
-            if not dataclasses.is_dataclass(section) or not isinstance(value, dict):
-                raise ConfigError(f"{source}: unknown configuration key {key!r}")
+            if key not in cls.SECTIONS:
+                hint = _closest(str(key), ["name", "labels", *cls.SECTIONS])
+                raise ConfigError(f"{source}: unknown configuration key {key!r}"
+                                  + (f" (did you mean {hint!r}?)" if hint else ""))
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {key}: expected a mapping, got {type(value).__name__}")
+            section = getattr(cfg, key)
             for k, v in value.items():
                 _set(section, k, v, f"{source}: {key}")
         cfg.validate()
         return cfg
 
     @classmethod
+    def resolve(cls, name_or_path: str | Path) -> Path:
+        """The YAML file of a shipped config name (as typed, dots allowed, ``.yaml`` optional) or a path."""
+        shipped = configs_dir()
+        text = str(name_or_path)
+        candidates = [Path(name_or_path)]
+        if "/" not in text and "\\" not in text:
+            candidates = [shipped / f"{text}.yaml", shipped / text, Path(name_or_path)]
+        elif not text.endswith((".yaml", ".yml")):
+            candidates.append(Path(f"{text}.yaml"))
+        for p in candidates:
+            if p.is_file():
+                return p
+        known = sorted(q.stem for q in shipped.glob("*.yaml"))
+        stem = text[:-5] if text.endswith(".yaml") else text
+        hint = _closest(Path(stem).name, known)
+        raise ConfigError(f"config {text!r} not found: not a shipped config name nor a YAML file"
+                          + (f"; did you mean {hint!r}?" if hint else "") + f" (shipped: {', '.join(known)})")
+
+    @classmethod
     def load(cls, name_or_path: str | Path = "default", **overrides: Any) -> Config:
-        p = Path(name_or_path)
-        if not p.suffix:
-            p = configs_dir() / f"{name_or_path}.yaml"
-        if not p.is_file():
-            known = ", ".join(sorted(q.stem for q in configs_dir().glob("*.yaml")))
-            raise ConfigError(f"config {str(name_or_path)!r} not found (shipped configs: {known})")
+        import yaml  # here, not at import: the CLI reads the registry before it parses arguments
+
+        p = cls.resolve(name_or_path)
         try:
             data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
@@ -118,54 +321,213 @@ class Config:
         return cfg
 
     def apply(self, **overrides: Any) -> Config:
-        for key, value in overrides.items():
+        where = f"{self.source} (override)"
+        # a backend chosen here replaces the file's: its options were written for the file's backend, so
+        # they are dropped (reasoner__options, applied after, gives the new backend's)
+        backend_keys = ("reasoner", "reasoner__backend")
+        ordered = sorted(overrides.items(), key=lambda kv: kv[0] not in backend_keys)
+        for key, value in ordered:
             if value is None:
                 continue
+            if key in backend_keys and value != self.reasoner.backend:
+                self.reasoner.options = {}
             if key == "device":
-                self.expression.device = value
-                self.reasoner.device = value
+                _set(self.expression, "device", value, f"{where}: expression")
+                _set(self.reasoner, "device", value, f"{where}: reasoner")
             elif key in self.SHORTCUTS:
                 sec, f = self.SHORTCUTS[key]
-                _set(getattr(self, sec), f, value, "override")
+                _set(getattr(self, sec), f, value, f"{where}: {sec}")
             elif "__" in key:
                 sec, f = key.split("__", 1)
-                section = getattr(self, sec, None)
-                if not dataclasses.is_dataclass(section):
-                    raise ConfigError(f"unknown configuration section {sec!r} in override {key!r}")
-                _set(section, f, value, "override")
+                if sec not in self.SECTIONS:
+                    raise ConfigError(f"unknown configuration section {sec!r} in override {key!r} "
+                                      f"(sections: {', '.join(self.SECTIONS)})")
+                _set(getattr(self, sec), f, value, f"{where}: {sec}")
             else:
                 raise ConfigError(f"unknown override {key!r}")
         self.validate()
         return self
 
     def validate(self) -> None:
-        if self.faces.mode not in ("detect", "whole"):
-            raise ConfigError(f"faces.mode must be 'detect' or 'whole', not {self.faces.mode!r}")
-        if self.faces.detector not in ("short", "full", "both"):
-            raise ConfigError(f"faces.detector must be short, full or both, not {self.faces.detector!r}")
-        if self.reasoner.backend not in ("rules", "transformers", "openai"):
-            raise ConfigError(f"reasoner.backend must be rules, transformers or openai, not {self.reasoner.backend!r}")
-        if not self.labels or len(set(self.labels)) != len(self.labels):
-            raise ConfigError("labels must be a non-empty list without duplicates")
-        if self.fusion.temperature <= 0:
-            raise ConfigError("fusion.temperature must be > 0")
+        """Check every field (types, ranges, finite numbers, the backend and its options); normalise
+        ``reasoner.options``. Errors name the file, the field and the problem."""
+        src = self.source
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"{src}: name: expected a non-empty string, got {self.name!r}")
+        if (not isinstance(self.labels, (list, tuple)) or not self.labels
+                or not all(isinstance(x, str) and x for x in self.labels)):
+            raise ConfigError(f"{src}: labels: expected a non-empty list of label names, got {self.labels!r}")
+        self.labels = list(self.labels)
+        if len(set(self.labels)) != len(self.labels):
+            dup = sorted({x for x in self.labels if self.labels.count(x) > 1})
+            raise ConfigError(f"{src}: labels: duplicate label(s) {dup}")
+        for sec in self.SECTIONS:
+            _check_section(getattr(self, sec), f"{src}: {sec}")
+        b = self.reasoner.backend
+        if b not in BACKENDS:
+            hint = _closest(b, list(BACKENDS))
+            raise ConfigError(f"{src}: reasoner.backend: unknown backend {b!r}"
+                              + (f" (did you mean {hint!r}?)" if hint else "") + f"; known: {', '.join(BACKENDS)}")
+        opts = parse_options(b, self.reasoner.options, f"{src}: reasoner.options")
+        self.reasoner.options = _options_dict(opts)
+        bad = {k: v for k, v in self.fusion.label_map.items() if k not in self.labels}
+        if bad:
+            raise ConfigError(f"{src}: fusion.label_map: {sorted(bad)} are not among labels {self.labels}")
+
+    def backend_options(self) -> BackendOptions:
+        """The typed options of the configured backend."""
+        return parse_options(self.reasoner.backend, self.reasoner.options, f"{self.source}: reasoner.options")
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = {f.name: dataclasses.asdict(getattr(self, f.name)) if f.name in self.SECTIONS else getattr(self, f.name)
+             for f in dataclasses.fields(self)}
         d.pop("source")
         return d
 
 
+def _options_dict(opts: BackendOptions) -> dict[str, Any]:
+    """Normalised plain options: every field with its value or default, ``None`` left out."""
+    return {k: v for k, v in dataclasses.asdict(opts).items() if v is not None}
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped in ``configs/``."""
+    return sorted(q.stem for q in configs_dir().glob("*.yaml"))
+
+
+# ------------------------------------------------------------------------------------------ checking
 def _set(section: Any, key: str, value: Any, where: str) -> None:
-    names = {f.name: f for f in dataclasses.fields(section)}
+    names = [f.name for f in dataclasses.fields(section)]
     if key not in names:
-        raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(names)})")
-    current = getattr(section, key)
-    if isinstance(current, bool) and not isinstance(value, bool):
-        raise ConfigError(f"{where}.{key}: expected true/false, got {value!r}")
-    if isinstance(current, (int, float)) and not isinstance(current, bool):
-        try:
-            value = type(current)(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}.{key}: expected a number, got {value!r}") from None
-    setattr(section, key, value)
+        hint = _closest(key, names)
+        raise ConfigError(f"{where}: unknown key {key!r}" + (f" (did you mean {hint!r}?)" if hint else "")
+                          + f"; known: {', '.join(names)}")
+    hints = typing.get_type_hints(type(section))
+    f = next(f for f in dataclasses.fields(section) if f.name == key)
+    setattr(section, key, _coerce(value, hints[key], f"{where}.{key}", f.metadata))
+
+
+def _check_section(section: Any, where: str) -> None:
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        setattr(section, f.name, _coerce(getattr(section, f.name), hints[f.name], f"{where}.{f.name}", f.metadata))
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    """An instance of dataclass ``cls`` from a mapping, every field checked (``where`` names it in errors)."""
+    obj: Any = object.__new__(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            value = data[f.name]
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            raise ConfigError(f"{where}: missing {f.name}")
+        object.__setattr__(obj, f.name, _coerce(value, hints[f.name], f"{where}.{f.name}", f.metadata))
+    return obj
+
+
+def _describe_type(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is bool:
+        return "true or false"
+    if tp is str:
+        return "a string"
+    if tp is type(None):
+        return "null"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe_type(a) for a in typing.get_args(tp))
+    if origin is list:
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str, meta: Any = None) -> Any:
+    """``value`` as type ``tp`` (strictly: no bool as number, no float as int, no string as number), in
+    the range of ``meta``; else a :class:`ConfigError` naming ``where``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where, meta)
+            except ConfigError as e:
+                errors.append(e)
+        if len(errors) == 1:  # X | None: X's own message, naming null as allowed when it is a type problem
+            msg = str(errors[0])
+            head = f"{where}: expected "
+            if msg.startswith(head) and type(None) in args:
+                raise ConfigError(f"{where}: expected {_describe_type(tp)}, got {value!r}")
+            raise errors[0]
+        raise ConfigError(f"{where}: expected {_describe_type(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in typing.get_args(tp) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected {_describe_type(tp)}, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return _in_range(int(value), where, meta)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return _in_range(float(value), where, meta)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        kt, vt = typing.get_args(tp) or (Any, Any)
+        return {_coerce(k, kt, f"{where} key {k!r}"): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            _check_section(value, where)
+            return value
+        if isinstance(value, dict):
+            return _build(tp, value, where)
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    raise TypeError(f"{where}: no check for type {tp!r}")  # a programming error in this module
+
+
+def _in_range(value: float, where: str, meta: Any) -> Any:
+    if not meta:
+        return value
+    ge, gt, le = meta.get("ge"), meta.get("gt"), meta.get("le")
+    if ge is not None and value < ge:
+        raise ConfigError(f"{where}: must be >= {ge}, got {value!r}")
+    if gt is not None and value <= gt:
+        raise ConfigError(f"{where}: must be > {gt}, got {value!r}")
+    if le is not None and value > le:
+        raise ConfigError(f"{where}: must be <= {le}, got {value!r}")
+    return value

@@ -9,18 +9,28 @@ Grounding of a cue with ``source == "face"``: its AU (given, or found from the c
 measured it clearly absent (intensity < 0.5), otherwise ``unverifiable``; also unverifiable when no AU can
 be named or the mesh failed. Scene, body and text cues cannot be checked against the face:
 ``unverifiable``.
+
+Explanation (:func:`explain`, run after pooling for every reasoner): the rationale a user reads names
+the face's *final* ``top_emotion`` and the evidence for it (the cited or prototype AUs that are present,
+other cues, the expression model's probability); a blend (the second label has at least
+``BLEND_RATIO`` of the top one's mass) names both. Each cue gets a ``role``: ``for`` the answer's
+label(s), ``against`` them (cited for them but measured absent), or ``alternative`` (for another label).
+When the reasoner's own top label differs from the fused one, the rationale says so and why.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import numpy as np
 
 from cem.config import FusionConfig
+from cem.fer.aus import AU_NAMES
 from cem.schema import Cue, FaceEvidence
 
 ABSENT_BELOW = 0.5
+BLEND_RATIO = 1 / 3  # a second label with at least this share of the top one's mass makes a blend
 
 # words in a free-text cue -> the AUs that would show it (first match wins; all listed AUs are checked)
 CUE_KEYWORDS: list[tuple[str, tuple[str, ...]]] = [
@@ -46,16 +56,17 @@ CUE_KEYWORDS: list[tuple[str, tuple[str, ...]]] = [
 
 
 def expression_over(p_expression: dict[str, float], labels: list[str], label_map: dict[str, str]) -> np.ndarray:
-    """The expression distribution over the configured labels. A label the expression model lacks takes
-    the probability of the label ``fusion.label_map`` maps it to, or else the mean probability (no
-    information either way); the result is renormalised."""
+    """The expression distribution over the configured labels, renormalised. A label that
+    ``fusion.label_map`` maps takes the mapped label's probability (the FER stage gives labels the expression
+    model lacks 0, so without a mapping such a label can hardly win); a label absent from ``p_expression``
+    (a hand-built distribution) takes the mean probability (no information either way)."""
     mean = float(np.mean(list(p_expression.values()))) if p_expression else 1.0
     vals = []
     for k in labels:
-        if k in p_expression:
-            vals.append(p_expression[k])
-        elif label_map.get(k) in p_expression:
+        if label_map.get(k) in p_expression:
             vals.append(p_expression[label_map[k]])
+        elif k in p_expression:
+            vals.append(p_expression[k])
         else:
             vals.append(mean)
     v = np.clip(np.array(vals, dtype=float), 0, None)
@@ -124,7 +135,7 @@ def ground_cues(cues: list[Cue], face: FaceEvidence) -> list[Cue]:
 
 
 def fit_fusion(p_expression: np.ndarray, p_reasoner: np.ndarray, p_human: np.ndarray,
-               weights: np.ndarray | None = None, objective: str = "plurality") -> dict[str, float]:
+               weights: np.ndarray | None = None, objective: str = "plurality") -> dict[str, Any]:
     """Fit ``reasoner_weight`` (grid 0..1.5 by 0.05, expression weight fixed at 1) and ``temperature``
     (golden-section on log T). ``objective="plurality"`` minimises the NLL of the plurality label (ties
     excluded; calibrates the top-1 confidence, as the expression model's temperature does);
@@ -144,7 +155,7 @@ def fit_fusion(p_expression: np.ndarray, p_reasoner: np.ndarray, p_human: np.nda
     le = np.log(np.clip(p_expression, 1e-6, None))
     lr = np.log(np.clip(p_reasoner, 1e-6, None))
     grid = np.round(np.arange(0.0, 1.51, 0.05), 2) if weights is None else np.asarray(weights, float)
-    best: dict[str, float] | None = None
+    best: dict[str, Any] | None = None
     for w in grid:
         z = le + w * lr
         t = fit_temperature(z, ph)
@@ -157,3 +168,90 @@ def fit_fusion(p_expression: np.ndarray, p_reasoner: np.ndarray, p_human: np.nda
                     "cross_entropy": ce, "objective": objective}
     assert best is not None
     return best
+
+
+# --------------------------------------------------------------------------------------------- explaining
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _au_phrase(au: str, face: FaceEvidence) -> str:
+    return f"{au} ({AU_NAMES.get(au, 'action unit')}, {face.aus[au].intensity:.1f})"
+
+
+def _evidence_sentence(label: str, face: FaceEvidence, cues: list[Cue], p_expr: float) -> str:
+    """What points to ``label``: present AUs its cues cite (else its prototype's present AUs), its other
+    supporting cues, and the expression model's probability."""
+    from cem.reasoning.rules import PROTOTYPES
+
+    own = [c for c in cues if c.supports == label and c.role == "for"]
+    aus: list[str] = []
+    for c in own:
+        for au in (aus_for_cue(c) if c.source == "face" else ()):
+            if au in face.aus and face.aus[au].present and au not in aus:
+                aus.append(au)
+    if not aus:
+        aus = [au for au, w in PROTOTYPES.get(label, {}).items() if w > 0 and au in face.aus and face.aus[au].present]
+    others = [c.cue for c in own if c.source != "face" or not aus_for_cue(c)][:2]
+    expr = f"the expression model gives {label} {p_expr:.2f}"
+    if label == "neutral" and not aus:
+        active = [au for au, a in sorted(face.aus.items(), key=lambda kv: -kv[1].intensity) if a.present][:3]
+        moving = (f"only {_join([_au_phrase(a, face) for a in active])} {'is' if len(active) == 1 else 'are'} "
+                  "active, matching no emotion's prototype" if active else "no action unit is active")
+        s = f"For neutral, {moving}" if face.aus else "For neutral, no action units were measured (no face mesh)"
+        s += f"; {expr}"
+    elif aus:
+        verb = "points" if len(aus) == 1 else "point"
+        s = f"{_join([_au_phrase(a, face) for a in aus])} {verb} to {label}, and {expr}"
+    elif not face.aus:
+        s = f"No action units were measured (no face mesh), so for {label} {expr}"
+    else:
+        s = f"No measured action unit points to {label}; {expr}"
+    if others:
+        s += "; cues: " + _join([f"'{t}'" for t in others])
+    return s + "."
+
+
+def explain(face: FaceEvidence, emotion: dict[str, float], cues: list[Cue], p_reasoner: dict[str, float] | None,
+            fusion: FusionConfig, reasoner_rationale: str = "", who: str = "the reasoner",
+            reasoner_error: str | None = None) -> str:
+    """The rationale of a face's final answer; sets each cue's ``role`` in place.
+
+    ``emotion`` is the fused distribution, ``cues`` the grounded cues, ``p_reasoner`` the reasoner's own
+    (contradiction-adjusted) distribution or None when it gave none, ``who`` names the reasoner in the
+    text ("the model", "the AU prototypes"). The reasoner's own rationale, if any, follows, quoted."""
+    labels = list(emotion)
+    ranked = sorted(labels, key=lambda k: -emotion[k])
+    top = ranked[0]
+    shown = [top]
+    if len(ranked) > 1 and emotion[ranked[1]] >= BLEND_RATIO * emotion[top]:
+        shown.append(ranked[1])
+    for c in cues:
+        if c.supports in shown:
+            c.role = "against" if c.grounding == "contradicted" else "for"
+        else:
+            c.role = "alternative"
+    p_expr = dict(zip(labels, expression_over(face.expression, labels, fusion.label_map).tolist()))
+    if len(shown) == 2:
+        head = f"A blend of {top} ({emotion[top]:.2f}) and {shown[1]} ({emotion[shown[1]]:.2f})."
+    else:
+        head = f"{top.capitalize()} ({emotion[top]:.2f})."
+    parts = [head] + [_evidence_sentence(lab, face, cues, p_expr[lab]) for lab in shown]
+    against = [c for c in cues if c.role == "against"]
+    if against:
+        cited = _join([c.au or f"'{c.cue}'" for c in against])
+        parts.append(f"Against it: {cited}, cited for {_join(sorted({c.supports for c in against}))}, "
+                     f"{'was' if len(against) == 1 else 'were'} measured absent.")
+    if p_reasoner is None:
+        why = f" ({reasoner_error})" if reasoner_error else ""
+        parts.append(f"{who[0].upper() + who[1:]} gave no answer{why}, so this rests on the expression model alone.")
+    else:
+        own = max(p_reasoner, key=p_reasoner.__getitem__)
+        if own != top:
+            parts.append(
+                f"{who[0].upper() + who[1:]} alone favoured {own} ({p_reasoner[own]:.2f}); pooled with the expression "
+                f"model (weights {fusion.expression_weight:g} and {fusion.reasoner_weight:g}), which gives {top} "
+                f"{p_expr[top]:.2f} and {own} {p_expr.get(own, 0.0):.2f}, the answer is {top}.")
+    if reasoner_rationale.strip():
+        parts.append(f"{who[0].upper() + who[1:]} said: \"{reasoner_rationale.strip()}\"")
+    return " ".join(parts)

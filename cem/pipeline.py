@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import time
@@ -15,18 +16,11 @@ import numpy as np
 
 import cem
 from cem.config import Config
-from cem.fuse import downweight_contradicted, ground_cues, pool
+from cem.fuse import downweight_contradicted, explain, ground_cues, pool
 from cem.io import MAX_SIDE, ImageInput, ImageLoadError, load_image
-from cem.schema import FaceEvidence, FaceResult, ImageResult, Provenance
+from cem.contract import FaceEvidence, FaceResult, ImageResult, Provenance
 
-
-def _with_context(result: ImageResult, context: str | None) -> ImageResult:
-    """Every record carries the context it was given (``null`` when none)."""
-    if hasattr(result, "context"):  # the contract's ImageResult has the field
-        result.context = context
-    else:
-        result.extra["context"] = context
-    return result
+log = logging.getLogger(__name__)
 
 
 def _describe(image: ImageInput) -> str:
@@ -90,6 +84,7 @@ class Pipeline:
         self.config = config
         self.reasoner = make_reasoner(config)  # first: a bad backend fails before models load
         self._fer: Any = None
+        self._context_warned = False  # a reasoner that cannot read context says so once per pipeline
         if load_fer:
             self._fer = self._make_fer()
 
@@ -113,16 +108,12 @@ class Pipeline:
         """
         return cls(Config.load(name_or_path, **overrides))
 
-    def provenance(self, timings: dict[str, float] | None = None) -> Provenance:
+    def provenance(self, timings: dict[str, float] | None = None, context: str | None = None) -> Provenance:
         """Provenance of records made by this pipeline (also for error records written by the runner)."""
-        sampling = None
-        if getattr(self.reasoner, "do_sample", False):
-            sampling = {"do_sample": True, "seed": getattr(self.reasoner, "seed", None)}
-        return Provenance(cem_version=cem.__version__, config=self.config.name, reasoner=self.reasoner.backend,
-                          model=self.reasoner.model_id, template=self.reasoner.template_id,
-                          timings_ms=dict(timings or {}), sampling=sampling)
-
-    _provenance = provenance  # the name other branches used before the runner existed
+        r = self.reasoner
+        return Provenance(cem_version=cem.__version__, config=self.config.name, reasoner=r.backend,
+                          model=r.model_id, template=r.template_id, timings_ms=dict(timings or {}),
+                          sampling=r.sampling, context_used=bool(context) and r.uses_context)
 
     def measure(self, image: ImageInput, faces: str | None = None, keep_pixels: bool = True) -> MeasuredImage:
         """Load and FER-measure one image. Never raises for a bad image: the result carries ``error``.
@@ -158,7 +149,7 @@ class Pipeline:
         if m.rgb is not None:
             h, w = m.rgb.shape[:2]
         if m.error is not None:
-            return _with_context(ImageResult(m.name, w, h, [], self.provenance(m.timings), error=m.error), context)
+            return ImageResult(m.name, w, h, [], self.provenance(m.timings, context), error=m.error, context=context)
         by_index = {a.index: a for a in answers or []}
         t = time.perf_counter()
         results = []
@@ -171,15 +162,19 @@ class Pipeline:
                 dist = downweight_contradicted(dist, cues, self.config.fusion.contradicted_penalty)
             # with no reasoner distribution the emotion is the expression model's, and `error` says so
             emotion = pool(ev.expression, dist, self.config.labels, self.config.fusion)
+            # the rationale explains the final (pooled) answer, whatever the reasoner
+            who = "the AU prototypes" if self.reasoner.backend == "rules" else "the model"
+            rationale = explain(ev, emotion, cues, dist, self.config.fusion, a.rationale if a else "", who,
+                                err if dist is None else None)
             results.append(FaceResult(evidence=ev, emotion=emotion, cues=cues,
-                                      rationale=a.rationale if a else "", error=err if dist is None else None))
+                                      rationale=rationale, error=err if dist is None else None))
         m.timings["fuse"] = (time.perf_counter() - t) * 1000
         m.timings["total"] = sum(v for k, v in m.timings.items() if k in ("load", "fer", "reason", "fuse"))
-        return _with_context(ImageResult(m.name, w, h, results, self.provenance(m.timings)), context)
+        return ImageResult(m.name, w, h, results, self.provenance(m.timings, context), context=context)
 
     def _reason(self, batch: list[MeasuredImage], contexts: list[str | None]) -> list[tuple[list, str | None]]:
         """Reason over several measured images at once (one model batch where the backend batches)."""
-        from cem.reasoning.llm import Job
+        from cem.reasoning.base import Job
 
         out: list[tuple[list, str | None]] = [([], None) for _ in batch]
         live = [i for i, m in enumerate(batch) if m.error is None and m.evidence]
@@ -187,13 +182,15 @@ class Pipeline:
             return out
         # rgb is None only for reasoners that do not look at pixels (needs_pixels is False)
         pixels = [cast(np.ndarray, batch[i].rgb) for i in live]
+        if not self.reasoner.uses_context and not self._context_warned and any(contexts[i] for i in live):
+            self._context_warned = True
+            log.warning("the %s reasoner cannot use context: the context given is kept in the records "
+                        "(provenance.context_used = false) but does not change the emotions",
+                        self.reasoner.backend)
         t = time.perf_counter()
         try:
-            if hasattr(self.reasoner, "reason_batch"):
-                answers = self.reasoner.reason_batch([Job(px, batch[i].evidence, contexts[i])
-                                                      for px, i in zip(pixels, live)])
-            else:
-                answers = [self.reasoner.reason(px, batch[i].evidence, contexts[i]) for px, i in zip(pixels, live)]
+            answers = self.reasoner.reason_batch([Job(px, batch[i].evidence, contexts[i])
+                                                  for px, i in zip(pixels, live)])
             for i, a in zip(live, answers):
                 out[i] = (a, None)
         except Exception as e:  # reported on every face of these images; the run goes on
@@ -201,7 +198,7 @@ class Pipeline:
             for i in live:
                 out[i] = ([], f"reasoner failed ({cause}): {type(e).__name__}: {e}")
         elapsed = (time.perf_counter() - t) * 1000
-        stats = dict(getattr(self.reasoner, "last_stats", {}) or {})
+        stats = self.reasoner.last_stats
         for i in live:
             tm = batch[i].timings
             tm["reason"] = elapsed / len(live)
@@ -223,7 +220,7 @@ class Pipeline:
     @property
     def batch_size(self) -> int:
         """Images per reasoning call: the reasoner's ``batch_size`` (an openai reasoner's covers its concurrency)."""
-        return max(1, int(getattr(self.reasoner, "batch_size", 1) or 1))
+        return max(1, int(self.reasoner.batch_size))
 
     def analyze(self, image: ImageInput, context: str | None = None, faces: str | None = None) -> ImageResult:
         """Analyse one image (path, PIL image or RGB array). Never raises for a bad image: the result then
@@ -288,7 +285,6 @@ class Pipeline:
                     ev.index = i
                 m = MeasuredImage(name, vf.rgb, evidence, timings, None, vf.width, vf.height)
                 result = self.reason_many([m], [context])[0]
-                result.context = context
                 for face, tf in zip(result.faces, keys):
                     vf.moments.append(moment_record(
                         result, face, video=name, frame=vf.frame, time=vf.time, track_id=tf.track_id,

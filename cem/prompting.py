@@ -54,8 +54,15 @@ def _template_path(name: str) -> Path:
     return q
 
 
-@lru_cache(maxsize=32)
 def _load(path: str) -> tuple[Any, str]:
+    """The compiled template and its digest; an edited file (new mtime or size) is read again, so a
+    running notebook sees the template as it is on disk."""
+    st = Path(path).stat()
+    return _compile(path, st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=32)
+def _compile(path: str, mtime_ns: int, size: int) -> tuple[Any, str]:
     from jinja2 import StrictUndefined
     from jinja2.sandbox import SandboxedEnvironment
 

@@ -133,3 +133,19 @@ def test_cli_prompt_render_prints_what_the_model_gets(tmp_path):
     assert "Face 1 (center); quality: ok" in r.stdout and "AU12 lip corner puller" in r.stdout
     assert "{{ 7*7 }} at a launch" in r.stdout and "49" not in r.stdout.split("<<<CONTEXT")[1].split("CONTEXT>>>")[0]
     assert "[template context@" in r.stderr
+
+
+def test_an_edited_template_is_read_again(tmp_path):
+    """No hidden state: a running notebook that edits a template renders the new text and reports its id."""
+    import os
+
+    t = tmp_path / "mine.j2"
+    t.write_text("Labels: {{ labels | join(', ') }}")
+    first = render_prompt(str(t), _faces(), LABELS)
+    assert first.text.startswith("Labels: neutral")
+    t.write_text("Faces: {{ faces | length }}")
+    st_ = t.stat()
+    os.utime(t, ns=(st_.st_atime_ns, st_.st_mtime_ns + 1_000_000))  # coarse file-system clocks
+    second = render_prompt(str(t), _faces(), LABELS)
+    assert second.text == "Faces: 2\n"
+    assert second.template_id != first.template_id and second.template_id == template_id(str(t))

@@ -6,6 +6,7 @@ image; the expression CNN sees all faces of an image in one batch.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -46,12 +47,13 @@ class FERStage:
                                                    pad_retry=config.faces.pad_retry)
         self.mesher = FaceMesher()
         self.expression = ExpressionModel.from_pretrained(config.expression.weights, config.expression.device)
-        if list(self.expression.labels) != list(config.labels):
-            # the expression model's labels are fixed by its training; map by name where the config differs
-            missing = set(config.labels) - set(self.expression.labels)
-            if missing:
-                raise ValueError(f"config labels {sorted(missing)} are not among the expression model's labels "
-                                 f"{self.expression.labels}")
+        # the expression model's labels are fixed by its training; configured labels it lacks get 0 and are
+        # pooled through fusion.label_map (cem.fuse.expression_over), so they are not an error here
+        unmapped = [k for k in config.labels if k not in self.expression.labels and k not in config.fusion.label_map]
+        if unmapped:
+            logging.getLogger(__name__).warning(
+                "labels %s are not the expression model's and fusion.label_map does not map them: their expression "
+                "probability is 0, so the fused emotion will rarely be one of them", unmapped)
 
     @property
     def labels(self) -> list[str]:
@@ -111,8 +113,9 @@ class FERStage:
                 pose = Pose(*pose_from_rotation(rot))
                 aus = estimate_aus(mesh, self.ref, front)
             quality = assess(gray, bbox, pose, self.config.faces.min_face_px, mesh_failed=mesh is None)
-            p = np.array([probs[i, label_index[lab]] for lab in self.labels])
-            p = p / p.sum()
+            # a configured label the CNN lacks gets 0 (fusion.label_map gives it a mapped label's share)
+            p = np.array([probs[i, label_index[lab]] if lab in label_index else 0.0 for lab in self.labels])
+            p = p / p.sum() if p.sum() > 0 else p
             out.append(FaceEvidence(
                 index=i, bbox=(float(bbox[0]), float(bbox[1]), float(bbox[2]), float(bbox[3])),
                 detection_score=float(score), pose=pose,

@@ -1,13 +1,21 @@
-"""Reasoner interface and factory."""
+"""The reasoner protocol, the request and answer types, and the factory (through the backend registry).
+
+A reasoner declares everything the pipeline reads from it, so nothing is probed with ``getattr``:
+``backend``, ``model_id``, ``template_id`` (provenance), ``batch_size`` (images per call),
+``uses_context`` (whether the user's context reaches the model), ``sampling`` (None for deterministic
+decoding, else the sampling settings for provenance), ``last_stats`` (timings and token counts of the last
+``reason_batch`` call, totals over its images) and ``reason_batch``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypedDict, runtime_checkable
 
 import numpy as np
 
-from cem.config import Config, ConfigError
+from cem.config import Config, backend
+from cem.prompting import Prompt
 from cem.schema import Cue, FaceEvidence
 
 
@@ -22,29 +30,48 @@ class FaceReasoning:
     error: str | None = None
 
 
+FaceAnswer = FaceReasoning  # the name the protocol documents
+
+
+@dataclass
+class Job:
+    """One image's reasoning request: the RGB image, its faces' evidence and the user's context."""
+
+    image: np.ndarray
+    faces: list[FaceEvidence]
+    context: str | None
+    prompt: Prompt | None = None
+
+
+class ReasonerStats(TypedDict, total=False):
+    """What a reasoner measured during its last ``reason_batch`` call (totals over its images)."""
+
+    model_ms: float  # time inside the model (the rest of the reasoning time is overhead)
+    prompt_tokens: float
+    generated_tokens: float
+
+
+@runtime_checkable
 class Reasoner(Protocol):
     """Turns FER evidence, the image and optional context into a :class:`FaceReasoning` per face."""
 
     backend: str
     model_id: str | None
     template_id: str | None
+    batch_size: int
+    uses_context: bool
+    sampling: dict[str, Any] | None
+    last_stats: ReasonerStats
 
-    def reason(self, image: np.ndarray, faces: list[FaceEvidence], context: str | None) -> list[FaceReasoning]:
+    def reason_batch(self, jobs: list[Job]) -> list[list[FaceReasoning]]:
+        """One list of per-face answers per job, in order (a face without an answer carries ``error``)."""
         ...
 
 
 def make_reasoner(config: Config) -> Reasoner:
-    backend = config.reasoner.backend
-    if backend == "rules":
-        from cem.reasoning.rules import RulesReasoner
-
-        return RulesReasoner(config.labels)
-    if backend == "transformers":
-        from cem.reasoning.transformers_backend import TransformersReasoner
-
-        return TransformersReasoner(config)
-    if backend == "openai":
-        from cem.reasoning.openai_backend import OpenAIReasoner
-
-        return OpenAIReasoner(config)
-    raise ConfigError(f"unknown reasoner backend {backend!r}")
+    """The configured backend's reasoner (its module is imported here, on first use). The config is
+    checked again first: a Config edited in code after loading gets the same errors as a file."""
+    config.validate()
+    b = backend(config.reasoner.backend)
+    reasoner: Reasoner = b.load_class()(config)
+    return reasoner

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -10,7 +9,7 @@ import numpy as np
 from cem.config import Config
 from cem.prompting import Exemplar, Prompt, render_prompt, template_id
 from cem.reasoning.answer import MAX_CUES, MAX_TEXT, parse_answer
-from cem.reasoning.base import FaceReasoning
+from cem.reasoning.base import FaceReasoning, Job, ReasonerStats
 from cem.schema import FaceEvidence
 
 
@@ -18,17 +17,12 @@ class ModelUnavailableError(RuntimeError):
     """The configured model cannot be loaded (offline, not cached, wrong path, missing package)."""
 
 
-@dataclass
-class Job:
-    """One image's reasoning request."""
-
-    image: np.ndarray
-    faces: list[FaceEvidence]
-    context: str | None
-    prompt: Prompt | None = None
+__all__ = ["Job", "LLMReasonerBase", "ModelUnavailableError", "exemplars_from", "options"]
 
 
 def options(config: Config) -> dict[str, Any]:
+    """The backend's options as a plain dict, checked and normalised by :mod:`cem.config` (aliases
+    resolved, defaults filled, unset values left out)."""
     return dict(config.reasoner.options or {})
 
 
@@ -47,6 +41,8 @@ class LLMReasonerBase:
     """Common flow: render one prompt per image (all its faces), ask the model, parse, retry once."""
 
     backend = "llm"
+    model_id: str | None = None
+    uses_context = True  # the context is rendered into the prompt
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -59,7 +55,11 @@ class LLMReasonerBase:
         # bounds of the constrained answer (cues per face, characters per cue; the rationale gets twice that)
         self.max_cues = int(opts.get("max_cues", MAX_CUES))
         self.max_text = int(opts.get("max_text_chars", MAX_TEXT))
-        self.last_stats: dict[str, float] = {}
+        self.last_stats: ReasonerStats = {}
+        # provenance of sampling; None when decoding is deterministic
+        self.sampling: dict[str, Any] | None = None
+        if opts.get("do_sample") or float(opts.get("temperature", 0) or 0) > 0:
+            self.sampling = {k: opts[k] for k in ("do_sample", "temperature", "seed") if k in opts}
 
     def use_template(self, name: str) -> None:
         """Switch the prompt template without reloading the model (prompt experiments)."""

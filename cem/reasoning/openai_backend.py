@@ -69,7 +69,7 @@ class OpenAIReasoner(LLMReasonerBase):
             raise ValueError("the openai reasoner needs a model name: --model NAME or reasoner.model")
         self.concurrency = max(1, int(o.get("concurrency", 4)))
         self.batch_size = max(self.batch_size, self.concurrency)
-        self.timeout = float(o.get("timeout_s", 60))
+        self.timeout = float(o.get("deadline_s", 60))
         self.retries = int(o.get("retries", 2))
         self.backoff = float(o.get("backoff_s", 1.0))
         self.max_tokens = int(o.get("max_tokens", 512))

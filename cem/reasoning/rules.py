@@ -14,10 +14,14 @@ AU14 without a full smile and is the weakest prototype here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 
+from cem.config import Config
 from cem.fer.aus import AU_NAMES
-from cem.reasoning.base import FaceReasoning
+from cem.reasoning.base import FaceReasoning, Job, ReasonerStats
 from cem.schema import Cue, FaceEvidence
 
 PROTOTYPES: dict[str, dict[str, float]] = {
@@ -58,52 +62,44 @@ def prototype_matches(intensities: dict[str, float], labels: list[str]) -> dict[
 
 
 class RulesReasoner:
-    """Deterministic, offline; needs only the FER stage's AUs."""
+    """Deterministic, offline; needs only the FER stage's AUs. It cannot read context (``uses_context``
+    is False, and the pipeline says so). Its cues cite, for every label whose prototype has present AUs,
+    those AUs; the rationale is written from the fused distribution by :func:`cem.fuse.explain`."""
 
     backend = "rules"
-    model_id = None
-    template_id = None
+    model_id: str | None = None
+    template_id: str | None = None
+    batch_size = 32  # images per call; reasoning is per face and instant, this only sets the chunking
+    uses_context = False
+    sampling: dict[str, Any] | None = None
 
-    def __init__(self, labels: list[str]) -> None:
-        self.labels = list(labels)
+    def __init__(self, config: Config | Sequence[str]) -> None:
+        self.labels = list(config.labels if isinstance(config, Config) else config)
+        self.last_stats: ReasonerStats = {}
 
     def reason_face(self, face: FaceEvidence) -> FaceReasoning:
-        if not face.aus:
+        if not face.aus:  # no mesh: the prototypes carry no evidence
             uniform = 1.0 / len(self.labels)
-            return FaceReasoning(
-                index=face.index, distribution={lab: uniform for lab in self.labels}, cues=[],
-                rationale="No face mesh, so no action units were measured; the AU prototypes carry no evidence "
-                          "and the emotion rests on the expression model alone.",
-            )
+            return FaceReasoning(index=face.index, distribution={lab: uniform for lab in self.labels})
         intensities = {k: v.intensity for k, v in face.aus.items()}
         match = prototype_matches(intensities, self.labels)
         z = SHARPNESS * np.array([match[lab] for lab in self.labels])
         p = np.exp(z - z.max())
         p /= p.sum()
         dist = dict(zip(self.labels, p.tolist()))
-        top = max(dist, key=dist.__getitem__)
-
         cues: list[Cue] = []
         for lab in sorted(self.labels, key=lambda k: -dist[k]):
-            if dist[lab] < 0.15 or lab not in PROTOTYPES:
-                continue
-            for au, w in PROTOTYPES[lab].items():
+            for au, w in PROTOTYPES.get(lab, {}).items():
                 a = face.aus.get(au)
                 if w > 0 and a is not None and a.present:
                     cues.append(Cue(cue=f"{AU_CUE_TEXT[au]} ({au} {AU_NAMES[au]}, intensity {a.intensity:.1f})",
                                     source="face", au=au, supports=lab,
                                     weight=round(w * a.intensity / 5.0, 3), grounding="supported"))
-        present = [au for au, a in face.aus.items() if a.present]
-        if top == "neutral" or not cues:
-            shown = ", ".join(f"{au} ({AU_NAMES[au]})" for au in present[:4]) or "no action unit"
-            rationale = (f"{shown.capitalize() if not present else shown} clearly active; no EMFACS prototype "
-                         f"is matched strongly, so the face reads as mostly neutral.")
-        else:
-            cited = ", ".join(f"{c.au} ({AU_NAMES[c.au]}, {face.aus[c.au].intensity:.1f})"
-                              for c in cues if c.supports == top and c.au)
-            rationale = f"{cited} match the EMFACS prototype of {top}." if cited else (
-                f"The AU pattern leans towards {top}.")
-        return FaceReasoning(index=face.index, distribution=dist, cues=cues, rationale=rationale)
+        return FaceReasoning(index=face.index, distribution=dist, cues=cues)
+
+    def reason_batch(self, jobs: list[Job]) -> list[list[FaceReasoning]]:
+        self.last_stats = {}
+        return [[self.reason_face(f) for f in job.faces] for job in jobs]
 
     def reason(self, image: np.ndarray, faces: list[FaceEvidence], context: str | None) -> list[FaceReasoning]:
-        return [self.reason_face(f) for f in faces]
+        return self.reason_batch([Job(image, faces, context)])[0]

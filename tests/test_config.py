@@ -1,0 +1,260 @@
+"""Configuration: shipped configs by name (API and CLI, as users type them), typed validation whose errors
+name the file, the field and the problem, the backend registry and its typed options, label_map end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cem
+from cem.config import BACKENDS, Config, ConfigError, FusionConfig, OpenAIOptions, TransformersOptions, shipped_configs
+from cem.resources import configs_dir
+
+SHIPPED = ["default", "llava-1.5-7b-4bit", "qwen2.5-vl-7b", "llava-onevision-0.5b", "smolvlm", "vllm"]
+LLM_LOCAL = ["llava-1.5-7b-4bit", "qwen2.5-vl-7b", "llava-onevision-0.5b", "smolvlm"]
+
+
+def test_every_shipped_config_is_listed():
+    assert sorted(SHIPPED) == shipped_configs()
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_config_loads_by_name_suffix_and_path(name):
+    by_name = Config.load(name)
+    assert by_name.name == name  # each file names itself as users type it
+    for spelling in (f"{name}.yaml", str(configs_dir() / f"{name}.yaml")):
+        assert Config.load(spelling).to_dict() == by_name.to_dict()
+    assert by_name.reasoner.backend in BACKENDS
+
+
+def test_unknown_name_lists_shipped_and_suggests_closest():
+    with pytest.raises(ConfigError) as e:
+        Config.load("qwen2.5-vl")
+    msg = str(e.value)
+    assert "not found" in msg and "did you mean 'qwen2.5-vl-7b'" in msg
+    assert all(n in msg for n in SHIPPED)
+
+
+def test_a_user_yaml_path_with_dots(tmp_path):
+    p = tmp_path / "my.run.v2.yaml"
+    p.write_text("name: mine\nfusion:\n  reasoner_weight: 0.3\n")
+    assert Config.load(p).fusion.reasoner_weight == 0.3
+    assert Config.load(str(p)).name == "mine"
+    assert Config.load(str(tmp_path / "my.run.v2")).name == "mine"  # the suffix may be left off a path
+
+
+@pytest.mark.parametrize("name", ["default", "vllm"])
+def test_pipeline_from_config_by_name_builds(name):
+    with cem.Pipeline.from_config(name) as p:
+        assert p.config.name == name and p.reasoner.backend == Config.load(name).reasoner.backend
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", LLM_LOCAL)
+def test_pipeline_from_config_llm_by_name_reaches_model_loading(name, monkeypatch):
+    """The API as the README shows it: the config is found, its reasoner is built, and the model (not
+    downloaded here) is what is missing, with how to get it."""
+    pytest.importorskip("transformers")
+    import huggingface_hub.constants
+
+    from cem.reasoning.llm import ModelUnavailableError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    model = Config.load(name).reasoner.model
+    with pytest.raises(ModelUnavailableError, match=f"{model}.*hf download {model}"):
+        cem.Pipeline.from_config(name)
+
+
+def _cem(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "cem.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(cem.__file__).parents[1]), **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def astronaut_jpg(tmp_path_factory):
+    from PIL import Image
+    from skimage import data
+
+    p = tmp_path_factory.mktemp("img") / "astronaut.jpg"
+    Image.fromarray(data.astronaut()).save(p)
+    return p
+
+
+@pytest.mark.parametrize("name", ["default", "default.yaml"])
+def test_cli_annotate_with_rules_config_by_name(name, astronaut_jpg, tmp_path):
+    out = tmp_path / "o.jsonl"
+    r = _cem("annotate", str(astronaut_jpg), "-o", str(out), "--config", name)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(out.read_text())
+    assert rec["provenance"]["config"] == "default" and rec["faces"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", LLM_LOCAL)
+def test_cli_annotate_llm_config_by_name_reaches_model_loading(name, astronaut_jpg, tmp_path):
+    """The config is found and accepted; the run stops at the model, which is not downloaded here."""
+    r = _cem("annotate", str(astronaut_jpg), "-o", str(tmp_path / "o.jsonl"), "--config", name,
+             env={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode != 0
+    assert "not found" not in r.stderr.replace("couldn't find", "")
+    model = Config.load(name).reasoner.model
+    assert model in r.stderr and f"hf download {model}" in r.stderr, r.stderr
+
+
+def test_cli_vllm_config_by_name_is_accepted(astronaut_jpg, tmp_path):
+    """With no server the run fails at the server (pre-flight or per face), never at the config's name."""
+    out = tmp_path / "o.jsonl"
+    r = _cem("annotate", str(astronaut_jpg), "-o", str(out), "--config", "vllm",
+             env={"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"},)
+    assert "not found" not in r.stderr
+    if r.returncode == 0 or out.exists():
+        rec = json.loads(out.read_text().splitlines()[0])
+        assert rec["provenance"]["config"] == "vllm"
+        assert all(f.get("error", "").startswith("reasoner") or "reasoner" in f.get("error", "")
+                   for f in rec["faces"])
+    else:
+        assert "127.0.0.1" in r.stderr or "server" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------ validation
+def _yaml(tmp_path, text):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("text, field, problem", [
+    ("faces:\n  max_faces: 2.9\n", "faces.max_faces", "expected an integer, got 2.9"),
+    ("faces:\n  max_faces: true\n", "faces.max_faces", "expected an integer, got True"),
+    ("faces:\n  max_faces: 0\n", "faces.max_faces", "must be >= 1"),
+    ("faces:\n  min_score: 1.5\n", "faces.min_score", "must be <= 1.0"),
+    ("faces:\n  min_score: yes\n", "faces.min_score", "expected a number, got True"),
+    ("faces:\n  mode: crop\n", "faces.mode", "expected one of 'detect', 'whole'"),
+    ("fusion:\n  temperature: .nan\n", "fusion.temperature", "expected a finite number, got nan"),
+    ("fusion:\n  temperature: .inf\n", "fusion.temperature", "expected a finite number, got inf"),
+    ("fusion:\n  temperature: 0\n", "fusion.temperature", "must be > 0.0"),
+    ("fusion:\n  temperature: '1.0'\n", "fusion.temperature", "expected a number, got '1.0'"),
+    ("fusion:\n  reasoner_weight: -1\n", "fusion.reasoner_weight", "must be >= 0.0"),
+    ("fusion:\n  fitted_on: 3\n", "fusion.fitted_on", "expected a string or null, got 3"),
+    ("fusion:\n  label_map: {pride: 3}\n", "fusion.label_map.pride", "expected a string, got 3"),
+    ("expression:\n  weights: [a]\n", "expression.weights", "expected a string or null"),
+    ("reasoner:\n  model: 7\n", "reasoner.model", "expected a string or null, got 7"),
+    ("reasoner:\n  backend: rulez\n", "reasoner.backend", "did you mean 'rules'"),
+    ("reasoner:\n  options: {batch_size: 2}\n", "reasoner.options.batch_size", "not an option of the rules"),
+    ("reasoner:\n  backend: transformers\n  options: {batch_size: 2.5}\n", "reasoner.options.batch_size",
+     "expected an integer, got 2.5"),
+    ("reasoner:\n  backend: transformers\n  options: {dtype: float64}\n", "reasoner.options.dtype",
+     "expected one of 'auto', 'float32'"),
+    ("reasoner:\n  backend: transformers\n  options: {likelihood_temperature: .nan}\n",
+     "reasoner.options.likelihood_temperature", "finite"),
+    ("reasoner:\n  backend: transformers\n  options: {do_sampel: true}\n", "reasoner.options.do_sampel",
+     "did you mean 'do_sample'"),
+    ("reasoner:\n  backend: openai\n  options: {concurrency: 0}\n", "reasoner.options.concurrency", "must be >= 1"),
+    ("reasoner:\n  backend: openai\n  options: {deadline_s: .inf}\n", "reasoner.options.deadline_s", "finite"),
+    ("reasoner:\n  backend: openai\n  options: {timeout_s: 5, deadline_s: 6}\n", "reasoner.options",
+     "the same option"),
+    ("reasoner:\n  backend: openai\n  options: {guided: 1}\n", "reasoner.options.guided", "expected true or false"),
+    ("reasoner:\n  backend: openai\n  options: {exemplars: [{image: a.jpg}]}\n", "reasoner.options.exemplars[0]",
+     "missing label"),
+    ("labels: [happiness, happiness]\n", "labels", "duplicate"),
+    ("labels: []\n", "labels", "non-empty list"),
+    ("fusion:\n  label_map: {pride: happiness}\n", "fusion.label_map", "not among labels"),
+    ("facez:\n  mode: whole\n", "facez", "did you mean 'faces'"),
+    ("faces:\n  max_face: 3\n", "max_face", "did you mean 'max_faces'"),
+])
+def test_bad_value_names_file_field_and_problem(tmp_path, text, field, problem):
+    p = _yaml(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        Config.load(p)
+    msg = str(e.value)
+    assert str(p) in msg and field in msg and problem in msg, msg
+
+
+def test_overrides_are_checked_too():
+    with pytest.raises(ConfigError, match=r"default.yaml \(override\): faces.max_faces: expected an integer"):
+        Config.load("default", faces__max_faces=2.9)
+    with pytest.raises(ConfigError, match="fusion.temperature: expected a finite number"):
+        Config.load("default", fusion__temperature=math.nan)
+    with pytest.raises(ConfigError, match="faces.mode"):
+        Config.load("default", faces="crop")
+    cfg = Config.load("default", fusion__temperature=2)  # an int is a valid float
+    assert cfg.fusion.temperature == 2.0 and isinstance(cfg.fusion.temperature, float)
+
+
+def test_sections_check_on_construction():
+    assert FusionConfig(1.0, 0.5, 2).temperature == 2.0  # positional construction still works
+    with pytest.raises(ConfigError, match="FusionConfig.temperature: expected a finite number"):
+        FusionConfig(1.0, 0.5, math.inf)
+    with pytest.raises(ConfigError, match="FusionConfig.reasoner_weight: expected a number, got True"):
+        FusionConfig(1.0, True)
+
+
+def test_a_config_edited_in_code_is_checked_when_used():
+    cfg = Config.load("default")
+    cfg.fusion.temperature = math.nan
+    with pytest.raises(ConfigError, match="default.yaml: fusion.temperature: expected a finite number"):
+        cem.Pipeline(cfg)
+
+
+def test_options_are_typed_and_normalised():
+    cfg = Config.load("vllm")
+    opts = cfg.backend_options()
+    assert isinstance(opts, OpenAIOptions) and opts.deadline_s == 120.0  # the file says timeout_s: 120
+    plain = cfg.reasoner.options
+    assert plain["deadline_s"] == 120.0 and "timeout_s" not in plain and plain["concurrency"] == 8
+    from cem.reasoning.llm import options
+
+    assert options(cfg) == plain and options(cfg) is not plain  # backends get a plain copy
+    t = Config.load("smolvlm").backend_options()
+    assert isinstance(t, TransformersOptions) and t.batch_size == 2 and t.quantization is None
+    assert "quantization" not in Config.load("smolvlm").reasoner.options  # unset values are left out
+
+
+def test_answer_bounds_defaults_match_the_grammar_defaults():
+    from cem.reasoning.answer import MAX_CUES, MAX_TEXT
+
+    t = TransformersOptions()
+    assert (t.max_cues, t.max_text_chars) == (MAX_CUES, MAX_TEXT)
+
+
+def test_switching_backend_by_override_drops_the_files_options():
+    cfg = Config.load("vllm", reasoner="rules")
+    assert cfg.reasoner.backend == "rules" and cfg.reasoner.options == {}
+    cfg = Config.load("default", reasoner="openai", reasoner__options={"base_url": "http://x/v1"})
+    assert cfg.reasoner.options["base_url"] == "http://x/v1"
+
+
+def test_one_backend_registry():
+    """Backend names are listed in one place: the CLI's choices and the error messages come from it."""
+    import cem.cli
+    from cem.reasoning import make_reasoner
+
+    assert list(BACKENDS) == ["rules", "transformers", "openai"]
+    opt = next(o for o in cem.cli.annotate.params if o.name == "reasoner")
+    assert list(opt.type.choices) == list(BACKENDS)
+    r = make_reasoner(Config.load("default"))
+    assert type(r) is BACKENDS["rules"].load_class()
+    src = "".join(p.read_text() for p in (Path(cem.__file__).parent).rglob("*.py") if p.name != "config.py")
+    assert '"rules", "transformers", "openai"' not in src and "'rules', 'transformers', 'openai'" not in src
+
+
+# ------------------------------------------------------------------------------------- label_map end to end
+def test_label_map_reaches_the_record(astronaut):
+    labels = ["neutral", "happiness", "surprise", "sadness", "anger", "pride", "awe"]
+    cfg = Config.from_dict({"labels": labels, "fusion": {"label_map": {"pride": "happiness"}}}, source="<test>")
+    with cem.Pipeline(cfg) as p:
+        d = p.analyze(astronaut).to_dict()
+    face = d["faces"][0]
+    assert list(face["emotion"]) == labels and abs(sum(face["emotion"].values()) - 1) < 1e-6
+    # the expression model lacks pride and awe: 0 in its distribution, no error
+    assert face["expression"]["pride"] == 0 and face["expression"]["awe"] == 0 and "error" not in face
+    # pride pools as happiness (the astronaut smiles), awe (unmapped) gets no expression mass
+    assert face["emotion"]["pride"] > 0.2 and face["emotion"]["pride"] > 100 * face["emotion"]["awe"]
+    assert face["top_emotion"] in ("happiness", "pride") and face["top_emotion"] in face["rationale"]
