@@ -62,6 +62,11 @@ def _asset(family: str, name: str) -> Any:
     return json.loads((ASSETS / family / name).read_text(encoding="utf-8"))
 
 
+def _image_kwargs(pre: dict[str, Any]) -> dict[str, Any]:
+    """A preprocessor_config.json's settings as image-processor arguments."""
+    return {k: v for k, v in pre.items() if k not in ("image_processor_type", "processor_class")}
+
+
 def _tokenizer(family: str) -> Any:
     """A small byte-level BPE with the family's real special/added tokens and their roles."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -94,8 +99,14 @@ def _text_config(cls: Any, tok: Any, **extra: Any) -> Any:
 
 
 def _llava(tok: Any, chat_template: str) -> tuple[Any, Any]:
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     pre, proc = _asset("llava", "preprocessor_config.json"), _asset("llava", "processor_config.json")
     side, patch = 56, int(proc["patch_size"])
@@ -106,21 +117,25 @@ def _llava(tok: Any, chat_template: str) -> tuple[Any, Any]:
                          image_token_index=tok.convert_tokens_to_ids(proc["image_token"]), vision_feature_layer=-2,
                          vision_feature_select_strategy=proc["vision_feature_select_strategy"],
                          image_seq_length=(side // patch) ** 2)
-    ip = CLIPImageProcessor(**{k: v for k, v in pre.items() if k not in ("image_processor_type", "processor_class")})
+    ip = CLIPImageProcessor(**_image_kwargs(pre))
     processor = LlavaProcessor(image_processor=ip, tokenizer=tok, chat_template=chat_template,
                                **{k: v for k, v in proc.items() if k != "processor_class"})
     return LlavaForConditionalGeneration(config), processor
 
 
 def _llava_onevision(tok: Any, chat_template: str) -> tuple[Any, Any]:
-    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
-                              SiglipVisionConfig)
-    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-        LlavaOnevisionImageProcessorPil)
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
     from cem.reasoning.families import image_only_processor_class
 
-    pre, proc = _asset("llava_onevision", "preprocessor_config.json"), _asset("llava_onevision", "processor_config.json")
+    pre = _asset("llava_onevision", "preprocessor_config.json")
+    proc = _asset("llava_onevision", "processor_config.json")
     side, patch, real = 28, 14, int(pre["size"]["height"])
     grid = [[a * side // real, b * side // real] for a, b in pre["image_grid_pinpoints"]]
     pre |= {"size": {"height": side, "width": side}, "image_grid_pinpoints": grid}
@@ -132,8 +147,7 @@ def _llava_onevision(tok: Any, chat_template: str) -> tuple[Any, Any]:
                                   vision_feature_layer=-1, image_grid_pinpoints=grid,
                                   vision_feature_select_strategy=proc["vision_feature_select_strategy"],
                                   use_image_newline_parameter=True)
-    ip = LlavaOnevisionImageProcessorPil(**{k: v for k, v in pre.items()
-                                            if k not in ("image_processor_type", "processor_class")})
+    ip = LlavaOnevisionImageProcessorPil(**_image_kwargs(pre))
     kw = {k: v for k, v in proc.items() if k != "processor_class"} | {"num_image_tokens": (side // patch) ** 2}
     processor = image_only_processor_class("LlavaOnevisionProcessor")(image_processor=ip, tokenizer=tok,
                                                                       chat_template=chat_template, **kw)
@@ -158,7 +172,7 @@ def _qwen2_5_vl(tok: Any, chat_template: str) -> tuple[Any, Any]:
               "patch_size": pre["patch_size"], "spatial_merge_size": pre["merge_size"],
               "temporal_patch_size": pre["temporal_patch_size"], "window_size": 56, "fullatt_block_indexes": [1]}
     config = Qwen2_5_VLConfig(text_config=text.to_dict(), vision_config=vision, **ids)
-    ip = Qwen2VLImageProcessorPil(**{k: v for k, v in pre.items() if k not in ("image_processor_type", "processor_class")})
+    ip = Qwen2VLImageProcessorPil(**_image_kwargs(pre))
     processor = image_only_processor_class("Qwen2_5_VLProcessor")(image_processor=ip, tokenizer=tok,
                                                                   chat_template=chat_template)
     return Qwen2_5_VLForConditionalGeneration(config), processor
@@ -169,16 +183,15 @@ def _idefics3(tok: Any, chat_template: str) -> tuple[Any, Any]:
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
     pre, proc = _asset("idefics3", "preprocessor_config.json"), _asset("idefics3", "processor_config.json")
-    side, patch, scale = 56, 14, 3  # SmolVLM's own patch 14 and scale factor 3 (384 px -> 81 tokens)
-    tile = 42  # a multiple of patch x scale: (42 / 14)^2 / 3^2 = 1 token per tile
-    side = tile
-    pre |= {"max_image_size": {"longest_edge": tile}, "size": {"longest_edge": 2 * tile}}
+    # SmolVLM's own patch (14) and pixel-shuffle scale factor (3: 384 px tiles give 81 tokens); 42 px tiles
+    # give 1 token each, and a long side of 84 px splits a photo into up to 2 x 2 tiles plus the global view
+    side, patch, scale = 42, 14, 3
+    pre |= {"max_image_size": {"longest_edge": side}, "size": {"longest_edge": 2 * side}}
     vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
               "image_size": side, "patch_size": patch}
     config = Idefics3Config(vision_config=vision, text_config=_text_config(LlamaConfig, tok).to_dict(),
                             scale_factor=scale, image_token_id=tok.convert_tokens_to_ids("<image>"))
-    ip = Idefics3ImageProcessorPil(**{k: v for k, v in pre.items()
-                                      if k not in ("image_processor_type", "processor_class")})
+    ip = Idefics3ImageProcessorPil(**_image_kwargs(pre))
     seq = (side // patch) ** 2 // scale**2
     processor = Idefics3Processor(image_processor=ip, tokenizer=tok, chat_template=chat_template,
                                   **{k: v for k, v in proc.items() if k != "processor_class"} | {"image_seq_len": seq})

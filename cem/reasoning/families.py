@@ -23,7 +23,7 @@ likelihoods) except what this module says about a family:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 
@@ -79,7 +79,7 @@ def read_model_type(model_dir_or_id: str, **hub_kwargs: Any) -> str | None:
         return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def image_only_processor_class(processor_class: str) -> type:
     """The family's processor class without its video processor: a subclass whose processor attributes are
     the image processor and the tokenizer. Everything else (token handling, chat template, image token
