@@ -11,6 +11,8 @@ likelihoods) except what this module says about a family:
   image splitting and tile size);
 - ``image_first``: where the image goes in the user turn (every shipped family's template expects the
   image before the text);
+- ``mrope``: multimodal rotary positions (Qwen2.5-VL), which scoring a continuation after a cached
+  prefix must offset;
 - ``label_prefix``: what separates ``"Face k:"`` from a label when labels are scored by likelihood (all
   shipped tokenizers fold the space into the label's first token, so the label's token ids are those of
   ``" <label>"`` after the stem);
@@ -39,6 +41,7 @@ class Family:
     video_processor: bool = False
     image_first: bool = True
     label_prefix: str = " "
+    mrope: bool = False  # multimodal rotary positions: a continuation's positions add the prefix's offset
     image_settings: dict[str, Any] = field(default_factory=dict)
 
 
@@ -51,7 +54,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     # Qwen2.5-VL's default max_pixels (12.8 M) gives up to 16k image tokens per photo; 1280 x 28 x 28 is the
     # cap Qwen's own model card suggests for a single GPU
     Family("qwen2_5_vl", ("qwen2_5_vl", "qwen2_vl"), "Qwen2_5_VLProcessor", "Qwen/Qwen2.5-VL-7B-Instruct",
-           quant_skip=("visual", "lm_head"), video_processor=True,
+           quant_skip=("visual", "lm_head"), video_processor=True, mrope=True,
            image_settings={"max_pixels": 1280 * 28 * 28}),
     # SmolVLM splits a photo into up to 4 x 4 tiles of 384 px plus a global view (81 tokens each); cem keeps
     # the model's splitting but caps the resized long side at 4 tiles' width

@@ -257,7 +257,14 @@ class TransformersReasoner(LLMReasonerBase):
             cache = getattr(pre, cache_kw)
             cache.batch_repeat_interleave(len(rows))
             mask = torch.cat([inputs["attention_mask"].repeat(len(rows), 1), cmask], dim=1)
-            out = self.model(input_ids=cont, attention_mask=mask, use_cache=False, **{cache_kw: cache})
+            # explicit positions: the continuation follows the prefix (multimodal rotary models add the offset
+            # their image grid left, which the prefix pass stored)
+            n0 = inputs["input_ids"].shape[1]
+            pos = torch.arange(n0, n0 + width, device=self.device)[None].expand(len(rows), -1)
+            if self.family is not None and self.family.mrope:
+                pos = pos[None].expand(3, -1, -1) + self.model.model.rope_deltas.to(self.device)[None]
+            out = self.model(input_ids=cont, attention_mask=mask, position_ids=pos, use_cache=False,
+                             **{cache_kw: cache})
         first = torch.log_softmax(pre.logits[:, -1].float(), dim=-1).repeat(len(rows), 1)
         rest = torch.log_softmax(out.logits.float(), dim=-1)
         # log p(token j) comes from the logits before it: the prefix's last position for j = 0
