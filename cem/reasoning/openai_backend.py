@@ -156,11 +156,11 @@ class OpenAIReasoner(LLMReasonerBase):
         conn_cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
         conn = conn_cls(url.hostname, url.port, timeout=min(self.connect_timeout, deadline_s))
         fired = threading.Event()
+        held: list[socket.socket] = []  # the connection drops its socket once a reply is complete; keep it
 
         def cut() -> None:
             fired.set()
-            sock = conn.sock
-            if sock is not None:
+            for sock in held:
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
@@ -178,8 +178,10 @@ class OpenAIReasoner(LLMReasonerBase):
                     raise _Retryable("timeout", f"no connection to {where} within "
                                      f"{min(self.connect_timeout, deadline_s):g} s") from None
                 raise _Retryable("unreachable", f"cannot connect to {where}: {e}") from None
+            held.append(conn.sock)
+            sock = conn.sock
             try:
-                conn.sock.settimeout(max(0.01, end - time.monotonic()))
+                sock.settimeout(max(0.01, end - time.monotonic()))
                 conn.request(method, url.path.rstrip("/") + path, body=payload, headers=self._headers())
                 resp = conn.getresponse()
                 chunks, size = [], 0
@@ -187,7 +189,7 @@ class OpenAIReasoner(LLMReasonerBase):
                     left = end - time.monotonic()
                     if left <= 0:
                         raise TimeoutError
-                    conn.sock.settimeout(left)
+                    sock.settimeout(left)
                     chunk = resp.read1(65536)
                     if not chunk:
                         break
@@ -196,7 +198,7 @@ class OpenAIReasoner(LLMReasonerBase):
                         raise ReasonerFailure("reply-too-large", f"reply from {self.base_url} exceeds "
                                               f"{self.max_reply_bytes:,} bytes (max_reply_bytes); cut there")
                     chunks.append(chunk)
-                if fired.is_set() and not resp.isclosed():
+                if fired.is_set():  # the watchdog ended the reply: it is cut, not complete
                     raise TimeoutError
             except TimeoutError:
                 raise _Retryable("timeout", f"no complete reply from {where} within the deadline of "
