@@ -245,3 +245,31 @@ def test_cli_annotate_with_each_familys_shipped_config(family, tiny_dirs, two_fa
     for f in rec["faces"]:
         assert f.get("error") is None, f.get("error")
         assert abs(sum(f["emotion"].values()) - 1) < 1e-6
+
+
+def test_preflight_loads_a_tiny_model_and_runs_one_image(tiny_dirs, tmp_path, two_faces):
+    from PIL import Image
+
+    from cem.config import Config
+    from cem.preflight import preflight
+
+    img = tmp_path / "two.png"
+    Image.fromarray(two_faces).save(img)
+    cfg = Config.load(str(_family_config("idefics3", tmp_path)), model=str(tiny_dirs["idefics3"]))
+    report = preflight(cfg, image=str(img))
+    assert report.ok, report.text
+    assert "2 face(s) answered" in report.text
+
+
+def test_preflight_says_what_is_missing(tmp_path, monkeypatch):
+    from cem.config import Config
+    from cem.preflight import preflight
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    report = preflight(Config.load(str(ROOT / "configs" / "llava-1.5-7b-4bit.yaml")))
+    assert not report.ok
+    assert "hf download llava-hf/llava-1.5-7b-hf" in report.text
+    import torch
+
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in report.text

@@ -118,6 +118,8 @@ class FakeServer:
                     {"token": "xyz", "logprob": -3.0}]
             return {"choices": [{"message": {"content": "happiness"},
                                  "logprobs": {"content": [{"token": "happ", "logprob": -0.2, "top_logprobs": tops}]}}]}
+        if "response_format" not in body:  # the pre-flight's one-token request
+            return {"choices": [{"message": {"role": "assistant", "content": "OK"}}]}
         n = body["response_format"]["json_schema"]["schema"]["properties"]["faces"]["maxItems"]
         if self.mode == "badanswer":
             content = "I cannot tell."
@@ -367,3 +369,26 @@ def test_cli_uses_openai_base_url_from_the_environment(server, astronaut, tmp_pa
     assert r.returncode == 0, r.stderr[-2000:]
     rec = json.loads(out.read_text())
     assert rec["faces"][0].get("error") is None and server.requests  # the config's URL (port 8000) was not used
+
+
+def test_preflight_reaches_the_server_and_names_the_url_source(server, monkeypatch):
+    import socket
+
+    from cem.config import Config
+    from cem.preflight import preflight
+
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    ok = preflight(Config.load("vllm", model="test-model", reasoner__options={"base_url": server.url}))
+    assert ok.ok and "answers for test-model" in ok.text
+    assert any(r["path"] == "/v1/chat/completions" for r in server.requests)
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    s.close()
+    monkeypatch.setenv("OPENAI_BASE_URL", dead)
+    t = time.monotonic()
+    bad = preflight(Config.load("vllm", model="test-model"))
+    assert time.monotonic() - t < 10
+    assert not bad.ok and f"server unreachable at {dead} (from $OPENAI_BASE_URL)" in bad.text
+    assert "vllm serve" in bad.text
+    assert preflight(Config.load("default")).ok
