@@ -46,7 +46,8 @@ def _missing_packages(names: list[str]) -> list[str]:
 def _weights_problem(model: str, opts: dict[str, Any]) -> str | None:
     if model.startswith((".", "/", "~")) or Path(model).expanduser().is_dir():
         if not (Path(model).expanduser() / "config.json").is_file():
-            return f"model folder {model!r} has no config.json (save it with save_pretrained, or point --model elsewhere)"
+            return (f"model folder {model!r} has no config.json (save it with save_pretrained, or point "
+                    "--model elsewhere)")
         return None
     try:
         from huggingface_hub import try_to_load_from_cache

@@ -145,8 +145,7 @@ def _llava_onevision(tok: Any, chat_template: str) -> tuple[Any, Any]:
                                   image_token_index=tok.convert_tokens_to_ids(proc["image_token"]),
                                   video_token_index=tok.convert_tokens_to_ids(proc["video_token"]),
                                   vision_feature_layer=-1, image_grid_pinpoints=grid,
-                                  vision_feature_select_strategy=proc["vision_feature_select_strategy"],
-                                  use_image_newline_parameter=True)
+                                  vision_feature_select_strategy=proc["vision_feature_select_strategy"])
     ip = LlavaOnevisionImageProcessorPil(**_image_kwargs(pre))
     kw = {k: v for k, v in proc.items() if k != "processor_class"} | {"num_image_tokens": (side // patch) ** 2}
     processor = image_only_processor_class("LlavaOnevisionProcessor")(image_processor=ip, tokenizer=tok,

@@ -118,7 +118,7 @@ def load_processor(model_id: str, family: Family | None, **hub_kwargs: Any) -> A
     except ImportError as e:
         if family is None or not family.video_processor or "torchvision" not in str(e).lower():
             raise
-    cls = image_only_processor_class(family.processor_class)
+    cls: Any = image_only_processor_class(family.processor_class)
     return cls.from_pretrained(model_id, **hub_kwargs)
 
 

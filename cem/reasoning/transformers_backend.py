@@ -45,7 +45,7 @@ from cem.reasoning.families import (
     load_processor,
     read_model_type,
 )
-from cem.reasoning.llm import Job, LLMReasonerBase, ModelUnavailableError, options
+from cem.reasoning.llm import Job, LLMReasonerBase, ModelUnavailableError, ReasonerFailure, options
 
 QUANT_SKIP_DEFAULT = ("vision_tower", "multi_modal_projector", "visual", "vision_model", "connector", "lm_head")
 
@@ -71,6 +71,9 @@ def load_model(model_id: str, opts: dict[str, Any], device: str | None) -> tuple
     if dtype not in _DTYPES:
         raise ValueError(f"reasoner.options.dtype must be one of {sorted(_DTYPES)}, not {dtype!r}")
     kwargs["dtype"] = dtype if dtype == "auto" else getattr(torch, dtype)
+    if (model_id.startswith((".", "/", "~")) or "\\" in model_id) and not Path(model_id).expanduser().is_dir():
+        raise ModelUnavailableError(f"model folder {model_id!r} does not exist. Point --model at a folder "
+                                    "saved with save_pretrained, or at a Hugging Face model id.")
     family = family_of(read_model_type(model_id, **common))
     quant = opts.get("quantization")
     if quant:
@@ -97,9 +100,6 @@ def load_model(model_id: str, opts: dict[str, Any], device: str | None) -> tuple
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"reasoner.device={device!r} but torch sees no CUDA device")
         kwargs["device_map"] = device
-    if (model_id.startswith((".", "/", "~")) or "\\" in model_id) and not Path(model_id).expanduser().is_dir():
-        raise ModelUnavailableError(f"model folder {model_id!r} does not exist. Point --model at a folder "
-                                    "saved with save_pretrained, or at a Hugging Face model id.")
     try:
         processor = load_processor(model_id, family, **common)
         model = AutoModelForImageTextToText.from_pretrained(model_id, **kwargs).eval()
@@ -273,6 +273,8 @@ class TransformersReasoner(LLMReasonerBase):
         scores = torch.stack([tok_logp[i, a:b].sum() for i, (a, b) in enumerate(spans)]).cpu().numpy()
         out_d: dict[int, dict[str, float]] = {}
         n = len(self.labels)
+        if not np.all(np.isfinite(scores)):  # never a NaN distribution written as an answer
+            raise ReasonerFailure("model-error", "the model gave non-finite label log-probabilities")
         for f_i in range(len(job.faces)):
             s = scores[f_i * n : (f_i + 1) * n] / self.temperature
             p = np.exp(s - s.max())
@@ -291,9 +293,17 @@ class TransformersReasoner(LLMReasonerBase):
         for start in range(0, len(todo), max(1, self.batch_size)):
             idx = todo[start : start + self.batch_size]
             t = time.perf_counter()
-            texts = self.generate([jobs[i] for i in idx])
-            likes = [self.label_likelihoods(jobs[i]) if self.mode == "likelihood" else None for i in idx]
-            t_model += time.perf_counter() - t
+            try:
+                texts = self.generate([jobs[i] for i in idx])
+                likes = [self.label_likelihoods(jobs[i]) if self.mode == "likelihood" else None for i in idx]
+            except (RuntimeError, ValueError) as e:  # out of memory, a NaN score ...: these images' faces fail
+                failure = e if isinstance(e, ReasonerFailure) else ReasonerFailure(
+                    "model-error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                for i in idx:
+                    results[i] = self.to_results(jobs[i], None, None, transport_error=str(failure))[0]
+                continue
+            finally:
+                t_model += time.perf_counter() - t
             for i, text, like in zip(idx, texts, likes):
                 res, err = self.to_results(jobs[i], text, like)
                 if err and any(r.distribution is None for r in res):  # retry once, alone, with the error
