@@ -194,9 +194,12 @@ class Pipeline:
             for i, a in zip(live, answers):
                 out[i] = (a, None)
         except Exception as e:  # reported on every face of these images; the run goes on
-            cause = getattr(e, "cause", None) or "model-error"
+            from cem.reasoning.llm import ReasonerFailure
+
+            # a ReasonerFailure already reads "reasoner failed (<cause>): ..."; anything else is a model error
+            msg = str(e) if isinstance(e, ReasonerFailure) else f"reasoner failed (model-error): {type(e).__name__}: {e}"
             for i in live:
-                out[i] = ([], f"reasoner failed ({cause}): {type(e).__name__}: {e}")
+                out[i] = ([], msg)
         elapsed = (time.perf_counter() - t) * 1000
         stats = self.reasoner.last_stats
         for i in live:

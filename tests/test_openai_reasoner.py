@@ -15,7 +15,10 @@ LABELS = ["neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fe
 
 
 class FakeServer:
-    """Chat completions with scripted behaviour: ok | error500-once | slow | notjson | badanswer."""
+    """Chat completions with scripted behaviour: ok | error500 | slow | notjson | badanswer | drip (one byte
+    every 0.5 s) | blackhole (accepts, never answers) | retryafter (429 with Retry-After, then ok) | huge
+    (a 50 MB reply) | answer (``self.answer`` as the message content). Every loop is bounded and ends when
+    the test closes the server."""
 
     def __init__(self) -> None:
         self.requests: list[dict] = []
@@ -24,14 +27,59 @@ class FakeServer:
         self.max_in_flight = 0
         self.lock = threading.Lock()
         self.failures_left = 0
+        self.answer = ""
+        self.stop = threading.Event()
+        self.times: list[float] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *a):  # keep test output clean
                 pass
 
+            def do_GET(self):
+                payload = json.dumps({"data": [{"id": "test-model"}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.times.append(time.monotonic())
+                if server.mode == "blackhole":
+                    server.stop.wait(20)  # never answers (until the test ends)
+                    return
+                if server.mode == "drip":
+                    self.send_response(200)
+                    self.end_headers()
+                    for _ in range(60):  # one byte every 0.5 s: 30 s at most
+                        if server.stop.wait(0.5):
+                            return
+                        try:
+                            self.wfile.write(b" ")
+                            self.wfile.flush()
+                        except OSError:
+                            return
+                    return
+                if server.mode == "huge":
+                    self.send_response(200)
+                    self.end_headers()
+                    block = b"x" * 1_000_000
+                    try:
+                        for _ in range(50):
+                            self.wfile.write(block)
+                    except OSError:
+                        pass
+                    return
+                if server.mode == "retryafter":
+                    with server.lock:
+                        fail = server.failures_left > 0
+                        server.failures_left -= 1 if fail else 0
+                    if fail:
+                        self.send_response(429)
+                        self.send_header("Retry-After", "1")
+                        self.end_headers()
+                        return
                 with server.lock:
                     server.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
                     server.in_flight += 1
@@ -70,9 +118,13 @@ class FakeServer:
                     {"token": "xyz", "logprob": -3.0}]
             return {"choices": [{"message": {"content": "happiness"},
                                  "logprobs": {"content": [{"token": "happ", "logprob": -0.2, "top_logprobs": tops}]}}]}
+        if "response_format" not in body:  # the pre-flight's one-token request
+            return {"choices": [{"message": {"role": "assistant", "content": "OK"}}]}
         n = body["response_format"]["json_schema"]["schema"]["properties"]["faces"]["maxItems"]
         if self.mode == "badanswer":
             content = "I cannot tell."
+        elif self.mode == "answer":
+            content = self.answer
         else:
             faces = [{"index": i + 1, "distribution": {"happiness": 0.7, "neutral": 0.3},
                       "cues": [{"cue": "broad smile", "source": "face", "au": None, "supports": "happiness",
@@ -84,7 +136,9 @@ class FakeServer:
         return {"choices": [{"message": {"role": "assistant", "content": content}}]}
 
     def close(self) -> None:
+        self.stop.set()
         self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 @pytest.fixture()
@@ -132,14 +186,14 @@ def test_timeout_becomes_a_face_error_and_the_run_goes_on(server, astronaut):
     server.mode = "slow"
     r = _pipe(server, timeout_s=0.5, retries=0).analyze(astronaut)
     f = r.faces[0]
-    assert r.error is None and "TransientError" in f.error and "timed out" in f.error.lower()
+    assert r.error is None and f.error.startswith("reasoner failed (timeout): ")
     assert abs(sum(f.emotion.values()) - 1) < 1e-6  # the expression model's distribution, with the error
 
 
 def test_non_json_reply_is_an_error_record(server, astronaut):
     server.mode = "notjson"
     f = _pipe(server, retries=0).analyze(astronaut).faces[0]
-    assert "not JSON" in f.error
+    assert f.error.startswith("reasoner failed (invalid-answer): ") and "not JSON" in f.error
 
 
 def test_unparseable_answer_is_retried_once_then_reported(server, astronaut):
@@ -166,7 +220,175 @@ def test_likelihood_mode_uses_logprobs(server, astronaut):
     assert dist["surprise"] == 0.0
 
 
-def test_missing_base_url_is_a_clear_error(monkeypatch):
+def test_missing_base_url_is_a_clear_error_pipe(monkeypatch):
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     with pytest.raises(ValueError, match="OPENAI_BASE_URL"):
         cem.Pipeline.from_config("default", reasoner="openai", model="m")
+
+
+# ------------------------------------------------------------------------------------ robustness
+
+def _faces_job(pipe, image, n=None):
+    from cem.reasoning.llm import Job
+
+    faces = pipe.fer.measure(image)
+    return Job(image, faces[:n] if n else faces, None)
+
+
+@pytest.fixture(scope="module")
+def evidence(pipeline, astronaut):
+    return pipeline.fer.measure(astronaut)
+
+
+def _reasoner(server, **opts):
+    from cem.config import Config
+    from cem.reasoning.openai_backend import OpenAIReasoner
+
+    options = {"base_url": server.url, "concurrency": 2, "deadline_s": 1.0, "retries": 1, "backoff_s": 0.05} | opts
+    return OpenAIReasoner(Config.load("vllm", model="test-model", reasoner__options=options))
+
+
+def _run(reasoner, image, evidence, n=1):
+    from cem.reasoning.llm import Job
+
+    return reasoner.reason_batch([Job(image, list(evidence), None) for _ in range(n)])
+
+
+def test_n_requests_in_flight_with_concurrency_n(server, astronaut, evidence):
+    out = _run(_reasoner(server, concurrency=4), astronaut, evidence, n=8)
+    assert len(server.requests) == 8 and all(r[0].error is None for r in out)
+    assert server.max_in_flight == 4
+
+
+@pytest.mark.parametrize("mode", ["drip", "blackhole"])
+def test_slow_drip_and_black_hole_cost_at_most_deadline_times_attempts(server, astronaut, evidence, mode):
+    """A server that sends one byte every 0.5 s (each read succeeds) or never answers is cut at the
+    deadline of the whole attempt: a batch of 4 images costs at most deadline x (retries + 1) (+ waits)."""
+    server.mode = mode
+    reasoner = _reasoner(server, concurrency=4, deadline_s=1.0, retries=1, backoff_s=0.05)
+    t = time.monotonic()
+    out = _run(reasoner, astronaut, evidence, n=4)
+    elapsed = time.monotonic() - t
+    assert elapsed < 1.0 * 2 + 0.05 + 1.0  # 2 attempts of 1 s, one backoff, 1 s of slack for a busy machine
+    assert len(server.times) == 8  # every image tried twice
+    for faces in out:
+        assert faces[0].distribution is None and faces[0].error.startswith("reasoner failed (timeout): ")
+
+
+def test_unreachable_server_is_a_clear_error(astronaut, evidence):
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+
+    class Dead:
+        url = f"http://127.0.0.1:{port}/v1"
+
+    out = _run(_reasoner(Dead, retries=0), astronaut, evidence)
+    assert out[0][0].error.startswith("reasoner failed (unreachable): ") and str(port) in out[0][0].error
+
+
+def test_retry_after_is_honoured_within_the_cap(server, astronaut, evidence):
+    server.mode, server.failures_left = "retryafter", 1
+    out = _run(_reasoner(server, retries=1, backoff_s=0.01, deadline_s=5), astronaut, evidence)
+    assert out[0][0].error is None and len(server.times) == 2
+    assert 0.95 <= server.times[1] - server.times[0] < 2.0  # the server's 1 s, not the 0.01 s backoff
+    server.times.clear()
+    server.failures_left = 1
+    out = _run(_reasoner(server, retries=1, backoff_s=0.01, retry_after_max_s=0.2), astronaut, evidence)
+    assert out[0][0].error is None and server.times[1] - server.times[0] < 0.9  # capped at 0.2 s
+
+
+def test_a_50_mb_reply_is_cut_at_the_cap(server, astronaut, evidence):
+    server.mode = "huge"
+    out = _run(_reasoner(server, retries=0, deadline_s=10, max_reply_bytes=100_000), astronaut, evidence)
+    assert out[0][0].error.startswith("reasoner failed (reply-too-large): ") and "100,000" in out[0][0].error
+
+
+def _answer(dist, cues=None):
+    return json.dumps({"faces": [{"index": 1, "distribution": dist, "cues": cues or [], "rationale": "r"}]})
+
+
+@pytest.mark.parametrize("content, why", [
+    ('{"faces":[{"index":1,"distribution":{"happiness":NaN,"neutral":0.5},"cues":[],"rationale":"r"}]}', "range"),
+    ('{"faces":[{"index":1,"distribution":{"happiness":Infinity,"neutral":0.5},"cues":[],"rationale":"r"}]}',
+     "range"),
+    (_answer({"happiness": 1e308, "neutral": 1e308}), "range"),
+    (_answer({"happiness": 0.5, "pride": 0.5}), "unknown label"),
+    (_answer({"happiness": 1.0}, [{"cue": "c", "source": "face", "au": None, "supports": "happiness",
+                                   "weight": 0.5}] * 100_000), "cues"),
+])
+def test_invalid_answers_are_rejected_for_the_face(server, astronaut, evidence, content, why):
+    server.mode, server.answer = "answer", content
+    out = _run(_reasoner(server, retries=0, deadline_s=10, max_reply_bytes=50_000_000), astronaut, evidence)
+    f = out[0][0]
+    assert f.distribution is None and f.error.startswith("reasoner failed (invalid-answer): ") and why in f.error
+    assert len(server.requests) == 2  # asked once more with the complaint, then reported
+
+
+def test_lone_surrogate_in_an_answer_is_written_safely(server, astronaut, evidence):
+    server.mode = "answer"
+    server.answer = _answer({"happiness": 0.9, "neutral": 0.1},
+                            [{"cue": "caf\udce9", "source": "face", "au": None, "supports": "happiness", "weight": 1}])
+    f = _run(_reasoner(server), astronaut, evidence)[0][0]
+    assert f.error is None
+    json.dumps(f.cues[0].cue).encode("utf-8")  # encodable: the writer cannot fail on it
+    f.cues[0].cue.encode("utf-8")
+
+
+def test_env_beats_config_and_the_flag_beats_env(server, monkeypatch):
+    from cem.reasoning.openai_backend import resolve_base_url
+
+    monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+    monkeypatch.setenv("OPENAI_API_KEY", "from-env")
+    r = _reasoner(type("S", (), {"url": "http://127.0.0.1:9/v1"}), api_key="from-config")
+    assert r.base_url == server.url and r.base_url_source == "$OPENAI_BASE_URL" and r.api_key == "from-env"
+    assert resolve_base_url({"base_url": "http://a/v1", "base_url_override": "http://b/v1"}) == \
+        ("http://b/v1", "--base-url")
+    monkeypatch.delenv("OPENAI_BASE_URL")
+    assert resolve_base_url({"base_url": "http://a/v1/"}) == ("http://a/v1", "config (reasoner.options.base_url)")
+
+
+def test_cli_uses_openai_base_url_from_the_environment(server, astronaut, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    img = tmp_path / "a.png"
+    Image.fromarray(astronaut).save(img)
+    out = tmp_path / "o.jsonl"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OPENAI_BASE_URL": server.url, "PYTHONPATH": str(root)}
+    r = subprocess.run([sys.executable, "-m", "cem.cli", "annotate", str(img), "-o", str(out), "--config", "vllm",
+                        "--model", "test-model"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads(out.read_text())
+    assert rec["faces"][0].get("error") is None and server.requests  # the config's URL (port 8000) was not used
+
+
+def test_preflight_reaches_the_server_and_names_the_url_source(server, monkeypatch):
+    import socket
+
+    from cem.config import Config
+    from cem.preflight import preflight
+
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    ok = preflight(Config.load("vllm", model="test-model", reasoner__options={"base_url": server.url}))
+    assert ok.ok and "answers for test-model" in ok.text
+    assert any(r["path"] == "/v1/chat/completions" for r in server.requests)
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    s.close()
+    monkeypatch.setenv("OPENAI_BASE_URL", dead)
+    t = time.monotonic()
+    bad = preflight(Config.load("vllm", model="test-model"))
+    assert time.monotonic() - t < 10
+    assert not bad.ok and f"server unreachable at {dead} (from $OPENAI_BASE_URL)" in bad.text
+    assert "vllm serve" in bad.text
+    assert preflight(Config.load("default")).ok

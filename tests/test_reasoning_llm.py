@@ -140,3 +140,20 @@ def test_bitsandbytes_loading_on_cpu(tiny_llava, mode):
     inputs = processor(text=["USER: hi ASSISTANT:"], return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_a_nan_log_probability_is_a_model_error_not_a_nan_distribution(llm_pipeline, astronaut, monkeypatch):
+    import torch
+
+    reasoner = llm_pipeline.reasoner
+    faces = llm_pipeline.fer.measure(astronaut)
+    real = reasoner.model.forward
+
+    def poisoned(*a, **k):
+        out = real(*a, **k)
+        out.logits = torch.full_like(out.logits, float("nan"))
+        return out
+
+    monkeypatch.setattr(reasoner.model, "forward", poisoned)
+    res = reasoner.reason_batch([Job(astronaut, faces, None)])[0]
+    assert res[0].distribution is None and res[0].error.startswith("reasoner failed (model-error): ")

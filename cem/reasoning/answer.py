@@ -191,15 +191,44 @@ def _distribution(raw: Any, labels: list[str]) -> dict[str, float] | None:
     return {k: v / total for k, v in vals.items()}
 
 
-def parse_answer(text: Any, labels: list[str], n_faces: int) -> tuple[dict[int, dict[str, Any]], str | None]:
-    """Text -> ({0-based face index: {"distribution", "cues", "rationale"}}, error or None). Never raises."""
+def parse_answer(text: Any, labels: list[str], n_faces: int,
+                 max_cues: int | None = None) -> tuple[dict[int, dict[str, Any]], str | None]:
+    """Text -> ({0-based face index: {"distribution", "cues", "rationale"}}, error or None). Never raises.
+
+    With ``max_cues`` set (strict mode, for answers no grammar constrained) a face whose distribution has
+    an unknown label or a value that is not a finite number in [0, 100], or that has more than
+    ``max_cues`` cues, gets no answer, and the error says why."""
     try:
-        return _parse(text, labels, n_faces)
+        return _parse(text, labels, n_faces, max_cues)
     except Exception as e:  # the contract of this function is "never raises"; report, don't crash
         return {}, f"unparseable answer ({type(e).__name__}: {e})"
 
 
-def _parse(text: Any, labels: list[str], n_faces: int) -> tuple[dict[int, dict[str, Any]], str | None]:
+def _strict_problem(f: dict[str, Any], labels: list[str], max_cues: int) -> str | None:
+    raw = f.get("distribution", f.get("emotions"))
+    if isinstance(raw, dict):
+        for k, v in raw.items():
+            if str(k).strip().lower() not in labels:
+                return f"unknown label {str(k)[:40]!r} in the distribution"
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                return f"distribution value for {str(k)[:40]!r} is not a number"
+            if not math.isfinite(v) or not 0 <= v <= 100:
+                return f"distribution value for {str(k)[:40]!r} is out of range ({v!r})"
+    cues = f.get("cues") or []
+    if not isinstance(cues, list):
+        return "cues is not a list"
+    if len(cues) > max_cues:
+        return f"{len(cues)} cues (at most {max_cues})"
+    return None
+
+
+def _clean(s: str, limit: int) -> str:
+    """Text from an answer, bounded, with lone surrogates (valid JSON escapes, not encodable) replaced."""
+    return s[:limit].encode("utf-8", "replace").decode("utf-8")
+
+
+def _parse(text: Any, labels: list[str], n_faces: int,
+           max_cues: int | None = None) -> tuple[dict[int, dict[str, Any]], str | None]:
     if not isinstance(text, str):
         return {}, f"answer is not text ({type(text).__name__})"
     data = None
@@ -216,6 +245,7 @@ def _parse(text: Any, labels: list[str], n_faces: int) -> tuple[dict[int, dict[s
     if not isinstance(faces, list):
         return {}, "answer has no 'faces' list"
     out: dict[int, dict[str, Any]] = {}
+    problems: dict[int, str] = {}
     for pos, f in enumerate(faces):
         if not isinstance(f, dict):
             continue
@@ -224,6 +254,9 @@ def _parse(text: Any, labels: list[str], n_faces: int) -> tuple[dict[int, dict[s
         if n_faces == 1:
             idx = 0
         if not 0 <= idx < n_faces or idx in out:
+            continue
+        if max_cues is not None and (problem := _strict_problem(f, labels, max_cues)):
+            problems[idx] = problem
             continue
         dist = _distribution(f.get("distribution", f.get("emotions")), labels)
         if dist is None:
@@ -237,12 +270,16 @@ def _parse(text: Any, labels: list[str], n_faces: int) -> tuple[dict[int, dict[s
             au = c.get("au")
             au = au.upper() if isinstance(au, str) and re.fullmatch(r"(?i)AU\d{2}", au.strip()) else None
             w = _number(c.get("weight"))
-            cues.append(Cue(cue=c["cue"][:200], source=src if src in SOURCES else "face",  # type: ignore[arg-type]
+            cues.append(Cue(cue=_clean(c["cue"], 200), source=src if src in SOURCES else "face",  # type: ignore[arg-type]
                             supports=sup if sup in labels else "", weight=min(1.0, w if w is not None else 0.5),
                             au=au))
         rationale = f.get("rationale")
         out[idx] = {"distribution": dist, "cues": [c for c in cues if c.supports],
-                    "rationale": rationale[:500] if isinstance(rationale, str) else ""}
+                    "rationale": _clean(rationale, 500) if isinstance(rationale, str) else ""}
+        problems.pop(idx, None)
     missing = [i + 1 for i in range(n_faces) if i not in out]
-    err = f"no valid answer for face(s) {missing}" if missing else None
+    err = None
+    if missing:
+        why = "; ".join(f"face {i + 1}: {p}" for i, p in sorted(problems.items()) if i not in out)
+        err = f"no valid answer for face(s) {missing}" + (f" ({why})" if why else "")
     return out, err

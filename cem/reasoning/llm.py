@@ -17,7 +17,17 @@ class ModelUnavailableError(RuntimeError):
     """The configured model cannot be loaded (offline, not cached, wrong path, missing package)."""
 
 
-__all__ = ["Job", "LLMReasonerBase", "ModelUnavailableError", "exemplars_from", "options"]
+__all__ = ["Job", "LLMReasonerBase", "ModelUnavailableError", "ReasonerFailure", "exemplars_from", "options"]
+
+
+class ReasonerFailure(RuntimeError):
+    """A reasoner request that failed for a stated cause. ``str()`` is the face error the record carries:
+    ``reasoner failed (<cause>): <detail>``, where cause is a short stable word (timeout, unreachable,
+    http-<code>, invalid-answer, reply-too-large, model-error) that run summaries count by."""
+
+    def __init__(self, cause: str, detail: str) -> None:
+        self.cause, self.detail = cause, detail
+        super().__init__(f"reasoner failed ({cause}): {detail}")
 
 
 def options(config: Config) -> dict[str, Any]:
@@ -70,18 +80,25 @@ class LLMReasonerBase:
         return render_prompt(self.template, job.faces, self.labels, job.context, job.image, self.exemplars)
 
     def to_results(self, job: Job, answer_text: str | None, likelihood: dict[int, dict[str, float]] | None,
-                   transport_error: str | None = None) -> tuple[list[FaceReasoning], str | None]:
+                   transport_error: str | None = None, strict: bool = False) -> tuple[list[FaceReasoning], str | None]:
         """Per-face results from an answer text (cues, rationale, verbalised distribution) and, when
-        present, likelihood distributions (which then take precedence)."""
+        present, likelihood distributions (which then take precedence). ``transport_error`` (no answer) is
+        the faces' error as given; ``strict`` rejects answers with out-of-range numbers, unknown labels or
+        too many cues (for answers that no grammar constrained)."""
         n = len(job.faces)
-        parsed, err = ({}, transport_error) if answer_text is None else parse_answer(answer_text, self.labels, n)
+        if answer_text is None:
+            parsed, err = {}, transport_error
+        else:
+            parsed, err = parse_answer(answer_text, self.labels, n, max_cues=self.max_cues if strict else None)
         out = []
         for i, f in enumerate(job.faces):
             p = parsed.get(i)
             dist = (likelihood or {}).get(i) or (p["distribution"] if p else None)
             face_err = None
-            if dist is None:
-                face_err = f"reasoner gave no usable answer for face {i + 1}: {err or 'missing'}"
+            if dist is None and answer_text is None:
+                face_err = err or "reasoner failed (model-error): no answer"
+            elif dist is None:
+                face_err = f"reasoner failed (invalid-answer): face {i + 1}: {err or 'missing'}"
             out.append(FaceReasoning(index=f.index, distribution=dist, cues=p["cues"] if p else [],
                                      rationale=p["rationale"] if p else "", error=face_err))
         return out, err

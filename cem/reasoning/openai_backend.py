@@ -1,11 +1,23 @@
 """The ``openai`` reasoner: any OpenAI-compatible chat-completions server (vLLM, SGLang, Ollama, ...).
 
-Config (``reasoner.model`` and ``reasoner.options``): ``base_url`` (else ``$OPENAI_BASE_URL``), ``api_key``
-(else ``$OPENAI_API_KEY``; none needed by most local servers), ``concurrency`` (requests in flight,
-default 4), ``timeout_s`` (60), ``retries`` (2, exponential backoff from ``backoff_s`` = 1 s, on timeouts,
-connection errors, 429 and 5xx), ``max_tokens`` (512), ``temperature`` (0), ``seed``, ``distribution``
-(``verbalized`` or ``likelihood``), ``guided`` (send the answer's JSON schema as ``response_format``, so
-vLLM/SGLang decode under it; default true).
+Config (``reasoner.model`` and ``reasoner.options``):
+
+- ``base_url``: precedence ``base_url_override`` (what ``--base-url`` sets) > ``$OPENAI_BASE_URL`` > the
+  config's ``base_url``; ``api_key``: ``$OPENAI_API_KEY`` > the config's (none needed by most local servers).
+  :attr:`OpenAIReasoner.base_url_source` says where the URL came from (for pre-flight messages).
+- ``concurrency`` (requests in flight, default 4);
+- ``deadline_s`` (60; ``timeout_s`` is an alias): the deadline of one whole attempt, from connecting to the
+  last byte of the reply, not per read: a server that drips one byte every few seconds is cut at the
+  deadline. ``connect_timeout_s`` (5) bounds connecting. A request costs at most
+  ``deadline_s x (retries + 1)`` plus the waits between attempts;
+- ``retries`` (2; on timeouts, connection errors, 429 and 5xx), waiting ``backoff_s`` (1 s) doubled each time,
+  or the server's ``Retry-After`` (seconds or an HTTP date) capped at ``retry_after_max_s`` (30);
+- ``max_reply_bytes`` (2,000,000): a longer reply is cut there and is an error (``reply-too-large``);
+- ``max_cues`` (24): an answer with more cues for a face, with a label outside the configured ones or
+  with a number that is not finite or not in [0, 100] is rejected for that face (``invalid-answer``);
+- ``max_tokens`` (512), ``temperature`` (0), ``seed``, ``guided`` (send the answer's JSON schema as
+  ``response_format``, so vLLM/SGLang decode under it; default true), ``distribution`` (``verbalized`` or
+  ``likelihood``).
 
 ``distribution: likelihood`` asks, per face, for a one-token answer with ``logprobs``/``top_logprobs`` and
 spreads each returned token's probability over the labels it begins (so multi-token labels count by
@@ -13,19 +25,24 @@ their first token, the best a chat API allows); a server that returns no logprob
 face, not a silent switch to verbalised numbers.
 
 The image goes as a JPEG data URL. Requests run concurrently up to the limit; each image is independent,
-and a failed request (after retries) becomes an ``error`` on that image's faces.
+and a failed request (after retries) is an error on that image's faces:
+``reasoner failed (<cause>): <detail>`` with cause timeout, unreachable, http-<code>, reply-too-large,
+invalid-answer or model-error.
 """
 
 from __future__ import annotations
 
 import base64
+import email.utils
+import http.client
 import io
 import json
 import math
 import os
+import socket
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -34,11 +51,18 @@ import numpy as np
 from cem.config import Config
 from cem.reasoning.answer import answer_json_schema
 from cem.reasoning.base import FaceReasoning
-from cem.reasoning.llm import Job, LLMReasonerBase, options
+from cem.reasoning.llm import Job, LLMReasonerBase, ReasonerFailure, options
+
+OPENAI_MAX_CUES = 24
 
 
-class TransientError(RuntimeError):
-    """A failure worth retrying (timeout, connection, 429, 5xx)."""
+class _Retryable(ReasonerFailure):
+    """A failure worth another attempt (timeout, connection, 429, 5xx); ``wait_s`` is the server's
+    Retry-After when it sent one."""
+
+    def __init__(self, cause: str, detail: str, wait_s: float | None = None) -> None:
+        super().__init__(cause, detail)
+        self.wait_s = wait_s
 
 
 def data_url(image: Any, max_side: int = 1024) -> str:
@@ -53,25 +77,59 @@ def data_url(image: Any, max_side: int = 1024) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def resolve_base_url(opts: dict[str, Any]) -> tuple[str, str]:
+    """(base URL, where it came from): ``--base-url`` > ``$OPENAI_BASE_URL`` > the config."""
+    if opts.get("base_url_override"):
+        return str(opts["base_url_override"]).rstrip("/"), "--base-url"
+    if os.environ.get("OPENAI_BASE_URL"):
+        return os.environ["OPENAI_BASE_URL"].rstrip("/"), "$OPENAI_BASE_URL"
+    if opts.get("base_url"):
+        return str(opts["base_url"]).rstrip("/"), "config (reasoner.options.base_url)"
+    return "", ""
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
 class OpenAIReasoner(LLMReasonerBase):
     backend = "openai"
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         o = options(config)
-        self.base_url = (o.get("base_url") or os.environ.get("OPENAI_BASE_URL") or "").rstrip("/")
+        self.base_url, self.base_url_source = resolve_base_url(o)
         if not self.base_url:
-            raise ValueError("the openai reasoner needs reasoner.options.base_url or $OPENAI_BASE_URL "
-                             "(e.g. http://127.0.0.1:8000/v1 for a local vLLM server)")
-        self.api_key = o.get("api_key") or os.environ.get("OPENAI_API_KEY")
+            raise ValueError("the openai reasoner needs a server URL: --base-url, $OPENAI_BASE_URL or "
+                             "reasoner.options.base_url (e.g. http://127.0.0.1:8000/v1 for a local vLLM server)")
+        url = urllib.parse.urlsplit(self.base_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"openai base URL {self.base_url!r} (from {self.base_url_source}) is not an http(s) URL")
+        self._url = url
+        self.api_key = os.environ.get("OPENAI_API_KEY") or o.get("api_key")
         self.model_id = config.reasoner.model
         if not self.model_id:
             raise ValueError("the openai reasoner needs a model name: --model NAME or reasoner.model")
         self.concurrency = max(1, int(o.get("concurrency", 4)))
         self.batch_size = max(self.batch_size, self.concurrency)
-        self.timeout = float(o.get("deadline_s", 60))
-        self.retries = int(o.get("retries", 2))
+        self.deadline = float(o.get("deadline_s", o.get("timeout_s", 60)))
+        self.connect_timeout = float(o.get("connect_timeout_s", 5))
+        self.retries = max(0, int(o.get("retries", 2)))
         self.backoff = float(o.get("backoff_s", 1.0))
+        self.retry_after_max = float(o.get("retry_after_max_s", 30))
+        self.max_reply_bytes = int(o.get("max_reply_bytes", 2_000_000))
+        self.max_cues = int(o.get("max_cues", OPENAI_MAX_CUES))
         self.max_tokens = int(o.get("max_tokens", 512))
         self.temperature = float(o.get("temperature", 0.0))
         self.seed = o.get("seed")
@@ -79,33 +137,128 @@ class OpenAIReasoner(LLMReasonerBase):
         self.mode = o.get("distribution", "verbalized")
         if self.mode not in ("verbalized", "likelihood"):
             raise ValueError(f"reasoner.options.distribution must be verbalized or likelihood, not {self.mode!r}")
+        for name, v in (("deadline_s", self.deadline), ("connect_timeout_s", self.connect_timeout)):
+            if not v > 0:
+                raise ValueError(f"reasoner.options.{name} must be > 0, not {v!r}")
 
     # ---------------------------------------------------------------------------------------- HTTP
-    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        headers = {"Content-Type": "application/json"}
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(f"{self.base_url}/chat/completions", data=json.dumps(body).encode(),
-                                     headers=headers, method="POST")
-        last: Exception | None = None
-        for attempt in range(self.retries + 1):
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    payload = resp.read().decode("utf-8", errors="replace")
+        return headers
+
+    def _attempt(self, method: str, path: str, payload: bytes | None, deadline_s: float) -> tuple[int, dict, bytes]:
+        """One HTTP exchange that ends by ``deadline_s`` whatever the server does: a watchdog shuts the
+        socket at the deadline, and every read is bounded by the time left. Returns (status, headers, body)."""
+        url = self._url
+        end = time.monotonic() + deadline_s
+        conn_cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+        conn = conn_cls(url.hostname, url.port, timeout=min(self.connect_timeout, deadline_s))
+        fired = threading.Event()
+        held: list[socket.socket] = []  # the connection drops its socket once a reply is complete; keep it
+
+        def cut() -> None:
+            fired.set()
+            for sock in held:
                 try:
-                    return json.loads(payload)
-                except json.JSONDecodeError:
-                    raise RuntimeError(f"server reply is not JSON: {payload[:80]!r}") from None
-            except urllib.error.HTTPError as e:
-                if e.code == 429 or e.code >= 500:
-                    last = TransientError(f"HTTP {e.code} from {self.base_url}")
-                else:
-                    raise RuntimeError(f"HTTP {e.code} from {self.base_url}: {e.read()[:200]!r}") from None
-            except (TimeoutError, urllib.error.URLError, ConnectionError) as e:
-                last = TransientError(f"{type(e).__name__} talking to {self.base_url}: {getattr(e, 'reason', e)}")
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # already closed: the read that was waiting has ended anyway
+
+        watchdog = threading.Timer(deadline_s, cut)
+        watchdog.daemon = True
+        watchdog.start()
+        where = f"{self.base_url} (from {self.base_url_source})"
+        try:
+            try:
+                conn.connect()
+            except (ConnectionError, socket.gaierror, OSError) as e:
+                if isinstance(e, TimeoutError) or fired.is_set():
+                    raise _Retryable("timeout", f"no connection to {where} within "
+                                     f"{min(self.connect_timeout, deadline_s):g} s") from None
+                raise _Retryable("unreachable", f"cannot connect to {where}: {e}") from None
+            held.append(conn.sock)
+            sock = conn.sock
+            try:
+                sock.settimeout(max(0.01, end - time.monotonic()))
+                conn.request(method, url.path.rstrip("/") + path, body=payload, headers=self._headers())
+                resp = conn.getresponse()
+                chunks, size = [], 0
+                while True:
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError
+                    sock.settimeout(left)
+                    chunk = resp.read1(65536)
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    if size > self.max_reply_bytes:
+                        raise ReasonerFailure("reply-too-large", f"reply from {self.base_url} exceeds "
+                                              f"{self.max_reply_bytes:,} bytes (max_reply_bytes); cut there")
+                    chunks.append(chunk)
+                if fired.is_set():  # the watchdog ended the reply: it is cut, not complete
+                    raise TimeoutError
+            except TimeoutError:
+                raise _Retryable("timeout", f"no complete reply from {where} within the deadline of "
+                                 f"{deadline_s:g} s") from None
+            except (ConnectionError, http.client.HTTPException, OSError) as e:
+                if fired.is_set():
+                    raise _Retryable("timeout", f"no complete reply from {where} within the deadline of "
+                                     f"{deadline_s:g} s") from None
+                raise _Retryable("unreachable", f"connection to {where} failed: {type(e).__name__}: {e}") from None
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, b"".join(chunks)
+        finally:
+            watchdog.cancel()
+            conn.close()
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """JSON request with retries; returns the decoded reply or raises :class:`ReasonerFailure`."""
+        payload = json.dumps(body).encode() if body is not None else None
+        last: ReasonerFailure | None = None
+        for attempt in range(self.retries + 1):
+            wait = self.backoff * (2**attempt)
+            try:
+                status, headers, data = self._attempt(method, path, payload, self.deadline)
+                if status == 429 or status >= 500:
+                    ra = _retry_after(headers.get("retry-after"))
+                    raise _Retryable(f"http-{status}", f"HTTP {status} from {self.base_url}: "
+                                     f"{data[:200].decode('utf-8', 'replace')!r}", ra)
+                if status >= 400:
+                    raise ReasonerFailure(f"http-{status}", f"HTTP {status} from {self.base_url}: "
+                                          f"{data[:200].decode('utf-8', 'replace')!r}")
+                text = data.decode("utf-8", errors="replace")
+                try:
+                    return json.loads(text)
+                except (json.JSONDecodeError, RecursionError):
+                    raise ReasonerFailure("invalid-answer", f"server reply is not JSON: {text[:80]!r}") from None
+            except _Retryable as e:
+                last = e
+                if e.wait_s is not None:
+                    wait = min(e.wait_s, self.retry_after_max)
             if attempt < self.retries:
-                time.sleep(self.backoff * (2**attempt))
-        raise last or RuntimeError("request failed")
+                time.sleep(wait)
+        assert last is not None
+        tries = f" (after {self.retries + 1} attempts)" if self.retries else ""
+        raise ReasonerFailure(last.cause, last.detail + tries)
+
+    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+        reply = self._request("POST", "/chat/completions", body)
+        if not isinstance(reply, dict):
+            raise ReasonerFailure("invalid-answer", f"server reply is not a JSON object: {str(reply)[:80]!r}")
+        return reply
+
+    def check_server(self, timeout_s: float = 3.0) -> list[str]:
+        """Pre-flight: ``GET /models`` within ``timeout_s``. Returns the model names the server lists."""
+        status, _, data = self._attempt("GET", "/models", None, timeout_s)
+        if status >= 400:
+            raise ReasonerFailure(f"http-{status}", f"GET {self.base_url}/models answered HTTP {status}")
+        try:
+            listed = json.loads(data.decode("utf-8", "replace")).get("data") or []
+            return [str(m.get("id")) for m in listed if isinstance(m, dict)]
+        except (json.JSONDecodeError, AttributeError):
+            return []
 
     def _messages(self, job: Job, text: str) -> list[dict[str, Any]]:
         content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": data_url(im)}}
@@ -135,42 +288,56 @@ class OpenAIReasoner(LLMReasonerBase):
             try:
                 tops = reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
             except (KeyError, IndexError, TypeError):
-                raise RuntimeError("the server returned no logprobs; use distribution: verbalized") from None
+                raise ReasonerFailure("invalid-answer", "the server returned no logprobs; use distribution: "
+                                      "verbalized") from None
             mass = dict.fromkeys(self.labels, 0.0)
             for t in tops:
                 tok = str(t.get("token", "")).strip().lower()
                 owners = [lab for lab in self.labels if tok and lab.startswith(tok)]
                 for lab in owners:
-                    mass[lab] += math.exp(float(t["logprob"])) / len(owners)
+                    lp = float(t["logprob"])
+                    if not math.isfinite(lp) and lp != float("-inf"):
+                        raise ReasonerFailure("invalid-answer", f"logprob {t['logprob']!r} is not a number")
+                    mass[lab] += math.exp(min(lp, 0.0)) / len(owners)
             total = sum(mass.values())
             if total <= 0:
-                raise RuntimeError(f"no label among the top tokens for face {i + 1}")
+                raise ReasonerFailure("invalid-answer", f"no label among the top tokens for face {i + 1}")
             out[i] = {k: v / total for k, v in mass.items()}
         return out
 
+    @staticmethod
+    def _content(reply: dict[str, Any]) -> str:
+        try:
+            text = reply["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise ReasonerFailure("invalid-answer", "server reply has no choices[0].message.content") from None
+        if not isinstance(text, str):
+            raise ReasonerFailure("invalid-answer", f"message content is {type(text).__name__}, not text")
+        return text
+
     def _one(self, job: Job) -> list[FaceReasoning]:
         try:
-            reply = self._post(self.request_body(job))
-            text = reply["choices"][0]["message"]["content"]
-        except Exception as e:
-            res, _ = self.to_results(job, None, None, transport_error=f"{type(e).__name__}: {e}")
-            return res
+            text = self._content(self._post(self.request_body(job)))
+        except ReasonerFailure as e:
+            return self.to_results(job, None, None, transport_error=str(e))[0]
         like = None
         like_err = None
         if self.mode == "likelihood":
             try:
                 like = self._likelihood(job)
-            except Exception as e:
-                like_err = f"likelihood: {e}"
-        res, err = self.to_results(job, text, like)
+            except ReasonerFailure as e:
+                like_err = str(e)
+            except (RuntimeError, KeyError, TypeError, ValueError) as e:
+                like_err = str(ReasonerFailure("invalid-answer", f"likelihood: {e}"))
+        res, err = self.to_results(job, text, like, strict=True)
         if err and any(r.distribution is None for r in res):  # retry once with the parser's complaint
             retry = dict(self.request_body(job))
             retry["messages"] = self._messages(job, job.prompt.text + f"\nYour previous answer was invalid ({err}). "
                                                "Answer again with JSON only.")
             try:
-                res, err = self.to_results(job, self._post(retry)["choices"][0]["message"]["content"], like)
-            except Exception as e:
-                res, _ = self.to_results(job, None, None, transport_error=f"{type(e).__name__}: {e}")
+                res, err = self.to_results(job, self._content(self._post(retry)), like, strict=True)
+            except ReasonerFailure as e:
+                res, _ = self.to_results(job, None, None, transport_error=str(e))
         if like_err:
             for r in res:
                 r.error = like_err

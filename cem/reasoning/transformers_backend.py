@@ -8,7 +8,9 @@ chat template (LLaVA-1.5/NeXT/OneVision, Qwen2-VL/2.5-VL, Idefics3/SmolVLM ...).
 ``max_cues``, ``max_text_chars`` (bounds of the constrained answer), ``max_new_tokens``
 (raised where needed to the grammar's worst-case answer length, so a constrained answer always completes),
 ``trust_remote_code`` (off unless set), ``distribution`` (likelihood|verbalized),
-``likelihood_temperature``, ``batch_size`` (images per ``generate``), ``do_sample``/``seed``,
+``likelihood_temperature``, ``batch_size`` (images per ``generate``), ``do_sample``/``seed``/``temperature``
+(sampling from a local RNG seeded once per reasoner; the global torch RNG is never touched), ``max_pixels``
+and ``image_splitting`` (image-size caps, see :mod:`cem.reasoning.families`),
 ``local_files_only``.
 
 The model loads once per reasoner. All faces of an image share one prompt; up to ``batch_size`` images
@@ -35,9 +37,17 @@ from cem.config import Config
 from cem.fer.aus import AU_NAMES
 from cem.reasoning.answer import answer_grammar, max_answer_chars
 from cem.reasoning.base import FaceReasoning
-from cem.reasoning.llm import Job, LLMReasonerBase, ModelUnavailableError, options
+from cem.reasoning.families import (
+    Family,
+    apply_image_settings,
+    chat_content,
+    family_of,
+    load_processor,
+    read_model_type,
+)
+from cem.reasoning.llm import Job, LLMReasonerBase, ModelUnavailableError, ReasonerFailure, options
 
-QUANT_SKIP_DEFAULT = ("vision_tower", "multi_modal_projector", "visual", "lm_head")
+QUANT_SKIP_DEFAULT = ("vision_tower", "multi_modal_projector", "visual", "vision_model", "connector", "lm_head")
 
 
 def _skip_patterns(names: list[str]) -> list[str]:
@@ -51,7 +61,7 @@ def load_model(model_id: str, opts: dict[str, Any], device: str | None) -> tuple
     """(model, processor), or :class:`ModelUnavailableError` with what to do about it."""
     try:
         import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
     except ImportError as e:
         raise ModelUnavailableError(f"the transformers reasoner needs: pip install 'cem[llm]' ({e})") from None
     common = {"revision": opts.get("revision"), "trust_remote_code": bool(opts.get("trust_remote_code", False)),
@@ -61,6 +71,10 @@ def load_model(model_id: str, opts: dict[str, Any], device: str | None) -> tuple
     if dtype not in _DTYPES:
         raise ValueError(f"reasoner.options.dtype must be one of {sorted(_DTYPES)}, not {dtype!r}")
     kwargs["dtype"] = dtype if dtype == "auto" else getattr(torch, dtype)
+    if (model_id.startswith((".", "/", "~")) or "\\" in model_id) and not Path(model_id).expanduser().is_dir():
+        raise ModelUnavailableError(f"model folder {model_id!r} does not exist. Point --model at a folder "
+                                    "saved with save_pretrained, or at a Hugging Face model id.")
+    family = family_of(read_model_type(model_id, **common))
     quant = opts.get("quantization")
     if quant:
         try:
@@ -70,7 +84,8 @@ def load_model(model_id: str, opts: dict[str, Any], device: str | None) -> tuple
             raise ModelUnavailableError("quantization needs bitsandbytes: pip install 'cem[quant]'") from None
         # the vision tower, projector and output head stay unquantised (as is usual for VLMs; it also keeps
         # 4-bit's requirement of input widths divisible by 64 to the language model's layers)
-        skip = _skip_patterns(list(opts.get("quantization_skip", QUANT_SKIP_DEFAULT)))
+        skip = _skip_patterns(list(opts.get("quantization_skip")
+                                   or (family.quant_skip if family else QUANT_SKIP_DEFAULT)))
         if quant == "4bit":
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=skip,
@@ -85,11 +100,8 @@ def load_model(model_id: str, opts: dict[str, Any], device: str | None) -> tuple
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"reasoner.device={device!r} but torch sees no CUDA device")
         kwargs["device_map"] = device
-    if (model_id.startswith((".", "/", "~")) or "\\" in model_id) and not Path(model_id).expanduser().is_dir():
-        raise ModelUnavailableError(f"model folder {model_id!r} does not exist. Point --model at a folder "
-                                    "saved with save_pretrained, or at a Hugging Face model id.")
     try:
-        processor = AutoProcessor.from_pretrained(model_id, **common)
+        processor = load_processor(model_id, family, **common)
         model = AutoModelForImageTextToText.from_pretrained(model_id, **kwargs).eval()
     except (OSError, ValueError) as e:  # ValueError: a malformed repo id
         raise ModelUnavailableError(
@@ -99,11 +111,34 @@ def load_model(model_id: str, opts: dict[str, Any], device: str | None) -> tuple
         ) from None
     if getattr(processor, "chat_template", None) is None:
         raise ModelUnavailableError(f"{model_id}: the processor has no chat template; cem needs one")
+    apply_image_settings(processor, family, {"max_pixels": opts.get("max_pixels"),
+                                             "image_splitting": opts.get("image_splitting")})
     tok = processor.tokenizer
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, processor
+
+
+class LocalSampler:
+    """A logits processor that samples the next token from its own ``torch.Generator`` (seeded once per
+    reasoner) and leaves only that token possible. ``generate`` has no generator argument, and reseeding the
+    global RNG before every call would make every image's draw the same and disturb other users of it."""
+
+    def __init__(self, seed: int, temperature: float = 1.0) -> None:
+        self.seed, self.temperature = seed, max(1e-6, temperature)
+        self.generator: Any = None
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        if self.generator is None:
+            self.generator = torch.Generator(device=scores.device)
+            self.generator.manual_seed(self.seed)
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        pick = torch.multinomial(probs, 1, generator=self.generator)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, pick, 0.0)
 
 
 class TransformersReasoner(LLMReasonerBase):
@@ -122,8 +157,11 @@ class TransformersReasoner(LLMReasonerBase):
         self.max_new_tokens = int(opts.get("max_new_tokens", 384))
         self.temperature = float(opts.get("likelihood_temperature", 1.0))
         self.do_sample = bool(opts.get("do_sample", False))
+        self.sample_temperature = float(opts.get("temperature", 1.0))
         self.seed = opts.get("seed")
         self.model, self.processor = load_model(self.model_id, opts, config.reasoner.device)
+        self.family: Family | None = family_of(getattr(self.model.config, "model_type", None))
+        self._generator: Any = None  # a local RNG for sampling: the global one is never reseeded
         self._grammar_compiler = None
         self._grammars: dict[int, Any] = {}
 
@@ -133,7 +171,7 @@ class TransformersReasoner(LLMReasonerBase):
         return next(self.model.parameters()).device
 
     def _chat_text(self, prompt_text: str, n_images: int) -> str:
-        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt_text}]
+        content = chat_content(self.family, n_images, prompt_text)
         return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
     def _inputs(self, jobs: list[Job]) -> Any:
@@ -167,14 +205,17 @@ class TransformersReasoner(LLMReasonerBase):
 
         inputs = self._inputs(jobs)
         processor = xgr.contrib.hf.LogitsProcessor([self._grammar(len(j.faces)) for j in jobs])
-        if self.seed is not None:
-            torch.manual_seed(int(self.seed))
+        steps = [processor]
+        if self.do_sample:  # sampled from a local, seeded RNG; generate itself then picks that token greedily
+            if self._generator is None:
+                self._generator = LocalSampler(int(self.seed) if self.seed is not None else 0, self.sample_temperature)
+            steps.append(self._generator)
         # the grammar bounds every answer; never stop before the longest one it admits could complete
         budget = max(max_answer_chars(self.labels, len(j.faces), list(AU_NAMES), self.max_cues, self.max_text)
                      for j in jobs)
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=max(self.max_new_tokens, budget),
-                                      do_sample=self.do_sample, logits_processor=[processor])
+                                      do_sample=False, logits_processor=steps)
         new = out[:, inputs["input_ids"].shape[1]:]
         # totals over the images of this reason_batch call (the pipeline divides by the image count)
         stats = self.last_stats
@@ -193,8 +234,9 @@ class TransformersReasoner(LLMReasonerBase):
         for f_i in range(len(job.faces)):
             stem = f"Face {f_i + 1}:"
             stem_ids = tok(stem, add_special_tokens=False)["input_ids"]
+            sep = self.family.label_prefix if self.family else " "
             for lab in self.labels:
-                ids = tok(f"{stem} {lab}", add_special_tokens=False)["input_ids"]
+                ids = tok(f"{stem}{sep}{lab}", add_special_tokens=False)["input_ids"]
                 k = 0
                 while k < min(len(ids), len(stem_ids)) and ids[k] == stem_ids[k]:
                     k += 1
@@ -215,7 +257,14 @@ class TransformersReasoner(LLMReasonerBase):
             cache = getattr(pre, cache_kw)
             cache.batch_repeat_interleave(len(rows))
             mask = torch.cat([inputs["attention_mask"].repeat(len(rows), 1), cmask], dim=1)
-            out = self.model(input_ids=cont, attention_mask=mask, use_cache=False, **{cache_kw: cache})
+            # explicit positions: the continuation follows the prefix (multimodal rotary models add the offset
+            # their image grid left, which the prefix pass stored)
+            n0 = inputs["input_ids"].shape[1]
+            pos = torch.arange(n0, n0 + width, device=self.device)[None].expand(len(rows), -1)
+            if self.family is not None and self.family.mrope:
+                pos = pos[None].expand(3, -1, -1) + self.model.model.rope_deltas.to(self.device)[None]
+            out = self.model(input_ids=cont, attention_mask=mask, position_ids=pos, use_cache=False,
+                             **{cache_kw: cache})
         first = torch.log_softmax(pre.logits[:, -1].float(), dim=-1).repeat(len(rows), 1)
         rest = torch.log_softmax(out.logits.float(), dim=-1)
         # log p(token j) comes from the logits before it: the prefix's last position for j = 0
@@ -224,6 +273,8 @@ class TransformersReasoner(LLMReasonerBase):
         scores = torch.stack([tok_logp[i, a:b].sum() for i, (a, b) in enumerate(spans)]).cpu().numpy()
         out_d: dict[int, dict[str, float]] = {}
         n = len(self.labels)
+        if not np.all(np.isfinite(scores)):  # never a NaN distribution written as an answer
+            raise ReasonerFailure("model-error", "the model gave non-finite label log-probabilities")
         for f_i in range(len(job.faces)):
             s = scores[f_i * n : (f_i + 1) * n] / self.temperature
             p = np.exp(s - s.max())
@@ -242,9 +293,17 @@ class TransformersReasoner(LLMReasonerBase):
         for start in range(0, len(todo), max(1, self.batch_size)):
             idx = todo[start : start + self.batch_size]
             t = time.perf_counter()
-            texts = self.generate([jobs[i] for i in idx])
-            likes = [self.label_likelihoods(jobs[i]) if self.mode == "likelihood" else None for i in idx]
-            t_model += time.perf_counter() - t
+            try:
+                texts = self.generate([jobs[i] for i in idx])
+                likes = [self.label_likelihoods(jobs[i]) if self.mode == "likelihood" else None for i in idx]
+            except (RuntimeError, ValueError) as e:  # out of memory, a NaN score ...: these images' faces fail
+                failure = e if isinstance(e, ReasonerFailure) else ReasonerFailure(
+                    "model-error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                for i in idx:
+                    results[i] = self.to_results(jobs[i], None, None, transport_error=str(failure))[0]
+                continue
+            finally:
+                t_model += time.perf_counter() - t
             for i, text, like in zip(idx, texts, likes):
                 res, err = self.to_results(jobs[i], text, like)
                 if err and any(r.distribution is None for r in res):  # retry once, alone, with the error

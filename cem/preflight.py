@@ -1,0 +1,160 @@
+"""Pre-flight check: can this config's reasoner run here, and if not, what exactly is missing?
+
+``preflight(config, image=None)`` checks the packages, the GPU a config asks for, the model weights (or the
+server), loads the model or reaches the server (``GET /models`` with a few seconds' timeout, then one tiny
+request), and, given an image, reasons over it once. The report's ``text`` fits one screen and says how to
+get each missing thing. ``cem check --config NAME`` prints it; ``cem annotate`` runs it before the first
+image for any reasoner but ``rules`` (which needs nothing and is always ok).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cem.config import Config
+
+EXTRAS = {"transformers": "llm", "torch": "llm", "accelerate": "llm", "xgrammar": "llm", "bitsandbytes": "quant"}
+
+
+@dataclass
+class PreflightReport:
+    """``ok`` when nothing is missing; ``problems`` one line each; ``text`` the whole report."""
+
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        head = "cem check: ready" if self.ok else f"cem check: {len(self.problems)} problem(s)"
+        return "\n".join([head, *(f"  - {p}" for p in self.problems), *(f"  {n}" for n in self.notes)])
+
+
+def _missing_packages(names: list[str]) -> list[str]:
+    out = []
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            extra = EXTRAS.get(name, "llm")
+            what = "grammar backend (constrained decoding) " if name == "xgrammar" else ""
+            out.append(f"{what}package {name!r} is not installed: pip install 'cem[{extra}]'")
+    return out
+
+
+def _weights_problem(model: str, opts: dict[str, Any]) -> str | None:
+    if model.startswith((".", "/", "~")) or Path(model).expanduser().is_dir():
+        if not (Path(model).expanduser() / "config.json").is_file():
+            return (f"model folder {model!r} has no config.json (save it with save_pretrained, or point "
+                    "--model elsewhere)")
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    cached = try_to_load_from_cache(model, "config.json", revision=opts.get("revision"))
+    if not isinstance(cached, str):
+        return f"weights of {model!r} are not downloaded: hf download {model}"
+    return None
+
+
+def _check_transformers(config: Config, report: PreflightReport, image: Any) -> None:
+    opts = dict(config.reasoner.options or {})
+    needed = ["torch", "transformers", "xgrammar"] + (["bitsandbytes"] if opts.get("quantization") else [])
+    report.problems += _missing_packages(needed)
+    model = config.reasoner.model or ""
+    if not model:
+        report.problems.append("no model: set reasoner.model or pass --model ID_OR_PATH")
+    elif (p := _weights_problem(model, opts)) is not None:
+        report.problems.append(p)
+    device = str(config.reasoner.device or "")
+    wants_gpu = device.startswith("cuda") or opts.get("quantization") == "4bit"
+    if wants_gpu and importlib.util.find_spec("torch") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            why = "4-bit quantization" if opts.get("quantization") == "4bit" else f"device {device!r}"
+            report.problems.append(f"no CUDA GPU, but this config asks for one ({why}); on a CPU use "
+                                   "--reasoner rules or a CPU config (llava-onevision-0.5b, smolvlm)")
+    if report.problems:
+        return
+    from cem.reasoning.transformers_backend import TransformersReasoner
+
+    try:
+        reasoner = TransformersReasoner(config)
+    except Exception as e:  # reported as the problem it is; the check itself must not crash
+        report.problems.append(f"the model does not load: {type(e).__name__}: {str(e).splitlines()[0]}")
+        return
+    report.notes.append(f"model {model} loaded ({type(reasoner.model).__name__}, processor "
+                        f"{type(reasoner.processor).__name__})")
+    _run_one(config, reasoner, image, report)
+
+
+def _check_openai(config: Config, report: PreflightReport, image: Any) -> None:
+    from cem.reasoning.llm import ReasonerFailure
+    from cem.reasoning.openai_backend import OpenAIReasoner
+
+    try:
+        reasoner = OpenAIReasoner(config)
+    except ValueError as e:
+        report.problems.append(str(e))
+        return
+    where = f"{reasoner.base_url} (from {reasoner.base_url_source})"
+    try:
+        names = reasoner.check_server(timeout_s=3.0)
+    except ReasonerFailure as e:
+        report.problems.append(f"server unreachable at {where}: {e.detail}. Start one (e.g. `vllm serve "
+                               f"{reasoner.model_id} --port 8000`) or point --base-url / $OPENAI_BASE_URL at it")
+        return
+    if names and reasoner.model_id not in names:
+        report.problems.append(f"the server at {where} does not serve {reasoner.model_id!r} (it lists: "
+                               f"{', '.join(names[:5])}); pass --model with one of those")
+        return
+    try:
+        reasoner._post({"model": reasoner.model_id, "max_tokens": 1,
+                        "messages": [{"role": "user", "content": "Say OK."}]})
+    except ReasonerFailure as e:
+        report.problems.append(f"the server at {where} failed a one-token request: {e}")
+        return
+    report.notes.append(f"server {where} answers for {reasoner.model_id}")
+    _run_one(config, reasoner, image, report)
+
+
+def _run_one(config: Config, reasoner: Any, image: Any, report: PreflightReport) -> None:
+    """Reason once over ``image`` (when given) with its measured faces."""
+    if image is None:
+        return
+    from cem.fer.stage import FERStage
+    from cem.io import load_image
+    from cem.reasoning.llm import Job
+
+    rgb = load_image(image, config.image.max_pixels)
+    stage = FERStage(config)
+    try:
+        faces = stage.measure(rgb)
+    finally:
+        stage.close()
+    if not faces:
+        report.notes.append("no face in the check image: the reasoner was loaded but not run")
+        return
+    answers = reasoner.reason_batch([Job(rgb, faces, None)])[0]
+    errors = sorted({a.error for a in answers if a.error})
+    if errors:
+        report.problems.append(f"one image through the reasoner failed: {errors[0]}")
+    else:
+        report.notes.append(f"one image through the reasoner: {len(answers)} face(s) answered")
+
+
+def preflight(config: Config, image: Any = None) -> PreflightReport:
+    """Check that ``config``'s reasoner can run here (see the module docstring)."""
+    report = PreflightReport(ok=True)
+    backend = config.reasoner.backend
+    if backend == "transformers":
+        _check_transformers(config, report, image)
+    elif backend == "openai":
+        _check_openai(config, report, image)
+    else:
+        report.notes.append(f"reasoner {backend!r} needs no model or server")
+    report.ok = not report.problems
+    return report
