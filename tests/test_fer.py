@@ -123,3 +123,57 @@ def test_face_filling_a_tight_crop_is_found(pipeline, astronaut):
     off = FERStage(Config.load("default", faces__pad_retry=0.0))
     assert off.measure(tight) == []  # without the padded retry the detectors miss it
     off.close()
+
+
+def test_extreme_geometry_never_reaches_opencv_limits(pipeline, astronaut):
+    """Sides >= 32767 px abort inside OpenCV's remap (MediaPipe's and cem's warps); 1-px strips once took
+    minutes of tiles. Each must end quickly with a result, through the FER stage and the pipeline."""
+    import time
+
+    for w, h, face in [(22000, 1500, True), (33000, 1000, True), (22000, 1500, False), (33000, 1000, False),
+                       (1, 30000, False), (30000, 1, False)]:
+        img = np.full((h, w, 3), 90, np.uint8)
+        if face:
+            img[h // 2 - 256: h // 2 + 256, 7000:7512] = astronaut
+        t = time.perf_counter()
+        r = pipeline.analyze(img)
+        assert r.error is None, (w, h, r.error)
+        assert time.perf_counter() - t < 60, (w, h)  # a generous bound: it took 241 s for 1x30000 before
+        if face:  # the padded retry (no face found) is what used to push 22000 px past the limit
+            assert len(r.faces) == 1, (w, h)
+            x, y, bw, bh = r.faces[0].evidence.bbox
+            assert 7000 + 150 < x < 7000 + 210 and h // 2 - 256 + 60 < y < h // 2 - 256 + 110, (w, h)
+            assert r.faces[0].evidence.aus["AU12"].present  # mesh and crop ran in the full-size frame
+        else:
+            assert r.faces == []
+
+
+def test_tile_plan_is_bounded():
+    from cem.fer.detect import MAX_TILES, MIN_TILE_SIDE, tile_plan
+
+    assert tile_plan(512, 512) == []
+    assert tile_plan(1, 30000) == [] and tile_plan(MIN_TILE_SIDE - 1, 30000) == []
+    tiles = tile_plan(40, 100_000)
+    assert len(tiles) <= MAX_TILES
+    covered = np.zeros(100_000, bool)
+    for x0, y0, tw, th in tiles:
+        assert y0 == 0 and th == 40
+        covered[x0: x0 + tw] = True
+    assert covered.all()  # longer tiles, but the whole strip is still searched
+    tall = tile_plan(3000, 1000)
+    assert all(x0 == 0 and tw == 1000 and th == 1000 for x0, y0, tw, th in tall) and len(tall) == 4
+
+
+def test_aligned_crop_from_a_huge_frame_matches_a_small_one(astronaut):
+    import cv2
+
+    from cem.fer.geometry import aligned_crop, load_reference
+
+    ref = load_reference()
+    gray = cv2.cvtColor(astronaut, cv2.COLOR_RGB2GRAY)
+    r_eye, l_eye = np.array([205.0, 125.0]), np.array([245.0, 123.0])
+    small = aligned_crop(gray, r_eye, l_eye, ref)
+    wide = np.zeros((512, 40000), np.uint8)
+    wide[:, 30000:30512] = gray
+    big = aligned_crop(wide, r_eye + [30000, 0], l_eye + [30000, 0], ref)
+    assert np.abs(small.astype(int) - big.astype(int)).max() <= 1
