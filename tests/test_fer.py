@@ -177,3 +177,32 @@ def test_aligned_crop_from_a_huge_frame_matches_a_small_one(astronaut):
     wide[:, 30000:30512] = gray
     big = aligned_crop(wide, r_eye + [30000, 0], l_eye + [30000, 0], ref)
     assert np.abs(small.astype(int) - big.astype(int)).max() <= 1
+
+
+def test_expression_runs_on_its_configured_threads_and_restores_torch(pipeline, astronaut, monkeypatch):
+    import torch
+
+    from cem.config import Config
+    from cem.fer.stage import FERStage
+
+    fer = pipeline.fer
+    assert fer.config.expression.threads == 1  # the measured default
+    seen = []
+    real = fer.expression.predict
+    monkeypatch.setattr(fer.expression, "predict", lambda crops: seen.append(torch.get_num_threads()) or real(crops))
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert len(fer.measure(astronaut)) == 1
+        assert seen == [1] and torch.get_num_threads() == 3  # set for the CNN only, then put back
+    finally:
+        torch.set_num_threads(before)
+    for bad in (-1, 1.5, True):
+        cfg = Config.load("default")
+        cfg.expression.threads = bad
+        try:
+            FERStage(cfg)
+        except ValueError as e:
+            assert "expression.threads" in str(e)
+        else:
+            raise AssertionError(f"threads={bad!r} accepted")

@@ -6,7 +6,9 @@ image; the expression CNN sees all faces of an image in one batch.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -32,12 +34,40 @@ def _box_from_mesh(tight: tuple[float, float, float, float],
     return (cx - side / 2, cy - side / 2, side, side)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with torch's intra-op thread count at ``n`` (0: unchanged), then restore it.
+
+    torch's setting is process-wide, so it is changed only around the FER stage's own inference and put
+    back at once: a reasoner that runs torch on the CPU in the same process keeps its own setting. Not
+    for use while another Python thread runs torch at the same moment.
+    """
+    if n <= 0:
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    if previous == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 class FERStage:
     """Measures every face of an RGB image. ``faces="whole"`` treats the image as one pre-cropped face."""
 
     def __init__(self, config: Config) -> None:
         from cem.fer.detect import FaceDetector, FaceMesher
 
+        threads = config.expression.threads
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise ValueError(f"expression.threads must be a whole number >= 0 (0 = torch's own setting), "
+                             f"not {threads!r}")
         self.config = config
         self.last_timings: dict[str, float] = {}
         self.ref = load_reference()
@@ -99,7 +129,11 @@ class FERStage:
                 items.append((det.bbox, det.score, mesh, aligned_crop(gray, r_eye, l_eye, self.ref, CROP_SIZE)))
 
         t1 = time.perf_counter()
-        probs = self.expression.predict(np.stack([c for *_, c in items])) if items else np.zeros((0, 0))
+        if items:
+            with torch_threads(self.config.expression.threads):
+                probs = self.expression.predict(np.stack([c for *_, c in items]))
+        else:
+            probs = np.zeros((0, 0))
         t2 = time.perf_counter()
         label_index = {lab: i for i, lab in enumerate(self.expression.labels)}
         out = []
