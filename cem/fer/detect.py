@@ -13,7 +13,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -78,6 +78,10 @@ DETECT_SIDE = 1024
 MAX_TILES = 48  # an extreme aspect ratio gets longer (non-square) tiles rather than thousands of tiles
 MIN_TILE_SIDE = 24  # a strip narrower than this holds no face the detectors can find: it is not tiled
 PAD_SIDE = 512  # the padded retry (for tight crops) runs on the image downscaled to this
+# image pyramid for small faces in large photos: grids of square tiles of half, a quarter, ... of the short
+# side, down to PYRAMID_MIN_TILE px, at most PYRAMID_MAX_TILES tiles in all (coarse levels first)
+PYRAMID_MIN_TILE = 300
+PYRAMID_MAX_TILES = 24
 
 
 def _resize_max(rgb: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
@@ -111,11 +115,43 @@ def tile_plan(h: int, w: int) -> list[tuple[int, int, int, int]]:
     return out
 
 
+def pyramid_plan(h: int, w: int) -> list[tuple[int, int, int, int]]:
+    """Square tiles (x0, y0, side, side) of the image pyramid, each grid overlapping by at least 25 %.
+
+    Level k has tiles of ``min(h, w) / 2**k`` px (k >= 1) while they are at least ``PYRAMID_MIN_TILE``;
+    a level that would take the total past ``PYRAMID_MAX_TILES`` is left out with all finer ones (so
+    large photos keep the cost bounded, at the price of their smallest faces).
+    """
+    out: list[tuple[int, int, int, int]] = []
+    side = min(h, w) / 2
+    while side >= PYRAMID_MIN_TILE:
+        t = int(round(side))
+        nx = int(np.ceil((w - t) / (0.75 * t))) + 1
+        ny = int(np.ceil((h - t) / (0.75 * t))) + 1
+        if len(out) + nx * ny > PYRAMID_MAX_TILES:
+            break
+        for j in range(ny):
+            for i in range(nx):
+                out.append((int(round(i * (w - t) / max(1, nx - 1))), int(round(j * (h - t) / max(1, ny - 1))), t, t))
+        side /= 2
+    return out
+
+
+def _cut_by_tile(box: tuple[float, float, float, float], x0: int, y0: int, tw: int, th: int,
+                 w: int, h: int) -> bool:
+    """Whether a detection in tile (x0, y0, tw, th) touches a tile edge inside the image: a face cut by the
+    tile, which the overlapping neighbour or the coarser level sees whole."""
+    m = 0.02 * max(tw, th)
+    bx, by, bw, bh = box
+    return ((x0 > 0 and bx < x0 + m) or (y0 > 0 and by < y0 + m)
+            or (x0 + tw < w and bx + bw > x0 + tw - m) or (y0 + th < h and by + bh > y0 + th - m))
+
+
 class FaceDetector:
     """MediaPipe face detection: ``short`` (faces within ~2 m), ``full`` (up to ~5 m) or ``both`` (merged)."""
 
     def __init__(self, model: DetectorModel = "both", min_score: float = 0.5, nms_iou: float = 0.3,
-                 pad_retry: float = 0.25) -> None:
+                 pad_retry: float = 0.25, pyramid: bool = True) -> None:
         import mediapipe as mp
 
         if model not in ("short", "full", "both"):
@@ -131,15 +167,19 @@ class FaceDetector:
                 d.process(blank)
         self.nms_iou = nms_iou
         self.pad_retry = pad_retry
+        self.pyramid = pyramid
+        # pyramid tiles use the full-range model when configured (it is made for small, distant faces)
+        self._pyramid_detectors = self._detectors[-1:]
 
-    def _detect_region(self, rgb: np.ndarray, x0: int, y0: int, w: int, h: int) -> list[Detection]:
+    def _detect_region(self, rgb: np.ndarray, x0: int, y0: int, w: int, h: int,
+                       detectors: list[Any] | None = None) -> list[Detection]:
         """Detections in the region (x0, y0, w, h) of ``rgb`` (or all of a padded ``rgb`` when x0, y0 < 0),
         in ``rgb``'s pixel frame; the region is downscaled to ``DETECT_SIDE`` first."""
         region = rgb[max(0, y0): max(0, y0) + h, max(0, x0): max(0, x0) + w]
         tile, _ = _resize_max(region, DETECT_SIDE)
         tile = np.ascontiguousarray(tile)
         out = []
-        for det in self._detectors:
+        for det in self._detectors if detectors is None else detectors:
             res = det.process(tile)
             for d in res.detections or []:
                 rb = d.location_data.relative_bounding_box
@@ -163,6 +203,10 @@ class FaceDetector:
         found = self._detect_region(rgb, 0, 0, w, h)
         for x0, y0, tw, th in tile_plan(h, w):
             found += self._detect_region(rgb, x0, y0, tw, th)
+        if self.pyramid:
+            for x0, y0, tw, th in pyramid_plan(h, w):
+                found += [d for d in self._detect_region(rgb, x0, y0, tw, th, self._pyramid_detectors)
+                          if not _cut_by_tile(d.bbox, x0, y0, tw, th, w, h)]
         if not found and self.pad_retry > 0:
             # a face that fills the frame (a tight, pre-cropped photo) has too little context for the
             # detectors: look again with a replicated margin; boxes map back and may extend past the edge
