@@ -11,7 +11,7 @@ How it was made (``python -m cem.fer.au_calibration``, seeded, needs ``../shared
    movement (mouth opening and smiling lift the upper lip without AU10). The coefficients are removed
    from the AU's score everywhere.
 3. Presence thresholds: per AU, the ``1 - fpr`` quantile of the final scores over the neutral-majority
-   training faces (``--fpr``, default 0.08): each AU is present on about 8 % of neutral FER+ faces.
+   training faces (``--fpr``, default 0.07): each AU is present on about 7 % of neutral FER+ faces.
 
 No evaluation data (FER+ valid, tcce_dev) is used; the file holds only coefficients and thresholds.
 """
@@ -27,7 +27,7 @@ import numpy as np
 from cem.fer.aus import AU_DEFINITIONS, CALIBRATION_PATH, Calibration, au_scores, measurement_z, raw_au_scores
 from cem.fer.geometry import Reference, load_reference
 
-DEFAULT_FPR = 0.08
+DEFAULT_FPR = 0.07
 
 
 def mesh_ferplus(split: str, indices: np.ndarray | None = None, cache: str | Path | None = None

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from cem.config import Config
-from cem.fer.aus import estimate_aus
+from cem.fer.aus import SubjectBaseline, estimate_aus
 from cem.fer.expression import CROP_SIZE, ExpressionModel
 from cem.fer.geometry import aligned_crop, eye_centers, frontalize, load_reference, pose_from_rotation
 from cem.fer.quality import assess
@@ -87,10 +87,26 @@ class FERStage:
     def labels(self) -> list[str]:
         return list(self.config.labels)
 
+    def baseline(self, images: Sequence[np.ndarray], faces: str | None = None) -> SubjectBaseline:
+        """A subject's own neutral reference from RGB photos of that one person: their neutral photo(s)
+        (best) or several of their photos (the median; weaker). The largest face of each image counts;
+        images where no face mesh fits are skipped, and none fitting at all is an error."""
+        meshes = []
+        for rgb in images:
+            found = [f for f in self.measure(rgb, faces) if f.landmarks is not None]
+            if found:
+                meshes.append(max(found, key=lambda f: f.bbox[2] * f.bbox[3]).landmarks)
+        if not meshes:
+            raise ValueError(f"no face mesh fits in any of the {len(images)} baseline image(s) of the subject")
+        return SubjectBaseline.from_meshes(meshes, self.ref)
+
     def measure(self, rgb: np.ndarray, faces: str | None = None,
-                boxes: list[tuple[tuple[float, float, float, float], float]] | None = None) -> list[FaceEvidence]:
+                boxes: list[tuple[tuple[float, float, float, float], float]] | None = None,
+                baseline: SubjectBaseline | None = None) -> list[FaceEvidence]:
         """Faces of one RGB image. ``boxes`` ((x, y, w, h), score) skips detection and meshes those boxes
-        (video tracking); a box on which no mesh fits is dropped, since the tracker will re-detect."""
+        (video tracking); a box on which no mesh fits is dropped, since the tracker will re-detect.
+        ``baseline`` (from :meth:`baseline`): AUs are measured against that person's own neutral face
+        (use it for images of one subject: every face of the image is measured against it)."""
         import cv2
 
         mode = faces or self.config.faces.mode
@@ -143,7 +159,7 @@ class FERStage:
             if mesh is not None:
                 front, rot = frontalize(mesh, self.ref)  # once: pose and AUs share the alignment
                 pose = Pose(*pose_from_rotation(rot))
-                aus = estimate_aus(mesh, self.ref, front)
+                aus = estimate_aus(mesh, self.ref, front, baseline)
             quality = assess(gray, bbox, pose, self.config.faces.min_face_px, mesh_failed=mesh is None)
             p = np.array([probs[i, label_index[lab]] for lab in self.labels])
             p = p / p.sum()
