@@ -206,3 +206,33 @@ def test_expression_runs_on_its_configured_threads_and_restores_torch(pipeline, 
             assert "expression.threads" in str(e)
         else:
             raise AssertionError(f"threads={bad!r} accepted")
+
+
+def test_subject_baseline_measures_against_the_persons_own_face(pipeline, astronaut):
+    from skimage import data
+
+    fer = pipeline.fer
+    smiling = fer.measure(astronaut)[0].aus
+    assert smiling["AU12"].present
+    own = fer.baseline([astronaut])  # the smile itself as the reference: nothing has changed from it
+    assert own.faces == 1
+    same = fer.measure(astronaut, baseline=own)[0].aus
+    assert not any(a.present for a in same.values())
+    assert same["AU12"].intensity < smiling["AU12"].intensity
+    try:
+        fer.baseline([data.coffee()])
+    except ValueError as e:
+        assert "baseline" in str(e) and "1 baseline image" in str(e)
+    else:
+        raise AssertionError("a baseline without any face was accepted")
+
+
+def test_au_presence_is_intensity_one_and_order_is_kept():
+    """Per-AU calibrated thresholds land at intensity 1, and intensities are monotone in the score."""
+    from cem.fer.aus import _SCORE_AT_PRESENCE, PRESENCE_INTENSITY, load_calibration
+
+    assert abs(float(intensity_from_score(_SCORE_AT_PRESENCE)) - PRESENCE_INTENSITY) < 1e-9
+    cal = load_calibration()
+    assert set(cal.threshold) == {d.code for d in AU_DEFINITIONS}
+    for d in AU_DEFINITIONS:  # every nuisance measurement named in the file is one the AU declares
+        assert set(cal.nuisance.get(d.code, {})) == set(d.nuisance)
