@@ -81,7 +81,7 @@ def _turn(img: np.ndarray, k: float) -> np.ndarray:
 
 
 def compose(rng: np.random.Generator, backgrounds: list[np.ndarray], faces: list) -> tuple[np.ndarray, list]:
-    """One scene and its ground-truth boxes [(x, y, w, h, source)]."""
+    """One scene and its ground-truth boxes [(x, y, w, h, source, plain|turned|cut)]."""
     import cv2
 
     scene = backgrounds[rng.integers(len(backgrounds))].copy()
@@ -99,13 +99,16 @@ def compose(rng: np.random.Generator, backgrounds: list[np.ndarray], faces: list
         pad = int(side)
         big = cv2.copyMakeBorder(img, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
         patch = big[y0 + pad: y0 + pad + int(side), x0 + pad: x0 + pad + int(side)]
+        variant = "plain"
         if rng.random() < 1 / 6:
             patch = _turn(patch, float(rng.choice([-1, 1]) * rng.uniform(0.3, 0.45)))
+            variant = "turned"
         ps = max(8, int(round(side * s)))
         patch = cv2.resize(patch, (ps, ps), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
         cx = (c + 0.5) * W / 3 + rng.uniform(-0.12, 0.12) * W / 3
         cy = (r + 0.5) * H / 2 + rng.uniform(-0.12, 0.12) * H / 2
         if rng.random() < 1 / 8:  # about 30 % of the face out of the frame
+            variant = "cut"
             if c != 1:
                 cx = 0.2 * width if c == 0 else W - 0.2 * width
             else:
@@ -123,7 +126,7 @@ def compose(rng: np.random.Generator, backgrounds: list[np.ndarray], faces: list
         # the pasted face's box: the source box, scaled and moved with the patch
         fx = px + (bx - x0) * ps / side
         fy = py + (by - y0) * ps / side
-        truth.append((fx, fy, bw * ps / side, bh * ps / side, src))
+        truth.append((fx, fy, bw * ps / side, bh * ps / side, src, variant))
     return scene, truth
 
 
@@ -147,7 +150,7 @@ def score(dets: list[tuple[tuple[float, ...], float]], truth: list) -> tuple[lis
 
 
 def run(stage, scenes: list) -> dict:
-    widths, hits, sources, fps, ms = [], [], [], 0, []
+    widths, hits, sources, variants, fps, ms = [], [], [], [], 0, []
     for img, truth in scenes:
         t = time.perf_counter()
         faces = stage.measure(img)
@@ -156,6 +159,7 @@ def run(stage, scenes: list) -> dict:
         fps += fp
         widths += [t[2] for t in truth]
         sources += [t[4] for t in truth]
+        variants += [t[5] for t in truth]
         hits += matched
     w, h = np.array(widths), np.array(hits)
     by_bin = {}
@@ -165,8 +169,10 @@ def run(stage, scenes: list) -> dict:
                                       "recall": round(float(h[sel].mean()), 3) if sel.any() else None}
     src = np.array(sources)
     by_source = {s: round(float(h[(src == s) & (w >= 45)].mean()), 3) for s in sorted(set(sources))}
+    var = np.array(variants)
+    by_variant = {v: round(float(h[(var == v) & (w >= 45)].mean()), 3) for v in sorted(set(variants))}
     return {"recall_all": round(float(h.mean()), 3), "recall_from_45px": round(float(h[w >= 45].mean()), 3),
-            "recall_from_45px_by_source": by_source,
+            "recall_from_45px_by_source": by_source, "recall_from_45px_by_variant": by_variant,
             "false_positives": fps, "false_positives_per_scene": round(fps / len(scenes), 3),
             "median_ms_per_scene": round(float(np.median(ms)), 1), "by_width": by_bin}
 

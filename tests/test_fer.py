@@ -236,3 +236,36 @@ def test_au_presence_is_intensity_one_and_order_is_kept():
     assert set(cal.threshold) == {d.code for d in AU_DEFINITIONS}
     for d in AU_DEFINITIONS:  # every nuisance measurement named in the file is one the AU declares
         assert set(cal.nuisance.get(d.code, {})) == set(d.nuisance)
+
+
+def test_pyramid_plan_covers_the_image_within_its_budget():
+    from cem.fer.detect import PYRAMID_MAX_TILES, PYRAMID_MIN_TILE, pyramid_plan
+
+    assert pyramid_plan(500, 400) == []  # single-face photos cost nothing extra
+    assert len(pyramid_plan(1000, 33000)) <= PYRAMID_MAX_TILES  # a level over budget is left out
+    for h, w in [(800, 1200), (3000, 4000)]:
+        tiles = pyramid_plan(h, w)
+        assert 0 < len(tiles) <= PYRAMID_MAX_TILES
+        for side in {t[2] for t in tiles}:
+            assert side >= PYRAMID_MIN_TILE
+            covered = np.zeros((h, w), bool)
+            for x0, y0, tw, th in (t for t in tiles if t[2] == side):
+                assert tw == th == side and 0 <= x0 <= w - tw and 0 <= y0 <= h - th
+                covered[y0: y0 + th, x0: x0 + tw] = True
+            assert covered.all()  # every level searches the whole image
+
+
+def test_small_faces_in_a_group_photo_are_found(pipeline, face_crop):
+    """Six ~50-60 px faces in a 1200x800 scene: the whole-image pass alone finds none of this size."""
+    import cv2
+
+    canvas = np.full((800, 1200, 3), 150, np.uint8)
+    spots = [(150, 150), (550, 180), (950, 140), (180, 560), (600, 600), (1000, 560)]
+    for cx, cy in spots:
+        face = cv2.resize(face_crop, (120, 120), interpolation=cv2.INTER_AREA)  # face ~50 px
+        canvas[cy - 60: cy + 60, cx - 60: cx + 60] = face
+    r = pipeline.analyze(canvas)
+    assert r.error is None and len(r.faces) == 6
+    for f, (cx, cy) in zip(sorted(r.faces, key=lambda f: (f.evidence.bbox[1] > 400, f.evidence.bbox[0])), spots):
+        x, y, w, h = f.evidence.bbox
+        assert abs(x + w / 2 - cx) < 30 and abs(y + h / 2 - cy) < 40 and 35 < w < 80
