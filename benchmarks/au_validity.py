@@ -1,19 +1,32 @@
-"""AU validity on FER+ valid: ROC AUC of each EMFACS prototype AU's intensity, emotion vs neutral faces.
+"""AU validity on FER+ valid and tcce_dev: AUC per EMFACS prototype pair, presence on posed faces, false
+positives on neutral faces; on tcce_dev also with each performer's own neutral baseline.
 
-Protocol: every face of ``../shared/data/ferplus/valid.npz`` (poor faces dropped, see cem.datasets) goes
-through the same path as ``cem annotate --faces whole`` (mesh on the upscaled, padded 48x48 crop,
-frontalisation, AU estimation). Positives: faces whose plurality vote (ties excluded) is the emotion;
-negatives: faces with a neutral majority (>= 6 of 10 votes). Faces whose mesh fails are counted and
-left out. Run: ``python benchmarks/au_validity.py [--json OUT]``.
+Protocol:
+- FER+ valid (``../shared/data/ferplus/valid.npz``, poor faces dropped, see cem.datasets): every face
+  through the ``cem annotate --faces whole`` path (mesh on the upscaled, padded 48x48 crop). Positives:
+  plurality vote (ties excluded) = the emotion; neutral: >= 6 of 10 votes neutral.
+- tcce_dev (``../shared/data/tcce_dev``, 333 posed photos of 7 performers): the detect path (largest
+  face), label = the posed expression (``labels_single.csv``). Subject = performer id (file name[:2]).
+  ``tcce_dev+neutral_baseline``: AUs against the performer's own neutral photos (median of the
+  performer's *other* neutral photos, so a neutral face is never its own reference), as
+  ``FERStage.measure(..., baseline=FERStage.baseline(neutral_photos))`` does.
+  ``tcce_dev+median_baseline``: against the median of all the performer's other photos (no neutral flag).
+- Reported per set: ROC AUC of each prototype AU's intensity, emotion vs neutral faces, and the mean over
+  the 18 EMFACS pairs (AU25 for surprise reported, not averaged); the share of posed faces of each
+  emotion on which each prototype AU is present; the share of neutral faces on which each AU is present;
+  the issue's targets, met or not. Faces whose mesh fails are counted and left out.
+Run: ``nice -n 10 python benchmarks/au_validity.py [--cache-dir /tmp/cem-au] [--json OUT]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import csv
 import sys
+from pathlib import Path
 
 import numpy as np
+from _common import emit
 
 PAIRS = {
     "happiness": ["AU06", "AU12"],
@@ -25,75 +38,173 @@ PAIRS = {
 }
 # the issue's mean is over the EMFACS pairs; AU25 (an alternative for surprise) is reported, not averaged
 MEAN_EXCLUDES = {("surprise", "AU25")}
+LABELS = ("neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt")
 
 
-def mesh_split(split: str, cache: str | None = None) -> tuple[list, np.ndarray]:
-    import cv2
+def mesh_tcce(root: Path, cache: Path | None) -> tuple[list[np.ndarray | None], np.ndarray, np.ndarray]:
+    """Meshes of the largest face of each tcce_dev photo (detect path), posed labels, performer ids."""
+    from PIL import Image
 
-    from cem.datasets import load_ferplus
-    from cem.fer.detect import FaceMesher
+    rows = list(csv.DictReader(open(root / "tcce_dev" / "labels_single.csv", encoding="utf-8")))
+    names = [Path(r["image"]).name for r in rows]
+    labels = np.array([LABELS.index(r["label"]) for r in rows])
+    subjects = np.array([n[:2] for n in names])
+    if cache is not None and cache.is_file():
+        with np.load(cache) as d:
+            if list(d["names"]) == names:
+                return [m if ok else None for m, ok in zip(d["meshes"].astype(np.float64), d["ok"])], labels, subjects
+    from cem.fer.detect import FaceDetector, FaceMesher
 
-    data = load_ferplus(split)
-    if cache:
-        try:
-            with np.load(cache, allow_pickle=True) as d:
-                return list(d["meshes"]), data.votes
-        except FileNotFoundError:
-            pass
-    mesher = FaceMesher()
-    meshes = [mesher.mesh_whole(cv2.cvtColor(p, cv2.COLOR_GRAY2RGB)) for p in data.pixels]
+    det, mesher = FaceDetector("both", 0.5), FaceMesher()
+    meshes: list[np.ndarray | None] = []
+    for r in rows:
+        rgb = np.asarray(Image.open(root / "tcce_dev" / r["image"]).convert("RGB"))
+        found = det.detect(rgb)
+        best = max(found, key=lambda d: d.bbox[2] * d.bbox[3]) if found else None
+        meshes.append(mesher.mesh_in_box(rgb, best.bbox) if best else None)
+    det.close()
     mesher.close()
-    if cache:
-        np.savez(cache, meshes=np.array(meshes, dtype=object), allow_pickle=True)
-    return meshes, data.votes
+    if cache is not None:
+        ok = np.array([m is not None for m in meshes])
+        arr = np.stack([m if m is not None else np.zeros((478, 3)) for m in meshes]).astype(np.float32)
+        np.savez(cache, meshes=arr, ok=ok, names=np.array(names))
+    return meshes, labels, subjects
 
 
-def evaluate(meshes: list, votes: np.ndarray) -> dict:
-    from cem.datasets import FERPLUS_LABELS
-    from cem.eval import plurality, roc_auc
-    from cem.fer.aus import estimate_aus
+def au_table(meshes: list, baselines: list | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Intensity and presence arrays per AU (NaN / False where the mesh failed)."""
+    from cem.fer.aus import AU_DEFINITIONS, estimate_aus
     from cem.fer.geometry import load_reference
 
     ref = load_reference()
+    rows = [estimate_aus(m, ref, baseline=baselines[i] if baselines else None) if m is not None else None
+            for i, m in enumerate(meshes)]
+    inten = {d.code: np.array([r[d.code].intensity if r else np.nan for r in rows]) for d in AU_DEFINITIONS}
+    pres = {d.code: np.array([bool(r and r[d.code].present) for r in rows]) for d in AU_DEFINITIONS}
+    return inten, pres
+
+
+def loo_baselines(meshes: list, subjects: np.ndarray, use: np.ndarray) -> list:
+    """Per face: the SubjectBaseline of the same subject's other faces where ``use`` (None if none)."""
+    from cem.fer.aus import SubjectBaseline
+    from cem.fer.geometry import load_reference
+
+    ref = load_reference()
+    out = []
+    for i, m in enumerate(meshes):
+        others = [meshes[j] for j in np.flatnonzero((subjects == subjects[i]) & use)
+                  if j != i and meshes[j] is not None]
+        out.append(SubjectBaseline.from_meshes(others, ref) if (m is not None and others) else None)
+    return out
+
+
+def evaluate(meshes: list, label: np.ndarray, neutral: np.ndarray, baselines: list | None = None) -> dict:
+    from cem.eval import roc_auc
+
     ok = np.array([m is not None for m in meshes])
-    intensities: dict[str, np.ndarray] = {}
-    rows = [estimate_aus(m, ref) if m is not None else None for m in meshes]
-    for code in rows[int(np.flatnonzero(ok)[0])]:
-        intensities[code] = np.array([r[code].intensity if r else np.nan for r in rows])
-    label, not_tie = plurality(votes)
-    neutral = ok & (votes[:, 0] >= 6)
-    table = {}
+    inten, pres = au_table(meshes, baselines)
+    neutral = ok & neutral
+    pairs, presence = {}, {}
     for emotion, aus in PAIRS.items():
-        pos = ok & not_tie & (label == FERPLUS_LABELS.index(emotion))
+        pos = ok & (label == LABELS.index(emotion))
         for au in aus:
-            table[f"{emotion}:{au}"] = {
-                "auc": roc_auc(intensities[au][pos], intensities[au][neutral]),
-                "n_pos": int(pos.sum()), "n_neg": int(neutral.sum()),
-            }
-    core = [v["auc"] for k, v in table.items() if tuple(k.split(":")) not in MEAN_EXCLUDES]
-    return {"pairs": table, "mean_auc": float(np.mean(core)), "mesh_failures": int((~ok).sum()),
-            "faces": len(meshes)}
+            pairs[f"{emotion}:{au}"] = round(float(roc_auc(inten[au][pos], inten[au][neutral])), 3)
+            presence[f"{emotion}:{au}"] = round(float(pres[au][pos].mean()), 3)
+        presence[f"{emotion}:n"] = int(pos.sum())
+    happy = ok & (label == LABELS.index("happiness"))
+    presence["happiness:AU10"] = round(float(pres["AU10"][happy].mean()), 3)
+    presence["happiness:AU09"] = round(float(pres["AU09"][happy].mean()), 3)
+    disgust = ok & (label == LABELS.index("disgust"))
+    presence["disgust:AU09|AU10"] = round(float((pres["AU09"] | pres["AU10"])[disgust].mean()), 3)
+    surprise = ok & (label == LABELS.index("surprise"))
+    presence["surprise:AU01|AU02"] = round(float((pres["AU01"] | pres["AU02"])[surprise].mean()), 3)
+    core = [v for k, v in pairs.items() if tuple(k.split(":")) not in MEAN_EXCLUDES]
+    fp = {au: round(float(p[neutral].mean()), 3) for au, p in pres.items()}
+    res = {"faces": len(meshes), "mesh_failures": int((~ok).sum()), "neutral_faces": int(neutral.sum()),
+           "mean_auc": round(float(np.mean(core)), 3), "auc": pairs, "presence_on_posed": presence,
+           "false_positive_rate_on_neutral": fp}
+    res["targets"] = {
+        "mean prototype AUC >= 0.80": res["mean_auc"] >= 0.80,
+        "AU12 happiness AUC >= 0.97": pairs["happiness:AU12"] >= 0.97,
+        "AU26 surprise AUC >= 0.97": pairs["surprise:AU26"] >= 0.97,
+        "no AU present on > 10% of neutral faces": max(fp.values()) <= 0.10,
+        "AU04 on >= 35% of anger": presence["anger:AU04"] >= 0.35,
+        "AU04 on >= 30% of sadness": presence["sadness:AU04"] >= 0.30,
+        "AU09 or AU10 on >= 35% of disgust": presence["disgust:AU09|AU10"] >= 0.35,
+        "AU01 or AU02 on >= 40% of surprise": presence["surprise:AU01|AU02"] >= 0.40,
+        "AU10 on <= 30% of happiness": presence["happiness:AU10"] <= 0.30,
+    }
+    return res
+
+
+def pyfeat_learned_aucs(npz: Path, sets: dict[str, tuple[list, np.ndarray, np.ndarray]]) -> dict:
+    """AUC per prototype pair of *learned* AU estimates: Py-Feat's linear AU -> mesh model (the
+    ``au_to_mesh_pls_v4.npz`` of its wheel, used from where the user has it, never shipped with cem)
+    inverted by non-negative least squares on each mesh, after a similarity alignment (Umeyama, on the
+    rigid points) of the mesh to the model's mean mesh; the model's pose inputs are held at 0."""
+    from scipy.optimize import nnls
+
+    from cem.eval import roc_auc
+    from cem.fer.geometry import RIGID_POINTS, umeyama
+
+    with np.load(npz, allow_pickle=False) as z:
+        cols = [str(c) for c in z["au_columns"]]
+        coef = z["coef"][: len(cols)].astype(np.float64)  # rows after the AUs are the pose inputs
+        intercept = z["intercept"].astype(np.float64)
+        mean = z["mean_aligned_mesh"].astype(np.float64)
+
+    def invert(m: np.ndarray) -> np.ndarray:
+        s, rot, t = umeyama(m[RIGID_POINTS], mean[RIGID_POINTS])
+        a = s * m @ rot.T + t
+        return nnls(coef.T, np.concatenate([a[:, 0], a[:, 1], a[:, 2]]) - intercept)[0]
+
+    out: dict = {}
+    for name, (meshes, label, neutral) in sets.items():
+        ok = np.array([m is not None for m in meshes])
+        est = np.array([invert(m) if m is not None else np.full(len(cols), np.nan) for m in meshes])
+        pairs = {}
+        for emotion, aus in PAIRS.items():
+            pos = ok & (label == LABELS.index(emotion))
+            for au in aus:
+                if au in cols:
+                    j = cols.index(au)
+                    pairs[f"{emotion}:{au}"] = round(float(roc_auc(est[pos, j], est[ok & neutral, j])), 3)
+        core = [v for k, v in pairs.items() if tuple(k.split(":")) not in MEAN_EXCLUDES]
+        out[name] = {"mean_auc": round(float(np.mean(core)), 3), "auc": pairs}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     from cem.datasets import shared_data_dir
+    from cem.eval import plurality
+    from cem.fer.au_calibration import mesh_ferplus
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", help="write the result here")
-    p.add_argument("--cache", help="cache meshes in this .npz (for repeated runs)")
+    p.add_argument("--cache-dir", type=Path, help="cache meshes here (for repeated runs)")
+    p.add_argument("--pyfeat-npz", type=Path, help="also evaluate Py-Feat's au_to_mesh_pls_v4.npz inverted")
     a = p.parse_args(argv)
-    if shared_data_dir() is None:
+    root = shared_data_dir()
+    if root is None:
         print("skipped: ../shared/data/ferplus not found", file=sys.stderr)
         return 0
-    res = evaluate(*mesh_split("valid", a.cache))
-    print(f"{'emotion:AU':<18} {'ROC AUC':>8} {'n_pos':>6} {'n_neg':>6}")
-    for k, v in res["pairs"].items():
-        print(f"{k:<18} {v['auc']:8.3f} {v['n_pos']:6d} {v['n_neg']:6d}")
-    print(f"mean over EMFACS pairs: {res['mean_auc']:.3f}; mesh failures {res['mesh_failures']}/{res['faces']}")
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(res, fh, indent=2)
-    return 0
+    if a.cache_dir:
+        a.cache_dir.mkdir(parents=True, exist_ok=True)
+    res: dict = {}
+    meshes, votes = mesh_ferplus("valid", cache=a.cache_dir / "ferplus_valid.npz" if a.cache_dir else None)
+    label, not_tie = plurality(votes)
+    res["ferplus_valid"] = evaluate(meshes, np.where(not_tie, label, -1), votes[:, 0] >= 6)
+    sets = {"ferplus_valid": (meshes, np.where(not_tie, label, -1), votes[:, 0] >= 6)}
+    if (root / "tcce_dev").is_dir():
+        tm, tl, ts = mesh_tcce(root, a.cache_dir / "tcce_dev.npz" if a.cache_dir else None)
+        neutral = tl == 0
+        sets["tcce_dev"] = (tm, tl, neutral)
+        res["tcce_dev"] = evaluate(tm, tl, neutral)
+        res["tcce_dev+neutral_baseline"] = evaluate(tm, tl, neutral, loo_baselines(tm, ts, neutral))
+        res["tcce_dev+median_baseline"] = evaluate(tm, tl, neutral, loo_baselines(tm, ts, np.ones(len(tm), bool)))
+    if a.pyfeat_npz:
+        res["pyfeat_pls_v4_inverted"] = pyfeat_learned_aucs(a.pyfeat_npz, sets)
+    return emit(res, a.json)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,10 @@ class FacesConfig(_Checked):
 class ExpressionConfig(_Checked):
     weights: str | None = None  # folder with config.json + model.safetensors; None = packaged model
     device: str = "cpu"
+    # torch intra-op threads for the expression CNN, set around its calls only (MediaPipe runs its own
+    # threads; with torch's default of one thread per core the two fight on small machines: measured in
+    # docs/action-units.md, "Threads"); 0 = leave torch's setting as it is
+    threads: int = 1
 
 
 @dataclass

@@ -123,3 +123,149 @@ def test_face_filling_a_tight_crop_is_found(pipeline, astronaut):
     off = FERStage(Config.load("default", faces__pad_retry=0.0))
     assert off.measure(tight) == []  # without the padded retry the detectors miss it
     off.close()
+
+
+def test_extreme_geometry_never_reaches_opencv_limits(pipeline, astronaut):
+    """Sides >= 32767 px abort inside OpenCV's remap (MediaPipe's and cem's warps); 1-px strips once took
+    minutes of tiles. Each must end quickly with a result, through the FER stage and the pipeline."""
+    import time
+
+    for w, h, face in [(22000, 1500, True), (33000, 1000, True), (22000, 1500, False), (33000, 1000, False),
+                       (1, 30000, False), (30000, 1, False)]:
+        img = np.full((h, w, 3), 90, np.uint8)
+        if face:
+            img[h // 2 - 256: h // 2 + 256, 7000:7512] = astronaut
+        t = time.perf_counter()
+        r = pipeline.analyze(img)
+        assert r.error is None, (w, h, r.error)
+        assert time.perf_counter() - t < 60, (w, h)  # a generous bound: it took 241 s for 1x30000 before
+        if face:  # the padded retry (no face found) is what used to push 22000 px past the limit
+            assert len(r.faces) == 1, (w, h)
+            x, y, bw, bh = r.faces[0].evidence.bbox
+            assert 7000 + 150 < x < 7000 + 210 and h // 2 - 256 + 60 < y < h // 2 - 256 + 110, (w, h)
+            assert r.faces[0].evidence.aus["AU12"].present  # mesh and crop ran in the full-size frame
+        else:
+            assert r.faces == []
+
+
+def test_tile_plan_is_bounded():
+    from cem.fer.detect import MAX_TILES, MIN_TILE_SIDE, tile_plan
+
+    assert tile_plan(512, 512) == []
+    assert tile_plan(1, 30000) == [] and tile_plan(MIN_TILE_SIDE - 1, 30000) == []
+    tiles = tile_plan(40, 100_000)
+    assert len(tiles) <= MAX_TILES
+    covered = np.zeros(100_000, bool)
+    for x0, y0, tw, th in tiles:
+        assert y0 == 0 and th == 40
+        covered[x0: x0 + tw] = True
+    assert covered.all()  # longer tiles, but the whole strip is still searched
+    tall = tile_plan(3000, 1000)
+    assert all(x0 == 0 and tw == 1000 and th == 1000 for x0, y0, tw, th in tall) and len(tall) == 4
+
+
+def test_aligned_crop_from_a_huge_frame_matches_a_small_one(astronaut):
+    import cv2
+
+    from cem.fer.geometry import aligned_crop, load_reference
+
+    ref = load_reference()
+    gray = cv2.cvtColor(astronaut, cv2.COLOR_RGB2GRAY)
+    r_eye, l_eye = np.array([205.0, 125.0]), np.array([245.0, 123.0])
+    small = aligned_crop(gray, r_eye, l_eye, ref)
+    wide = np.zeros((512, 40000), np.uint8)
+    wide[:, 30000:30512] = gray
+    big = aligned_crop(wide, r_eye + [30000, 0], l_eye + [30000, 0], ref)
+    assert np.abs(small.astype(int) - big.astype(int)).max() <= 1
+
+
+def test_expression_runs_on_its_configured_threads_and_restores_torch(pipeline, astronaut, monkeypatch):
+    import torch
+
+    from cem.config import Config
+    from cem.fer.stage import FERStage
+
+    fer = pipeline.fer
+    assert fer.config.expression.threads == 1  # the measured default
+    seen = []
+    real = fer.expression.predict
+    monkeypatch.setattr(fer.expression, "predict", lambda crops: seen.append(torch.get_num_threads()) or real(crops))
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert len(fer.measure(astronaut)) == 1
+        assert seen == [1] and torch.get_num_threads() == 3  # set for the CNN only, then put back
+    finally:
+        torch.set_num_threads(before)
+    for bad in (-1, 1.5, True):
+        cfg = Config.load("default")
+        cfg.expression.threads = bad
+        try:
+            FERStage(cfg)
+        except ValueError as e:
+            assert "expression.threads" in str(e)
+        else:
+            raise AssertionError(f"threads={bad!r} accepted")
+
+
+def test_subject_baseline_measures_against_the_persons_own_face(pipeline, astronaut):
+    from skimage import data
+
+    fer = pipeline.fer
+    smiling = fer.measure(astronaut)[0].aus
+    assert smiling["AU12"].present
+    own = fer.baseline([astronaut])  # the smile itself as the reference: nothing has changed from it
+    assert own.faces == 1
+    same = fer.measure(astronaut, baseline=own)[0].aus
+    assert not any(a.present for a in same.values())
+    assert same["AU12"].intensity < smiling["AU12"].intensity
+    try:
+        fer.baseline([data.coffee()])
+    except ValueError as e:
+        assert "baseline" in str(e) and "1 baseline image" in str(e)
+    else:
+        raise AssertionError("a baseline without any face was accepted")
+
+
+def test_au_presence_is_intensity_one_and_order_is_kept():
+    """Per-AU calibrated thresholds land at intensity 1, and intensities are monotone in the score."""
+    from cem.fer.aus import _SCORE_AT_PRESENCE, PRESENCE_INTENSITY, load_calibration
+
+    assert abs(float(intensity_from_score(_SCORE_AT_PRESENCE)) - PRESENCE_INTENSITY) < 1e-9
+    cal = load_calibration()
+    assert set(cal.threshold) == {d.code for d in AU_DEFINITIONS}
+    for d in AU_DEFINITIONS:  # every nuisance measurement named in the file is one the AU declares
+        assert set(cal.nuisance.get(d.code, {})) == set(d.nuisance)
+
+
+def test_pyramid_plan_covers_the_image_within_its_budget():
+    from cem.fer.detect import PYRAMID_MAX_TILES, PYRAMID_MIN_TILE, pyramid_plan
+
+    assert pyramid_plan(500, 400) == []  # single-face photos cost nothing extra
+    assert len(pyramid_plan(1000, 33000)) <= PYRAMID_MAX_TILES  # a level over budget is left out
+    for h, w in [(800, 1200), (3000, 4000)]:
+        tiles = pyramid_plan(h, w)
+        assert 0 < len(tiles) <= PYRAMID_MAX_TILES
+        for side in {t[2] for t in tiles}:
+            assert side >= PYRAMID_MIN_TILE
+            covered = np.zeros((h, w), bool)
+            for x0, y0, tw, th in (t for t in tiles if t[2] == side):
+                assert tw == th == side and 0 <= x0 <= w - tw and 0 <= y0 <= h - th
+                covered[y0: y0 + th, x0: x0 + tw] = True
+            assert covered.all()  # every level searches the whole image
+
+
+def test_small_faces_in_a_group_photo_are_found(pipeline, face_crop):
+    """Six ~50-60 px faces in a 1200x800 scene: the whole-image pass alone finds none of this size."""
+    import cv2
+
+    canvas = np.full((800, 1200, 3), 150, np.uint8)
+    spots = [(150, 150), (550, 180), (950, 140), (180, 560), (600, 600), (1000, 560)]
+    for cx, cy in spots:
+        face = cv2.resize(face_crop, (120, 120), interpolation=cv2.INTER_AREA)  # face ~50 px
+        canvas[cy - 60: cy + 60, cx - 60: cx + 60] = face
+    r = pipeline.analyze(canvas)
+    assert r.error is None and len(r.faces) == 6
+    for f, (cx, cy) in zip(sorted(r.faces, key=lambda f: (f.evidence.bbox[1] > 400, f.evidence.bbox[0])), spots):
+        x, y, w, h = f.evidence.bbox
+        assert abs(x + w / 2 - cx) < 30 and abs(y + h / 2 - cy) < 40 and 35 < w < 80

@@ -17,7 +17,11 @@ signature (AU06 vs AU07, AU14, AU23 vs AU24) are the least reliable. This is not
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -76,6 +80,13 @@ MEASUREMENT_NAMES: tuple[str, ...] = tuple(base_measurements(np.zeros((478, 3)))
 class AUDefinition:
     code: str
     weights: dict[str, float]  # base measurement -> weight on its neutral z-score
+    # measurements whose linear share is removed from the score (fitted, see cem.fer.au_calibration): the
+    # movements of *other* AUs that also move this AU's landmarks (mouth opening and smiling lift the
+    # upper lip without AU10)
+    nuisance: tuple[str, ...] = ()
+    # plurality emotions of the FER+ training faces the nuisance share is fitted on: faces where this AU
+    # is not expected, so what the nuisance explains there is not this AU
+    nuisance_fit_on: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -90,11 +101,14 @@ AU_DEFINITIONS: tuple[AUDefinition, ...] = (
     AUDefinition("AU05", {"upper_lid_raise": 1.0, "eye_aperture": 0.5}),
     AUDefinition("AU06", {"cheek_height": 1.0, "nasolabial_height": 1.0, "lower_lid_height": 0.5}),
     AUDefinition("AU07", {"lower_lid_height": 1.0, "eye_aperture": -0.5}),
-    AUDefinition("AU09", {"ala_height": 0.5, "upper_lip_height": 1.0, "brow_inner_height": -1.0}),
-    AUDefinition("AU10", {"upper_lip_height": 1.0, "lip_gap": 0.3}),
+    AUDefinition("AU09", {"ala_height": 0.5, "upper_lip_height": 1.0, "brow_inner_height": -1.0},
+                 nuisance=("corner_vs_center",), nuisance_fit_on=("neutral", "happiness")),
+    AUDefinition("AU10", {"upper_lip_height": 1.0, "ala_height": 0.5},
+                 nuisance=("lip_gap", "corner_vs_center"), nuisance_fit_on=("neutral", "happiness", "surprise")),
     AUDefinition("AU12", {"mouth_width": 1.0, "corner_vs_center": 1.0, "corner_depth": 0.5}),
     AUDefinition("AU14", {"corner_depth": 1.0, "corner_vs_center": -0.5}),
-    AUDefinition("AU15", {"corner_vs_center": -1.0, "corner_height": -0.5}),
+    AUDefinition("AU15", {"corner_vs_center": -1.0, "corner_height": -0.5},
+                 nuisance=("lip_gap", "lower_lip_drop"), nuisance_fit_on=("neutral", "happiness", "surprise")),
     AUDefinition("AU17", {"chin_to_lip": -1.0}),
     AUDefinition("AU20", {"mouth_width": 1.0, "corner_vs_center": -0.5}),
     AUDefinition("AU23", {"lip_thickness": -1.0, "mouth_width": -0.3}),
@@ -104,9 +118,13 @@ AU_DEFINITIONS: tuple[AUDefinition, ...] = (
     AUDefinition("AU43", {"eye_aperture": -1.0, "upper_lid_raise": -0.5}),
 )
 
-PRESENCE_THRESHOLD = 1.0
+PRESENCE_INTENSITY = 1.0  # an AU is present from intensity 1 (about FACS level A)
 _OFFSET = 2.0
 _SPREAD = 4.0
+# the score at which the mapping below gives intensity 1: scores are shifted per AU so that the calibrated
+# presence threshold lands here
+_SCORE_AT_PRESENCE = _OFFSET + float(np.log(np.expm1(-_SPREAD * np.log(1 - PRESENCE_INTENSITY / 5))))
+CALIBRATION_PATH = Path(__file__).parent / "data" / "au_calibration.json"
 
 
 def intensity_from_score(score: np.ndarray | float) -> np.ndarray:
@@ -115,17 +133,67 @@ def intensity_from_score(score: np.ndarray | float) -> np.ndarray:
     return 5.0 * (1.0 - np.exp(-np.logaddexp(0.0, s) / _SPREAD))
 
 
-def measurement_z(landmarks: np.ndarray, ref: Reference, front: np.ndarray | None = None) -> np.ndarray:
+@dataclass(frozen=True)
+class Calibration:
+    """Per-AU nuisance coefficients and presence thresholds (fitted by :mod:`cem.fer.au_calibration`)."""
+
+    nuisance: dict[str, dict[str, float]]  # AU -> measurement -> coefficient on its z-score
+    threshold: dict[str, float]  # AU -> score at which it is present
+    how: str = ""
+
+
+@lru_cache(maxsize=1)
+def load_calibration(path: str | None = None) -> Calibration:
+    p = Path(path) if path else CALIBRATION_PATH
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: the AU calibration is missing; rebuild it with python -m cem.fer.au_calibration")
+    d = json.loads(p.read_text(encoding="utf-8"))
+    return Calibration(nuisance={k: dict(v) for k, v in d["nuisance"].items()},
+                       threshold={k: float(v) for k, v in d["threshold"].items()}, how=str(d.get("how", "")))
+
+
+@dataclass(frozen=True)
+class SubjectBaseline:
+    """A person's own resting face: the median AU base measurements over their reference photos.
+
+    With a baseline, AU z-scores measure change from *this person's* neutral face instead of from the
+    average neutral face, so a naturally low brow or thin lips no longer read as AU activity. Build it
+    with :meth:`from_meshes` (or ``FERStage.baseline``) from the subject's neutral photo(s), or, lacking
+    one, from the median over several of their photos (weaker: the median of expressive photos is not
+    neutral).
+    """
+
+    measurements: np.ndarray  # (M,) in the order of Reference.measure_names
+    faces: int  # how many faces the median is over
+
+    @classmethod
+    def from_meshes(cls, meshes: Sequence[np.ndarray], ref: Reference) -> SubjectBaseline:
+        """Median measurements over meshes (478, 3) in image pixels of one person."""
+        if len(meshes) == 0:
+            raise ValueError("a subject baseline needs at least one face mesh of the subject")
+        rows = []
+        for m in meshes:
+            front, _ = frontalize(m, ref)
+            b = base_measurements(front)
+            rows.append([b[n] for n in ref.measure_names])
+        return cls(np.median(np.array(rows), axis=0), len(rows))
+
+
+def measurement_z(landmarks: np.ndarray, ref: Reference, front: np.ndarray | None = None,
+                  baseline: SubjectBaseline | None = None) -> np.ndarray:
     """Robust neutral z-scores of the base measurements for one mesh in image pixels (``front``: the
-    mesh already frontalised by the caller, so the alignment is not computed twice)."""
+    mesh already frontalised by the caller, so the alignment is not computed twice). With ``baseline``
+    the centre is that person's own neutral face; the spread stays the population's."""
     if front is None:
         front, _ = frontalize(landmarks, ref)
     m = base_measurements(front)
     values = np.array([m[n] for n in ref.measure_names])
-    return (values - ref.measure_center) / ref.measure_scale
+    center = ref.measure_center if baseline is None else baseline.measurements
+    return (values - center) / ref.measure_scale
 
 
-def au_scores(z: np.ndarray, ref: Reference) -> dict[str, float]:
+def raw_au_scores(z: np.ndarray, ref: Reference) -> dict[str, float]:
+    """Each AU's normalised weighted sum of z-scores, before nuisance removal."""
     index = {n: i for i, n in enumerate(ref.measure_names)}
     out = {}
     for d in AU_DEFINITIONS:
@@ -135,11 +203,28 @@ def au_scores(z: np.ndarray, ref: Reference) -> dict[str, float]:
     return out
 
 
-def estimate_aus(landmarks: np.ndarray, ref: Reference, front: np.ndarray | None = None) -> dict[str, ActionUnit]:
-    """AU intensities and presence for one mesh (478, 3) in image pixels (``front``: see measurement_z)."""
-    scores = au_scores(measurement_z(landmarks, ref, front), ref)
+def au_scores(z: np.ndarray, ref: Reference, cal: Calibration | None = None) -> dict[str, float]:
+    """AU scores: raw scores minus the fitted nuisance share (see AUDefinition.nuisance)."""
+    cal = cal or load_calibration()
+    index = {n: i for i, n in enumerate(ref.measure_names)}
+    out = raw_au_scores(z, ref)
+    for code, coefs in cal.nuisance.items():
+        out[code] -= sum(c * z[index[n]] for n, c in coefs.items())
+    return out
+
+
+def estimate_aus(landmarks: np.ndarray, ref: Reference, front: np.ndarray | None = None,
+                 baseline: SubjectBaseline | None = None) -> dict[str, ActionUnit]:
+    """AU intensities and presence for one mesh (478, 3) in image pixels (``front``: see measurement_z;
+    ``baseline``: the person's own neutral reference, see SubjectBaseline).
+
+    Each AU's score is shifted so that its calibrated presence threshold maps to intensity 1: presence
+    is ``intensity >= 1`` for every AU, and intensities keep the order of the scores.
+    """
+    cal = load_calibration()
+    scores = au_scores(measurement_z(landmarks, ref, front, baseline), ref, cal)
     out = {}
     for code, s in scores.items():
-        i = float(intensity_from_score(s))
-        out[code] = ActionUnit(intensity=i, present=i >= PRESENCE_THRESHOLD)
+        i = float(intensity_from_score(s - cal.threshold[code] + _SCORE_AT_PRESENCE))
+        out[code] = ActionUnit(intensity=i, present=i >= PRESENCE_INTENSITY)
     return out

@@ -13,7 +13,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -71,13 +71,87 @@ def _inside(a: tuple[float, ...], b: tuple[float, ...]) -> float:
 
 
 TILE_ASPECT = 1.5
+# MediaPipe warps its input with OpenCV, whose remap refuses any side >= 32767 px (SHRT_MAX) and aborts the
+# process. The detectors squeeze what they see into 128 or 192 px, so a region is first downscaled to at most
+# DETECT_SIDE px (nothing the detectors could see is lost) and no MediaPipe call ever gets a larger image.
+DETECT_SIDE = 1024
+MAX_TILES = 48  # an extreme aspect ratio gets longer (non-square) tiles rather than thousands of tiles
+MIN_TILE_SIDE = 24  # a strip narrower than this holds no face the detectors can find: it is not tiled
+PAD_SIDE = 512  # the padded retry (for tight crops) runs on the image downscaled to this
+# image pyramid for small faces in large photos: grids of square tiles of half, a quarter, ... of the short
+# side, down to PYRAMID_MIN_TILE px, at most PYRAMID_MAX_TILES tiles in all (coarse levels first)
+PYRAMID_MIN_TILE = 300
+PYRAMID_MAX_TILES = 24
+
+
+def _resize_max(rgb: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+    """``rgb`` downscaled (area interpolation) so its longer side is at most ``max_side``; (image, scale)."""
+    h, w = rgb.shape[:2]
+    if max(h, w) <= max_side:
+        return rgb, 1.0
+    import cv2
+
+    s = max_side / max(h, w)
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA), s
+
+
+def tile_plan(h: int, w: int) -> list[tuple[int, int, int, int]]:
+    """Overlapping tiles (x0, y0, tw, th) along the long side of a wide or tall image; [] otherwise.
+
+    Tiles are squares of the short side with at least 25 % overlap, at most ``MAX_TILES`` of them (beyond
+    that the tiles get longer); strips narrower than ``MIN_TILE_SIDE`` are not tiled.
+    """
+    side, long = min(h, w), max(h, w)
+    if long <= TILE_ASPECT * side or side < MIN_TILE_SIDE:
+        return []
+    length = max(float(side), long / (1 + 0.75 * (MAX_TILES - 1)))
+    n = min(MAX_TILES, int(np.ceil((long - length) / (0.75 * length))) + 1)
+    tl = int(np.ceil(length))
+    out = []
+    for i in range(n):
+        start = int(round(i * (long - tl) / max(1, n - 1)))
+        out.append((start, 0, tl, h) if w >= h else (0, start, w, tl))
+    return out
+
+
+def pyramid_plan(h: int, w: int) -> list[tuple[int, int, int, int]]:
+    """Square tiles (x0, y0, side, side) of the image pyramid, each grid overlapping by at least 25 %.
+
+    Level k has tiles of ``min(h, w) / 2**k`` px (k >= 1) while they are at least ``PYRAMID_MIN_TILE``;
+    a level that would take the total past ``PYRAMID_MAX_TILES`` is left out with all finer ones (so
+    large photos keep the cost bounded, at the price of their smallest faces).
+    """
+    out: list[tuple[int, int, int, int]] = []
+    side = min(h, w) / 2
+    while side >= PYRAMID_MIN_TILE:
+        t = int(round(side))
+        nx = int(np.ceil((w - t) / (0.75 * t))) + 1
+        ny = int(np.ceil((h - t) / (0.75 * t))) + 1
+        if len(out) + nx * ny > PYRAMID_MAX_TILES:
+            break
+        for j in range(ny):
+            for i in range(nx):
+                out.append((int(round(i * (w - t) / max(1, nx - 1))), int(round(j * (h - t) / max(1, ny - 1))), t, t))
+        side /= 2
+    return out
+
+
+def _cut_by_tile(box: tuple[float, float, float, float], x0: int, y0: int, tw: int, th: int,
+                 w: int, h: int) -> bool:
+    """Whether a detection in tile (x0, y0, tw, th) touches a tile edge inside the image: a face cut by the
+    tile, which the overlapping neighbour or the coarser level sees whole."""
+    m = 0.02 * max(tw, th)
+    bx, by, bw, bh = box
+    return ((x0 > 0 and bx < x0 + m) or (y0 > 0 and by < y0 + m)
+            or (x0 + tw < w and bx + bw > x0 + tw - m) or (y0 + th < h and by + bh > y0 + th - m))
 
 
 class FaceDetector:
     """MediaPipe face detection: ``short`` (faces within ~2 m), ``full`` (up to ~5 m) or ``both`` (merged)."""
 
     def __init__(self, model: DetectorModel = "both", min_score: float = 0.5, nms_iou: float = 0.3,
-                 pad_retry: float = 0.25) -> None:
+                 pad_retry: float = 0.25, pyramid: bool = True) -> None:
         import mediapipe as mp
 
         if model not in ("short", "full", "both"):
@@ -93,11 +167,19 @@ class FaceDetector:
                 d.process(blank)
         self.nms_iou = nms_iou
         self.pad_retry = pad_retry
+        self.pyramid = pyramid
+        # pyramid tiles use the full-range model when configured (it is made for small, distant faces)
+        self._pyramid_detectors = self._detectors[-1:]
 
-    def _detect_tile(self, tile: np.ndarray, x0: int, y0: int) -> list[Detection]:
-        h, w = tile.shape[:2]
+    def _detect_region(self, rgb: np.ndarray, x0: int, y0: int, w: int, h: int,
+                       detectors: list[Any] | None = None) -> list[Detection]:
+        """Detections in the region (x0, y0, w, h) of ``rgb`` (or all of a padded ``rgb`` when x0, y0 < 0),
+        in ``rgb``'s pixel frame; the region is downscaled to ``DETECT_SIDE`` first."""
+        region = rgb[max(0, y0): max(0, y0) + h, max(0, x0): max(0, x0) + w]
+        tile, _ = _resize_max(region, DETECT_SIDE)
+        tile = np.ascontiguousarray(tile)
         out = []
-        for det in self._detectors:
+        for det in self._detectors if detectors is None else detectors:
             res = det.process(tile)
             for d in res.detections or []:
                 rb = d.location_data.relative_bounding_box
@@ -110,30 +192,34 @@ class FaceDetector:
         """Faces in an RGB uint8 image, sorted left to right.
 
         The MediaPipe detectors squeeze the whole image into a 128 or 192 px square, so in a wide or tall
-        image faces shrink below what they can find. Such images are also scanned in overlapping square
-        tiles (side = the short edge, 25 % overlap); detections are merged by score-ordered NMS. When
-        nothing is found, the image is searched once more with a ``pad_retry`` margin (tight face crops).
+        image faces shrink below what they can find. Such images are also scanned in overlapping tiles
+        (:func:`tile_plan`); detections are merged by score-ordered NMS. When nothing is found, the image
+        (downscaled to ``PAD_SIDE``) is searched once more with a ``pad_retry`` margin (tight face crops).
+        Every MediaPipe call gets an image of at most ``DETECT_SIDE`` px, whatever the input's size.
         """
         h, w = rgb.shape[:2]
-        found = self._detect_tile(rgb, 0, 0)
-        side = min(h, w)
-        if max(h, w) > TILE_ASPECT * side:
-            long = max(h, w)
-            n = int(np.ceil((long - side) / (0.75 * side))) + 1
-            for i in range(n):
-                start = int(round(i * (long - side) / max(1, n - 1)))
-                if w >= h:
-                    found += self._detect_tile(np.ascontiguousarray(rgb[:, start : start + side]), start, 0)
-                else:
-                    found += self._detect_tile(np.ascontiguousarray(rgb[start : start + side]), 0, start)
+        if h < 1 or w < 1:
+            raise ValueError(f"image of {w}x{h} px has no pixels to search for faces")
+        found = self._detect_region(rgb, 0, 0, w, h)
+        for x0, y0, tw, th in tile_plan(h, w):
+            found += self._detect_region(rgb, x0, y0, tw, th)
+        if self.pyramid:
+            for x0, y0, tw, th in pyramid_plan(h, w):
+                found += [d for d in self._detect_region(rgb, x0, y0, tw, th, self._pyramid_detectors)
+                          if not _cut_by_tile(d.bbox, x0, y0, tw, th, w, h)]
         if not found and self.pad_retry > 0:
             # a face that fills the frame (a tight, pre-cropped photo) has too little context for the
             # detectors: look again with a replicated margin; boxes map back and may extend past the edge
             import cv2
 
-            p = int(round(self.pad_retry * max(h, w)))
-            padded = cv2.copyMakeBorder(rgb, p, p, p, p, cv2.BORDER_REPLICATE)
-            found = self._detect_tile(np.ascontiguousarray(padded), -p, -p)
+            small, s = _resize_max(rgb, PAD_SIDE)
+            sh, sw = small.shape[:2]
+            p = int(round(self.pad_retry * max(sh, sw)))
+            padded = cv2.copyMakeBorder(small, p, p, p, p, cv2.BORDER_REPLICATE)
+            for d in self._detect_region(padded, -p, -p, sw + 2 * p, sh + 2 * p):
+                bx, by, bw, bh = d.bbox
+                found.append(Detection(bbox=(bx / s, by / s, bw / s, bh / s), score=d.score,
+                                       keypoints=d.keypoints / s))
         kept: list[Detection] = []
         for d in sorted(found, key=lambda d: -d.score):
             if all(box_iou(d.bbox, k.bbox) < self.nms_iou and _inside(d.bbox, k.bbox) < 0.6 for k in kept):
@@ -177,22 +263,25 @@ class FaceMesher:
         x0, y0 = int(round(cx - side / 2)), int(round(cy - side / 2))
         s = max(8, int(round(side)))
         h, w = rgb.shape[:2]
-        pad = [max(0, -y0), max(0, y0 + s - h), max(0, -x0), max(0, x0 + s - w)]
         crop = rgb[max(0, y0): min(h, y0 + s), max(0, x0): min(w, x0 + s)]
         if crop.size == 0:
             return None
+        # shrink the part inside the frame first, then pad: the square never exceeds max_side, however
+        # large the box (a huge box padded at full size could exceed OpenCV's and the memory's limits)
+        scale = min(1.0, max_side / s)
+        out_side = max(1, int(round(s * scale)))
+        pad = [int(round(v * scale)) for v in (max(0, -y0), max(0, y0 + s - h), max(0, -x0), max(0, x0 + s - w))]
+        inner = (max(1, out_side - pad[2] - pad[3]), max(1, out_side - pad[0] - pad[1]))
+        if scale < 1.0 or (crop.shape[1], crop.shape[0]) != inner:
+            crop = cv2.resize(crop, inner, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
         if any(pad):
             crop = cv2.copyMakeBorder(crop, *pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
-        scale = 1.0
-        if s > max_side:
-            scale = max_side / s
-            crop = cv2.resize(crop, (max_side, max_side), interpolation=cv2.INTER_AREA)
         meshes = self._run(np.ascontiguousarray(crop))
         if not meshes:
             return None
         center = np.array([crop.shape[1] / 2, crop.shape[0] / 2])
         best = min(meshes, key=lambda m: float(np.linalg.norm(m[:, :2].mean(axis=0) - center)))
-        best[:, :3] /= scale
+        best[:, :3] /= crop.shape[1] / s  # the square's actual scale (rounding included)
         best[:, 0] += x0
         best[:, 1] += y0
         # the mesh must belong to this detection, not to a neighbour inside the crop

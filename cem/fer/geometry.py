@@ -26,6 +26,9 @@ RIGHT_EYE = np.array([33, 7, 163, 144, 145, 153, 154, 155, 133, 173, 157, 158, 1
 LEFT_EYE = np.array([263, 249, 390, 373, 374, 380, 381, 382, 362, 398, 384, 385, 386, 387, 388, 466])
 
 
+MAX_WARP_SOURCE = 4096  # OpenCV's warps abort on sources with a side >= 32767 px; regions are shrunk below this
+
+
 @dataclass(frozen=True)
 class Reference:
     canonical: np.ndarray  # (478, 3) canonical neutral face
@@ -109,8 +112,26 @@ def aligned_crop(gray: np.ndarray, right_eye: np.ndarray, left_eye: np.ndarray, 
     m = np.array([[a.real, -a.imag, b.real], [a.imag, a.real, b.imag]])
     scale = abs(a)
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    if scale < 0.5:  # pre-shrink so that the warp averages pixels instead of aliasing
-        k = 1.0 / scale
-        sigma = 0.5 * k
-        gray = cv2.GaussianBlur(gray, (0, 0), sigmaX=sigma)
-    return cv2.warpAffine(gray, m, (size, size), flags=interp, borderMode=cv2.BORDER_REPLICATE)
+    # warp only the source region the crop can read (plus a margin for the blur and interpolation): OpenCV's
+    # warp refuses sources with a side >= 32767 px, and blurring a whole large photo for one face is waste
+    inv = cv2.invertAffineTransform(m)
+    corners = np.array([[0, 0, 1], [size, 0, 1], [0, size, 1], [size, size, 1]], dtype=np.float64) @ inv.T
+    margin = 4 + (3.0 / scale if scale < 0.5 else 0.0)
+    h, w = gray.shape[:2]
+    x0 = int(np.clip(np.floor(corners[:, 0].min() - margin), 0, w - 1))
+    y0 = int(np.clip(np.floor(corners[:, 1].min() - margin), 0, h - 1))
+    x1 = int(np.clip(np.ceil(corners[:, 0].max() + margin) + 1, x0 + 1, w))
+    y1 = int(np.clip(np.ceil(corners[:, 1].max() + margin) + 1, y0 + 1, h))
+    region = gray[y0:y1, x0:x1]
+    m = m.copy()
+    m[:, 2] += m[:, :2] @ np.array([x0, y0], dtype=np.float64)
+    if max(region.shape[:2]) > MAX_WARP_SOURCE:  # a face thousands of px wide: shrink it first
+        r = MAX_WARP_SOURCE / max(region.shape[:2])
+        region = cv2.resize(region, (max(1, round(region.shape[1] * r)), max(1, round(region.shape[0] * r))),
+                            interpolation=cv2.INTER_AREA)
+        m[:, :2] /= r
+        scale /= r
+    if scale < 0.5:  # pre-blur so that the warp averages pixels instead of aliasing
+        region = cv2.GaussianBlur(region, (0, 0), sigmaX=0.5 / scale)
+    return cv2.warpAffine(np.ascontiguousarray(region), m, (size, size), flags=interp,
+                          borderMode=cv2.BORDER_REPLICATE)

@@ -6,14 +6,16 @@ image; the expression CNN sees all faces of an image in one batch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from cem.config import Config
-from cem.fer.aus import estimate_aus
+from cem.fer.aus import SubjectBaseline, estimate_aus
 from cem.fer.expression import CROP_SIZE, ExpressionModel
 from cem.fer.geometry import aligned_crop, eye_centers, frontalize, load_reference, pose_from_rotation
 from cem.fer.quality import assess
@@ -33,12 +35,40 @@ def _box_from_mesh(tight: tuple[float, float, float, float],
     return (cx - side / 2, cy - side / 2, side, side)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with torch's intra-op thread count at ``n`` (0: unchanged), then restore it.
+
+    torch's setting is process-wide, so it is changed only around the FER stage's own inference and put
+    back at once: a reasoner that runs torch on the CPU in the same process keeps its own setting. Not
+    for use while another Python thread runs torch at the same moment.
+    """
+    if n <= 0:
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    if previous == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 class FERStage:
     """Measures every face of an RGB image. ``faces="whole"`` treats the image as one pre-cropped face."""
 
     def __init__(self, config: Config) -> None:
         from cem.fer.detect import FaceDetector, FaceMesher
 
+        threads = config.expression.threads
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise ValueError(f"expression.threads must be a whole number >= 0 (0 = torch's own setting), "
+                             f"not {threads!r}")
         self.config = config
         self.last_timings: dict[str, float] = {}
         self.ref = load_reference()
@@ -59,10 +89,26 @@ class FERStage:
     def labels(self) -> list[str]:
         return list(self.config.labels)
 
+    def baseline(self, images: Sequence[np.ndarray], faces: str | None = None) -> SubjectBaseline:
+        """A subject's own neutral reference from RGB photos of that one person: their neutral photo(s)
+        (best) or several of their photos (the median; weaker). The largest face of each image counts;
+        images where no face mesh fits are skipped, and none fitting at all is an error."""
+        meshes = []
+        for rgb in images:
+            found = [f for f in self.measure(rgb, faces) if f.landmarks is not None]
+            if found:
+                meshes.append(max(found, key=lambda f: f.bbox[2] * f.bbox[3]).landmarks)
+        if not meshes:
+            raise ValueError(f"no face mesh fits in any of the {len(images)} baseline image(s) of the subject")
+        return SubjectBaseline.from_meshes(meshes, self.ref)
+
     def measure(self, rgb: np.ndarray, faces: str | None = None,
-                boxes: list[tuple[tuple[float, float, float, float], float]] | None = None) -> list[FaceEvidence]:
+                boxes: list[tuple[tuple[float, float, float, float], float]] | None = None,
+                baseline: SubjectBaseline | None = None) -> list[FaceEvidence]:
         """Faces of one RGB image. ``boxes`` ((x, y, w, h), score) skips detection and meshes those boxes
-        (video tracking); a box on which no mesh fits is dropped, since the tracker will re-detect."""
+        (video tracking); a box on which no mesh fits is dropped, since the tracker will re-detect.
+        ``baseline`` (from :meth:`baseline`): AUs are measured against that person's own neutral face
+        (use it for images of one subject: every face of the image is measured against it)."""
         import cv2
 
         mode = faces or self.config.faces.mode
@@ -101,7 +147,11 @@ class FERStage:
                 items.append((det.bbox, det.score, mesh, aligned_crop(gray, r_eye, l_eye, self.ref, CROP_SIZE)))
 
         t1 = time.perf_counter()
-        probs = self.expression.predict(np.stack([c for *_, c in items])) if items else np.zeros((0, 0))
+        if items:
+            with torch_threads(self.config.expression.threads):
+                probs = self.expression.predict(np.stack([c for *_, c in items]))
+        else:
+            probs = np.zeros((0, 0))
         t2 = time.perf_counter()
         label_index = {lab: i for i, lab in enumerate(self.expression.labels)}
         out = []
@@ -111,7 +161,7 @@ class FERStage:
             if mesh is not None:
                 front, rot = frontalize(mesh, self.ref)  # once: pose and AUs share the alignment
                 pose = Pose(*pose_from_rotation(rot))
-                aus = estimate_aus(mesh, self.ref, front)
+                aus = estimate_aus(mesh, self.ref, front, baseline)
             quality = assess(gray, bbox, pose, self.config.faces.min_face_px, mesh_failed=mesh is None)
             # a configured label the CNN lacks gets 0 (fusion.label_map gives it a mapped label's share)
             p = np.array([probs[i, label_index[lab]] if lab in label_index else 0.0 for lab in self.labels])
