@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -220,3 +221,24 @@ class Pipeline:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # The two halves of analyze_many as public calls, for engines that run them on different workers.
+    def measure(self, image: ImageInput, faces: str | None = None) -> MeasuredImage:
+        """Load and FER-measure one image; never raises for a bad image (``error`` is set instead)."""
+        return MeasuredImage(*self._measure(image, faces))
+
+    def reason_many(self, measured: list[MeasuredImage], contexts: list[str | None]) -> list[ImageResult]:
+        """Reason over measured images in one batch and fuse: one result per image, in order."""
+        parts = [(m.name, m.rgb, m.evidence, m.timings, m.error) for m in measured]
+        return [self._finish(*p, a, err) for p, (a, err) in zip(parts, self._reason(parts, list(contexts)))]
+
+
+@dataclass
+class MeasuredImage:
+    """One image after the FER stage (picklable, so it can travel between processes or machines)."""
+
+    name: str
+    rgb: np.ndarray | None
+    evidence: list[Any]
+    timings: dict[str, float]
+    error: str | None
