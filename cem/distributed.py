@@ -85,7 +85,10 @@ class DistributedSummary:
 
 
 def output_paths(out: str | os.PathLike, output_format: str | None = None) -> tuple[Path, Path, str]:
-    """(merged file, shard folder, format). ``runs/x.jsonl`` -> shards in ``runs/x/``; ``runs/x`` -> ``runs/x.jsonl``."""
+    """(merged file, shard folder, format).
+
+    ``runs/x.jsonl`` -> shards in ``runs/x/``; ``runs/x`` -> shards in ``runs/x/``, merged into ``runs/x.jsonl``.
+    """
     out = Path(out)
     suffix = out.suffix.lower().lstrip(".")
     fmt = output_format or ("parquet" if suffix == "parquet" else "jsonl")

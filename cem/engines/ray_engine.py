@@ -13,8 +13,9 @@ manifest columns, with ``provenance.node`` (the Ray node id that ran the FER sta
   transformers model), fed pickled :class:`cem.pipeline.MeasuredImage` objects.
 
 Failures: a bad image is an error record (never a lost row); an actor that dies is restarted by Ray and its
-unfinished batch is run again (``max_restarts``/``max_task_retries``), so rows are neither lost nor repeated
-in the stream; the merge step dedupes by key in case a retried batch was written twice.
+unfinished batch is run again (Ray Data's actor pools default to ``max_restarts=-1, max_task_retries=-1``),
+so rows are neither lost nor repeated in the stream; the merge step dedupes by key in case a retried batch
+was written twice.
 """
 
 from __future__ import annotations
@@ -238,20 +239,23 @@ def build_plan(ds: ray.data.Dataset, config: Config, plan: StagePlan, *, image_c
                context_column: str | None, name_column: str | None, extra_column: str | None,
                default_context: str | None = None) -> ray.data.Dataset:
     """``ds`` (one row per image) -> a dataset with one ``record`` column (JSON text), lazily."""
+    from ray.data import ActorPoolStrategy
+
     columns = _Columns(image_column, context_column, name_column, extra_column, default_context)
-    retry = {"max_restarts": -1, "max_task_retries": -1}  # a dead actor is replaced; its batch runs again
+    # Ray Data's actor pools restart a dead actor and rerun its batch by default (max_restarts and
+    # max_task_retries -1); tests/test_ray.py kills an actor mid-run to hold that.
     fuse = plan.reason_actors == 0
     out = ds.map_batches(FERActor, fn_constructor_kwargs={
         "config": config, "columns": columns, "faces": plan.faces, "fuse": fuse,
         "threads": max(1, int(plan.fer_cpus_per_actor))},
-        batch_size=plan.batch_size, batch_format="numpy", concurrency=plan.fer_actors,
-        num_cpus=plan.fer_cpus_per_actor, **retry)
+        batch_size=plan.batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=plan.fer_actors),
+        num_cpus=plan.fer_cpus_per_actor)
     if fuse:
         return out
     return out.map_batches(ReasonActor, fn_constructor_kwargs={
         "config": reasoner_share(config, plan.reason_actors), "threads": max(1, int(plan.reason_cpus_per_actor))},
-        batch_size=plan.batch_size, batch_format="numpy", concurrency=plan.reason_actors,
-        num_cpus=plan.reason_cpus_per_actor, num_gpus=plan.reason_gpus_per_actor or None, **retry)
+        batch_size=plan.batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=plan.reason_actors),
+        num_cpus=plan.reason_cpus_per_actor, num_gpus=plan.reason_gpus_per_actor or None)
 
 
 def image_column_is_paths(ds: ray.data.Dataset, column: str) -> bool:
