@@ -67,6 +67,48 @@ def _repair_jsonl(path: Path) -> set[str]:
     return done
 
 
+def _ray_options(command):
+    """``--engine ray`` and its options: the run goes to :func:`cem.distributed.annotate` (Ray Data)."""
+    options = [
+        click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="local: this machine (--workers); ray: Ray Data actor pools (pip install 'cem[ray]')."),
+        click.option("--address", default=None, help="Ray: cluster to join (auto, ray://HOST:10001); "
+                     "default: a running Ray, else a local one."),
+        click.option("--fer-actors", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Ray: FER actors (1 CPU each by default)."),
+        click.option("--reason-actors", type=click.IntRange(min=0), default=None,
+                     help="Ray: reasoning actors (0: reason in the FER actors; default 0 for rules, else 1)."),
+        click.option("--reason-gpus", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                     help="Ray: GPUs per reasoning actor (transformers reasoner)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _annotate_ray(config, inputs: tuple[str, ...], output: Path, contexts: dict[str, str], context: str | None,
+                  resume: bool, limit: int | None, refused: dict[str, object], opts: dict[str, object]) -> None:
+    """``cem annotate --engine ray``: shards in OUTPUT's folder of the same name, merged into OUTPUT."""
+    import importlib.util
+
+    for flag, value in refused.items():
+        if value:
+            _fail(f"{flag} is not available with --engine ray")
+    if importlib.util.find_spec("ray") is None:
+        _fail("--engine ray needs Ray: pip install 'cem[ray]'")
+    from cem.distributed import annotate as ray_annotate
+
+    try:
+        summary = ray_annotate(list(inputs), config, output, contexts=contexts, context=context, resume=resume,
+                               limit=limit, address=opts["address"], fer_actors=opts["fer_actors"],
+                               reason_actors=opts["reason_actors"], reason_gpus_per_actor=opts["reason_gpus"])
+    except (ValueError, OSError) as e:
+        _fail(str(e))
+    click.echo(summary.text(), err=True)
+    if summary.reasoner_failed_everywhere:
+        sys.exit(3)
+
+
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -91,10 +133,11 @@ def _repair_jsonl(path: Path) -> set[str]:
 @click.option("--fps", type=click.FloatRange(min=0.01), default=None, help="Videos: sample at this frame rate.")
 @click.option("--limit", type=click.IntRange(min=0), default=None, help="Process at most this many images.")
 @click.option("--dry-run", is_flag=True, help="List the images that would be processed, and stop.")
+@_ray_options
 def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: str | None, model: str | None,
              faces: str | None, context: str | None, context_file: str | None, resume: bool,
              csv_path: Path | None, workers: int, frames_path: Path | None, every: int | None, fps: float | None,
-             limit: int | None, dry_run: bool) -> None:
+             limit: int | None, dry_run: bool, **engine: object) -> None:
     """Annotate images into OUTPUT, one JSON record per image.
 
     INPUTS are files, folders (searched recursively for images), globs, and CSV manifests (a .csv with
@@ -116,6 +159,9 @@ def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: 
         items = collect_inputs(inputs)
     except (ValueError, OSError) as e:
         _fail(str(e))
+    if engine["engine"] == "ray":
+        return _annotate_ray(config, inputs, output, contexts, context, resume, limit, {
+            "--csv": csv_path, "--workers > 1": workers > 1, "--frames": frames_path, "--dry-run": dry_run}, engine)
     from cem.video import is_video
 
     videos = [it for it in items if is_video(it.path)]

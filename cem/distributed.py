@@ -27,7 +27,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -221,6 +221,7 @@ def _is_ray_dataset(obj: Any) -> bool:
 def annotate(dataset_or_paths: Any, config: Config | str | os.PathLike = "default",
              out: str | os.PathLike = "cem-out.jsonl", *, image_column: str = "image",
              context_column: str | None = "context", name_column: str | None = None, context: str | None = None,
+             contexts: Mapping[str, str] | None = None,
              fer_actors: int = 1, fer_cpus_per_actor: float = 1.0, reason_actors: int | None = None,
              reason_cpus_per_actor: float = 1.0, reason_gpus_per_actor: float = 0.0, batch_size: int = 16,
              resume: bool = False, address: str | None = None, output_format: str | None = None,
@@ -237,6 +238,8 @@ def annotate(dataset_or_paths: Any, config: Config | str | os.PathLike = "defaul
         out: ``X.jsonl`` or ``X.parquet`` (merged output; shards in ``X/``), or ``X`` (shards in ``X/``,
             merged into ``X.jsonl``).
         context: the context of rows that have none.
+        contexts: for path inputs, contexts by image path (as given, or file name), as ``--context-file``
+            gives them; precedence: a manifest's context, then ``contexts``, then ``context``.
         fer_actors, fer_cpus_per_actor: size and CPUs of the FER actor pool (torch threads = CPUs).
         reason_actors: a separate reasoning pool of this size; 0 reasons in the FER actors. Default: 0 for
             the ``rules`` reasoner, 1 otherwise.
@@ -268,7 +271,7 @@ def annotate(dataset_or_paths: Any, config: Config | str | os.PathLike = "defaul
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     if not _is_ray_dataset(dataset_or_paths):
-        rows, summary.skipped = _path_rows(dataset_or_paths, done, context, limit)
+        rows, summary.skipped = _path_rows(dataset_or_paths, done, contexts or {}, context, limit)
     if rows or _is_ray_dataset(dataset_or_paths):
         _run(dataset_or_paths, rows, cfg, plan, summary, done, shard_size=shard_size, address=address,
              image_column=image_column, context_column=context_column, name_column=name_column, context=context,
@@ -337,13 +340,18 @@ def _tally(summary: DistributedSummary, rec: dict[str, Any]) -> None:
             summary.reasoner_failed_faces += 1
 
 
-def _path_rows(inputs: Any, done: set[Key], context: str | None,
+def _path_rows(inputs: Any, done: set[Key], contexts: Mapping[str, str], context: str | None,
                limit: int | None) -> tuple[list[dict[str, Any]], int]:
     """Files, folders, globs and manifests, expanded as the local runner does -> (rows to do, skipped)."""
     from cem.io import collect_inputs
+    from cem.video import is_video
 
     items = collect_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs))
-    rows = [{"image": it.path, "context": it.context or context, "extra": json.dumps(it.extra) if it.extra else ""}
+    videos = [it.path for it in items if is_video(it.path)]
+    if videos:
+        raise ValueError(f"{videos[0]}: a video; the Ray engine annotates images (use the local engine for videos)")
+    rows = [{"image": it.path, "extra": json.dumps(it.extra) if it.extra else "",
+             "context": it.context or contexts.get(it.path) or contexts.get(Path(it.path).name) or context}
             for it in items]
     todo = [r for r in rows if (r["image"], r["context"]) not in done]
     return (todo[:limit] if limit is not None else todo), len(rows) - len(todo)
