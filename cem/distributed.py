@@ -45,6 +45,37 @@ def record_key(record: dict[str, Any]) -> Key:
     return record["image"], record.get("context")
 
 
+class KeySet:
+    """Keys of the records seen so far, for resume and dedupe.
+
+    A record without a ``context`` field (written by a cem that did not record contexts) stands for its
+    image under any context, as that cem's resume treated it.
+    """
+
+    def __init__(self) -> None:
+        self.keys: set[Key] = set()
+        self.images: set[str] = set()
+        self.any_context: set[str] = set()
+
+    def add(self, record: dict[str, Any]) -> bool:
+        """Add a record's key; False when an equal key was already there (a duplicate)."""
+        image = record["image"]
+        if "context" not in record:
+            dup = image in self.images
+            self.any_context.add(image)
+        else:
+            dup = self.seen(image, record["context"])
+            self.keys.add((image, record["context"]))
+        self.images.add(image)
+        return not dup
+
+    def seen(self, image: str, context: str | None) -> bool:
+        return (image, context) in self.keys or image in self.any_context
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
 @dataclass
 class DistributedSummary:
     """What a distributed run did. ``skipped``: inputs already done (resume; None for a Dataset input)."""
@@ -164,18 +195,17 @@ def merge(sources: list[Path], merged: Path, output_format: str = "jsonl") -> tu
     Returns (records written, duplicates dropped).
     """
     tmp = merged.with_name(merged.name + ".tmp")
-    seen: set[Key] = set()
-    dropped = 0
+    seen = KeySet()
+    kept, dropped = 0, 0
 
     def unique() -> Iterator[dict[str, Any]]:
-        nonlocal dropped
+        nonlocal kept, dropped
         for src in sources:
             for rec in _read_records(src):
-                key = record_key(rec)
-                if key in seen:
+                if not seen.add(rec):
                     dropped += 1
                     continue
-                seen.add(key)
+                kept += 1
                 yield rec
 
     if output_format == "jsonl":
@@ -185,7 +215,7 @@ def merge(sources: list[Path], merged: Path, output_format: str = "jsonl") -> tu
     else:
         _write_parquet(unique(), tmp)
     os.replace(tmp, merged)
-    return len(seen), dropped
+    return kept, dropped
 
 
 def _write_parquet(records: Iterator[dict[str, Any]], path: Path, rows_per_group: int = 10_000) -> None:
@@ -265,7 +295,10 @@ def annotate(dataset_or_paths: Any, config: Config | str | os.PathLike = "defaul
     if not resume:
         for old in shards.glob(PART_GLOB):
             old.unlink()
-    done: set[Key] = {record_key(r) for src in _sources(merged, shards, resume) for r in _read_records(src)}
+    done = KeySet()
+    for src in _sources(merged, shards, resume):
+        for rec in _read_records(src):
+            done.add(rec)
 
     summary = DistributedSummary(merged, shards)
     t0 = time.perf_counter()
@@ -282,7 +315,7 @@ def annotate(dataset_or_paths: Any, config: Config | str | os.PathLike = "defaul
 
 
 def _run(source: Any, rows: list[dict[str, Any]], cfg: Config, plan: StagePlan, summary: DistributedSummary,
-         done: set[Key], *, shard_size: int, address: str | None, image_column: str, context_column: str | None,
+         done: KeySet, *, shard_size: int, address: str | None, image_column: str, context_column: str | None,
          name_column: str | None, context: str | None, limit: int | None) -> None:
     """Start (or join) Ray, run the plan, and write its records to shards as they arrive."""
     import ray
@@ -340,7 +373,7 @@ def _tally(summary: DistributedSummary, rec: dict[str, Any]) -> None:
             summary.reasoner_failed_faces += 1
 
 
-def _path_rows(inputs: Any, done: set[Key], contexts: Mapping[str, str], context: str | None,
+def _path_rows(inputs: Any, done: KeySet, contexts: Mapping[str, str], context: str | None,
                limit: int | None) -> tuple[list[dict[str, Any]], int]:
     """Files, folders, globs and manifests, expanded as the local runner does -> (rows to do, skipped)."""
     from cem.io import collect_inputs
@@ -353,5 +386,5 @@ def _path_rows(inputs: Any, done: set[Key], contexts: Mapping[str, str], context
     rows = [{"image": it.path, "extra": json.dumps(it.extra) if it.extra else "",
              "context": it.context or contexts.get(it.path) or contexts.get(Path(it.path).name) or context}
             for it in items]
-    todo = [r for r in rows if (r["image"], r["context"]) not in done]
+    todo = [r for r in rows if not done.seen(r["image"], r["context"])]
     return (todo[:limit] if limit is not None else todo), len(rows) - len(todo)

@@ -38,6 +38,7 @@ from cem.config import Config
 if TYPE_CHECKING:
     import ray.data
 
+    from cem.distributed import KeySet
     from cem.pipeline import MeasuredImage, Pipeline
 
 # Test hook for fault-tolerance tests: when this variable names a file that exists, the first actor to
@@ -280,10 +281,10 @@ def check_columns(ds: ray.data.Dataset, names: Sequence[str]) -> None:
 class NotDone:
     """Row filter for resume on a Dataset input: keeps rows whose (name, context) has no record yet."""
 
-    def __init__(self, done: set[tuple[str, str | None]], name_column: str, context_column: str | None,
+    def __init__(self, done: KeySet, name_column: str, context_column: str | None,
                  default_context: str | None) -> None:
         self.done, self.name, self.ctx, self.default = done, name_column, context_column, default_context
 
     def __call__(self, row: dict[str, Any]) -> bool:
         ctx = (_text(row.get(self.ctx)) if self.ctx else None) or self.default
-        return (str(row[self.name]), ctx) not in self.done
+        return not self.done.seen(str(row[self.name]), ctx)
