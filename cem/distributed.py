@@ -38,6 +38,7 @@ from cem.engines.ray_engine import StagePlan
 Key = tuple[str, "str | None"]
 PART_GLOB = "part-*.jsonl"
 MAX_BLOCKS = 10_000
+ACTOR_START_TIMEOUT_S = 900  # loading MediaPipe and the CNN takes seconds; a model on a GPU, minutes
 
 
 def record_key(record: dict[str, Any]) -> Key:
@@ -325,12 +326,17 @@ def _run(source: Any, rows: list[dict[str, Any]], cfg: Config, plan: StagePlan, 
     started = not ray.is_initialized()
     if started:
         ray.init(address=address)
+    data_context = ray.data.DataContext.get_current()
+    saved_wait = data_context.wait_for_min_actors_s
+    # start work once every actor has loaded its models (fair shares, and a clear error instead of a
+    # hang when the cluster cannot hold the pools); datasets created below capture this setting
+    data_context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     try:
         extra_column: str | None = None
         if rows:
-            # one block per actor call keeps every actor busy and the progress bars moving
-            blocks = max(1, min(MAX_BLOCKS, math.ceil(len(rows) / plan.batch_size)))
-            ds = ray.data.from_items(rows, override_num_blocks=blocks)
+            # at least a few blocks per actor, so every actor gets work and the progress bars move
+            blocks = max(math.ceil(len(rows) / plan.batch_size), 4 * (plan.fer_actors + plan.reason_actors))
+            ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), blocks, MAX_BLOCKS))
             image_column, context_column, name_column, extra_column = "image", "context", None, "extra"
         else:
             ds = source
@@ -358,6 +364,7 @@ def _run(source: Any, rows: list[dict[str, Any]], cfg: Config, plan: StagePlan, 
         finally:
             writer.close()
     finally:
+        data_context.wait_for_min_actors_s = saved_wait
         if started:
             ray.shutdown()
 

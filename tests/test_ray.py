@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +90,12 @@ def local_records(image_set, tmp_path_factory) -> list[dict]:
     return _read(out)
 
 
+def _auth() -> dict[str, str]:
+    """Ray 2.5x clusters require a token; each test cluster gets its own, given to every process by
+    environment (nothing is written to ~/.ray)."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+
+
 @pytest.fixture(scope="module")
 def ray_runtime(tmp_path_factory):
     """A local Ray for this module. ``trigger``: create this file to make one FER actor kill itself."""
@@ -98,13 +104,16 @@ def ray_runtime(tmp_path_factory):
 
     temp = tempfile.mkdtemp(prefix="cemray", dir="/tmp")
     trigger = tmp_path_factory.mktemp("hook") / "kill-one-actor"
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, object_store_memory=200 * 2**20,
-             runtime_env={"env_vars": {KILL_HOOK_ENV: str(trigger)}}, log_to_driver=False)
-    try:
-        yield {"address": ray.get_runtime_context().gcs_address, "trigger": trigger}
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in _auth().items():  # the CLI subprocesses inherit them
+            mp.setenv(k, v)
+        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, object_store_memory=200 * 2**20,
+                 runtime_env={"env_vars": {KILL_HOOK_ENV: str(trigger)}}, log_to_driver=False)
+        try:
+            yield {"address": ray.get_runtime_context().gcs_address, "trigger": trigger}
+        finally:
+            ray.shutdown()
+            shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_output_paths_and_bad_format(tmp_path):
@@ -225,17 +234,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ray_processes(marker: str) -> list:
+def _stop_cluster(marker: str) -> None:
+    """Stop the Ray processes whose command line names ``marker`` (this cluster's temp dir), and their
+    children (workers, renamed ray::...), by process id: never every Ray on the machine."""
     import psutil
 
-    procs = []
+    procs: dict[int, psutil.Process] = {}
     for p in psutil.process_iter(["pid", "cmdline"]):
         try:
             if any(marker in part for part in p.info["cmdline"] or []):
-                procs.append(p)
+                procs[p.pid] = p
+                procs.update({c.pid: c for c in p.children(recursive=True)})
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    return procs
+    for p in procs.values():
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=10)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 @pytest.mark.slow
@@ -245,7 +267,7 @@ def test_two_node_cluster_uses_both_nodes(image_set, local_records, tmp_path):
     ray_bin = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
     temp = tempfile.mkdtemp(prefix="cem2n", dir="/tmp")
     port = _free_port()
-    env = os.environ | {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    env = os.environ | _auth()
     common = ["--num-cpus", "1", "--object-store-memory", str(100 * 2**20), "--disable-usage-stats"]
     try:
         head = subprocess.run([ray_bin, "start", "--head", "--port", str(port), "--temp-dir", temp,
@@ -263,12 +285,5 @@ def test_two_node_cluster_uses_both_nodes(image_set, local_records, tmp_path):
         assert len({rec["provenance"]["node"] for rec in recs}) == 2
         assert _comparable(recs) == _comparable(local_records)
     finally:
-        # stop exactly this cluster's processes (by id), not every Ray on the machine
-        procs = _ray_processes(temp)
-        for p in procs:
-            p.terminate()
-        time.sleep(1)
-        for p in procs:
-            if p.is_running():
-                p.kill()
+        _stop_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)

@@ -242,20 +242,24 @@ def build_plan(ds: ray.data.Dataset, config: Config, plan: StagePlan, *, image_c
     """``ds`` (one row per image) -> a dataset with one ``record`` column (JSON text), lazily."""
     from ray.data import ActorPoolStrategy
 
+    def pool(size: int) -> ActorPoolStrategy:
+        return ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=2)
+
     columns = _Columns(image_column, context_column, name_column, extra_column, default_context)
     # Ray Data's actor pools restart a dead actor and rerun its batch by default (max_restarts and
-    # max_task_retries -1); tests/test_ray.py kills an actor mid-run to hold that.
+    # max_task_retries -1); tests/test_ray.py kills an actor mid-run to hold that. Two batches in flight
+    # per actor: one running, one queued; deeper queues only starve the other actors of CPU-bound work.
     fuse = plan.reason_actors == 0
     out = ds.map_batches(FERActor, fn_constructor_kwargs={
         "config": config, "columns": columns, "faces": plan.faces, "fuse": fuse,
         "threads": max(1, int(plan.fer_cpus_per_actor))},
-        batch_size=plan.batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=plan.fer_actors),
+        batch_size=plan.batch_size, batch_format="numpy", compute=pool(plan.fer_actors),
         num_cpus=plan.fer_cpus_per_actor)
     if fuse:
         return out
     return out.map_batches(ReasonActor, fn_constructor_kwargs={
         "config": reasoner_share(config, plan.reason_actors), "threads": max(1, int(plan.reason_cpus_per_actor))},
-        batch_size=plan.batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=plan.reason_actors),
+        batch_size=plan.batch_size, batch_format="numpy", compute=pool(plan.reason_actors),
         num_cpus=plan.reason_cpus_per_actor, num_gpus=plan.reason_gpus_per_actor or None)
 
 
