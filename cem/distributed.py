@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -331,12 +332,17 @@ def _run(source: Any, rows: list[dict[str, Any]], cfg: Config, plan: StagePlan, 
     # start work once every actor has loaded its models (fair shares, and a clear error instead of a
     # hang when the cluster cannot hold the pools); datasets created below capture this setting
     data_context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
+    # rows are tiny (paths) and the work is CPU-bound: spread batches over all actors, not by locality
+    saved_locality = data_context.execution_options.actor_locality_enabled
+    data_context.execution_options.actor_locality_enabled = False
     try:
         extra_column: str | None = None
         if rows:
-            # at least a few blocks per actor, so every actor gets work and the progress bars move
-            blocks = max(math.ceil(len(rows) / plan.batch_size), 4 * (plan.fer_actors + plan.reason_actors))
-            ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), blocks, MAX_BLOCKS))
+            # a small job still gives every actor a few batches (Ray Data bundles blocks up to batch_size)
+            size = max(1, min(plan.batch_size, math.ceil(len(rows) / (4 * plan.fer_actors))))
+            plan = dataclasses.replace(plan, batch_size=size)
+            blocks = min(math.ceil(len(rows) / size), MAX_BLOCKS)
+            ds = ray.data.from_items(rows, override_num_blocks=blocks)
             image_column, context_column, name_column, extra_column = "image", "context", None, "extra"
         else:
             ds = source
@@ -365,6 +371,7 @@ def _run(source: Any, rows: list[dict[str, Any]], cfg: Config, plan: StagePlan, 
             writer.close()
     finally:
         data_context.wait_for_min_actors_s = saved_wait
+        data_context.execution_options.actor_locality_enabled = saved_locality
         if started:
             ray.shutdown()
 
