@@ -92,14 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     if oasis is None or not oasis.is_dir():
         print("skipped: ../shared/data/oasis_people not found", file=sys.stderr)
         return 0
+    env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "GLOG_minloglevel": "2"}
+    os.environ.update({k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")})  # before Ray reads its config
     import ray
 
     modes = {"local-1": [], "local-w2": ["--workers", "2"], "ray-1": ["--engine", "ray", "--fer-actors", "1"],
              "ray-2": ["--engine", "ray", "--fer-actors", "2"]}
     chosen = [m for m in a.modes.split(",") if m]
     tmp = Path(tempfile.mkdtemp(prefix="cemrs", dir="/tmp"))
-    env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "GLOG_minloglevel": "2"}
-    os.environ.update({k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")})  # this script's own Ray
     result: dict[str, Any] = {"data": f"oasis_people photos (500x400) repeated to {a.n} images",
                               "n": a.n, "warm": a.warm, "cpus": os.cpu_count(), "date": time.strftime(
                                   "%Y-%m-%d %H:%M UTC", time.gmtime()), "load_avg_start": os.getloadavg(),
