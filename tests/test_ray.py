@@ -146,6 +146,21 @@ def test_merge_keeps_first_record_per_key_in_jsonl_and_parquet(tmp_path):
     assert [(r["image"], r["context"], r["n_faces"]) for r in table] == [("x.png", None, 0), ("x.png", "c", 0)]
 
 
+def test_openai_reasoning_actors_share_the_concurrency_and_get_the_server_settings(monkeypatch):
+    from cem.config import Config
+    from cem.engines.ray_engine import reasoner_env, reasoner_share
+
+    cfg = Config.load("vllm")
+    assert cfg.reasoner.options["concurrency"] == 8
+    share = reasoner_share(cfg, 3)
+    assert share.reasoner.options["concurrency"] == 3 and cfg.reasoner.options["concurrency"] == 8
+    assert reasoner_share(cfg, 1) is cfg and reasoner_share(Config.load("default"), 4).reasoner.backend == "rules"
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://pool:8000/v1")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert reasoner_env(cfg) == {"env_vars": {"OPENAI_BASE_URL": "http://pool:8000/v1"}}
+    assert reasoner_env(Config.load("default")) is None
+
+
 def test_help_does_not_import_ray():
     code = "import sys, cem, cem.cli, cem.distributed; print('ray' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

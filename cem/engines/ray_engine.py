@@ -250,17 +250,30 @@ def build_plan(ds: ray.data.Dataset, config: Config, plan: StagePlan, *, image_c
     # max_task_retries -1); tests/test_ray.py kills an actor mid-run to hold that. Two batches in flight
     # per actor: one running, one queued; deeper queues only starve the other actors of CPU-bound work.
     fuse = plan.reason_actors == 0
+    env = reasoner_env(config)
     out = ds.map_batches(FERActor, fn_constructor_kwargs={
         "config": config, "columns": columns, "faces": plan.faces, "fuse": fuse,
         "threads": max(1, int(plan.fer_cpus_per_actor))},
         batch_size=plan.batch_size, batch_format="numpy", compute=pool(plan.fer_actors),
-        num_cpus=plan.fer_cpus_per_actor)
+        num_cpus=plan.fer_cpus_per_actor, runtime_env=env if fuse else None)
     if fuse:
         return out
     return out.map_batches(ReasonActor, fn_constructor_kwargs={
         "config": reasoner_share(config, plan.reason_actors), "threads": max(1, int(plan.reason_cpus_per_actor))},
         batch_size=plan.batch_size, batch_format="numpy", compute=pool(plan.reason_actors),
-        num_cpus=plan.reason_cpus_per_actor, num_gpus=plan.reason_gpus_per_actor or None)
+        num_cpus=plan.reason_cpus_per_actor, num_gpus=plan.reason_gpus_per_actor or None, runtime_env=env)
+
+
+# the openai backend reads these from its environment; actors on other machines do not inherit the driver's
+_REASONER_ENV = ("OPENAI_BASE_URL", "OPENAI_API_KEY")
+
+
+def reasoner_env(config: Config) -> dict[str, Any] | None:
+    """Ray runtime_env giving the reasoning actors the driver's server settings (openai backend only)."""
+    if config.reasoner.backend != "openai":
+        return None
+    env = {k: os.environ[k] for k in _REASONER_ENV if k in os.environ}
+    return {"env_vars": env} if env else None
 
 
 def image_column_is_paths(ds: ray.data.Dataset, column: str) -> bool:
