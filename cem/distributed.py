@@ -284,7 +284,7 @@ def annotate(dataset_or_paths: Any, config: Config | str | os.PathLike = "defaul
         shard_size: records per shard file.
         limit: process at most this many (new) inputs.
     """
-    cfg = config if isinstance(config, Config) else Config.load(config)
+    cfg = config if isinstance(config, Config) else Config.load(os.fspath(config))
     merged, shards, fmt = output_paths(out, output_format)
     if reason_actors is None:
         reason_actors = 0 if cfg.reasoner.backend == "rules" else 1
@@ -397,8 +397,9 @@ def _path_rows(inputs: Any, done: KeySet, contexts: Mapping[str, str], context: 
     videos = [it.path for it in items if is_video(it.path)]
     if videos:
         raise ValueError(f"{videos[0]}: a video; the Ray engine annotates images (use the local engine for videos)")
-    rows = [{"image": it.path, "extra": json.dumps(it.extra) if it.extra else "",
-             "context": it.context or contexts.get(it.path) or contexts.get(Path(it.path).name) or context}
-            for it in items]
-    todo = [r for r in rows if not done.seen(r["image"], r["context"])]
-    return (todo[:limit] if limit is not None else todo), len(rows) - len(todo)
+    rows: list[dict[str, Any]] = []
+    for it in items:
+        ctx = it.context or contexts.get(it.path) or contexts.get(Path(it.path).name) or context
+        if not done.seen(it.path, ctx):
+            rows.append({"image": it.path, "context": ctx, "extra": json.dumps(it.extra) if it.extra else ""})
+    return (rows[:limit] if limit is not None else rows), len(items) - len(rows)
