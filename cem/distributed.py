@@ -293,25 +293,26 @@ def annotate(dataset_or_paths: Any, config: Config | str | os.PathLike = "defaul
                      batch_size=batch_size)
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
-    shards.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        for old in shards.glob(PART_GLOB):
-            old.unlink()
     done = KeySet()
-    for src in _sources(merged, shards, resume):
+    for src in _sources(merged, shards, resume) if resume else []:
         for rec in _read_records(src):
             done.add(rec)
 
     summary = DistributedSummary(merged, shards)
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    if not _is_ray_dataset(dataset_or_paths):
+    if not _is_ray_dataset(dataset_or_paths):  # inputs are checked before anything is removed
         rows, summary.skipped = _path_rows(dataset_or_paths, done, contexts or {}, context, limit)
+    shards.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        for old in shards.glob(PART_GLOB):
+            old.unlink()
     if rows or _is_ray_dataset(dataset_or_paths):
         _run(dataset_or_paths, rows, cfg, plan, summary, done, shard_size=shard_size, address=address,
              image_column=image_column, context_column=context_column, name_column=name_column, context=context,
              limit=limit)
-    summary.records, summary.duplicates_dropped = merge(_sources(merged, shards, resume=True), merged, fmt)
+    # without resume the merged file is replaced by this run's records; with it, earlier records come first
+    summary.records, summary.duplicates_dropped = merge(_sources(merged, shards, resume), merged, fmt)
     summary.elapsed_s = time.perf_counter() - t0
     return summary
 

@@ -146,6 +146,26 @@ def test_merge_keeps_first_record_per_key_in_jsonl_and_parquet(tmp_path):
     assert [(r["image"], r["context"], r["n_faces"]) for r in table] == [("x.png", None, 0), ("x.png", "c", 0)]
 
 
+def test_rerun_without_resume_replaces_old_output_and_a_bad_input_removes_nothing(tmp_path):
+    from cem.distributed import annotate
+
+    out, shards = tmp_path / "o.jsonl", tmp_path / "o"
+    shards.mkdir()
+    old = {"image": "old.png", "width": 1, "height": 1, "faces": [], "error": None, "provenance": {}}
+    (shards / "part-1-00001.jsonl").write_text(json.dumps(old) + "\n")
+    out.write_text(json.dumps(old) + "\n")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,context\nx.png,\n")
+    with pytest.raises(ValueError, match="needs an 'image' column"):
+        annotate([bad], "default", out)
+    assert (shards / "part-1-00001.jsonl").exists() and _read(out) == [old]
+    # nothing new to do (no inputs): with resume the old records stay; without, the output starts over
+    summary = annotate([], "default", out, resume=True)
+    assert summary.images == 0 and summary.records == 1 and _read(out) == [old]
+    assert annotate([], "default", out).records == 0
+    assert _read(out) == [] and not list(shards.iterdir())
+
+
 def test_openai_reasoning_actors_share_the_concurrency_and_get_the_server_settings(monkeypatch):
     from cem.config import Config
     from cem.engines.ray_engine import reasoner_env, reasoner_share
