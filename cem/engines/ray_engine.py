@@ -167,7 +167,8 @@ def _records(pipe: Pipeline, measured: list[MeasuredImage], contexts: list[str |
     out = []
     for res, ctx, extra, node in zip(results, contexts, extras, nodes):
         rec = res.to_dict()
-        rec.setdefault("context", ctx)  # the contract's `context` field (a no-op where to_dict writes it)
+        if rec.get("context") is None:  # the contract's `context`: the context given (to_dict may write it)
+            rec["context"] = ctx
         rec.update(extra)
         rec["provenance"]["node"] = node
         out.append(json.dumps(rec, ensure_ascii=False))
