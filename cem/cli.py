@@ -42,6 +42,48 @@ def _load_config(config_name: str, base_url: str | None = None, **overrides: obj
     return config
 
 
+def _ray_options(command):
+    """``--engine ray`` and its options: the run goes to :func:`cem.distributed.annotate` (Ray Data)."""
+    options = [
+        click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="local: this machine (--workers); ray: Ray Data actor pools (pip install 'cem[ray]')."),
+        click.option("--address", default=None, help="Ray: cluster to join (auto, ray://HOST:10001); "
+                     "default: a running Ray, else a local one."),
+        click.option("--fer-actors", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Ray: FER actors (1 CPU each by default)."),
+        click.option("--reason-actors", type=click.IntRange(min=0), default=None,
+                     help="Ray: reasoning actors (0: reason in the FER actors; default 0 for rules, else 1)."),
+        click.option("--reason-gpus", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                     help="Ray: GPUs per reasoning actor (transformers reasoner)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _annotate_ray(config, inputs: tuple[str, ...], output: Path, contexts: dict[str, str], context: str | None,
+                  resume: bool, limit: int | None, refused: dict[str, object], opts: dict[str, object]) -> None:
+    """``cem annotate --engine ray``: shards in OUTPUT's folder of the same name, merged into OUTPUT."""
+    import importlib.util
+
+    for flag, value in refused.items():
+        if value:
+            _fail(f"{flag} is not available with --engine ray")
+    if importlib.util.find_spec("ray") is None:
+        _fail("--engine ray needs Ray: pip install 'cem[ray]'")
+    from cem.distributed import annotate as ray_annotate
+
+    try:
+        summary = ray_annotate(list(inputs), config, output, contexts=contexts, context=context, resume=resume,
+                               limit=limit, address=opts["address"], fer_actors=opts["fer_actors"],
+                               reason_actors=opts["reason_actors"], reason_gpus_per_actor=opts["reason_gpus"])
+    except (ValueError, OSError) as e:
+        _fail(str(e))
+    click.echo(summary.text(), err=True)
+    if summary.reasoner_failed_everywhere:
+        sys.exit(3)
+
+
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
@@ -72,10 +114,12 @@ def _load_config(config_name: str, base_url: str | None = None, **overrides: obj
 @click.option("--limit", type=click.IntRange(min=0), default=None, help="Process at most this many images.")
 @click.option("--dry-run", is_flag=True, help="List the images that would be processed, and stop.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@_ray_options
 def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: str | None, model: str | None,
              base_url: str | None, faces: str | None, context: str | None, context_file: str | None, resume: bool,
-             csv_path: Path | None, workers: int, landmarks: bool, engine: str, frames_path: Path | None,
-             every: int | None, fps: float | None, limit: int | None, dry_run: bool, no_progress: bool) -> None:
+             csv_path: Path | None, workers: int, landmarks: bool, frames_path: Path | None,
+             every: int | None, fps: float | None, limit: int | None, dry_run: bool, no_progress: bool,
+             **engine: object) -> None:
     """Annotate images into OUTPUT, one JSON record per image.
 
     INPUTS are files, folders (searched recursively for images), globs, and CSV manifests (a .csv with
@@ -93,11 +137,20 @@ def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: 
 
     config = _load_config(config_name, base_url, reasoner=reasoner, model=model, faces=faces)
     try:
+        if engine["engine"] == "ray":
+            from cem.io import read_context_csv
+
+            contexts = read_context_csv(context_file) if context_file else {}
+            return _annotate_ray(config, inputs, output, contexts, context, resume, limit, {
+                "--csv": csv_path, "--workers > 1": workers > 1, "--frames": frames_path, "--dry-run": dry_run,
+                "--landmarks": landmarks}, engine)
         summary = run(config, inputs, output, resume=resume, workers=workers, csv=csv_path, context=context,
                       context_file=context_file, landmarks=landmarks, progress=not no_progress, limit=limit,
-                      dry_run=dry_run, frames=frames_path, every=every, fps=fps, engine=engine,
+                      dry_run=dry_run, frames=frames_path, every=every, fps=fps,
                       echo=lambda s: click.echo(s, err=True))
     except RunError as e:
+        _fail(safe_text(str(e)))
+    except (ValueError, OSError) as e:  # context file unreadable (the local runner reports its own)
         _fail(safe_text(str(e)))
     except KeyboardInterrupt:
         click.echo(f"cem: interrupted; every record written to {output} is kept: run again with --resume",

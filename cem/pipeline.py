@@ -16,9 +16,9 @@ import numpy as np
 
 import cem
 from cem.config import Config
+from cem.contract import FaceEvidence, FaceResult, ImageResult, Provenance
 from cem.fuse import downweight_contradicted, explain, ground_cues, pool
 from cem.io import MAX_SIDE, ImageInput, ImageLoadError, load_image
-from cem.contract import FaceEvidence, FaceResult, ImageResult, Provenance
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,8 @@ class Pipeline:
             from cem.reasoning.llm import ReasonerFailure
 
             # a ReasonerFailure already reads "reasoner failed (<cause>): ..."; anything else is a model error
-            msg = str(e) if isinstance(e, ReasonerFailure) else f"reasoner failed (model-error): {type(e).__name__}: {e}"
+            msg = str(e) if isinstance(e, ReasonerFailure) else \
+                f"reasoner failed (model-error): {type(e).__name__}: {e}"
             for i in live:
                 out[i] = ([], msg)
         elapsed = (time.perf_counter() - t) * 1000
