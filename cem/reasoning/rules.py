@@ -20,9 +20,8 @@ from typing import Any
 import numpy as np
 
 from cem.config import Config
-from cem.fer.aus import AU_NAMES
+from cem.contract import AU_DESCRIPTIONS, AU_NAMES, Cue, FaceEvidence
 from cem.reasoning.base import FaceReasoning, Job, ReasonerStats
-from cem.schema import Cue, FaceEvidence
 
 PROTOTYPES: dict[str, dict[str, float]] = {
     "happiness": {"AU06": 1.0, "AU12": 1.0},
@@ -35,17 +34,6 @@ PROTOTYPES: dict[str, dict[str, float]] = {
 }
 NEUTRAL_BASELINE = 0.3
 SHARPNESS = 6.0
-
-# short descriptions of what each AU does, used in cue texts
-AU_CUE_TEXT: dict[str, str] = {
-    "AU01": "inner brows raised", "AU02": "outer brows raised", "AU04": "brows lowered and drawn together",
-    "AU05": "upper eyelids raised", "AU06": "cheeks raised", "AU07": "eyelids tightened",
-    "AU09": "nose wrinkled", "AU10": "upper lip raised", "AU12": "lip corners pulled up",
-    "AU14": "mouth corners tightened (dimpler)", "AU15": "lip corners pulled down", "AU17": "chin raised",
-    "AU20": "lips stretched sideways", "AU23": "lips tightened", "AU24": "lips pressed together",
-    "AU25": "lips parted", "AU26": "jaw dropped", "AU43": "eyes closed",
-}
-
 
 def prototype_matches(intensities: dict[str, float], labels: list[str]) -> dict[str, float]:
     """Match in [0, 1] of each configured label's prototype (neutral: the constant baseline)."""
@@ -92,7 +80,7 @@ class RulesReasoner:
             for au, w in PROTOTYPES.get(lab, {}).items():
                 a = face.aus.get(au)
                 if w > 0 and a is not None and a.present:
-                    cues.append(Cue(cue=f"{AU_CUE_TEXT[au]} ({au} {AU_NAMES[au]}, intensity {a.intensity:.1f})",
+                    cues.append(Cue(cue=f"{AU_DESCRIPTIONS[au]} ({au} {AU_NAMES[au]}, intensity {a.intensity:.1f})",
                                     source="face", au=au, supports=lab,
                                     weight=round(w * a.intensity / 5.0, 3), grounding="supported"))
         return FaceReasoning(index=face.index, distribution=dist, cues=cues)
