@@ -184,10 +184,12 @@ def check(config_name: str, model: str | None, base_url: str | None) -> None:
     sys.exit(0 if report.ok else 2)
 
 
-@main.command("train-expression", context_settings={"ignore_unknown_options": True})
+# --help goes to the trainer's own parser, which lists the real options (click's would show only ARGS)
+@main.command("train-expression", add_help_option=False,
+              context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def train_expression(args: tuple[str, ...]) -> None:
-    """Train the expression CNN on FER+ (options: see `cem train-expression --help`)."""
+    """Train the expression CNN on FER+ (options: cem train-expression --help)."""
     from cem.training import main as train_main
 
     sys.exit(train_main(list(args)))
