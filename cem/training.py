@@ -45,39 +45,104 @@ class TrainConfig:
     threads: int = 2
     bf16: bool = True
     max_steps: int | None = None  # stop early after this many optimiser steps (smoke tests)
+    device: str = "cpu"
+    # "basic": flip, affine, gamma, erasing (the first model); "robust": adds what separates a user's photos
+    # from FER2013's (resolution loss and sharpening, blur, noise, side lighting, stronger pose, occlusion)
+    augment: str = "robust"
+    # per-face loss weight = freq(plurality label) ** -class_balance, normalised to mean 1 (0 = off)
+    class_balance: float = 0.0
+    # distillation: the loss mixes the human votes with an ensemble of teachers (folders of trained models)
+    teachers: tuple[str, ...] = ()
+    distill_weight: float = 0.5
 
 
-def _augment(x, gen):  # x: (N,1,48,48) float in [0,1]
+def _rand(n: int, gen, device, *shape: int):
+    import torch
+
+    return torch.rand(n, *shape, generator=gen, device=device)
+
+
+def _augment(x, gen, strength: str = "robust"):  # x: (N,1,48,48) float in [0,1], on the generator's device
+    """Batch augmentation on the tensor's device; every random number comes from ``gen``."""
     import torch
     import torch.nn.functional as F
 
-    n = x.shape[0]
-    flip = torch.rand(n, generator=gen) < 0.5
+    n, dev, size = x.shape[0], x.device, x.shape[-1]
+    robust = strength == "robust"
+    flip = _rand(n, gen, dev) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(12)
-    scale = 0.9 + torch.rand(n, generator=gen) * 0.22
-    shift = (torch.rand(n, 2, generator=gen) * 2 - 1) * 0.08 * 2  # in [-1, 1] grid units
+    max_rot, scale_lo, scale_span, max_shift = (20, 0.85, 0.3, 0.1) if robust else (12, 0.9, 0.22, 0.08)
+    angle = (_rand(n, gen, dev) * 2 - 1) * math.radians(max_rot)
+    scale = scale_lo + _rand(n, gen, dev) * scale_span
+    shift = (_rand(n, gen, dev, 2) * 2 - 1) * max_shift * 2  # in [-1, 1] grid units
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    gamma = torch.exp((torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1) * 0.4)
+    if robust:
+        # resolution: FER2013 faces are soft 48 px web crops; users' faces are often sharper (downscaled from
+        # high resolution) or smaller. Half the batch is degraded (down to 14-40 px and back) or sharpened.
+        mode = _rand(n, gen, dev)
+        low = int(14 + float(_rand(1, gen, dev)) * 26)
+        small = F.interpolate(x, size=(low, low), mode="area")
+        x = torch.where((mode < 0.3)[:, None, None, None],
+                        F.interpolate(small, size=(size, size), mode="bilinear", align_corners=False), x)
+        kernel = torch.tensor([1.0, 2.0, 1.0], device=dev)
+        kernel = (kernel[:, None] * kernel[None]) / 16
+        blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel[None, None])
+        amount = _rand(n, gen, dev)[:, None, None, None]
+        sharpen = ((mode >= 0.3) & (mode < 0.5))[:, None, None, None]
+        blur = ((mode >= 0.5) & (mode < 0.65))[:, None, None, None]
+        x = torch.where(sharpen, (x + amount * 1.5 * (x - blurred)).clamp(0, 1), x)
+        x = torch.where(blur, blurred, x)
+        # side lighting: a multiplicative linear ramp in a random direction
+        direction = _rand(n, gen, dev) * 2 * math.pi
+        coords = torch.linspace(-1, 1, size, device=dev)
+        ramp = torch.cos(direction)[:, None, None] * coords[None, None, :] + \
+            torch.sin(direction)[:, None, None] * coords[None, :, None]
+        depth = (_rand(n, gen, dev) * 0.5)[:, None, None] * (_rand(n, gen, dev) < 0.5)[:, None, None]
+        x = (x * (1 + depth * ramp)[:, None]).clamp(0, 1)
+        noise = (_rand(n, gen, dev) < 0.3)[:, None, None, None] * _rand(n, gen, dev)[:, None, None, None] * 0.05
+        x = (x + noise * torch.randn(x.shape, generator=gen, device=dev)).clamp(0, 1)
+    gamma = torch.exp((_rand(n, gen, dev, 1, 1, 1) * 2 - 1) * 0.4)
     x = x.clamp(1e-4, 1) ** gamma
-    # random erasing: one rectangle of 2-20 % of the area on half the crops
-    size = x.shape[-1]
-    area = (0.02 + torch.rand(n, generator=gen) * 0.18) * size * size
-    aspect = torch.exp((torch.rand(n, generator=gen) * 2 - 1) * math.log(3))
+    # random erasing (occlusion: hands, glasses, hair): one rectangle of 2-20 % of the area on half the crops
+    area = (0.02 + _rand(n, gen, dev) * (0.23 if robust else 0.18)) * size * size
+    aspect = torch.exp((_rand(n, gen, dev) * 2 - 1) * math.log(3))
     h = (area * aspect).sqrt().clamp(1, size - 1)
     w = (area / aspect).sqrt().clamp(1, size - 1)
-    y0 = torch.rand(n, generator=gen) * (size - h)
-    x0 = torch.rand(n, generator=gen) * (size - w)
-    rows = torch.arange(size).float()
+    y0 = _rand(n, gen, dev) * (size - h)
+    x0 = _rand(n, gen, dev) * (size - w)
+    rows = torch.arange(size, device=dev).float()
     mask_r = (rows[None] >= y0[:, None]) & (rows[None] < (y0 + h)[:, None])
     mask_c = (rows[None] >= x0[:, None]) & (rows[None] < (x0 + w)[:, None])
-    erase = (torch.rand(n, generator=gen) < 0.5)[:, None, None] & mask_r[:, :, None] & mask_c[:, None, :]
-    fill = torch.rand(n, 1, 1, generator=gen)
+    erase = (_rand(n, gen, dev) < 0.5)[:, None, None] & mask_r[:, :, None] & mask_c[:, None, :]
+    fill = _rand(n, gen, dev, 1, 1)
     x = torch.where(erase[:, None], fill[:, None], x)
     return x
+
+
+def class_weights(p_human: np.ndarray, power: float) -> np.ndarray:
+    """Per-face loss weights ``freq(plurality label) ** -power``, normalised to mean 1 (power 0: all ones).
+
+    Inverse-square-root frequency (power 0.5) is the usual compromise: minority expressions (fear, disgust,
+    contempt, anger) count more without letting 100-odd contempt faces dominate."""
+    y = p_human.argmax(axis=1)
+    freq = np.bincount(y, minlength=p_human.shape[1]).astype(np.float64) / len(y)
+    w = np.maximum(freq, 1e-3)[y] ** -power
+    return (w / w.mean()).astype(np.float32)
+
+
+def load_model_folder(folder: str | Path, device: str = "cpu"):
+    """An :class:`ExpressionNet` with weights and its config from a trained folder (for teachers and evaluation)."""
+    from safetensors.torch import load_file
+
+    from cem.fer.expression_net import ExpressionNet
+
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    net = ExpressionNet(len(cfg["labels"]), int(cfg["width"]), float(cfg.get("dropout", 0.0)))
+    net.load_state_dict(load_file(str(Path(folder) / "model.safetensors")))
+    return net.to(device).eval(), cfg
 
 
 def _standardize_torch(x):
@@ -87,16 +152,21 @@ def _standardize_torch(x):
 
 
 def predict_logits(model, pixels: np.ndarray, batch_size: int = 512, bf16: bool = False) -> np.ndarray:
-    """Flip-averaged logits for (N, 48, 48) uint8 crops, preprocessed exactly as at inference."""
+    """Flip-averaged logits for (N, 48, 48) uint8 crops, preprocessed exactly as at inference.
+
+    ``model`` may be one network or a list (an ensemble: logits averaged)."""
     import torch
 
-    model.eval()
+    models = model if isinstance(model, (list, tuple)) else [model]
+    device = next(models[0].parameters()).device
+    for m in models:
+        m.eval()
     out = []
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for i in range(0, len(pixels), batch_size):
-            x = torch.from_numpy(standardize(pixels[i : i + batch_size]))[:, None]
-            logits = (model(x).float() + model(x.flip(-1)).float()) / 2
-            out.append(logits.float().numpy())
+            x = torch.from_numpy(standardize(pixels[i : i + batch_size]))[:, None].to(device)
+            logits = sum((m(x).float() + m(x.flip(-1)).float()) / 2 for m in models) / len(models)
+            out.append(logits.float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, len(FERPLUS_LABELS)), np.float32)
 
 
@@ -138,9 +208,12 @@ def fit_temperature(logits: np.ndarray, p_human: np.ndarray) -> float:
 
 
 def train_expression(
-    train: FerPlus, valid: FerPlus, out_dir: str | Path, cfg: TrainConfig, log=print
+    train: FerPlus, valid: FerPlus | None, out_dir: str | Path, cfg: TrainConfig, log=print
 ) -> dict:
-    """Train, checkpointing to ``out_dir/checkpoint.pt``; write ``model.safetensors`` + ``config.json``."""
+    """Train, checkpointing to ``out_dir/checkpoint.pt``; write ``model.safetensors`` + ``config.json``.
+
+    With ``valid`` None (a training machine without the validation split) no temperature is fitted (1.0);
+    run ``--calibrate-only`` afterwards where valid is."""
     import torch
     from safetensors.torch import save_file
 
@@ -148,14 +221,20 @@ def train_expression(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    torch.set_num_threads(cfg.threads)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.threads)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    perm_gen = torch.Generator().manual_seed(cfg.seed)
 
-    x_all = torch.from_numpy(train.pixels.astype(np.float32) / 255.0)[:, None]
-    y_all = torch.from_numpy(train.distribution.astype(np.float32))
-    model = ExpressionNet(len(FERPLUS_LABELS), cfg.width, cfg.dropout).to(memory_format=torch.channels_last)
+    x_all = torch.from_numpy(train.pixels.astype(np.float32) / 255.0)[:, None].to(device)
+    y_all = torch.from_numpy(train.distribution.astype(np.float32)).to(device)
+    w_all = torch.from_numpy(class_weights(train.distribution, cfg.class_balance)).to(device)
+    teachers = [load_model_folder(t, str(device))[0] for t in cfg.teachers]
+    model = ExpressionNet(len(FERPLUS_LABELS), cfg.width, cfg.dropout).to(device).to(
+        memory_format=torch.channels_last)
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     opt = torch.optim.SGD(
@@ -175,27 +254,36 @@ def train_expression(
     ckpt_path = out / "checkpoint.pt"
     start_epoch, history = 0, []
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
+        # tensors and plain containers only: a checkpoint is never a way to run code
+        ckpt = torch.load(ckpt_path, weights_only=True, map_location=device)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
-        gen.set_state(ckpt["gen"])
-        start_epoch, history = ckpt["epoch"], ckpt["history"]
+        gen.set_state(ckpt["gen"].cpu() if device.type == "cpu" else ckpt["gen"].cpu())
+        perm_gen.set_state(ckpt["perm_gen"].cpu())
+        start_epoch, history = int(ckpt["epoch"]), json.loads(ckpt["history"])
         log(f"resumed from {ckpt_path} at epoch {start_epoch}")
 
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         t0 = time.time()
-        perm = torch.randperm(len(x_all), generator=gen)
+        perm = torch.randperm(len(x_all), generator=perm_gen).to(device)
         running = 0.0
         for i in range(steps_per_epoch):
             idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            x = _standardize_torch(_augment(x_all[idx], gen)).contiguous(memory_format=torch.channels_last)
+            x = _standardize_torch(_augment(x_all[idx], gen, cfg.augment)).contiguous(
+                memory_format=torch.channels_last)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 logits = model(x)
-            loss = -(y_all[idx] * torch.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
+            target = y_all[idx]
+            if teachers:
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    t_logits = sum(t(x).float() for t in teachers) / len(teachers)
+                target = (1 - cfg.distill_weight) * target + cfg.distill_weight * torch.softmax(t_logits, 1)
+            per_face = -(target * torch.log_softmax(logits.float(), dim=1)).sum(dim=1)
+            loss = (per_face * w_all[idx]).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -203,23 +291,28 @@ def train_expression(
             step += 1
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 break
-        metrics = distribution_metrics(valid.distribution, softmax(predict_logits(model, valid.pixels)))
-        history.append({"epoch": epoch + 1, "train_loss": running / (i + 1), "seconds": time.time() - t0, **metrics})
+        entry: dict = {"epoch": epoch + 1, "train_loss": running / (i + 1), "seconds": time.time() - t0}
+        if valid is not None:
+            entry.update(distribution_metrics(valid.distribution, softmax(predict_logits(model, valid.pixels))))
+        history.append(entry)
         log(json.dumps(history[-1]))
         torch.save(
-            {"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "epoch": epoch + 1,
-             "history": history},
+            {"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+             "perm_gen": perm_gen.get_state(), "epoch": epoch + 1, "history": json.dumps(history)},
             ckpt_path.with_suffix(".tmp"),
         )
         ckpt_path.with_suffix(".tmp").replace(ckpt_path)
         if cfg.max_steps is not None and step >= cfg.max_steps:
             break
 
-    logits = predict_logits(model, valid.pixels)
-    targets, keep = plurality_targets(valid.distribution)
-    temperature = fit_temperature(logits[keep], targets[keep])
-    valid_metrics = distribution_metrics(valid.distribution, softmax(logits, temperature))
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    temperature, valid_metrics = 1.0, None
+    if valid is not None:
+        logits = predict_logits(model, valid.pixels)
+        targets, keep = plurality_targets(valid.distribution)
+        temperature = fit_temperature(logits[keep], targets[keep])
+        valid_metrics = distribution_metrics(valid.distribution, softmax(logits, temperature))
+    state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.cpu().contiguous()
+             for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"))
     config = {
         "architecture": "ExpressionNet",
@@ -229,8 +322,9 @@ def train_expression(
         "input": {"size": CROP_SIZE, "channels": 1, "normalisation": "per-image zero mean, unit variance"},
         "test_time_flip": True,
         "temperature": temperature,
-        "calibration": "temperature scaling on the plurality label of FER+ valid (ties excluded)",
-        "train": asdict(cfg),
+        "calibration": "temperature scaling on the plurality label of FER+ valid (ties excluded)"
+        if valid is not None else "none yet (run --calibrate-only)",
+        "train": {**asdict(cfg), "teachers": [Path(t).name for t in cfg.teachers]},
         "valid_metrics": valid_metrics,
         "history": history,
     }
@@ -259,23 +353,40 @@ def calibrate(out_dir: str | Path, valid: FerPlus) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``cem train-expression``: train (or recalibrate) the expression CNN; exit 2 with a clear message when the
+    data or an option is unusable."""
     import argparse
+    import sys
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", default=None, help="folder with ferplus/{train,valid}.npz")
+    p = argparse.ArgumentParser(prog="cem train-expression", description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", default=None, help="folder with ferplus/{train,valid}.npz (default: ../shared/data)")
     p.add_argument("--out", required=True, help="output folder for weights, config and checkpoint")
     for f in ("epochs", "batch_size", "width", "seed", "threads", "max_steps"):
         p.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(TrainConfig, f))
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--device", default=TrainConfig.device, help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--augment", choices=["basic", "robust"], default=TrainConfig.augment)
+    p.add_argument("--class-balance", type=float, default=TrainConfig.class_balance,
+                   help="loss weight per face = freq(plurality label) ** -X (0 = off, 0.5 = inverse sqrt)")
+    p.add_argument("--teacher", action="append", default=[], help="trained model folder to distil from (repeat)")
+    p.add_argument("--distill-weight", type=float, default=TrainConfig.distill_weight)
+    p.add_argument("--no-bf16", action="store_true", help="train in float32")
     p.add_argument("--calibrate-only", action="store_true",
                    help="refit the temperature of the finished run in --out on valid, and rewrite its config")
     a = p.parse_args(argv)
-    if a.calibrate_only:
-        calibrate(a.out, load_ferplus("valid", a.data_dir))
-        return 0
-    cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, width=a.width, seed=a.seed, threads=a.threads,
-                      max_steps=a.max_steps, lr=a.lr)
-    train_expression(load_ferplus("train", a.data_dir), load_ferplus("valid", a.data_dir), a.out, cfg)
+    try:
+        if a.calibrate_only:
+            calibrate(a.out, load_ferplus("valid", a.data_dir))
+            return 0
+        cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, width=a.width, seed=a.seed, threads=a.threads,
+                          max_steps=a.max_steps, lr=a.lr, device=a.device, augment=a.augment,
+                          class_balance=a.class_balance, teachers=tuple(a.teacher),
+                          distill_weight=a.distill_weight, bf16=not a.no_bf16)
+        train, valid = load_ferplus("train", a.data_dir), load_ferplus("valid", a.data_dir)
+    except FileNotFoundError as e:
+        print(f"cem train-expression: {e}", file=sys.stderr)
+        return 2
+    train_expression(train, valid, a.out, cfg)
     return 0
 
 

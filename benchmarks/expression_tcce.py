@@ -1,0 +1,142 @@
+"""Expression model beyond FER2013: posed faces of ``../shared/data/tcce_dev`` beside FER+ valid.
+
+Protocol:
+
+* tcce_dev (333 front-view posed photos of 7 performers; see ``../shared/data/README.md``): each photo goes
+  through the FER stage exactly as in ``cem annotate`` (MediaPipe detection, mesh, eye-aligned 48x48 crop);
+  the largest detected face is scored (every photo shows one performer). Metrics:
+  - ``acc7_posed``: accuracy of the argmax over the 7 classes (neutral + six; contempt excluded, since
+    nobody posed it) against the expression the performer was asked to pose (``labels_single.csv``);
+  - ``acc6_raters``: accuracy of the argmax over the six rated emotions against the raters' majority
+    (``labels.csv``; neutral and contempt were not offered to raters, so both sides are renormalised over
+    the six), photos whose rater majority is tied excluded;
+  - ``js6``: mean JS divergence (bits) between the raters' and the model's six-way distributions;
+  - ``neutral_on_emotional``: share of emotion-posed photos called neutral; recall per posed emotion.
+* FER+ valid (``cem.datasets``; faces with >= 5 emotion votes): plurality accuracy, macro-F1, KL, JS, ECE
+  (``cem.eval.distribution_metrics``) of the model's calibrated distribution on the 48x48 crops.
+
+Run: ``python benchmarks/expression_tcce.py [--model FOLDER ...] [--json OUT]``; several ``--model`` folders
+are also scored as an ensemble (mean logits). Default: the packaged model. Skips without ``../shared``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+from _common import emit
+
+LABELS7 = ["neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear"]
+RATED6 = LABELS7[1:]
+CACHE = Path("/tmp/cem_tcce_crops.npz")
+
+
+def tcce_crops(root: Path) -> tuple[list[str], np.ndarray]:
+    """(image names, (N, 48, 48) crops) through the FER stage's own detection and alignment."""
+    if CACHE.exists():
+        d = np.load(CACHE)
+        return list(d["names"]), d["crops"]
+    from PIL import Image
+
+    import cem
+
+    pipe = cem.Pipeline.from_config("default")
+    captured: list[np.ndarray] = []
+    model = pipe.fer.expression
+    original = model.predict
+    model.predict = lambda crops: (captured.append(np.asarray(crops)), original(crops))[1]  # type: ignore[method-assign]
+    names, crops = [], []
+    for path in sorted((root / "images").glob("*.jpg")):
+        captured.clear()
+        ev = pipe.fer.measure(np.asarray(Image.open(path).convert("RGB")))
+        if not ev:
+            print(f"{path.name}: no face detected (scored as missing)", file=sys.stderr)
+            continue
+        largest = max(range(len(ev)), key=lambda i: ev[i].bbox[2] * ev[i].bbox[3])
+        names.append(path.name)
+        crops.append(captured[0][largest])
+    pipe.close()
+    arr = np.stack(crops)
+    np.savez(CACHE, names=np.array(names), crops=arr)
+    return names, arr
+
+
+def read_tcce_labels(root: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    posed = {Path(r["image"]).name: r["label"] for r in csv.DictReader(open(root / "labels_single.csv"))}
+    raters = {}
+    for r in csv.DictReader(open(root / "labels.csv")):
+        raters[Path(r["image"]).name] = np.array([float(r[k]) for k in RATED6])
+    return posed, raters
+
+
+def logits_of(folders: list[str], crops: np.ndarray) -> tuple[np.ndarray, float, list[str]]:
+    """Mean flip-averaged logits of the models in ``folders``, their mean temperature and label order."""
+    from cem.training import load_model_folder, predict_logits
+
+    nets, cfgs = zip(*(load_model_folder(f) for f in folders))
+    return predict_logits(list(nets), crops), float(np.mean([c["temperature"] for c in cfgs])), cfgs[0]["labels"]
+
+
+def score_tcce(p: np.ndarray, labels: list[str], names: list[str], posed: dict, raters: dict) -> dict:
+    from cem.eval import js_divergence
+
+    idx7 = [labels.index(k) for k in LABELS7]
+    idx6 = [labels.index(k) for k in RATED6]
+    y7 = np.array([LABELS7.index(posed[n]) for n in names])
+    pred7 = p[:, idx7].argmax(1)
+    h6 = np.stack([raters[n] for n in names])
+    m6 = p[:, idx6] / p[:, idx6].sum(1, keepdims=True)
+    top = h6.max(1, keepdims=True)
+    untied = np.isclose(h6, top).sum(1) == 1
+    emotional = y7 != 0
+    out = {
+        "n": len(names),
+        "acc7_posed": float((pred7 == y7).mean()),
+        "acc6_raters": float((m6.argmax(1) == h6.argmax(1))[untied].mean()),
+        "js6": js_divergence(h6, m6),
+        "neutral_on_emotional": float((pred7[emotional] == 0).mean()),
+    }
+    for k, lab in enumerate(LABELS7):
+        out[f"recall_{lab}"] = float((pred7[y7 == k] == k).mean()) if (y7 == k).any() else float("nan")
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", action="append", default=[], help="model folder (repeat; default: packaged)")
+    ap.add_argument("--no-ensemble", action="store_true")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    from cem.datasets import load_ferplus, shared_data_dir
+    from cem.eval import distribution_metrics
+    from cem.fer.expression import DEFAULT_WEIGHTS
+    from cem.training import softmax
+
+    data = shared_data_dir()
+    if data is None or not (data / "tcce_dev").is_dir():
+        print("skipped: ../shared/data (ferplus, tcce_dev) not found", file=sys.stderr)
+        return 0
+    names, crops = tcce_crops(data / "tcce_dev")
+    posed, raters = read_tcce_labels(data / "tcce_dev")
+    valid = load_ferplus("valid")
+    folders = a.model or [str(DEFAULT_WEIGHTS)]
+    runs = [[f] for f in folders] + ([folders] if len(folders) > 1 and not a.no_ensemble else [])
+    results = {}
+    for group in runs:
+        key = "+".join(Path(f).name for f in group)
+        z_t, temperature, labels = logits_of(group, crops)
+        z_v, _, _ = logits_of(group, valid.pixels)
+        row = score_tcce(softmax(z_t, temperature), labels, names, posed, raters)
+        fer = distribution_metrics(valid.distribution, softmax(z_v, temperature))
+        row.update({f"ferplus_{k}": v for k, v in fer.items() if k in ("accuracy", "macro_f1", "kl", "js", "ece")})
+        results[key] = row
+        print(key, " ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float)), flush=True)
+    emit(results, a.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
