@@ -188,6 +188,7 @@ def test_video_families_load_with_and_without_torchvision(tiny_dirs):
         assert p.chat_template and p.tokenizer.pad_token
 
 
+@pytest.mark.slow
 def test_sampling_uses_a_local_generator(reasoners, two_faces, two_face_evidence):
     import torch
 
@@ -199,10 +200,9 @@ def test_sampling_uses_a_local_generator(reasoners, two_faces, two_face_evidence
         state = torch.get_rng_state()
         a = r.generate([job])[0]
         assert torch.equal(state, torch.get_rng_state())  # the global RNG is neither reseeded nor used
-        b = r.generate([job])[0]
         r._generator = None  # a fresh reasoner with the same seed draws the same sequence again
         a2 = r.generate([job])[0]
-        assert a == a2 and json.loads(a) and json.loads(b)
+        assert a == a2 and json.loads(a)
     finally:
         r.do_sample, r.seed, r._generator = False, None, None
 
