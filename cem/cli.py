@@ -37,8 +37,10 @@ def _load_config(config_name: str, base_url: str | None = None, **overrides: obj
     except ConfigError as e:
         _fail(str(e))
     if base_url:
-        config.reasoner.options = {**(config.reasoner.options or {}), "base_url": base_url,
-                                   "base_url_source": "--base-url"}
+        if config.reasoner.backend != "openai":
+            _fail(f"--base-url applies to the openai reasoner, but config {config.name!r} uses "
+                  f"{config.reasoner.backend!r}")
+        config.reasoner.options = {**(config.reasoner.options or {}), "base_url_override": base_url}
     return config
 
 
@@ -105,8 +107,6 @@ def _annotate_ray(config, inputs: tuple[str, ...], output: Path, contexts: dict[
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="FER processes (each gets cores/N torch threads); reasoning stays batched in this process.")
 @click.option("--landmarks", is_flag=True, help="Write each face's 478-point mesh into the records.")
-@click.option("--engine", type=click.Choice(["local"]), default="local", show_default=True,
-              help="Where the stages run.")
 @click.option("--frames", "frames_path", type=click.Path(path_type=Path), default=None,
               help="Videos: per-frame table (one row per face per processed frame); .csv or .parquet.")
 @click.option("--every", type=click.IntRange(min=1), default=None, help="Videos: process every Nth frame.")

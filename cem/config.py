@@ -171,6 +171,8 @@ class OpenAIOptions(LLMOptions):
     ALIASES: typing.ClassVar[dict[str, str]] = {"timeout_s": "deadline_s"}
 
     base_url: str | None = None
+    # what ``--base-url`` sets: beats $OPENAI_BASE_URL, which beats ``base_url``
+    base_url_override: str | None = None
     api_key: str | None = None
     concurrency: int = _num(4, ge=1)  # requests in flight
     deadline_s: float = _num(60.0, gt=0.0)  # one whole request, every byte of the reply included
