@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -62,7 +62,7 @@ class FERStage:
     """Measures every face of an RGB image. ``faces="whole"`` treats the image as one pre-cropped face."""
 
     def __init__(self, config: Config) -> None:
-        from cem.fer.detect import FaceDetector, FaceMesher
+        from cem.fer.detect import DetectorModel, FaceDetector, FaceMesher
 
         threads = config.expression.threads
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
@@ -72,7 +72,7 @@ class FERStage:
         self.last_timings: dict[str, float] = {}
         self.ref = load_reference()
         self.detector: Any = None  # created on first use: --faces whole never needs it
-        self._make_detector = lambda: FaceDetector(config.faces.detector, config.faces.min_score,
+        self._make_detector = lambda: FaceDetector(cast(DetectorModel, config.faces.detector), config.faces.min_score,
                                                    pad_retry=config.faces.pad_retry)
         self.mesher = FaceMesher()
         self.expression = ExpressionModel.from_pretrained(config.expression.weights, config.expression.device)
@@ -164,7 +164,8 @@ class FERStage:
             p = np.array([probs[i, label_index[lab]] for lab in self.labels])
             p = p / p.sum()
             out.append(FaceEvidence(
-                index=i, bbox=tuple(float(v) for v in bbox), detection_score=float(score), pose=pose,
+                index=i, bbox=(float(bbox[0]), float(bbox[1]), float(bbox[2]), float(bbox[3])),
+                detection_score=float(score), pose=pose,
                 quality=quality, aus=aus, expression=dict(zip(self.labels, p.tolist())), landmarks=mesh,
                 position=_position(bbox[0] + bbox[2] / 2, w),
             ))
