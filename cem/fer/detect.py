@@ -275,7 +275,7 @@ class FaceMesher:
         if scale < 1.0 or (crop.shape[1], crop.shape[0]) != inner:
             crop = cv2.resize(crop, inner, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
         if any(pad):
-            crop = cv2.copyMakeBorder(crop, *pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+            crop = cv2.copyMakeBorder(crop, pad[0], pad[1], pad[2], pad[3], cv2.BORDER_CONSTANT, value=(0, 0, 0))
         meshes = self._run(np.ascontiguousarray(crop))
         if not meshes:
             return None
