@@ -99,14 +99,14 @@ def _auth() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def ray_runtime(tmp_path_factory):
     """A local Ray for this module. ``trigger``: create this file to make one FER actor kill itself."""
-    ray = pytest.importorskip("ray")
     from cem.engines.ray_engine import KILL_HOOK_ENV
 
     temp = tempfile.mkdtemp(prefix="cemray", dir="/tmp")
     trigger = tmp_path_factory.mktemp("hook") / "kill-one-actor"
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in _auth().items():  # the CLI subprocesses inherit them
+        for k, v in _auth().items():  # before Ray reads its configuration; the CLI subprocesses inherit them
             mp.setenv(k, v)
+        ray = pytest.importorskip("ray")
         ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, object_store_memory=200 * 2**20,
                  runtime_env={"env_vars": {KILL_HOOK_ENV: str(trigger)}}, log_to_driver=False)
         try:
