@@ -253,7 +253,7 @@ def _is_ray_dataset(obj: Any) -> bool:
 def annotate(dataset_or_paths: Any, config: Config | str | os.PathLike = "default",
              out: str | os.PathLike = "cem-out.jsonl", *, image_column: str = "image",
              context_column: str | None = "context", name_column: str | None = None, context: str | None = None,
-             contexts: Mapping[str, str] | None = None,
+             contexts: Mapping[str, str] | Any | None = None,
              fer_actors: int = 1, fer_cpus_per_actor: float = 1.0, reason_actors: int | None = None,
              reason_cpus_per_actor: float = 1.0, reason_gpus_per_actor: float = 0.0, batch_size: int = 16,
              resume: bool = False, address: str | None = None, output_format: str | None = None,
@@ -388,19 +388,27 @@ def _tally(summary: DistributedSummary, rec: dict[str, Any]) -> None:
             summary.reasoner_failed_faces += 1
 
 
-def _path_rows(inputs: Any, done: KeySet, contexts: Mapping[str, str], context: str | None,
+def _context_for(contexts: Any, path: str) -> str | None:
+    """A ``--context-file`` context: a mapping by path or file name, or the runner's ContextTable."""
+    if hasattr(contexts, "lookup"):
+        return contexts.lookup(path)[0]
+    return contexts.get(path) or contexts.get(Path(path).name)
+
+
+def _path_rows(inputs: Any, done: KeySet, contexts: Any, context: str | None,
                limit: int | None) -> tuple[list[dict[str, Any]], int]:
     """Files, folders, globs and manifests, expanded as the local runner does -> (rows to do, skipped)."""
     from cem.io import collect_inputs
     from cem.video import is_video
 
-    items = collect_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs))
+    expanded: Any = collect_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs))
+    items = expanded.items if hasattr(expanded, "items") else expanded  # the runner's InputSet, or a list
     videos = [it.path for it in items if is_video(it.path)]
     if videos:
         raise ValueError(f"{videos[0]}: a video; the Ray engine annotates images (use the local engine for videos)")
     rows: list[dict[str, Any]] = []
     for it in items:
-        ctx = it.context or contexts.get(it.path) or contexts.get(Path(it.path).name) or context
+        ctx = it.context or _context_for(contexts, it.path) or context
         if not done.seen(it.path, ctx):
             rows.append({"image": it.path, "context": ctx, "extra": json.dumps(it.extra) if it.extra else ""})
     return (rows[:limit] if limit is not None else rows), len(items) - len(rows)
