@@ -227,9 +227,10 @@ def models() -> None:
 
 
 @main.command("schema")
-@click.option("--kind", type=click.Choice(["image", "moment", "error", "frame"]), default="image", show_default=True,
-              help="image: one record per image; moment: one per video key moment; error: an input that could "
-                   "not be read; frame: one row of the video frame table.")
+@click.option("--kind", type=click.Choice(["image", "moment", "video", "error", "frame"]), default="image",
+              show_default=True,
+              help="image: one record per image; moment: one per video key moment; video: a finished video's "
+                   "summary; error: an input that could not be read; frame: one row of the video frame table.")
 def schema_cmd(kind: str) -> None:
     """Print the JSON Schema of one output record (generated from cem.contract)."""
     from cem.contract import json_schema

@@ -8,7 +8,9 @@ Two kinds of types live here, both validated by pydantic (v2):
   keep working (``Cue("smile", "face", "happiness", 0.6)``), and every number is checked on construction
   (finite, in range).
 * **record types**, the JSON objects written to files: :class:`FaceRecord`, :class:`ImageRecord`,
-  :class:`MomentRecord` (video key moment), :class:`ErrorRecord` and the video :data:`FrameRow`.
+  :class:`MomentRecord` (video key moment), :class:`VideoRecord` (a finished video's summary),
+  :class:`ErrorRecord` and the video :data:`FrameRow`. A record has no field that is not declared here:
+  manifest columns go under ``meta``.
   :func:`json_schema` generates their JSON Schemas; :func:`validate_record` checks a record dict against
   them. ``ImageResult.to_dict()`` builds the record and validates it, so a NaN or an out-of-range number
   is an error naming the image and the field, never ``NaN`` in a file.
@@ -41,9 +43,10 @@ from pydantic.dataclasses import dataclass
 __all__ = [
     "FERPLUS_LABELS", "AU_NAMES", "AU_DESCRIPTIONS", "AU_KEY_PATTERN", "CueSource", "Grounding", "CueRole",
     "Pose", "Quality", "ActionUnit", "Cue", "Provenance", "FaceEvidence", "FaceResult", "ImageResult",
-    "FaceRecord", "ImageRecord", "MomentRecord", "ErrorRecord", "FrameRow", "RecordError", "RECORD_KINDS",
+    "FaceRecord", "ImageRecord", "MomentRecord", "ErrorRecord", "VideoRecord", "VideoSummary", "FrameRow",
+    "RecordError", "RECORD_KINDS", "Meta",
     "RECORD_FIELDS", "BBOX_COLUMNS", "DECIMALS", "rounded", "json_schema", "validate_record", "record_kind",
-    "error_record",
+    "error_record", "video_summary_record",
     "moment_record", "face_rows", "cue_rows", "frame_row", "frame_columns", "column_groups", "order_columns",
     "CUE_COLUMNS", "IMAGE_COLUMNS", "POSE_COLUMNS", "QUALITY_COLUMNS", "DISTRIBUTION_TOLERANCE",
 ]
@@ -152,6 +155,10 @@ def _omit_none(v: Any) -> bool:
     return v is None
 
 
+Meta = dict[str, str | int | float | bool]
+"""A record's ``meta``: a manifest's other columns (name -> value as given)."""
+
+
 # ---------------------------------------------------------------------------------------------- stage types
 
 
@@ -233,6 +240,10 @@ class Provenance:
     # only when a reasoner samples: {"do_sample": true, "seed": ...}
     sampling: dict[str, Any] | None = Field(default=None, exclude_if=_omit_none)
     context_used: bool = False  # whether the reasoner was given (and can use) a text context
+    # the Ray engine: the id of the Ray node that ran the FER stage for this image
+    node: str | None = Field(default=None, exclude_if=_omit_none)
+    # AUs measured against a subject's baseline: "<subject>: neutral (n photos)" or "<subject>: median (n photos)"
+    baseline: str | None = Field(default=None, exclude_if=_omit_none)
 
     def to_dict(self) -> dict[str, Any]:
         return _dump(Provenance, self)
@@ -327,20 +338,17 @@ class ImageResult:
     faces: list[FaceResult]
     provenance: Provenance
     error: str | None = None
-    extra: dict[str, Any] = Field(default_factory=dict)  # e.g. manifest columns carried through
     context: str | None = None  # the context given for this image
+    meta: Meta | None = None  # the manifest's other columns for this image (written under "meta")
 
     def to_record(self, landmarks: bool = False) -> ImageRecord:
         """The record, validated (raises :class:`RecordError` naming the image and the bad fields);
         ``landmarks`` adds each face's mesh."""
-        clash = sorted(set(self.extra) & RECORD_FIELDS)
-        if clash:
-            raise RecordError(f"{self.image}: extra columns {clash} would overwrite record fields")
         faces = [_face_record(f, landmarks, self.image) for f in self.faces]
         try:
             return ImageRecord(image=self.image, width=self.width, height=self.height, faces=faces,
-                               context=self.context, error=self.error,
-                               provenance=self.provenance, **self.extra)
+                               context=self.context, meta=self.meta or None, error=self.error,
+                               provenance=self.provenance)
         except ValidationError as e:
             raise RecordError(_explain(e, self.image)) from None
 
@@ -359,21 +367,24 @@ def _face_record(face: FaceResult, landmarks: bool, image: str) -> FaceRecord:
 
 # ---------------------------------------------------------------------------------------------- record types
 
-_Scalar = str | int | float | bool | None
 
 
 class ImageRecord(BaseModel):
-    """One JSONL record of ``cem annotate`` for an image. Columns of a CSV manifest are carried through
-    as extra top-level fields (scalars)."""
+    """One JSONL record of ``cem annotate`` for an image. Columns of a CSV manifest other than ``image``
+    and ``context`` are carried under ``meta``; no other field may be added."""
 
-    model_config = ConfigDict(**_CONFIG, extra="allow", title="cem image record")
-    __pydantic_extra__: dict[str, _Scalar] = Field(init=False)
+    model_config = ConfigDict(**_CONFIG, extra="forbid", title="cem image record")
 
-    image: str = Field(description="the input as given (a path, or <array WxH> for arrays)")
+    image: str = Field(description="the input as given (a path, or <array WxH> for arrays); a name that is "
+                                   "not UTF-8 shows each undecodable byte as \\xNN")
+    image_bytes: str | None = Field(default=None, exclude_if=_omit_none, pattern=r"^[A-Za-z0-9+/]*={0,2}$",
+                                    description="only for a name that is not UTF-8: its exact bytes, base64")
     width: PosInt | None
     height: PosInt | None
     faces: list[FaceRecord]
     context: str | None = None
+    meta: Meta | None = Field(default=None, exclude_if=_omit_none,
+                              description="the manifest's other columns for this input, as given")
     error: str | None = Field(description="why the image could not be analysed, or null")
     provenance: Provenance
 
@@ -415,6 +426,27 @@ class ErrorRecord(ImageRecord):
 
     error: str = Field(min_length=1)
     faces: list[FaceRecord] = Field(max_length=0)
+    video: str | None = Field(default=None, exclude_if=_omit_none, description="set when the input is a video")
+
+
+class VideoSummary(BaseModel):
+    """What a finished video gave: frames processed, key moments found, and that it was completed."""
+
+    model_config = ConfigDict(**_CONFIG, extra="forbid", title="cem video summary")
+
+    frames: NonNegInt
+    moments: NonNegInt
+    complete: bool
+
+
+class VideoRecord(ImageRecord):
+    """The record written when a video is finished (after its key moments): marks it done for ``--resume``."""
+
+    model_config = ConfigDict(title="cem video summary record")
+
+    video: str
+    video_summary: VideoSummary
+    faces: list[FaceRecord] = Field(max_length=0)
 
 
 _FRAME_HEAD: dict[str, Any] = {
@@ -436,10 +468,11 @@ FrameRow: type[BaseModel] = create_model(  # one row of the video frame table (-
 )
 
 RECORD_KINDS: dict[str, type[BaseModel]] = {
-    "image": ImageRecord, "moment": MomentRecord, "error": ErrorRecord, "frame": FrameRow,
+    "image": ImageRecord, "moment": MomentRecord, "video": VideoRecord, "error": ErrorRecord, "frame": FrameRow,
 }
-RECORD_FIELDS: frozenset[str] = frozenset(ImageRecord.model_fields) | frozenset(MomentRecord.model_fields)
-"""Top-level names a record uses; manifest columns may not take them."""
+RECORD_FIELDS: frozenset[str] = frozenset(
+    k for kind in ("image", "moment", "video", "error") for k in RECORD_KINDS[kind].model_fields)
+"""Top-level names the JSONL records use."""
 
 _ADAPTERS: dict[type, TypeAdapter[Any]] = {}
 
@@ -473,13 +506,20 @@ def _validated(model: type[BaseModel], record: Mapping[str, Any], what: str) -> 
 
 
 def record_kind(record: Mapping[str, Any]) -> str:
-    """``moment`` for a video key-moment record, else ``image`` (error records are image records too)."""
-    return "moment" if "video" in record and "track_id" in record else "image"
+    """The kind of a JSONL record: ``moment`` (a video key moment), ``video`` (a finished video's summary),
+    ``error`` (an input that could not be analysed) or ``image``."""
+    if "video" in record and "track_id" in record:
+        return "moment"
+    if "video_summary" in record:
+        return "video"
+    if record.get("error") and not record.get("faces"):
+        return "error"
+    return "image"
 
 
 def validate_record(record: Mapping[str, Any], kind: str | None = None) -> BaseModel:
     """Check ``record`` (a dict as read from or written to a file) against the contract and return it as
-    its record type. ``kind``: image | moment | error | frame (default: :func:`record_kind`).
+    its record type. ``kind``: image | moment | video | error | frame (default: :func:`record_kind`).
 
     Raises :class:`RecordError` naming the record's image and every field that is wrong.
     """
@@ -493,22 +533,43 @@ def validate_record(record: Mapping[str, Any], kind: str | None = None) -> BaseM
 
 
 def json_schema(kind: str = "image") -> dict[str, Any]:
-    """The JSON Schema (draft 2020-12) of one record of ``kind``: image | moment | error | frame."""
+    """The JSON Schema (draft 2020-12) of one record of ``kind``: image | moment | video | error | frame."""
     if kind not in RECORD_KINDS:
         raise ValueError(f"unknown record kind {kind!r}; one of {', '.join(RECORD_KINDS)}")
     schema = RECORD_KINDS[kind].model_json_schema(mode="serialization")
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 
-def error_record(image: str, error: str, provenance: Provenance, context: str | None = None,
-                 extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The record of an input that could not be analysed (validated)."""
-    return ImageResult(image, None, None, [], provenance, error=error, extra=dict(extra or {}),
-                       context=context).to_dict()
+def _record(model: type[BaseModel], fields: Mapping[str, Any], what: str) -> dict[str, Any]:
+    kept = {k: v for k, v in fields.items() if v is not None or k in ("width", "height", "context", "error")}
+    out: dict[str, Any] = _validated(model, kept, what).model_dump(mode="json")
+    return out
+
+
+def error_record(image: str, error: str, provenance: Provenance | Mapping[str, Any], context: str | None = None,
+                 meta: Mapping[str, Any] | None = None, *, video: str | None = None, width: int | None = None,
+                 height: int | None = None, image_bytes: str | None = None) -> dict[str, Any]:
+    """The record of an input that could not be analysed (validated): an unreadable image or video, or a
+    result that could not be written as it was (``error`` says why). The one way error records are made."""
+    return _record(ErrorRecord, {"image": image, "image_bytes": image_bytes, "width": width, "height": height,
+                                 "faces": [], "context": context, "meta": dict(meta) if meta else None,
+                                 "error": error, "provenance": provenance, "video": video}, image)
+
+
+def video_summary_record(video: str, *, frames: int, moments: int, provenance: Provenance | Mapping[str, Any],
+                         width: int | None = None, height: int | None = None, context: str | None = None,
+                         meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The record written when a video is finished (validated): ``video_summary: {frames, moments,
+    complete: true}``; ``--resume`` skips videos that have one."""
+    return _record(VideoRecord, {"image": video, "video": video, "width": width, "height": height, "faces": [],
+                                 "context": context, "meta": dict(meta) if meta else None, "error": None,
+                                 "video_summary": {"frames": frames, "moments": moments, "complete": True},
+                                 "provenance": provenance}, video)
 
 
 def moment_record(result: ImageResult, face: FaceResult, *, video: str, frame: int, time: float, track_id: int,
-                  t_start: float, key_reason: str, landmarks: bool = False) -> dict[str, Any]:
+                  t_start: float, key_reason: str, landmarks: bool = False,
+                  meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The record of one video key moment: ``face`` (of ``result``, reasoned on frame ``frame``) with its
     track, written as an image record of that frame plus the video fields (validated)."""
     try:
@@ -519,6 +580,8 @@ def moment_record(result: ImageResult, face: FaceResult, *, video: str, frame: i
          "t_start": t_start, "t_end": time, "key_reason": key_reason, "width": result.width,
          "height": result.height, "faces": [record], "context": result.context, "error": None,
          "provenance": result.provenance}
+    if meta or result.meta:
+        d["meta"] = dict(meta or result.meta or {})
     out: dict[str, Any] = _validated(MomentRecord, d, video).model_dump(mode="json")
     return out
 
@@ -532,8 +595,10 @@ POSE_COLUMNS: tuple[str, ...] = tuple(Pose.__dataclass_fields__)
 QUALITY_COLUMNS: tuple[str, ...] = tuple(Quality.__dataclass_fields__)
 _FACE_PREFIXED = ("index", "error")  # -> face_index, face_error
 _MOMENT_FIELDS = tuple(k for k in MomentRecord.model_fields if k not in ImageRecord.model_fields and k != "faces")
+_NESTED = ("image", "faces", "provenance", "meta")  # image first; the others are flattened or face rows
 IMAGE_COLUMNS: tuple[str, ...] = (
-    "image", *_MOMENT_FIELDS, *(k for k in ImageRecord.model_fields if k not in ("image", "faces", "provenance")))
+    "image", *_MOMENT_FIELDS, *(k for k in ImageRecord.model_fields if k not in _NESTED))
+_WHEN_PRESENT = frozenset({*_MOMENT_FIELDS, "image_bytes"})  # columns only for records that have them
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
@@ -571,10 +636,11 @@ def _face_columns(face: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _image_columns(record: Mapping[str, Any]) -> dict[str, Any]:
-    row = {k: record.get(k) for k in IMAGE_COLUMNS if k in record or k in ImageRecord.model_fields}
-    for k, v in record.items():
-        if k not in RECORD_FIELDS:
-            row[k] = v  # manifest columns
+    row = {k: record.get(k) for k in IMAGE_COLUMNS if k in record or k not in _WHEN_PRESENT}
+    for k, v in (record.get("meta") or {}).items():
+        row[f"meta.{k}"] = v  # manifest columns
+    if "video_summary" in record:
+        _flatten("video_summary", record["video_summary"], row)
     _flatten("provenance", record.get("provenance") or {}, row)
     return row
 

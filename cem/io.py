@@ -15,12 +15,15 @@ import os
 import stat
 import struct
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
+
+# geometry bounds checked before any pixel reaches OpenCV: config.image's defaults (reasons given there)
+from cem.config import MAX_ASPECT, MAX_SIDE
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -28,12 +31,6 @@ if TYPE_CHECKING:
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
 )
-# Geometry bounds checked before any pixel reaches OpenCV: OpenCV's remap/warp calls abort the process
-# (SHRT_MAX) on sides of 32,767 px, and the FER stage's retry with a margin makes an image 1.5x wider, so
-# 16,384 px per side keeps every OpenCV call in range; a strip narrower than 1/25 of its length cannot hold
-# a face and only costs detection tiles.
-MAX_SIDE = 16_384
-MAX_ASPECT = 25.0
 # Contexts longer than this are refused per row (a prompt cannot use more; 20k characters is ~5k tokens).
 MAX_CONTEXT_CHARS = 20_000
 # CSV fields may be this large (the csv module's default is 128 KiB); larger ones are an error for that file.
@@ -86,23 +83,25 @@ def check_geometry(name: str, width: int, height: int, max_pixels: int, max_side
                              f"{max_aspect:g}:1 cannot hold a face)")
 
 
-def load_image(source: ImageInput, max_pixels: int = 50_000_000, max_side: int = MAX_SIDE) -> np.ndarray:
+def load_image(source: ImageInput, max_pixels: int = 50_000_000, max_side: int = MAX_SIDE,
+               max_aspect: float = MAX_ASPECT) -> np.ndarray:
     """Return the image as an upright RGB uint8 array of shape (H, W, 3).
 
     EXIF orientation is applied; grayscale, palette, RGBA (composited on white), 16-bit, CMYK and other
-    modes are converted to RGB. ``max_pixels`` guards against decompression bombs, ``max_side`` against
-    geometry that OpenCV cannot handle (see :func:`check_geometry`).
+    modes are converted to RGB. ``max_pixels`` guards against decompression bombs, ``max_side`` and
+    ``max_aspect`` against geometry that OpenCV cannot handle or that cannot hold a face (see
+    :func:`check_geometry`).
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if isinstance(source, np.ndarray):
         if source.ndim >= 2:
             check_geometry(f"<array {source.shape[1]}x{source.shape[0]}>", source.shape[1], source.shape[0],
-                           max_pixels, max_side)
+                           max_pixels, max_side, max_aspect)
         return _array_to_rgb(source)
     if isinstance(source, Image.Image):
         check_geometry(f"<{type(source).__name__} {source.width}x{source.height}>", source.width, source.height,
-                       max_pixels, max_side)
+                       max_pixels, max_side, max_aspect)
         return _pil_to_rgb(ImageOps.exif_transpose(source) or source)
     name = os.fspath(source)
     if isinstance(name, bytes):
@@ -128,7 +127,7 @@ def load_image(source: ImageInput, max_pixels: int = 50_000_000, max_side: int =
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(fh) as im:
                 w, h = im.size
-                check_geometry(name, w, h, max_pixels, max_side)
+                check_geometry(name, w, h, max_pixels, max_side, max_aspect)
                 im.load()
                 upright = ImageOps.exif_transpose(im) or im
                 return _pil_to_rgb(upright)
@@ -443,60 +442,3 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], contexts: ContextTable |
         seen[key] = n
         unique.append(it)
     return InputSet(unique, notes, duplicates)
-
-
-def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
-    """Records of a JSONL file; lines that are not JSON objects (e.g. a half-written last line) are skipped."""
-    import json
-
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict):
-                yield rec
-def face_rows(record: dict[str, Any], labels: list[str], au_codes: list[str],
-              extra_columns: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """One flat row per face of a record (one row with empty face fields for an image without faces)."""
-    base = {"image": record["image"]}
-    base.update({k: record.get(k, "") for k in extra_columns})
-    rows = []
-    for f in record.get("faces") or [None]:
-        row = dict(base)
-        if f is None:
-            rows.append(row | {"error": record.get("error") or ""})
-            continue
-        x, y, w, h = f["bbox"]
-        pose = f.get("pose") or {}
-        q = f.get("quality") or {}
-        row.update({"face_index": f["index"], "x": x, "y": y, "w": w, "h": h,
-                    "detection_score": f["detection_score"], "yaw": pose.get("yaw", ""),
-                    "pitch": pose.get("pitch", ""), "roll": pose.get("roll", ""),
-                    "face_px": q.get("face_px", ""), "blur": q.get("blur", ""),
-                    "extreme_pose": q.get("extreme_pose", ""), "mesh_failed": q.get("mesh_failed", "")})
-        for au in au_codes:
-            a = f["aus"].get(au)
-            row[au] = a["intensity"] if a else ""
-        for lab in labels:
-            row[f"expression_{lab}"] = f["expression"].get(lab, "")
-        for lab in labels:
-            row[f"emotion_{lab}"] = f["emotion"].get(lab, "")
-        row["top_emotion"] = f["top_emotion"]
-        row["error"] = f.get("error") or record.get("error") or ""
-        rows.append(row)
-    return rows
-
-
-def csv_columns(labels: list[str], au_codes: list[str], extra_columns: Sequence[str] = ()) -> list[str]:
-    """The stable column order of ``--csv`` tables."""
-    return (["image", *extra_columns, "face_index", "x", "y", "w", "h", "detection_score", "yaw", "pitch", "roll",
-             "face_px", "blur", "extreme_pose", "mesh_failed", *au_codes]
-            + [f"expression_{lab}" for lab in labels] + [f"emotion_{lab}" for lab in labels]
-            + ["top_emotion", "error"])
-
-

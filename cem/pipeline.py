@@ -18,7 +18,7 @@ import cem
 from cem.config import Config
 from cem.contract import FaceEvidence, FaceResult, ImageResult, Provenance
 from cem.fuse import downweight_contradicted, explain, ground_cues, pool
-from cem.io import MAX_SIDE, ImageInput, ImageLoadError, load_image
+from cem.io import ImageInput, ImageLoadError, load_image
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +122,8 @@ class Pipeline:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         try:
-            rgb = load_image(image, self.config.image.max_pixels,
-                             int(getattr(self.config.image, "max_side", MAX_SIDE)))
+            img = self.config.image
+            rgb = load_image(image, img.max_pixels, img.max_side, img.max_aspect)
         except ImageLoadError as e:
             return MeasuredImage(name, None, [], timings, str(e))
         timings["load"] = (time.perf_counter() - t0) * 1000

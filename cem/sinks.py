@@ -1,4 +1,5 @@
-"""Where records go: the JSONL output (locked, resumable, always valid JSON) and tables derived from it.
+"""Where records go: the JSONL output (locked, resumable, always valid JSON). Tables are derived from it by
+:func:`cem.results.write_table`, the one table writer (``--csv`` and ``cem table``).
 
 Decisions (documented here because every writer and reader of cem output relies on them):
 
@@ -11,8 +12,9 @@ Decisions (documented here because every writer and reader of cem output relies 
   surrogate escapes become ``\\xNN`` as above; any other lone surrogate (e.g. ``"caf\\udce9"`` in a model
   reply, valid JSON but not valid Unicode) becomes U+FFFD.
 - **Numbers.** JSON is written with ``allow_nan=False``. A record holding NaN or an infinity (e.g. a
-  reasoner's NaN log-probability) is replaced by an error record for that image naming the fields, so the
-  file stays valid JSON and nothing downstream scores a NaN silently.
+  reasoner's NaN log-probability) is replaced by an error record for that image naming the fields
+  (:func:`cem.contract.error_record`), so the file stays valid JSON and nothing downstream scores a NaN
+  silently.
 - **Resume never deletes.** Lines that are not JSON objects with an ``image`` string (corrupt, non-object,
   a half-written last line) are moved to ``OUT.rejected`` beside the output (appended, never overwritten)
   and reported; the other records stay, in order. Records are keyed by (image, context), so two manifest
@@ -113,12 +115,17 @@ def finalize(record: dict[str, Any]) -> dict[str, Any]:
     out = clean(rec, "", bad)
     if not bad:
         return out
+    from cem.contract import error_record
+
     shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-    keep = {k: out[k] for k in ("image", "image_bytes", "width", "height", "context", "meta", "video")
-            if k in out}
-    return keep | {"faces": [], "error": f"{out.get('image')}: invalid numbers in the result (NaN or infinity: "
-                                         f"{shown}); the record was not kept",
-                   "provenance": clean(record.get("provenance"), "provenance", None)}
+    provenance = clean(record.get("provenance"), "provenance", None)
+    if isinstance(provenance, dict) and isinstance(provenance.get("timings_ms"), dict):  # a NaN timing is dropped
+        provenance["timings_ms"] = {k: v for k, v in provenance["timings_ms"].items() if v is not None}
+    image = str(out.get("image"))
+    return error_record(image, f"{image}: invalid numbers in the result (NaN or infinity: {shown}); the record "
+                               f"was not kept", provenance, out.get("context"), out.get("meta"),
+                        video=out.get("video"), width=out.get("width"), height=out.get("height"),
+                        image_bytes=out.get("image_bytes"))
 
 
 def dumps(record: dict[str, Any]) -> str:
@@ -296,40 +303,3 @@ class JsonlSink:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def write_table(jsonl: str | os.PathLike, out: str | os.PathLike) -> None:
-    """Regenerate the per-face table ``out`` from every record of ``jsonl`` (so after ``--resume`` it holds
-    every row and its columns always match)."""
-    try:
-        from cem.results import write_table as contract_write_table  # the contract's one table writer
-    except ImportError:
-        _write_table_fallback(jsonl, out)
-        return
-    contract_write_table(jsonl, out)
-
-
-# --- LEAD: fallback until cem.results.write_table is merged; delete this block then. -------------------
-def _write_table_fallback(jsonl: str | os.PathLike, out: str | os.PathLike) -> int:
-    import csv
-
-    from cem.fer.aus import AU_NAMES
-    from cem.io import csv_columns, face_rows, read_jsonl
-
-    records = [r for r in read_jsonl(jsonl) if "frame" not in r]
-    labels: list[str] = list(dict.fromkeys(k for r in records for f in r.get("faces") or []
-                                           for k in f.get("emotion", {})))
-    meta_cols = list(dict.fromkeys(f"meta.{k}" for r in records for k in (r.get("meta") or {})))
-    columns = csv_columns(labels, list(AU_NAMES), ["context", *meta_cols])
-    n = 0
-    with open(out, "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        w.writeheader()
-        for r in records:
-            flat = r | {"context": r.get("context") or ""} | {f"meta.{k}": v for k, v in (r.get("meta") or {}).items()}
-            rows = face_rows(flat, labels, list(AU_NAMES), ["context", *meta_cols])
-            w.writerows(rows)
-            n += len(rows)
-    return n
-# --- end of fallback -------------------------------------------------------------------------------------
-

@@ -71,13 +71,13 @@ def _example_columns() -> list[str]:
                       [Cue("x", "face", "neutral", 0.5)])
     prov = Provenance("VERSION", "default", "rules", None, None, {"load": 1.0, "fer": 1.0, "reason": 1.0,
                                                                   "fuse": 1.0, "total": 1.0})
-    rec = ImageResult("a.jpg", 10, 10, [face], prov, extra={"<manifest column>": "x"}).to_dict()
+    rec = ImageResult("a.jpg", 10, 10, [face], prov, meta={"<manifest column>": "x"}).to_dict()
     return order_columns(face_rows(rec)[0])
 
 
 def blocks() -> dict[str, str]:
     out = {}
-    for kind in ("image", "moment", "error", "frame"):
+    for kind in ("image", "moment", "video", "error", "frame"):
         out[f"{kind}-fields"] = fields_table(json_schema(kind))
     defs = json_schema("moment")["$defs"]
     for name in ("FaceRecord", "Pose", "Quality", "ActionUnit", "Cue", "Provenance"):
