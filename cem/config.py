@@ -38,15 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from cem.io import MAX_SIDE
 from cem.resources import configs_dir
 from cem.schema import FERPLUS_LABELS
-
-# Image geometry bounds, checked before any pixel reaches OpenCV: OpenCV's remap/warp calls abort the
-# process (SHRT_MAX) on sides of 32,767 px, and the FER stage's retry with a margin makes an image 1.5x
-# wider, so 16,384 px per side keeps every OpenCV call in range (a config may lower it, never raise it); a
-# strip narrower than 1/25 of its length cannot hold a face and only costs detection tiles.
-MAX_SIDE = 16_384
-MAX_ASPECT = 25.0
 
 
 class ConfigError(ValueError):
@@ -69,8 +63,7 @@ class _Checked:
 @dataclass
 class ImageConfig(_Checked):
     max_pixels: int = _num(50_000_000, ge=1)  # decompression-bomb guard
-    max_side: int = _num(MAX_SIDE, ge=1, le=MAX_SIDE)  # longest side in pixels (at most MAX_SIDE: see there)
-    max_aspect: float = _num(MAX_ASPECT, ge=1.0)  # long side / short side
+    max_side: int = _num(MAX_SIDE, ge=1, le=MAX_SIDE)  # longest side in pixels; at most cem.io.MAX_SIDE
 
 
 @dataclass

@@ -22,15 +22,17 @@ from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
-# geometry bounds checked before any pixel reaches OpenCV: config.image's defaults (reasons given there)
-from cem.config import MAX_ASPECT, MAX_SIDE
-
 if TYPE_CHECKING:
     import PIL.Image
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
 )
+# The loader refuses only what no image format should hold: a side beyond 65,535 px (JPEG's and WebP's
+# limit; larger sides come from crafted PNG/TIFF files) and more pixels than image.max_pixels (a
+# decompression bomb). Large or elongated but legal images are analysed: the FER stage bounds every
+# region it hands to OpenCV and MediaPipe itself (cem.fer.detect), so no side reaches OpenCV's SHRT_MAX.
+MAX_SIDE = 65_535
 # Contexts longer than this are refused per row (a prompt cannot use more; 20k characters is ~5k tokens).
 MAX_CONTEXT_CHARS = 20_000
 # CSV fields may be this large (the csv module's default is 128 KiB); larger ones are an error for that file.
@@ -68,8 +70,7 @@ def _file_kind(mode: int) -> str:
     return "not a file"
 
 
-def check_geometry(name: str, width: int, height: int, max_pixels: int, max_side: int = MAX_SIDE,
-                   max_aspect: float = MAX_ASPECT) -> None:
+def check_geometry(name: str, width: int, height: int, max_pixels: int, max_side: int = MAX_SIDE) -> None:
     """Refuse sizes the FER stage cannot take, before any pixel is decoded or reaches OpenCV."""
     if width <= 0 or height <= 0:
         raise ImageLoadError(f"{name}: image has no pixels ({width}x{height})")
@@ -78,30 +79,25 @@ def check_geometry(name: str, width: int, height: int, max_pixels: int, max_side
     if width * height > max_pixels:
         raise ImageLoadError(f"{name}: image too large: {width}x{height} = {width * height} pixels exceeds "
                              f"the limit of {max_pixels}")
-    if max(width, height) / min(width, height) > max_aspect:
-        raise ImageLoadError(f"{name}: image too elongated: {width}x{height} px (aspect ratio above "
-                             f"{max_aspect:g}:1 cannot hold a face)")
 
 
-def load_image(source: ImageInput, max_pixels: int = 50_000_000, max_side: int = MAX_SIDE,
-               max_aspect: float = MAX_ASPECT) -> np.ndarray:
+def load_image(source: ImageInput, max_pixels: int = 50_000_000, max_side: int = MAX_SIDE) -> np.ndarray:
     """Return the image as an upright RGB uint8 array of shape (H, W, 3).
 
     EXIF orientation is applied; grayscale, palette, RGBA (composited on white), 16-bit, CMYK and other
-    modes are converted to RGB. ``max_pixels`` guards against decompression bombs, ``max_side`` and
-    ``max_aspect`` against geometry that OpenCV cannot handle or that cannot hold a face (see
-    :func:`check_geometry`).
+    modes are converted to RGB. ``max_pixels`` guards against decompression bombs, ``max_side`` against
+    geometry that OpenCV cannot handle (see :func:`check_geometry`).
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if isinstance(source, np.ndarray):
         if source.ndim >= 2:
             check_geometry(f"<array {source.shape[1]}x{source.shape[0]}>", source.shape[1], source.shape[0],
-                           max_pixels, max_side, max_aspect)
+                           max_pixels, max_side)
         return _array_to_rgb(source)
     if isinstance(source, Image.Image):
         check_geometry(f"<{type(source).__name__} {source.width}x{source.height}>", source.width, source.height,
-                       max_pixels, max_side, max_aspect)
+                       max_pixels, max_side)
         return _pil_to_rgb(ImageOps.exif_transpose(source) or source)
     name = os.fspath(source)
     if isinstance(name, bytes):
@@ -127,7 +123,7 @@ def load_image(source: ImageInput, max_pixels: int = 50_000_000, max_side: int =
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(fh) as im:
                 w, h = im.size
-                check_geometry(name, w, h, max_pixels, max_side, max_aspect)
+                check_geometry(name, w, h, max_pixels, max_side)
                 im.load()
                 upright = ImageOps.exif_transpose(im) or im
                 return _pil_to_rgb(upright)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
+from pydantic import ValidationError
 
 import cem
 from cem.config import Config
@@ -43,6 +44,15 @@ def reasoner_failure_cause(error: str | None) -> str | None:
     if m:
         return m.group(1)
     return "other" if error.startswith("reasoner") else None
+
+
+def _invalid_result(name: str, where: str, e: ValidationError) -> str:
+    """The error of an image whose result the contract refuses, naming the fields (``where.<field>``)."""
+    fields = [f"{where}." + ".".join(str(p) for p in err["loc"]) for err in e.errors()]
+    shown = ", ".join(fields[:5]) + (f" and {len(fields) - 5} more" if len(fields) > 5 else "")
+    if all(err["type"] == "finite_number" for err in e.errors()):
+        return f"{name}: invalid numbers in the result (NaN or infinity: {shown}); the record was not kept"
+    return f"{name}: invalid result ({shown}: {e.errors()[0]['msg']}); the record was not kept"
 
 
 @dataclass
@@ -123,7 +133,7 @@ class Pipeline:
         t0 = time.perf_counter()
         try:
             img = self.config.image
-            rgb = load_image(image, img.max_pixels, img.max_side, img.max_aspect)
+            rgb = load_image(image, img.max_pixels, img.max_side)
         except ImageLoadError as e:
             return MeasuredImage(name, None, [], timings, str(e))
         timings["load"] = (time.perf_counter() - t0) * 1000
@@ -153,7 +163,7 @@ class Pipeline:
         by_index = {a.index: a for a in answers or []}
         t = time.perf_counter()
         results = []
-        for ev in m.evidence:
+        for i, ev in enumerate(m.evidence):
             a = by_index.get(ev.index)
             err = reason_error or (a.error if a else "reasoner failed (invalid-answer): no answer for this face")
             dist = a.distribution if a else None
@@ -166,8 +176,12 @@ class Pipeline:
             who = "the AU prototypes" if self.reasoner.backend == "rules" else "the model"
             rationale = explain(ev, emotion, cues, dist, self.config.fusion, a.rationale if a else "", who,
                                 err if dist is None else None)
-            results.append(FaceResult(evidence=ev, emotion=emotion, cues=cues,
-                                      rationale=rationale, error=err if dist is None else None))
+            try:
+                results.append(FaceResult(evidence=ev, emotion=emotion, cues=cues,
+                                          rationale=rationale, error=err if dist is None else None))
+            except ValidationError as e:  # e.g. a reasoner's NaN: this image's error record, not a crash
+                return ImageResult(m.name, w, h, [], self.provenance(m.timings, context), context=context,
+                                   error=_invalid_result(m.name, f"faces[{i}]", e))
         m.timings["fuse"] = (time.perf_counter() - t) * 1000
         m.timings["total"] = sum(v for k, v in m.timings.items() if k in ("load", "fer", "reason", "fuse"))
         return ImageResult(m.name, w, h, results, self.provenance(m.timings, context), context=context)
@@ -264,12 +278,14 @@ class Pipeline:
         return annotate(self, inputs, out, **kwargs)
 
     def analyze_video(self, path: str | os.PathLike, context: str | None = None, every: int | None = None,
-                      fps: float | None = None, options: Any = None) -> Iterator[Any]:
+                      fps: float | None = None, options: Any = None,
+                      meta: Mapping[str, Any] | None = None) -> Iterator[Any]:
         """Stream a video: yields a :class:`cem.video.VideoFrame` per processed frame (tracked, smoothed
         faces; ``moments`` holds the contract records of the key moments reasoned on that frame).
 
         ``every``: process every Nth frame; ``fps``: sample at that rate; ``options``: a
-        :class:`cem.video.VideoOptions` for tracking, smoothing and key-moment settings.
+        :class:`cem.video.VideoOptions` for tracking, smoothing and key-moment settings; ``meta``: the
+        manifest columns written in each key moment's record.
         """
         from cem.contract import moment_record
         from cem.video import VideoOptions, track_video
@@ -292,7 +308,7 @@ class Pipeline:
                 for face, tf in zip(result.faces, keys):
                     vf.moments.append(moment_record(
                         result, face, video=name, frame=vf.frame, time=vf.time, track_id=tf.track_id,
-                        t_start=tf.t_start, key_reason=tf.key_reason or ""))
+                        t_start=tf.t_start, key_reason=tf.key_reason or "", meta=meta))
             vf.rgb = None  # do not hold decoded frames beyond this step
             yield vf
 

@@ -35,7 +35,7 @@ from typing import Any
 
 from cem.config import Config
 from cem.io import InputError, InputItem, InputSet, collect_inputs, read_context_csv
-from cem.sinks import JsonlSink, OutputError, input_key, safe_text, write_table
+from cem.sinks import JsonlSink, OutputError, input_key, safe_text
 
 PROGRESS_MIN_IMAGES = 5
 
@@ -129,14 +129,6 @@ def preflight(config: Config) -> bool:
     return True
 
 
-def _landmark_faces(record: dict[str, Any], result: Any) -> None:
-    """Add each face's 478-point mesh (pixels, 2 decimals) to the record: ``--landmarks``.
-    LEAD: the contract's ``to_dict(landmarks=True)`` replaces this at merge."""
-    for face, fr in zip(record["faces"], result.faces):
-        lm = fr.evidence.landmarks
-        face["landmarks"] = None if lm is None else [[round(float(v), 2) for v in p] for p in lm]
-
-
 class Runner:
     """One run's state; :func:`annotate` is the entry point."""
 
@@ -198,12 +190,8 @@ class Runner:
         def flush() -> None:
             results = pipe.reason_many([m for _, m in chunk], [it.context for it, _ in chunk])
             for (it, _), result in zip(chunk, results):
-                rec = result.to_dict()
-                if self.landmarks:
-                    _landmark_faces(rec, result)
-                if it.extra:
-                    rec["meta"] = dict(it.extra)
-                self._count(sink.write(rec), summary)
+                result.meta = dict(it.extra) or None
+                self._count(sink.write_result(result, landmarks=self.landmarks), summary)
                 if bar is not None:
                     bar.update(1)
             chunk.clear()
@@ -254,16 +242,15 @@ class Runner:
 
     def _run_video(self, it: InputItem, sink: JsonlSink, summary: RunSummary, table: Any, every: int | None,
                    fps: float | None) -> None:
-        from cem.fer.aus import AU_NAMES
+        from cem.contract import AU_NAMES, error_record, video_summary_record
         from cem.video import VideoError, frame_count, frame_rows
 
         pipe = self.pipeline
         labels, aus = self.config.labels, list(AU_NAMES)
         shown = safe_text(it.path)
-        start, n_frames, n_moments, size = time.perf_counter(), 0, 0, (None, None)
-        base: dict[str, Any] = {"image": it.path, "video": it.path, "context": it.context}
-        if it.extra:
-            base["meta"] = dict(it.extra)
+        start, n_frames, n_moments = time.perf_counter(), 0, 0
+        size: tuple[int | None, int | None] = (None, None)
+        meta = dict(it.extra) or None
         bar = None
         if self.progress:
             from tqdm import tqdm
@@ -272,7 +259,7 @@ class Runner:
                        desc=Path(shown).name)
         summary.videos += 1
         try:
-            for vf in pipe.analyze_video(it.path, it.context, every=every, fps=fps):
+            for vf in pipe.analyze_video(it.path, it.context, every=every, fps=fps, meta=meta):
                 n_frames += 1
                 size = (vf.width, vf.height)
                 if bar is not None:
@@ -286,8 +273,6 @@ class Runner:
                     key = (shown, it.context, rec["frame"], rec["track_id"])
                     if key in sink.existing.moments:  # written before an interruption
                         continue
-                    if it.extra:
-                        rec["meta"] = dict(it.extra)
                     written = sink.write(rec)
                     summary.moments += 1
                     for face in written["faces"]:
@@ -295,8 +280,7 @@ class Runner:
                         if cause:
                             summary.reasoner_failed[cause] += 1
         except VideoError as e:
-            rec = sink.write(base | {"width": None, "height": None, "faces": [], "error": str(e),
-                                     "provenance": pipe.provenance().to_dict()})
+            rec = sink.write(error_record(it.path, str(e), pipe.provenance(), it.context, meta, video=it.path))
             summary.errors[problem_kind(rec)] += 1
             self.echo(f"cem: {safe_text(str(e))}")
             return
@@ -304,9 +288,8 @@ class Runner:
             if bar is not None:
                 bar.close()
         summary.frames += n_frames
-        sink.write(base | {"width": size[0], "height": size[1], "faces": [], "error": None,
-                           "video_summary": {"frames": n_frames, "moments": n_moments, "complete": True},
-                           "provenance": pipe.provenance().to_dict()})
+        sink.write(video_summary_record(it.path, frames=n_frames, moments=n_moments, provenance=pipe.provenance(),
+                                        width=size[0], height=size[1], context=it.context, meta=meta))
         el = time.perf_counter() - start
         self.echo(f"cem: {shown}: {n_frames} frames in {el:.1f} s ({n_frames / max(el, 1e-9):.1f} frames/s), "
                   f"{n_moments} key moments")
@@ -417,6 +400,8 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
     finally:
         sink.close()
     if csv is not None:
+        from cem.results import write_table  # the one table writer (also `cem table`): every record of `out`
+
         try:
             write_table(out, csv)
         except (OSError, ImportError, ValueError) as e:

@@ -31,9 +31,12 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from cem.io import os_reason
+
+if TYPE_CHECKING:
+    from cem.contract import ImageResult
 
 RecordKey = tuple[Any, Any]  # (image, or image_bytes for a name that is not UTF-8; context)
 
@@ -118,14 +121,22 @@ def finalize(record: dict[str, Any]) -> dict[str, Any]:
     from cem.contract import error_record
 
     shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-    provenance = clean(record.get("provenance"), "provenance", None)
-    if isinstance(provenance, dict) and isinstance(provenance.get("timings_ms"), dict):  # a NaN timing is dropped
-        provenance["timings_ms"] = {k: v for k, v in provenance["timings_ms"].items() if v is not None}
+    provenance = _finite_provenance(record.get("provenance") or {})
     image = str(out.get("image"))
     return error_record(image, f"{image}: invalid numbers in the result (NaN or infinity: {shown}); the record "
                                f"was not kept", provenance, out.get("context"), out.get("meta"),
                         video=out.get("video"), width=out.get("width"), height=out.get("height"),
                         image_bytes=out.get("image_bytes"))
+
+
+def _finite_provenance(provenance: Any) -> dict[str, Any]:
+    """A provenance as a dict whose non-finite timings are dropped (for the error record replacing a result)."""
+    import dataclasses
+
+    prov = clean(dataclasses.asdict(provenance) if dataclasses.is_dataclass(provenance) else dict(provenance),
+                 "provenance", None)
+    prov["timings_ms"] = {k: v for k, v in (prov.get("timings_ms") or {}).items() if v is not None}
+    return {k: v for k, v in prov.items() if v is not None or k in ("model", "template")}
 
 
 def dumps(record: dict[str, Any]) -> str:
@@ -290,6 +301,22 @@ class JsonlSink:
         self._fh.flush()
         self.written += 1
         return rec
+
+    def write_result(self, result: ImageResult, landmarks: bool = False) -> dict[str, Any]:
+        """Write the record of a pipeline result (``landmarks``: each face's mesh too); returns what was
+        written. A result the contract refuses (e.g. a NaN from a reasoner) is written as that image's error
+        record naming the fields, and the run goes on."""
+        from cem.contract import RecordError, error_record
+
+        try:
+            record = result.to_dict(landmarks=landmarks)
+        except RecordError as e:
+            image = safe_text(result.image)
+            detail = str(e).split(": not a valid record: ", 1)[-1]
+            record = error_record(result.image, f"{image}: invalid result ({detail}); the record was not kept",
+                                  _finite_provenance(result.provenance), result.context, result.meta,
+                                  width=result.width, height=result.height)
+        return self.write(record)
 
     def close(self) -> None:
         try:
