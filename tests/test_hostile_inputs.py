@@ -579,10 +579,13 @@ def test_base_url_flag_beats_environment_and_config(monkeypatch):
     from cem.cli import _load_config
 
     monkeypatch.setenv("OPENAI_BASE_URL", "http://env:1/v1")
+    from cem.reasoning.openai_backend import resolve_base_url
+
     cfg = _load_config("vllm", "http://flag:2/v1")
-    assert cfg.reasoner.options["base_url"] == "http://flag:2/v1"
-    assert cfg.reasoner.options["base_url_source"] == "--base-url"
-    assert "base_url_source" not in _load_config("vllm", None).reasoner.options
+    assert resolve_base_url(cfg.reasoner.options) == ("http://flag:2/v1", "--base-url")
+    assert resolve_base_url(_load_config("vllm", None).reasoner.options) == ("http://env:1/v1", "$OPENAI_BASE_URL")
+    monkeypatch.delenv("OPENAI_BASE_URL")
+    assert resolve_base_url(_load_config("vllm", None).reasoner.options)[1] == "config (reasoner.options.base_url)"
 
 
 def test_table_after_resume_holds_every_row_with_aligned_columns(pipeline, face_png, tmp_path):
