@@ -35,6 +35,9 @@ from typing import IO, Any
 
 from cem.config import Config
 from cem.engines.ray_engine import StagePlan
+from cem.io import ContextTable
+from cem.sinks import input_key
+from cem.sinks import record_key as sink_key
 
 Key = tuple[str, "str | None"]
 PART_GLOB = "part-*.jsonl"
@@ -43,8 +46,10 @@ ACTOR_START_TIMEOUT_S = 900  # loading MediaPipe and the CNN takes seconds; a mo
 
 
 def record_key(record: dict[str, Any]) -> Key:
-    """The resume and dedupe key of a record: the image as named in it, and its context."""
-    return record["image"], record.get("context")
+    """The resume and dedupe key of a record: the image as named in it (its exact bytes, base64, for a name
+    that is not UTF-8), and its context; the same key as the local runner's (:func:`cem.sinks.record_key`)."""
+    image, context = sink_key(record)
+    return str(image), context
 
 
 class KeySet:
@@ -61,7 +66,7 @@ class KeySet:
 
     def add(self, record: dict[str, Any]) -> bool:
         """Add a record's key; False when an equal key was already there (a duplicate)."""
-        image = record["image"]
+        image, _ = record_key(record)
         if "context" not in record:
             dup = image in self.images
             self.any_context.add(image)
@@ -139,7 +144,8 @@ def output_paths(out: str | os.PathLike, output_format: str | None = None) -> tu
 
 
 def _read_records(path: Path) -> Iterator[dict[str, Any]]:
-    """Records of a shard or merged file; a half-written last line (a crash) is skipped."""
+    """Records of a shard or merged file. Lines that are not valid records (a half-written last line after a
+    crash) are skipped with a :class:`cem.results.CorruptLinesWarning` naming the file and the lines."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -147,9 +153,14 @@ def _read_records(path: Path) -> Iterator[dict[str, Any]]:
             for text in batch.column(0).to_pylist():
                 yield json.loads(text)
         return
-    from cem.io import read_jsonl
+    import warnings
 
-    yield from read_jsonl(path)
+    from cem.results import CorruptLinesWarning, ReadReport, read_records
+
+    report = ReadReport(os.fspath(path))
+    yield from read_records(path, report)
+    if report.skipped:
+        warnings.warn(report.message(), CorruptLinesWarning, stacklevel=2)
 
 
 def _sources(merged: Path, shards: Path, resume: bool) -> list[Path]:
@@ -211,9 +222,11 @@ def merge(sources: list[Path], merged: Path, output_format: str = "jsonl") -> tu
                 yield rec
 
     if output_format == "jsonl":
+        from cem.sinks import dumps
+
         with open(tmp, "w", encoding="utf-8") as fh:
             for rec in unique():
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                fh.write(dumps(rec) + "\n")
     else:
         _write_parquet(unique(), tmp)
     os.replace(tmp, merged)
@@ -253,7 +266,7 @@ def _is_ray_dataset(obj: Any) -> bool:
 def annotate(dataset_or_paths: Any, config: Config | str | os.PathLike = "default",
              out: str | os.PathLike = "cem-out.jsonl", *, image_column: str = "image",
              context_column: str | None = "context", name_column: str | None = None, context: str | None = None,
-             contexts: Mapping[str, str] | Any | None = None,
+             contexts: ContextTable | Mapping[str, str] | None = None,
              fer_actors: int = 1, fer_cpus_per_actor: float = 1.0, reason_actors: int | None = None,
              reason_cpus_per_actor: float = 1.0, reason_gpus_per_actor: float = 0.0, batch_size: int = 16,
              resume: bool = False, address: str | None = None, output_format: str | None = None,
@@ -302,7 +315,7 @@ def annotate(dataset_or_paths: Any, config: Config | str | os.PathLike = "defaul
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     if not _is_ray_dataset(dataset_or_paths):  # inputs are checked before anything is removed
-        rows, summary.skipped = _path_rows(dataset_or_paths, done, contexts or {}, context, limit)
+        rows, summary.skipped = _path_rows(dataset_or_paths, done, contexts, context, limit)
     shards.mkdir(parents=True, exist_ok=True)
     if not resume:
         for old in shards.glob(PART_GLOB):
@@ -388,27 +401,22 @@ def _tally(summary: DistributedSummary, rec: dict[str, Any]) -> None:
             summary.reasoner_failed_faces += 1
 
 
-def _context_for(contexts: Any, path: str) -> str | None:
-    """A ``--context-file`` context: a mapping by path or file name, or the runner's ContextTable."""
-    if hasattr(contexts, "lookup"):
-        return contexts.lookup(path)[0]
-    return contexts.get(path) or contexts.get(Path(path).name)
-
-
-def _path_rows(inputs: Any, done: KeySet, contexts: Any, context: str | None,
+def _path_rows(inputs: Any, done: KeySet, contexts: ContextTable | Mapping[str, str] | None, context: str | None,
                limit: int | None) -> tuple[list[dict[str, Any]], int]:
-    """Files, folders, globs and manifests, expanded as the local runner does -> (rows to do, skipped)."""
+    """Files, folders, globs and manifests, expanded as the local runner does (:func:`cem.io.collect_inputs`:
+    a manifest's context, else ``contexts``, else ``context``) -> (rows to do, skipped)."""
     from cem.io import collect_inputs
     from cem.video import is_video
 
-    expanded: Any = collect_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs))
-    items = expanded.items if hasattr(expanded, "items") else expanded  # the runner's InputSet, or a list
-    videos = [it.path for it in items if is_video(it.path)]
+    found = collect_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs), contexts, context)
+    if found.nothing_found:
+        raise ValueError(found.problem())
+    videos = [it.path for it in found.items if is_video(it.path)]
     if videos:
         raise ValueError(f"{videos[0]}: a video; the Ray engine annotates images (use the local engine for videos)")
     rows: list[dict[str, Any]] = []
-    for it in items:
-        ctx = it.context or _context_for(contexts, it.path) or context
-        if not done.seen(it.path, ctx):
-            rows.append({"image": it.path, "context": ctx, "extra": json.dumps(it.extra) if it.extra else ""})
-    return (rows[:limit] if limit is not None else rows), len(items) - len(rows)
+    for it in found.items:
+        if not done.seen(str(input_key(it.path, it.context)[0]), it.context):
+            rows.append({"image": it.path, "context": it.context,
+                         "extra": json.dumps(it.extra) if it.extra else ""})
+    return (rows[:limit] if limit is not None else rows), len(found.items) - len(rows)

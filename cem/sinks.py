@@ -139,6 +139,23 @@ def _finite_provenance(provenance: Any) -> dict[str, Any]:
     return {k: v for k, v in prov.items() if v is not None or k in ("model", "template")}
 
 
+def result_record(result: ImageResult, landmarks: bool = False) -> dict[str, Any]:
+    """The record of a pipeline result as it is written (``landmarks``: each face's mesh too), by every
+    engine. A result the contract refuses is replaced by that image's error record naming the fields, so
+    one bad result never ends a run."""
+    from cem.contract import RecordError, error_record
+
+    try:
+        record = result.to_dict(landmarks=landmarks)
+    except RecordError as e:
+        image = safe_text(result.image)
+        detail = str(e).split(": not a valid record: ", 1)[-1]
+        record = error_record(result.image, f"{image}: invalid result ({detail}); the record was not kept",
+                              _finite_provenance(result.provenance), result.context, result.meta,
+                              width=result.width, height=result.height)
+    return finalize(record)
+
+
 def dumps(record: dict[str, Any]) -> str:
     """One JSONL line (without newline) for an already :func:`finalize`-d record."""
     return json.dumps(record, ensure_ascii=False, allow_nan=False)
@@ -303,20 +320,8 @@ class JsonlSink:
         return rec
 
     def write_result(self, result: ImageResult, landmarks: bool = False) -> dict[str, Any]:
-        """Write the record of a pipeline result (``landmarks``: each face's mesh too); returns what was
-        written. A result the contract refuses (e.g. a NaN from a reasoner) is written as that image's error
-        record naming the fields, and the run goes on."""
-        from cem.contract import RecordError, error_record
-
-        try:
-            record = result.to_dict(landmarks=landmarks)
-        except RecordError as e:
-            image = safe_text(result.image)
-            detail = str(e).split(": not a valid record: ", 1)[-1]
-            record = error_record(result.image, f"{image}: invalid result ({detail}); the record was not kept",
-                                  _finite_provenance(result.provenance), result.context, result.meta,
-                                  width=result.width, height=result.height)
-        return self.write(record)
+        """Write the record of a pipeline result (see :func:`result_record`); returns what was written."""
+        return self.write(result_record(result, landmarks))
 
     def close(self) -> None:
         try:

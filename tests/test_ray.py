@@ -35,15 +35,16 @@ def _read(path: Path) -> list[dict]:
 
 
 def _comparable(recs: list[dict]) -> dict[str, dict]:
-    """Records by image (each is given once), without what legitimately differs between runs: timings and
-    the Ray node. `context` is in every record once cem.contract lands; before that only the Ray engine
-    writes it, so it is checked on its own."""
+    """Records by image (each is given once), each valid by the contract, without what legitimately differs
+    between runs: timings and the Ray node."""
+    from cem.contract import validate_record
+
     out = {}
     for rec in recs:
+        validate_record(rec)
         rec = json.loads(json.dumps(rec))
         rec["provenance"].pop("timings_ms")
         rec["provenance"].pop("node", None)
-        rec.pop("context", None)
         assert rec["image"] not in out, f"duplicate record for {rec['image']}"
         out[rec["image"]] = rec
     return out
@@ -257,8 +258,8 @@ def test_dataset_of_bytes_with_named_columns(image_set, local_records, ray_runti
         if rec["error"]:  # the same problem, named after the row (no file was opened)
             assert want["error"] and rec["error"].split(": ", 1)[1] == want["error"].split(": ", 1)[1]
         else:
-            want = {k: v for k, v in want.items() if k not in ("participant", "meta")}  # manifest columns
-            assert rec == want
+            want = {k: v for k, v in want.items() if k not in ("meta", "context")}  # the manifest's
+            assert {k: v for k, v in rec.items() if k != "context"} == want
     with pytest.raises(ValueError, match="no column 'path'"):
         annotate(ds, "default", tmp_path / "e.jsonl", image_column="blob")
 

@@ -3,8 +3,8 @@
 Rows flowing through the plan have an image column (a path, encoded image bytes or an RGB array), an
 optional context column, an optional name column (how a non-path image is named in its record) and an
 optional ``extra`` column (manifest columns as a JSON object). The plan ends in one column, ``record``: the
-JSON text of the image's record, exactly as :meth:`cem.contract.ImageResult.to_dict` writes it plus the
-manifest columns, with ``provenance.node`` (the Ray node id that ran the FER stage) added.
+JSON text of the image's record, exactly as the local runner writes it (:func:`cem.sinks.result_record`;
+manifest columns under ``meta``), with ``provenance.node`` (the Ray node id that ran the FER stage) set.
 
 - FER stage: :class:`FERActor`, an actor pool (``map_batches`` with a callable class), so the MediaPipe and
   expression models load once per actor. With a cheap reasoner (``rules``) the actor also reasons and fuses
@@ -162,16 +162,16 @@ def _measure(pipe: Pipeline, image: Any, name: str, faces: str | None) -> Measur
 
 def _records(pipe: Pipeline, measured: list[MeasuredImage], contexts: list[str | None],
              extras: list[dict[str, Any]], nodes: list[str]) -> list[str]:
-    """Reason, fuse, and render each image's record as JSON text (``nodes``: where each was measured)."""
+    """Reason, fuse, and render each image's record as JSON text (``nodes``: where each was measured),
+    through the local runner's path (:func:`cem.sinks.result_record`: valid UTF-8, no NaN, contract-checked)."""
+    from cem.sinks import dumps, result_record
+
     results = pipe.reason_many(measured, contexts)
     out = []
-    for res, ctx, extra, node in zip(results, contexts, extras, nodes):
-        rec = res.to_dict()
-        if rec.get("context") is None:  # the contract's `context`: the context given (to_dict may write it)
-            rec["context"] = ctx
-        rec.update(extra)
-        rec["provenance"]["node"] = node
-        out.append(json.dumps(rec, ensure_ascii=False))
+    for res, extra, node in zip(results, extras, nodes):
+        res.meta = {str(k): v for k, v in extra.items()} or None  # manifest columns, under "meta"
+        res.provenance.node = node
+        out.append(dumps(result_record(res)))
     return out
 
 
