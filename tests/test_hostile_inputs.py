@@ -605,3 +605,57 @@ def test_table_after_resume_holds_every_row_with_aligned_columns(pipeline, face_
     assert all(len(line) == len(header) for line in lines)
     assert [Path(r["image"]).name for r in rows] == ["a.png", "b.png", "c.png"]
     assert [(r["meta.participant"], r["meta.site"]) for r in rows] == [("P1", ""), ("P2", ""), ("P3", "Leeds")]
+
+
+# ---------------------------------------------------------------- every record kind against the contract
+def test_every_record_kind_written_satisfies_the_json_schema(pipeline, astronaut, face_png, short_video, tmp_path):
+    """One run writes every kind of record (an image with faces, one with none, an error, a name that is
+    not UTF-8, manifest columns, video key moments and the video's summary); the Ray engine's record path
+    adds provenance.node. Each record must satisfy `cem schema --kind <its kind>`, and the --csv table is
+    `cem table`'s, byte for byte, with the manifest columns as meta.<column>."""
+    import csv
+
+    import jsonschema
+    from click.testing import CliRunner
+
+    from cem.cli import main
+    from cem.contract import json_schema, record_kind, validate_record
+    from cem.engines.ray_engine import _records
+
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(astronaut).save(d / "face.png")
+    Image.new("RGB", (96, 96), (128, 128, 128)).save(d / "blank.png")
+    odd = os.fsdecode(os.path.join(os.fsencode(d), b"caf\xe9.png"))
+    shutil.copy(d / "face.png", odd)
+    (d / "m.csv").write_text(f"image,context,participant\nface.png,at a party,P1\nblank.png,,P2\nmissing.png,,P3\n"
+                             f"{short_video},,P4\n", encoding="utf-8")
+    out, table = tmp_path / "o.jsonl", tmp_path / "t.csv"
+    summary, _ = _run(pipeline, [d / "m.csv", odd], out, faces=None, csv=table)
+    assert summary.exit_code == 0
+    recs = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    recs.append(json.loads(_records(pipeline, [pipeline.measure(str(d / "face.png"))], ["at a party"],
+                                    [{"participant": "P5"}], ["node-1"])[0]))
+    kinds = []
+    for rec in recs:
+        kind = record_kind(rec)
+        kinds.append(kind)
+        jsonschema.validate(rec, json_schema(kind), cls=jsonschema.Draft202012Validator)
+        validate_record(rec)
+    assert sorted(set(kinds)) == ["error", "image", "moment", "video"]
+    by = {Path(r["image"]).name: r for r in recs[:-1] if record_kind(r) in ("image", "error")}
+    assert by["face.png"]["faces"] and by["face.png"]["meta"] == {"participant": "P1"}
+    assert by["blank.png"]["faces"] == [] and by["blank.png"]["error"] is None
+    assert by["missing.png"]["error"].endswith("file not found") and by["missing.png"]["meta"] == {"participant": "P3"}
+    assert base64.b64decode(by["caf\\xe9.png"]["image_bytes"]) == os.fsencode(odd) and "meta" not in by["caf\\xe9.png"]
+    assert all(r["meta"] == {"participant": "P4"} for r in recs if record_kind(r) in ("moment", "video"))
+    assert recs[-1]["provenance"]["node"] == "node-1" and recs[-1]["meta"] == {"participant": "P5"}
+    # a record the contract does not declare is refused by its schema
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(by["face.png"] | {"participant": "P1"}, json_schema("image"))
+    # --csv is `cem table`: the same bytes; manifest columns as meta.<column>
+    r = CliRunner().invoke(main, ["table", str(out), "-o", str(tmp_path / "t2.csv")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "t2.csv").read_bytes() == table.read_bytes()
+    rows = list(csv.DictReader(table.open(encoding="utf-8")))
+    assert {row["meta.participant"] for row in rows} == {"P1", "P2", "P3", "P4", ""}
