@@ -42,9 +42,9 @@ def test_manifest_csv_and_extra_columns(small_set, tmp_path):
     rows = list(csv.DictReader(table.open()))
     assert [row["meta.participant"] for row in rows] == ["P01", "P02", "P03"]  # coffee: one row, no face
     header = next(csv.reader(table.open()))
-    assert header[:5] == ["image", "context", "meta.participant", "face_index", "x"]
+    assert header[:7] == ["image", "width", "height", "context", "error", "meta.participant", "face_index"]
     assert "AU12" in header and "expression_happiness" in header and "emotion_contempt" in header
-    assert header[-2:] == ["top_emotion", "error"]
+    assert header.index("top_emotion") > header.index("emotion_contempt") and header[-1].startswith("provenance_")
     assert rows[0]["top_emotion"] == recs[0]["faces"][0]["top_emotion"]
     assert float(rows[0]["AU12"]) == recs[0]["faces"][0]["aus"]["AU12"]["intensity"]
     assert rows[1]["face_index"] == "" and rows[2]["error"].endswith("not an image file PIL can read")
@@ -166,11 +166,12 @@ def test_csv_columns_stable_for_0_1_3_faces(pipeline, astronaut, small_set, tmp_
     r = _cem("annotate", str(small_set / "c.png"), str(small_set / "a.jpg"), str(tmp_path / "three.png"),
              "-o", str(out), "--csv", str(table))
     assert r.returncode == 0, r.stderr
-    from cem.fer.aus import AU_NAMES
-    from cem.io import csv_columns
+    from cem.contract import AU_NAMES
 
     lines = list(csv.reader(table.open()))
-    assert lines[0] == csv_columns(LABELS, list(AU_NAMES), ["context"])
+    head = lines[0]
+    assert [c for c in head if c in AU_NAMES] == list(AU_NAMES)  # every AU, in registry order
+    assert [c for c in head if c.startswith("emotion_")] == [f"emotion_{k}" for k in LABELS]
     rows = [dict(zip(lines[0], line)) for line in lines[1:]]
     assert [row["image"].split("/")[-1] for row in rows] == ["c.png", "a.jpg"] + ["three.png"] * 3
     assert [row["face_index"] for row in rows] == ["", "0", "0", "1", "2"]
