@@ -6,12 +6,15 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from cem import __version__
 from cem.config import BACKENDS  # the backend registry (light: no pydantic, no models)
+
+if TYPE_CHECKING:
+    from cem.io import ContextTable
 
 
 def _fail(message: str) -> NoReturn:
@@ -63,8 +66,9 @@ def _ray_options(command):
     return command
 
 
-def _annotate_ray(config, inputs: tuple[str, ...], output: Path, contexts: dict[str, str], context: str | None,
-                  resume: bool, limit: int | None, refused: dict[str, object], opts: dict[str, object]) -> None:
+def _annotate_ray(config, inputs: tuple[str, ...], output: Path, contexts: ContextTable | None,
+                  context: str | None, resume: bool, limit: int | None, refused: dict[str, object],
+                  opts: dict[str, Any]) -> None:
     """``cem annotate --engine ray``: shards in OUTPUT's folder of the same name, merged into OUTPUT."""
     import importlib.util
 
@@ -140,7 +144,7 @@ def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: 
         if engine["engine"] == "ray":
             from cem.io import read_context_csv
 
-            contexts = read_context_csv(context_file) if context_file else {}
+            contexts = read_context_csv(context_file) if context_file else None
             return _annotate_ray(config, inputs, output, contexts, context, resume, limit, {
                 "--csv": csv_path, "--workers > 1": workers > 1, "--frames": frames_path, "--dry-run": dry_run,
                 "--landmarks": landmarks}, engine)

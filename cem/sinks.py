@@ -131,9 +131,9 @@ def finalize(record: dict[str, Any]) -> dict[str, Any]:
 
 def _finite_provenance(provenance: Any) -> dict[str, Any]:
     """A provenance as a dict whose non-finite timings are dropped (for the error record replacing a result)."""
-    import dataclasses
+    from cem.contract import Provenance
 
-    prov = clean(dataclasses.asdict(provenance) if dataclasses.is_dataclass(provenance) else dict(provenance),
+    prov = clean(provenance.to_dict() if isinstance(provenance, Provenance) else dict(provenance),
                  "provenance", None)
     prov["timings_ms"] = {k: v for k, v in (prov.get("timings_ms") or {}).items() if v is not None}
     return {k: v for k, v in prov.items() if v is not None or k in ("model", "template")}

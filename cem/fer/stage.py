@@ -10,7 +10,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
@@ -63,7 +63,7 @@ class FERStage:
     """Measures every face of an RGB image. ``faces="whole"`` treats the image as one pre-cropped face."""
 
     def __init__(self, config: Config) -> None:
-        from cem.fer.detect import DetectorModel, FaceDetector, FaceMesher
+        from cem.fer.detect import FaceDetector, FaceMesher
 
         threads = config.expression.threads
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
@@ -73,7 +73,7 @@ class FERStage:
         self.last_timings: dict[str, float] = {}
         self.ref = load_reference()
         self.detector: Any = None  # created on first use: --faces whole never needs it
-        self._make_detector = lambda: FaceDetector(cast(DetectorModel, config.faces.detector), config.faces.min_score,
+        self._make_detector = lambda: FaceDetector(config.faces.detector, config.faces.min_score,
                                                    pad_retry=config.faces.pad_retry)
         self.mesher = FaceMesher()
         self.expression = ExpressionModel.from_pretrained(config.expression.weights, config.expression.device)

@@ -172,19 +172,18 @@ def _number(v: Any) -> float | None:
 
 def _distribution(raw: Any, labels: list[str]) -> dict[str, float] | None:
     if isinstance(raw, list):  # [{"label": .., "p": ..}] or [["happiness", 0.9]]
-        pairs = {}
+        pairs: dict[str, Any] = {}
         for item in raw:
             if isinstance(item, dict) and len(item) >= 2:
-                vals = list(item.values())
-                pairs[str(vals[0])] = vals[1]
+                first, second = list(item.values())[:2]
+                pairs[str(first)] = second
             elif isinstance(item, (list, tuple)) and len(item) == 2:
                 pairs[str(item[0])] = item[1]
         raw = pairs
     if not isinstance(raw, dict):
         return None
     lower = {str(k).strip().lower(): v for k, v in raw.items()}
-    vals = {lab: _number(lower.get(lab)) for lab in labels}
-    vals = {k: (v or 0.0) for k, v in vals.items()}
+    vals = {lab: _number(lower.get(lab)) or 0.0 for lab in labels}
     total = sum(vals.values())
     if total <= 0:
         return None

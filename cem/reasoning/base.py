@@ -42,6 +42,13 @@ class Job:
     context: str | None
     prompt: Prompt | None = None
 
+    @property
+    def built_prompt(self) -> Prompt:
+        """The prompt the backend built for this job (it builds it before any request)."""
+        if self.prompt is None:
+            raise RuntimeError("the job's prompt was not built before the request (a backend bug)")
+        return self.prompt
+
 
 class ReasonerStats(TypedDict, total=False):
     """What a reasoner measured during its last ``reason_batch`` call (totals over its images)."""

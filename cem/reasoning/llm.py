@@ -87,7 +87,8 @@ class LLMReasonerBase:
         too many cues (for answers that no grammar constrained)."""
         n = len(job.faces)
         if answer_text is None:
-            parsed, err = {}, transport_error
+            parsed: dict[int, dict[str, Any]] = {}
+            err = transport_error
         else:
             parsed, err = parse_answer(answer_text, self.labels, n, max_cues=self.max_cues if strict else None)
         out = []

@@ -154,7 +154,7 @@ class OpenAIReasoner(LLMReasonerBase):
         url = self._url
         end = time.monotonic() + deadline_s
         conn_cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
-        conn = conn_cls(url.hostname, url.port, timeout=min(self.connect_timeout, deadline_s))
+        conn = conn_cls(url.hostname or "", url.port, timeout=min(self.connect_timeout, deadline_s))
         fired = threading.Event()
         held: list[socket.socket] = []  # the connection drops its socket once a reply is complete; keep it
 
@@ -262,12 +262,12 @@ class OpenAIReasoner(LLMReasonerBase):
 
     def _messages(self, job: Job, text: str) -> list[dict[str, Any]]:
         content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": data_url(im)}}
-                                         for im in job.prompt.images]
+                                         for im in job.built_prompt.images]
         content.append({"type": "text", "text": text})
         return [{"role": "user", "content": content}]
 
     def request_body(self, job: Job) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": self.model_id, "messages": self._messages(job, job.prompt.text),
+        body: dict[str, Any] = {"model": self.model_id, "messages": self._messages(job, job.built_prompt.text),
                                 "max_tokens": self.max_tokens, "temperature": self.temperature}
         if self.seed is not None:
             body["seed"] = int(self.seed)
@@ -280,7 +280,7 @@ class OpenAIReasoner(LLMReasonerBase):
     def _likelihood(self, job: Job) -> dict[int, dict[str, float]]:
         out = {}
         for i in range(len(job.faces)):
-            q = (job.prompt.text + f"\nFor face {i + 1} only: answer with one word, the most fitting of "
+            q = (job.built_prompt.text + f"\nFor face {i + 1} only: answer with one word, the most fitting of "
                  f"{', '.join(self.labels)}.")
             body = {"model": self.model_id, "messages": self._messages(job, q), "max_tokens": 1,
                     "temperature": 0.0, "logprobs": True, "top_logprobs": 20}
@@ -332,8 +332,8 @@ class OpenAIReasoner(LLMReasonerBase):
         res, err = self.to_results(job, text, like, strict=True)
         if err and any(r.distribution is None for r in res):  # retry once with the parser's complaint
             retry = dict(self.request_body(job))
-            retry["messages"] = self._messages(job, job.prompt.text + f"\nYour previous answer was invalid ({err}). "
-                                               "Answer again with JSON only.")
+            retry["messages"] = self._messages(job, job.built_prompt.text + f"\nYour previous answer was invalid "
+                                               f"({err}). Answer again with JSON only.")
             try:
                 res, err = self.to_results(job, self._content(self._post(retry)), like, strict=True)
             except ReasonerFailure as e:

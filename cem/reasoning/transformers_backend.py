@@ -162,7 +162,7 @@ class TransformersReasoner(LLMReasonerBase):
         self.model, self.processor = load_model(self.model_id, opts, config.reasoner.device)
         self.family: Family | None = family_of(getattr(self.model.config, "model_type", None))
         self._generator: Any = None  # a local RNG for sampling: the global one is never reseeded
-        self._grammar_compiler = None
+        self._grammar_compiler: Any = None  # xgrammar.GrammarCompiler, made on first use
         self._grammars: dict[int, Any] = {}
 
     # ---------------------------------------------------------------------------------------- helpers
@@ -177,10 +177,11 @@ class TransformersReasoner(LLMReasonerBase):
     def _inputs(self, jobs: list[Job]) -> Any:
         from PIL import Image
 
-        texts, images = [], []
+        texts: list[str] = []
+        images: list[Any] = []
         for j in jobs:
-            texts.append(self._chat_text(j.prompt.text, len(j.prompt.images)))
-            images.extend(Image.fromarray(im) if isinstance(im, np.ndarray) else im for im in j.prompt.images)
+            texts.append(self._chat_text(j.built_prompt.text, len(j.built_prompt.images)))
+            images.extend(Image.fromarray(im) if isinstance(im, np.ndarray) else im for im in j.built_prompt.images)
         kw: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
         if images:
             kw["images"] = images
@@ -307,8 +308,8 @@ class TransformersReasoner(LLMReasonerBase):
             for i, text, like in zip(idx, texts, likes):
                 res, err = self.to_results(jobs[i], text, like)
                 if err and any(r.distribution is None for r in res):  # retry once, alone, with the error
-                    retry = jobs[i].prompt.text + f"\nYour previous answer was invalid ({err}). Answer again.\n"
-                    jobs[i].prompt.text = retry
+                    retry = jobs[i].built_prompt.text + f"\nYour previous answer was invalid ({err}). Answer again.\n"
+                    jobs[i].built_prompt.text = retry
                     t = time.perf_counter()
                     res, _ = self.to_results(jobs[i], self.generate([jobs[i]])[0], like)
                     t_model += time.perf_counter() - t
