@@ -69,6 +69,7 @@ class MeasuredImage:
     error: str | None = None
     width: int | None = None
     height: int | None = None
+    baseline: str | None = None  # which subject baseline the AUs were measured against (provenance.baseline)
 
 
 class Pipeline:
@@ -125,9 +126,19 @@ class Pipeline:
                           model=r.model_id, template=r.template_id, timings_ms=dict(timings or {}),
                           sampling=r.sampling, context_used=bool(context) and r.uses_context)
 
-    def measure(self, image: ImageInput, faces: str | None = None, keep_pixels: bool = True) -> MeasuredImage:
+    def baseline(self, images: Sequence[ImageInput], faces: str | None = None) -> Any:
+        """A subject's own neutral reference (:class:`cem.fer.aus.SubjectBaseline`) from photos of that one
+        person: their neutral photo(s), or several of their photos (the median; weaker). Raises
+        :class:`ImageLoadError` for a photo that cannot be loaded and ValueError when no face mesh fits."""
+        img = self.config.image
+        return self.fer.baseline([load_image(i, img.max_pixels, img.max_side) for i in images], faces)
+
+    def measure(self, image: ImageInput, faces: str | None = None, keep_pixels: bool = True,
+                baseline: Any = None, baseline_name: str | None = None) -> MeasuredImage:
         """Load and FER-measure one image. Never raises for a bad image: the result carries ``error``.
-        ``keep_pixels=False`` drops the decoded image after measuring (for reasoners that do not see it)."""
+        ``keep_pixels=False`` drops the decoded image after measuring (for reasoners that do not see it).
+        ``baseline`` (from :meth:`baseline`): AUs against that subject's own neutral face; ``baseline_name``
+        says which in the record's ``provenance.baseline``."""
         name = _describe(image)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -140,13 +151,14 @@ class Pipeline:
         h, w = rgb.shape[:2]
         t1 = time.perf_counter()
         try:
-            evidence = self.fer.measure(rgb, faces)
+            evidence = self.fer.measure(rgb, faces, baseline=baseline)
         except Exception as e:  # a model failure on one image must not end a batch; it is reported
             return MeasuredImage(name, None, [], timings, f"{name}: FER stage failed ({type(e).__name__}: {e})",
                                  w, h)
         timings["fer"] = (time.perf_counter() - t1) * 1000
         timings.update(self.fer.last_timings)
-        return MeasuredImage(name, rgb if keep_pixels else None, evidence, timings, None, w, h)
+        return MeasuredImage(name, rgb if keep_pixels else None, evidence, timings, None, w, h,
+                             baseline_name if baseline is not None else None)
 
     @property
     def needs_pixels(self) -> bool:
@@ -155,6 +167,12 @@ class Pipeline:
 
     def _finish(self, m: MeasuredImage, answers: list | None, reason_error: str | None,
                 context: str | None) -> ImageResult:
+        result = self._fuse(m, answers, reason_error, context)
+        result.provenance.baseline = m.baseline
+        return result
+
+    def _fuse(self, m: MeasuredImage, answers: list | None, reason_error: str | None,
+              context: str | None) -> ImageResult:
         w, h = m.width, m.height
         if m.rgb is not None:
             h, w = m.rgb.shape[:2]

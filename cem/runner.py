@@ -14,6 +14,12 @@ are then the expression model's alone.
 Manifest columns other than ``image`` and ``context`` are carried into each record under ``meta`` (a
 column named like a record field, e.g. ``track_id`` or ``faces``, can never overwrite it).
 
+Subject baselines: a manifest column ``subject`` names the person in each photo; their AUs are then measured
+against that person's own resting face (:meth:`cem.pipeline.Pipeline.baseline`), built from the photos whose
+optional boolean column ``neutral`` is true, else from the median of all of that subject's photos.
+``provenance.baseline`` records which ("<subject>: neutral (n photos)" or "<subject>: median of n photos").
+Such photos are measured in this process (not in worker processes).
+
 Videos: each video's key moments are written as they are found; when the video is finished, one summary
 record (``video``, ``video_summary: {frames, moments, complete: true}``) marks it done. ``--resume``
 skips videos with a summary (or an error record), re-runs an interrupted one from the start without
@@ -34,10 +40,12 @@ from pathlib import Path
 from typing import Any
 
 from cem.config import Config
-from cem.io import InputError, InputItem, InputSet, collect_inputs, read_context_csv
+from cem.io import ImageLoadError, InputError, InputItem, InputSet, collect_inputs, read_context_csv
 from cem.sinks import JsonlSink, OutputError, input_key, safe_text
 
 PROGRESS_MIN_IMAGES = 5
+SUBJECT_COLUMN, NEUTRAL_COLUMN = "subject", "neutral"  # manifest columns: subject baselines
+_TRUE, _FALSE = frozenset({"1", "true", "yes", "y"}), frozenset({"", "0", "false", "no", "n"})
 
 
 class RunError(RuntimeError):
@@ -140,6 +148,40 @@ class Runner:
         self.image_timeout_s = image_timeout_s
         self.echo = echo or (lambda s: print(s, file=sys.stderr))
         self._own_pipeline = pipeline is None
+        self.subjects: dict[str, list[InputItem]] = {}  # subject -> their photos (all inputs of the run)
+        self._baselines: dict[str, tuple[Any, str] | str] = {}  # subject -> (baseline, name) or why none
+
+    def plan_subjects(self, items: list[InputItem]) -> None:
+        """Group the photos by the manifest's ``subject`` column (a bad ``neutral`` cell is that photo's error)."""
+        for it in items:
+            subject = (it.extra.get(SUBJECT_COLUMN) or "").strip()
+            if not subject or it.error is not None:
+                continue
+            flag = (it.extra.get(NEUTRAL_COLUMN) or "").strip().lower()
+            if flag not in _TRUE | _FALSE:
+                it.error = (f"{it.path}: column {NEUTRAL_COLUMN!r} must be true or false (1/0, yes/no), "
+                            f"got {it.extra[NEUTRAL_COLUMN]!r}")
+                continue
+            self.subjects.setdefault(subject, []).append(it)
+
+    @staticmethod
+    def _subject(it: InputItem) -> str | None:
+        return (it.extra.get(SUBJECT_COLUMN) or "").strip() or None
+
+    def _baseline(self, subject: str) -> tuple[Any, str] | str:
+        """(baseline, its name for provenance) of a subject, built once; or why it cannot be built."""
+        if subject not in self._baselines:
+            photos = self.subjects.get(subject, [])
+            neutral = [it for it in photos if (it.extra.get(NEUTRAL_COLUMN) or "").strip().lower() in _TRUE]
+            use = neutral or photos
+            n = len(use)
+            name = (f"{subject}: neutral ({n} photo{'s' if n > 1 else ''})" if neutral
+                    else f"{subject}: median of {n} photo{'s' if n > 1 else ''}")
+            try:
+                self._baselines[subject] = (self.pipeline.baseline([it.path for it in use], self.faces), name)
+            except (ImageLoadError, ValueError) as e:
+                self._baselines[subject] = f"subject {subject!r}: no baseline ({e})"
+        return self._baselines[subject]
 
     def build(self, need_fer: bool) -> Any:
         if self.pipeline is None:
@@ -164,7 +206,7 @@ class Runner:
         from cem.pipeline import MeasuredImage
 
         keep = self.pipeline.needs_pixels
-        live = [it.path for it in items if it.error is None]
+        live = [it.path for it in items if it.error is None and self._subject(it) is None]
         if self.workers > 1 and len(live) > 1:
             pool = WorkerPool(self.config, self.workers, self.faces, keep,
                               self.image_timeout_s or DEFAULT_IMAGE_TIMEOUT_S)
@@ -173,7 +215,18 @@ class Runner:
             source = (self.pipeline.measure(p, self.faces, keep_pixels=keep) for p in live)
         try:
             for it in items:
-                yield MeasuredImage(it.path, None, [], {}, it.error) if it.error is not None else next(source)
+                subject = self._subject(it)
+                if it.error is not None:
+                    yield MeasuredImage(it.path, None, [], {}, it.error)
+                elif subject is None:
+                    yield next(source)
+                else:
+                    found = self._baseline(subject)
+                    if isinstance(found, str):
+                        yield MeasuredImage(it.path, None, [], {}, f"{it.path}: {found}")
+                    else:
+                        yield self.pipeline.measure(it.path, self.faces, keep_pixels=keep, baseline=found[0],
+                                                    baseline_name=found[1])
         except WorkerStartError as e:
             raise RunError(f"a worker could not start: {e}") from None
 
@@ -384,6 +437,7 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
         except OutputError as e:
             raise RunError(str(e)) from None
         summary.rejected, summary.repaired = len(sink.existing.rejected), sink.existing.repaired_tail
+        runner.plan_subjects(images)  # every photo of a subject counts for its baseline, done or not
         todo = [it for it in images if input_key(it.path, it.context) not in sink.existing.keys]
         summary.skipped = len(images) - len(todo)
         if limit is not None:

@@ -659,3 +659,28 @@ def test_every_record_kind_written_satisfies_the_json_schema(pipeline, astronaut
     assert (tmp_path / "t2.csv").read_bytes() == table.read_bytes()
     rows = list(csv.DictReader(table.open(encoding="utf-8")))
     assert {row["meta.participant"] for row in rows} == {"P1", "P2", "P3", "P4", ""}
+
+
+# ---------------------------------------------------------------- subject baselines (manifest columns)
+def test_subject_column_measures_aus_against_that_subjects_baseline(pipeline, astronaut, tmp_path):
+    """Subject A's neutral-flagged photo is the smiling astronaut itself, so her other copy of it shows no
+    change from her own resting face: AU12 drops well below its value against the average face. Subject B
+    has no neutral photo: the median of her photos. A photo without a subject keeps the average face."""
+    for name in ("a1.png", "a2.png", "b1.png", "b2.png", "c.png"):
+        Image.fromarray(astronaut).save(tmp_path / name)
+    man = tmp_path / "m.csv"
+    man.write_text("image,subject,neutral\na1.png,A,yes\na2.png,A,\nb1.png,B,\nb2.png,B,\nc.png,,\n")
+    summary, _ = _run(pipeline, [man], tmp_path / "o.jsonl", faces=None)
+    recs = {Path(r["image"]).name: r for r in _strict_records(tmp_path / "o.jsonl")}
+    assert summary.n_errors == 0 and all(len(r["faces"]) == 1 for r in recs.values())
+    assert recs["a2.png"]["provenance"]["baseline"] == "A: neutral (1 photo)"
+    assert recs["b1.png"]["provenance"]["baseline"] == "B: median of 2 photos"
+    assert "baseline" not in recs["c.png"]["provenance"]
+    average = recs["c.png"]["faces"][0]["aus"]["AU12"]["intensity"]
+    own = recs["a2.png"]["faces"][0]["aus"]["AU12"]["intensity"]
+    assert average > 1.0 and own < average / 2
+    assert recs["a2.png"]["meta"] == {"subject": "A", "neutral": ""}
+    (tmp_path / "bad.csv").write_text("image,subject,neutral\na1.png,A,maybe\n")
+    _run(pipeline, [tmp_path / "bad.csv"], tmp_path / "bad.jsonl", faces=None)
+    (bad,) = _strict_records(tmp_path / "bad.jsonl")
+    assert "column 'neutral' must be true or false" in bad["error"]
