@@ -36,7 +36,7 @@ from typing import IO, Any
 from cem.config import Config
 from cem.engines.ray_engine import StagePlan
 from cem.io import ContextTable
-from cem.sinks import input_key
+from cem.sinks import input_key, iter_records
 from cem.sinks import record_key as sink_key
 
 Key = tuple[str, "str | None"]
@@ -144,8 +144,7 @@ def output_paths(out: str | os.PathLike, output_format: str | None = None) -> tu
 
 
 def _read_records(path: Path) -> Iterator[dict[str, Any]]:
-    """Records of a shard or merged file. Lines that are not valid records (a half-written last line after a
-    crash) are skipped with a :class:`cem.results.CorruptLinesWarning` naming the file and the lines."""
+    """Records of a shard or merged file, as written; a half-written last line (a crash) is skipped."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -153,14 +152,7 @@ def _read_records(path: Path) -> Iterator[dict[str, Any]]:
             for text in batch.column(0).to_pylist():
                 yield json.loads(text)
         return
-    import warnings
-
-    from cem.results import CorruptLinesWarning, ReadReport, read_records
-
-    report = ReadReport(os.fspath(path))
-    yield from read_records(path, report)
-    if report.skipped:
-        warnings.warn(report.message(), CorruptLinesWarning, stacklevel=2)
+    yield from iter_records(path)
 
 
 def _sources(merged: Path, shards: Path, resume: bool) -> list[Path]:
@@ -409,7 +401,7 @@ def _path_rows(inputs: Any, done: KeySet, contexts: ContextTable | Mapping[str, 
     from cem.video import is_video
 
     found = collect_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs), contexts, context)
-    if found.nothing_found:
+    if found.nothing_found and (found.items or found.notes):  # inputs were named, and none exists
         raise ValueError(found.problem())
     videos = [it.path for it in found.items if is_video(it.path)]
     if videos:

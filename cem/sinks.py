@@ -29,6 +29,7 @@ import base64
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -215,6 +216,21 @@ class ExistingOutput:
 
 def _is_record(obj: Any) -> bool:
     return isinstance(obj, dict) and isinstance(obj.get("image"), str)
+
+
+def iter_records(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    """The records of a JSONL output, streamed and as written, without validating them (merging and resuming
+    keep records as they are); lines that are not records (a half-written last line) are skipped."""
+    with open(path, "rb") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if _is_record(rec):
+                yield rec
 
 
 def scan(path: Path) -> tuple[ExistingOutput, list[bytes]]:
