@@ -127,7 +127,8 @@ def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: 
     """Annotate images into OUTPUT, one JSON record per image.
 
     INPUTS are files, folders (searched recursively for images), globs, and CSV manifests (a .csv with
-    an 'image' column, optional 'context', and extra columns that are carried into each record's 'meta').
+    an 'image' column, optional 'context', and extra columns that are carried into each record's 'meta';
+    a 'subject' column, with an optional boolean 'neutral', measures AUs against each subject's own baseline).
     Videos (mp4, avi, mov, mkv) named as inputs are tracked frame by frame; OUTPUT gets one record per
     key moment and --frames the per-frame table.
 

@@ -406,6 +406,10 @@ def _path_rows(inputs: Any, done: KeySet, contexts: ContextTable | Mapping[str, 
     videos = [it.path for it in found.items if is_video(it.path)]
     if videos:
         raise ValueError(f"{videos[0]}: a video; the Ray engine annotates images (use the local engine for videos)")
+    subject = next((it for it in found.items if (it.extra.get("subject") or "").strip()), None)
+    if subject is not None:  # measured against the average face here would silently differ from a local run
+        raise ValueError(f"{subject.row or subject.path}: a 'subject' column (subject baselines) needs the local "
+                         f"engine; the Ray engine measures against the average face")
     rows: list[dict[str, Any]] = []
     for it in found.items:
         if not done.seen(str(input_key(it.path, it.context)[0]), it.context):
