@@ -28,12 +28,11 @@ if TYPE_CHECKING:
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
 )
-# Geometry bounds checked before any pixel reaches OpenCV: OpenCV's remap/warp calls abort the process
-# (SHRT_MAX) on sides of 32,767 px, and the FER stage's retry with a margin makes an image 1.5x wider, so
-# 16,384 px per side keeps every OpenCV call in range; a strip narrower than 1/25 of its length cannot hold
-# a face and only costs detection tiles.
-MAX_SIDE = 16_384
-MAX_ASPECT = 25.0
+# The loader refuses only what no image format should hold: a side beyond 65,535 px (JPEG's and WebP's
+# limit; larger sides come from crafted PNG/TIFF files) and more pixels than image.max_pixels (a
+# decompression bomb). Large or elongated but legal images are analysed: the FER stage bounds every
+# region it hands to OpenCV and MediaPipe itself (cem.fer.detect), so no side reaches OpenCV's SHRT_MAX.
+MAX_SIDE = 65_535
 # Contexts longer than this are refused per row (a prompt cannot use more; 20k characters is ~5k tokens).
 MAX_CONTEXT_CHARS = 20_000
 # CSV fields may be this large (the csv module's default is 128 KiB); larger ones are an error for that file.
@@ -71,8 +70,7 @@ def _file_kind(mode: int) -> str:
     return "not a file"
 
 
-def check_geometry(name: str, width: int, height: int, max_pixels: int, max_side: int = MAX_SIDE,
-                   max_aspect: float = MAX_ASPECT) -> None:
+def check_geometry(name: str, width: int, height: int, max_pixels: int, max_side: int = MAX_SIDE) -> None:
     """Refuse sizes the FER stage cannot take, before any pixel is decoded or reaches OpenCV."""
     if width <= 0 or height <= 0:
         raise ImageLoadError(f"{name}: image has no pixels ({width}x{height})")
@@ -81,9 +79,6 @@ def check_geometry(name: str, width: int, height: int, max_pixels: int, max_side
     if width * height > max_pixels:
         raise ImageLoadError(f"{name}: image too large: {width}x{height} = {width * height} pixels exceeds "
                              f"the limit of {max_pixels}")
-    if max(width, height) / min(width, height) > max_aspect:
-        raise ImageLoadError(f"{name}: image too elongated: {width}x{height} px (aspect ratio above "
-                             f"{max_aspect:g}:1 cannot hold a face)")
 
 
 def load_image(source: ImageInput, max_pixels: int = 50_000_000, max_side: int = MAX_SIDE) -> np.ndarray:
