@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import re
 import time
@@ -185,6 +186,11 @@ class Pipeline:
             a = by_index.get(ev.index)
             err = reason_error or (a.error if a else "reasoner failed (invalid-answer): no answer for this face")
             dist = a.distribution if a else None
+            if dist is not None and not all(math.isfinite(v) and v >= 0 for v in dist.values()):
+                # a reasoner's broken numbers are that reasoner's failure on this face, not the image's:
+                # the measured evidence and the expression model's emotion still stand
+                err, dist = "reasoner failed (invalid-answer): its distribution has NaN, infinite or negative " \
+                    "values", None
             cues = ground_cues(a.cues, ev) if a else []
             if dist is not None:
                 dist = downweight_contradicted(dist, cues, self.config.fusion.contradicted_penalty)

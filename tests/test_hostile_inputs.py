@@ -378,7 +378,7 @@ def test_lone_surrogates_in_a_reply_are_written_as_valid_utf8(pipeline, face_png
     assert rec["faces"][0]["cues"][0]["cue"] == "smile\ufffd"
 
 
-def test_non_finite_numbers_become_an_error_record(pipeline, face_png, tmp_path, monkeypatch):
+def test_non_finite_reasoner_numbers_fail_that_face_only(pipeline, face_png, tmp_path, monkeypatch):
     labels = pipeline.config.labels
     nan_reason = _reasoner_answering({k: float("nan") for k in labels})
     good_reason = _reasoner_answering({k: 1 / len(labels) for k in labels})
@@ -389,11 +389,14 @@ def test_non_finite_numbers_become_an_error_record(pipeline, face_png, tmp_path,
     man = tmp_path / "m.csv"
     man.write_text(f"image,context\n{face_png},nan\n{other},fine\n")
     summary, _ = _run(pipeline, [man], tmp_path / "o.jsonl")
-    bad, ok = _strict_records(tmp_path / "o.jsonl")
-    assert bad["image"] == str(face_png) and bad["faces"] == [] and bad["context"] == "nan"
-    assert bad["error"].startswith(f"{face_png}: invalid numbers in the result (NaN or infinity: faces[0].emotion.")
-    assert ok["error"] is None and len(ok["faces"]) == 1
-    assert summary.images == 2 and summary.errors == {"invalid numbers in the result": 1}
+    bad, ok = _strict_records(tmp_path / "o.jsonl")  # strict: no NaN reaches the JSON
+    assert bad["image"] == str(face_png) and bad["error"] is None and bad["context"] == "nan"
+    (face,) = bad["faces"]
+    assert face["error"].startswith("reasoner failed (invalid-answer): its distribution has NaN")
+    # the expression model's alone (through the fusion temperature), as the error says
+    assert all(abs(face["emotion"][k] - face["expression"][k]) < 0.01 for k in labels)
+    assert ok["error"] is None and len(ok["faces"]) == 1 and "error" not in ok["faces"][0]
+    assert summary.images == 2 and summary.reasoner_failed == {"invalid-answer": 1}
 
 
 def test_reasoner_failing_on_every_face_exits_3(pipeline, face_png, tmp_path, monkeypatch):
@@ -410,6 +413,7 @@ def test_reasoner_failing_on_every_face_exits_3(pipeline, face_png, tmp_path, mo
 
 def test_reasoner_failing_on_some_faces_is_counted_not_fatal(pipeline, face_png, tmp_path, monkeypatch):
     labels = pipeline.config.labels
+    monkeypatch.setattr(pipeline.reasoner, "batch_size", 1)  # a failing call fails its batch: one image each
     good = _reasoner_answering({k: 1 / len(labels) for k in labels})
 
     def flaky(image, faces, context):
