@@ -258,3 +258,19 @@ def test_label_map_reaches_the_record(astronaut):
     # pride pools as happiness (the astronaut smiles), awe (unmapped) gets no expression mass
     assert face["emotion"]["pride"] > 0.1 and face["emotion"]["pride"] > 100 * face["emotion"]["awe"]
     assert face["top_emotion"] in ("happiness", "pride") and face["top_emotion"] in face["rationale"]
+
+
+def test_image_max_side_is_typed_bounded_and_reaches_the_loader(tmp_path):
+    from PIL import Image
+
+    from cem.io import MAX_SIDE
+    from cem.pipeline import Pipeline
+
+    assert Config.load("default").image.max_side == MAX_SIDE
+    with pytest.raises(ConfigError, match=rf"image.max_side: must be <= {MAX_SIDE}, got 70000"):
+        Config.load("default", image__max_side=70000)
+    with pytest.raises(ConfigError, match="image.max_side"):
+        Config.load("default", image__max_side=0)
+    Image.new("RGB", (300, 40)).save(tmp_path / "w.png")
+    m = Pipeline(Config.load("default", image__max_side=200), load_fer=False).measure(tmp_path / "w.png")
+    assert m.error is not None and "limit 200 px per side" in m.error
