@@ -251,6 +251,8 @@ def table_cmd(results: str, output: str) -> None:
     """Write the per-face table of RESULTS (a cem JSONL): the same JSONL always gives the same bytes."""
     from cem.results import write_table
 
+    if os.path.exists(output) and os.path.samefile(results, output):
+        _fail(f"the table {output} would overwrite the results it is made from; give another file")
     try:
         summary = write_table(results, output)
     except (ValueError, OSError) as e:
@@ -325,6 +327,8 @@ def report(results: str, output: str, title: str | None) -> None:
     with no usable record at all is an error (exit status 2)."""
     from cem.report import ReportError, write_report
 
+    if os.path.exists(output) and os.path.samefile(results, output):
+        _fail(f"the report {output} would overwrite the results it is made from; give another file")
     try:
         done = write_report(results, output, title)
     except ReportError as e:

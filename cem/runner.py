@@ -399,6 +399,25 @@ def annotate(pipeline_or_config: Any, inputs: Iterable[str | os.PathLike], out: 
         runner.close()
 
 
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)  # links and relative spellings of one file
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def _refuse_outputs_that_are_inputs(sources: list[str], outputs: Mapping[str, str | os.PathLike | None]) -> None:
+    """Writing an output over one of the run's own inputs (an image, a manifest, the context file) would
+    destroy it before it is read: refused before anything is opened for writing."""
+    for what, target in outputs.items():
+        if target is None or not os.path.exists(target):
+            continue
+        for src in sources:
+            if _same_file(src, target):
+                raise RunError(f"{what} {safe_text(os.fspath(target))} is also an input of this run "
+                               f"({safe_text(src)}); writing it would destroy that input: give another file")
+
+
 def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resume: bool,
          csv: str | os.PathLike | None, contexts: Mapping[str, str] | None, context: str | None,
          context_file: str | os.PathLike | None, limit: int | None, dry_run: bool,
@@ -411,6 +430,10 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
     found = _expand(inputs, contexts, context, context_file)
     if found.nothing_found:
         raise RunError(found.problem())
+    _refuse_outputs_that_are_inputs(
+        [os.fspath(p) for p in inputs if os.path.isfile(p)] + [it.path for it in found.items]
+        + ([os.fspath(context_file)] if context_file is not None else []),
+        {"the output": out, "--csv": csv, "--frames": frames})
     summary = RunSummary(out, notes=found.notes + found.duplicates)
     videos = [it for it in found.items if it.error is None and is_video(it.path)]
     images = [it for it in found.items if not (it.error is None and is_video(it.path))]

@@ -688,3 +688,27 @@ def test_subject_column_measures_aus_against_that_subjects_baseline(pipeline, as
     _run(pipeline, [tmp_path / "bad.csv"], tmp_path / "bad.jsonl", faces=None)
     (bad,) = _strict_records(tmp_path / "bad.jsonl")
     assert "column 'neutral' must be true or false" in bad["error"]
+
+
+def test_an_output_that_is_also_an_input_is_refused_and_the_input_kept(face_png, tmp_path):
+    """`-o photo.jpg`, `-o manifest.csv`, `--csv manifest.csv`, a report or table over its own results:
+    each would destroy an input before reading it; each is exit 2, nothing written."""
+    img = tmp_path / "face.png"
+    shutil.copy(face_png, img)
+    man = tmp_path / "m.csv"
+    man.write_text(f"image,context\n{img},at home\n")
+    before = {p: p.read_bytes() for p in (img, man)}
+    for args in (("annotate", img, "-o", img), ("annotate", man, "-o", man),
+                 ("annotate", man, "-o", tmp_path / "o.jsonl", "--csv", man),
+                 ("annotate", img, "-o", tmp_path / "o2.jsonl", "--context-file", man, "--csv", man)):
+        r = _cem(*args, "--faces", "whole")
+        assert r.returncode == 2 and "is also an input of this run" in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr
+    assert {p: p.read_bytes() for p in (img, man)} == before
+    assert not (tmp_path / "o.jsonl").exists()
+    r = _cem("annotate", img, "-o", tmp_path / "ok.jsonl", "--faces", "whole")
+    assert r.returncode == 0, r.stderr
+    for cmd in ("report", "table"):
+        r = _cem(cmd, tmp_path / "ok.jsonl", "-o", tmp_path / "ok.jsonl")
+        assert r.returncode == 2 and "would overwrite the results" in r.stderr, r.stderr
+    assert len(_strict_records(tmp_path / "ok.jsonl")) == 1
