@@ -320,6 +320,10 @@ def _csv_rows(path: str | os.PathLike, required: set[str]) -> Iterator[tuple[int
         reader = csv.reader(fh)
         try:
             header = [h.strip() for h in next(reader, [])]
+            repeated = sorted({h for h in header if h and header.count(h) > 1})
+            if repeated:  # which of two 'image' columns is meant cannot be guessed
+                raise InputError(f"{path}: the header names column(s) {', '.join(map(repr, repeated))} more than "
+                                 f"once; the header is {header}")
             missing = sorted(required - set(header))
             if missing:
                 need = ", ".join(repr(m) for m in sorted(required))

@@ -712,3 +712,11 @@ def test_an_output_that_is_also_an_input_is_refused_and_the_input_kept(face_png,
         r = _cem(cmd, tmp_path / "ok.jsonl", "-o", tmp_path / "ok.jsonl")
         assert r.returncode == 2 and "would overwrite the results" in r.stderr, r.stderr
     assert len(_strict_records(tmp_path / "ok.jsonl")) == 1
+
+
+def test_a_manifest_naming_a_column_twice_is_refused(face_png, tmp_path):
+    man = tmp_path / "m.csv"
+    man.write_text(f"image,context,image\n{face_png},x,elsewhere.png\n")
+    r = _cem("annotate", man, "-o", tmp_path / "o.jsonl", "--faces", "whole")
+    assert r.returncode == 2 and "names column(s) 'image' more than once" in r.stderr, r.stderr
+    assert not (tmp_path / "o.jsonl").exists()
