@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from cem.contract import FERPLUS_LABELS
 from cem.io import MAX_SIDE
 from cem.resources import configs_dir
-from cem.schema import FERPLUS_LABELS
 
 
 class ConfigError(ValueError):

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from cem.config import FusionConfig
+from cem.contract import Cue, FaceEvidence
 from cem.fer.aus import AU_NAMES
-from cem.schema import Cue, FaceEvidence
 
 ABSENT_BELOW = 0.5
 BLEND_RATIO = 1 / 3  # a second label with at least this share of the top one's mass makes a blend

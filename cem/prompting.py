@@ -16,9 +16,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from cem.contract import FaceEvidence
 from cem.fer.aus import AU_NAMES
 from cem.resources import prompts_dir
-from cem.schema import FaceEvidence
 
 DEFAULT_TEMPLATE = "context"
 _MARKERS = ("<<<CONTEXT", "CONTEXT>>>")

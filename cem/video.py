@@ -38,8 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from cem.contract import ActionUnit, FaceEvidence
 from cem.eval import js_divergence
-from cem.schema import ActionUnit, FaceEvidence
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm"})
 BASELINE_MAX = 300

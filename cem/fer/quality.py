@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cem.schema import Pose, Quality
+from cem.contract import Pose, Quality
 
 EXTREME_POSE_DEG = 45.0
 _BLUR_SIZE = 96  # the face is resized to this width before measuring, so blur does not depend on face size

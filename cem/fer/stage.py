@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 
 from cem.config import Config
+from cem.contract import FaceEvidence, Pose
 from cem.fer.aus import SubjectBaseline, estimate_aus
 from cem.fer.expression import CROP_SIZE, ExpressionModel
 from cem.fer.geometry import aligned_crop, eye_centers, frontalize, load_reference, pose_from_rotation
 from cem.fer.quality import assess
-from cem.schema import FaceEvidence, Pose
 
 
 def _position(cx: float, width: int) -> str:

@@ -22,7 +22,7 @@ import math
 import re
 from typing import Any
 
-from cem.schema import Cue
+from cem.contract import Cue
 
 MAX_CUES = 4
 MAX_TEXT = 80

@@ -15,8 +15,8 @@ from typing import Any, Protocol, TypedDict, runtime_checkable
 import numpy as np
 
 from cem.config import Config, backend
+from cem.contract import Cue, FaceEvidence
 from cem.prompting import Prompt
-from cem.schema import Cue, FaceEvidence
 
 
 @dataclass

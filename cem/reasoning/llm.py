@@ -7,10 +7,10 @@ from typing import Any
 import numpy as np
 
 from cem.config import Config
+from cem.contract import FaceEvidence
 from cem.prompting import Exemplar, Prompt, render_prompt, template_id
 from cem.reasoning.answer import MAX_CUES, MAX_TEXT, parse_answer
 from cem.reasoning.base import FaceReasoning, Job, ReasonerStats
-from cem.schema import FaceEvidence
 
 
 class ModelUnavailableError(RuntimeError):
