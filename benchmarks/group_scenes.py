@@ -9,9 +9,9 @@ with a soft elliptical mask, its box scaled to a width drawn from 40-200 px. Abo
 turned (a perspective warp) and one in eight is pushed partly (about 30 %) out of the frame.
 A detection is a true positive when its IoU with an unmatched pasted face's box is >= 0.3 (greedy, by
 score); other detections are false positives. Reported: recall per face-width bin, false positives per
-scene, ms per scene; for the FER stage's detector as configured, and with its image pyramid turned off
-(the detector before this benchmark's fix). Run: ``nice -n 10 python benchmarks/group_scenes.py
-[--scenes 40] [--json OUT]``.
+scene, ms per scene; for each ``--detectors`` setting of ``faces.detector`` (default ``auto,both``), with
+and without its image pyramid. Run: ``nice -n 10 python benchmarks/group_scenes.py [--scenes 40]
+[--detectors auto,both] [--json OUT]``.
 """
 
 from __future__ import annotations
@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenes", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json")
+    ap.add_argument("--detectors", default="auto,both",
+                    help="faces.detector settings to compare (the first also builds the scenes)")
     ap.add_argument("--save-scenes", help="write the composed scenes (JPEG) to this folder to look at them")
     a = ap.parse_args(argv)
     from cem.config import Config
@@ -193,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     if root is None or not (root / "tcce_dev").is_dir():
         print("skipped: ../shared/data (tcce_dev, oasis_people, ferplus) not found", file=sys.stderr)
         return 0
-    cfg = Config.load("default")
-    stage = FERStage(cfg)
+    detectors = a.detectors.split(",")
+    cfg = Config.load("default", faces__detector=detectors[0])
     plain = FaceDetector(cfg.faces.detector, cfg.faces.min_score, pad_retry=cfg.faces.pad_retry, pyramid=False)
     faces = _face_sources(root, plain)
     backgrounds = _backgrounds(root, plain)
@@ -210,10 +212,12 @@ def main(argv: list[str] | None = None) -> int:
                  "face_sources": {s: sum(1 for f in faces if f[2] == s)
                                   for s in ("tcce_dev", "oasis_people", "ferplus")},
                  "backgrounds": len(backgrounds)}
-    res["fer_stage"] = run(stage, scenes)
-    stage.detector = plain
-    res["fer_stage_without_pyramid"] = run(stage, scenes)
-    stage.close()
+    for name in detectors:
+        stage = FERStage(Config.load("default", faces__detector=name))
+        res[f"fer_stage[detector={name}]"] = run(stage, scenes)
+        stage.detector = FaceDetector(name, cfg.faces.min_score, pad_retry=cfg.faces.pad_retry, pyramid=False)
+        res[f"fer_stage[detector={name}]_without_pyramid"] = run(stage, scenes)
+        stage.close()
     return emit(res, a.json)
 
 

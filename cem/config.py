@@ -69,7 +69,8 @@ class ImageConfig(_Checked):
 @dataclass
 class FacesConfig(_Checked):
     mode: Literal["detect", "whole"] = "detect"
-    detector: Literal["short", "full", "both"] = "both"  # MediaPipe models, merged by NMS
+    # MediaPipe models, merged by NMS; auto: short-range, plus full-range unless the photo is a close-up
+    detector: Literal["short", "full", "both", "auto"] = "auto"
     min_score: float = _num(0.5, ge=0.0, le=1.0)  # detections below this are not faces
     min_face_px: int = _num(32, ge=0)  # smaller faces are kept but flagged too_small
     # a detection on which the face mesh finds no face is kept (flagged mesh_failed) only when the
@@ -89,6 +90,9 @@ class ExpressionConfig(_Checked):
     # threads; with torch's default of one thread per core the two fight on small machines: measured in
     # docs/action-units.md, "Threads"); 0 = leave torch's setting as it is
     threads: int = 1
+    # average the logits of each crop and its mirror image: twice the CNN's cost for no measurable gain
+    # with the packaged model (model card, "Test-time flip")
+    test_time_flip: bool = False
 
 
 @dataclass

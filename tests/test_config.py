@@ -252,7 +252,8 @@ def test_label_map_reaches_the_record(astronaut):
     with cem.Pipeline(cfg) as p:
         d = p.analyze(astronaut).to_dict()
     face = d["faces"][0]
-    assert list(face["emotion"]) == labels and abs(sum(face["emotion"].values()) - 1) < 1e-6
+    # written probabilities are rounded to 1e-5 each (cem.contract), so the sum is 1 within n * 5e-6
+    assert list(face["emotion"]) == labels and abs(sum(face["emotion"].values()) - 1) <= len(labels) * 5e-6
     # the expression model lacks pride and awe: 0 in its distribution, no error
     assert face["expression"]["pride"] == 0 and face["expression"]["awe"] == 0 and "error" not in face
     # pride pools as happiness (the astronaut smiles), awe (unmapped) gets no expression mass

@@ -45,10 +45,20 @@ def test_mirrored_input_gives_nearly_the_same_distribution(pipeline, astronaut):
     assert max(abs(a[k] - b[k]) for k in a) < 0.1
 
 
-def test_mirror_invariance_is_exact_on_the_crop(model):
+def test_test_time_flip_averages_the_crop_and_its_mirror_logits(model):
     rng = np.random.default_rng(0)
     crops = rng.integers(0, 255, (3, 48, 48), dtype=np.uint8)
-    assert np.allclose(model.predict(crops), model.predict(crops[:, :, ::-1].copy()), atol=1e-5)
+    mirrored = crops[:, :, ::-1].copy()
+    assert not model.test_time_flip  # one pass by default: the flip doubles the cost for no measured gain
+    single, single_mirror = model.predict(crops), model.predict(mirrored)
+    assert not np.allclose(single, single_mirror, atol=1e-3)
+    flipped = ExpressionModel(model.model, model.labels, model.temperature, model.device, test_time_flip=True)
+    both = flipped.predict(crops)
+    assert np.allclose(both, flipped.predict(mirrored), atol=1e-5)  # exact mirror invariance
+    # the flip averages logits: log-probabilities (up to a per-row constant) are the mean of the two passes
+    mean_log = (np.log(single) + np.log(single_mirror)) / 2
+    expected = np.exp(mean_log - mean_log.max(axis=1, keepdims=True))
+    assert np.allclose(both, expected / expected.sum(axis=1, keepdims=True), atol=1e-5)
 
 
 def test_batch_equals_one_by_one(model):

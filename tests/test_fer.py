@@ -269,3 +269,103 @@ def test_small_faces_in_a_group_photo_are_found(pipeline, face_crop):
     for f, (cx, cy) in zip(sorted(r.faces, key=lambda f: (f.evidence.bbox[1] > 400, f.evidence.bbox[0])), spots):
         x, y, w, h = f.evidence.bbox
         assert abs(x + w / 2 - cx) < 30 and abs(y + h / 2 - cy) < 40 and 35 < w < 80
+
+
+def test_presence_thresholds_follow_the_faces_resolution():
+    """Small faces use the thresholds fitted on 48-px FER+ faces, sharp ones those fitted on sharp neutral
+    photos; in between the threshold moves monotonically (log interocular distance)."""
+    from cem.fer.aus import load_calibration
+
+    cal = load_calibration()
+    assert cal.threshold_sharp is not None and set(cal.threshold_sharp) == set(cal.threshold)
+    assert 15 < cal.iod_small < 40 < 80 < cal.iod_sharp < 140
+    for code in cal.threshold:
+        at = [cal.threshold_at(code, iod) for iod in (5.0, cal.iod_small, 50.0, 70.0, cal.iod_sharp, 900.0)]
+        assert at[0] == at[1] == cal.threshold[code] and at[-1] == at[-2] == cal.threshold_sharp[code]
+        assert np.all(np.diff(at) >= 0) or np.all(np.diff(at) <= 0)  # monotone between the anchors
+        assert cal.threshold_at(code, float("nan")) == cal.threshold[code]
+    # the 48-px thresholds were far too high for sharp faces on the brow lowerer
+    assert cal.threshold_sharp["AU04"] < cal.threshold["AU04"] - 0.5
+
+
+def test_a_sharp_frown_presents_au04_where_the_same_face_at_48_px_does_not():
+    """The same mesh at two resolutions: AU04's score is the same, its presence threshold is not."""
+    from cem.fer.aus import au_scores, estimate_aus, interocular_px, load_calibration, measurement_z
+    from cem.fer.geometry import load_reference
+
+    cal, ref = load_calibration(), load_reference()
+    brows = [70, 63, 105, 66, 107, 46, 53, 52, 65, 55, 300, 293, 334, 296, 336, 276, 283, 282, 295, 285]
+
+    def frown(drop: float) -> np.ndarray:
+        m = ref.canonical.copy()
+        m[brows, 1] += drop  # brows lowered (y down), canonical units (outer eye corners 1 apart)
+        return m
+
+    def score(drop: float) -> float:
+        return au_scores(measurement_z(frown(drop), ref), ref)["AU04"]
+
+    # AU04's score is linear in the drop: pick the drop that lands midway between the two thresholds
+    slope = (score(0.01) - score(0.0)) / 0.01
+    assert slope > 0  # lowering the brows raises AU04
+    target = (cal.threshold_sharp["AU04"] + cal.threshold["AU04"]) / 2
+    face = frown((target - score(0.0)) / slope)
+    for iod, present in ((cal.iod_small, False), (cal.iod_sharp, True)):
+        mesh = face * iod / interocular_px(face)  # the same face at this resolution, in pixels
+        assert abs(au_scores(measurement_z(mesh, ref), ref)["AU04"] - target) < 1e-6
+        assert estimate_aus(mesh, ref)["AU04"].present is present
+
+
+def test_mesh_from_the_detection_matches_facemesh_and_follows_a_turned_head(pipeline, face_crop):
+    """The landmark model on the detector's ROI gives the mesh MediaPipe's whole FaceMesh graph gives;
+    the eyes level the ROI, so a face lying on its side is meshed too; a ROI without a face is None."""
+    from cem.fer.detect import FaceDetector, FaceMesher
+
+    det, mesher = FaceDetector("short"), FaceMesher()
+    try:
+        face = det.detect(face_crop)[0]
+        eyes = (face.keypoints[0], face.keypoints[1])
+        roi_mesh = mesher.mesh_in_box(face_crop, face.bbox, eyes)
+        graph_mesh = mesher._run_face_mesh(face_crop)[0]  # FaceMesh: its own detector, then the landmarks
+        iod = np.linalg.norm(roi_mesh[33, :2] - roi_mesh[263, :2])
+        assert np.linalg.norm(roi_mesh[:, :2] - graph_mesh[:, :2], axis=1).mean() < 0.05 * iod
+
+        side = np.ascontiguousarray(np.rot90(face_crop))  # the head lies on its side
+        turned = det.detect(side)[0]
+        mesher._run_face_mesh = lambda square: []  # no FaceMesh fallback: the ROI path alone must fit it
+        mesh = mesher.mesh_in_box(side, turned.bbox, (turned.keypoints[0], turned.keypoints[1]))
+        assert mesh is not None
+        # np.rot90 maps (x, y) to (y, W - 1 - x): every landmark must land where the upright one went
+        expected = np.column_stack([roi_mesh[:, 1], face_crop.shape[1] - 1 - roi_mesh[:, 0]])
+        assert np.linalg.norm(mesh[:, :2] - expected, axis=1).mean() < 0.05 * iod
+
+        blank = np.full((240, 240, 3), 128, np.uint8)
+        assert mesher.mesh_in_box(blank, (60.0, 60.0, 100.0, 100.0), eyes) is None
+    finally:
+        det.close()
+        mesher.close()
+
+
+def test_auto_detector_skips_the_full_range_model_on_close_ups_only(face_crop, monkeypatch):
+    from cem.fer.detect import CLOSEUP_FACE_FRACTION, FaceDetector
+
+    det = FaceDetector("auto")
+    full = det._detectors[1]
+    calls: list[bool] = []
+    original = det._detect_region
+
+    def spy(rgb, x0, y0, w, h, detectors=None):
+        calls.append(full in (det._detectors if detectors is None else detectors))
+        return original(rgb, x0, y0, w, h, detectors)
+
+    monkeypatch.setattr(det, "_detect_region", spy)
+    try:
+        close_up = det.detect(face_crop)  # a ~100 px face in a 240 px photo
+        assert len(close_up) == 1 and close_up[0].bbox[2] >= CLOSEUP_FACE_FRACTION * 240
+        assert calls == [False]  # the short-range model alone
+        calls.clear()
+        wide = np.full((480, 640, 3), 200, np.uint8)
+        wide[200:260, 300:360] = face_crop[::4, ::4][:60, :60]  # a small face in a wide shot
+        det.detect(wide)
+        assert calls[:2] == [False, True]  # short range first, then the full-range model on the whole image
+    finally:
+        det.close()

@@ -10,10 +10,21 @@ How it was made (``python -m cem.fer.au_calibration``, seeded, needs ``../shared
    which the AU is not expected, so what the nuisance measurements explain there is the other AUs'
    movement (mouth opening and smiling lift the upper lip without AU10). The coefficients are removed
    from the AU's score everywhere.
-3. Presence thresholds: per AU, the ``1 - fpr`` quantile of the final scores over the neutral-majority
-   training faces (``--fpr``, default 0.07): each AU is present on about 7 % of neutral FER+ faces.
+3. Presence thresholds on small faces (``threshold``): per AU, the ``1 - fpr`` quantile of the final
+   scores over the neutral-majority training faces (``--fpr``, default 0.07): each AU is present on about
+   7 % of neutral FER+ faces, whose interocular distance is about 24 px.
+4. Presence thresholds on sharp faces (``threshold_sharp``): FER+ has no sharp faces, and its 48-px
+   thresholds are far too high for a sharp photo (AU04 fired on 10 % of posed anger in tcce_dev and on
+   0 % of its neutral faces). The only sharp neutral faces in the project's data are the 21 neutral
+   photos of ``tcce_dev`` (7 performers, about 105 px between the eyes), as the issue on evidence
+   suggests: per AU, the highest score over them plus ``--sharp-margin`` (0.25 neutral spreads). The
+   maximum rather than a quantile, because 21 faces of 7 people give no stable 93rd percentile and a
+   performer's resting face moves all three of their photos together. :class:`cem.fer.aus.Calibration`
+   interpolates between the two anchors in log interocular distance. ``benchmarks/au_validity.py``
+   refits this anchor without each performer in turn (leave one performer out), so the tcce_dev figures
+   it reports are for performers the thresholds never saw.
 
-No evaluation data (FER+ valid, tcce_dev) is used; the file holds only coefficients and thresholds.
+FER+ valid is not used; tcce_dev's neutral photos only through step 4.
 """
 
 from __future__ import annotations
@@ -94,21 +105,95 @@ def fit(meshes: list[np.ndarray | None], votes: np.ndarray, ref: Reference, fpr:
                        f"FER+ train faces; nuisance fitted on {int(ok.sum())} meshed FER+ train faces")
 
 
+DEFAULT_SHARP_MARGIN = 0.25
+
+
+def mesh_tcce(root: Path, cache: str | Path | None = None) -> tuple[list[np.ndarray | None], list[str], list[str],
+                                                                    list[str]]:
+    """Meshes of the largest face of each ``tcce_dev`` photo (the detect path, as ``cem annotate``), with
+    the photos' names, posed labels (``labels_single.csv``) and performer ids (the name's first two
+    characters); ``root``: the shared data folder; ``cache``: an .npz read when it exists, else written."""
+    import csv
+
+    from PIL import Image
+
+    rows = list(csv.DictReader(open(root / "tcce_dev" / "labels_single.csv", encoding="utf-8")))
+    names = [Path(r["image"]).name for r in rows]
+    labels = [r["label"] for r in rows]
+    subjects = [n[:2] for n in names]
+    if cache is not None and Path(cache).is_file():
+        with np.load(cache) as d:
+            if list(d["names"]) == names:
+                return ([m if ok else None for m, ok in zip(d["meshes"].astype(np.float64), d["ok"])], names, labels,
+                        subjects)
+    from cem.fer.detect import FaceDetector, FaceMesher
+
+    det, mesher = FaceDetector("auto", 0.5), FaceMesher()
+    meshes: list[np.ndarray | None] = []
+    for r in rows:
+        rgb = np.asarray(Image.open(root / "tcce_dev" / r["image"]).convert("RGB"))
+        found = det.detect(rgb)
+        best = max(found, key=lambda d: d.bbox[2] * d.bbox[3]) if found else None
+        meshes.append(mesher.mesh_in_box(rgb, best.bbox, (best.keypoints[0], best.keypoints[1])) if best else None)
+    det.close()
+    mesher.close()
+    if cache is not None:
+        ok = np.array([m is not None for m in meshes])
+        arr = np.stack([m if m is not None else np.zeros((478, 3)) for m in meshes]).astype(np.float32)
+        np.savez(cache, meshes=arr, ok=ok, names=np.array(names))
+    return meshes, names, labels, subjects
+
+
+def fit_sharp(cal: Calibration, sharp_neutral: list[np.ndarray], ref: Reference,
+              margin: float = DEFAULT_SHARP_MARGIN, small_iod: float | None = None) -> Calibration:
+    """``cal`` with its sharp-face anchor fitted on meshes of sharp neutral faces (step 4 of the module
+    docs): per AU, the highest score over them plus ``margin``; ``iod_sharp`` is their median
+    interocular distance, ``small_iod`` (default: unchanged) that of the small faces ``cal`` came from."""
+    from dataclasses import replace
+
+    from cem.fer.aus import interocular_px
+
+    if not sharp_neutral:
+        raise ValueError("fitting the sharp-face thresholds needs at least one sharp neutral face mesh")
+    scores = np.array([list(au_scores(measurement_z(m, ref), ref, cal).values()) for m in sharp_neutral])
+    codes = [d.code for d in AU_DEFINITIONS]
+    sharp = {c: round(float(scores[:, j].max() + margin), 6) for j, c in enumerate(codes)}
+    iod = float(np.median([interocular_px(m) for m in sharp_neutral]))
+    return replace(cal, threshold_sharp=sharp, iod_sharp=round(iod, 2),
+                   iod_small=cal.iod_small if small_iod is None else round(small_iod, 2))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Fit the AU nuisance shares and presence thresholds on FER+ train.")
     p.add_argument("--neutral", type=int, default=1200, help="neutral-majority training faces to sample")
     p.add_argument("--other", type=int, default=800, help="other training faces to sample")
     p.add_argument("--fpr", type=float, default=DEFAULT_FPR)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sharp-margin", type=float, default=DEFAULT_SHARP_MARGIN,
+                   help="added to the highest score of the sharp neutral faces (neutral spreads)")
     p.add_argument("--cache", help="mesh cache (.npz) for repeated runs")
+    p.add_argument("--tcce-cache", help="mesh cache (.npz) of tcce_dev for repeated runs")
     p.add_argument("--out", type=Path, default=CALIBRATION_PATH)
     a = p.parse_args(argv)
+    from cem.datasets import shared_data_dir
+    from cem.fer.aus import interocular_px
+
+    ref = load_reference()
     meshes, votes = mesh_ferplus("train", sample_train(a.neutral, a.other, a.seed), a.cache)
-    cal = fit(meshes, votes, load_reference(), a.fpr)
+    cal = fit(meshes, votes, ref, a.fpr)
+    small_iod = float(np.median([interocular_px(m) for m, v in zip(meshes, votes) if m is not None and v[0] >= 6]))
+    root = shared_data_dir()
+    if root is None or not (root / "tcce_dev").is_dir():
+        raise SystemExit("../shared/data/tcce_dev is needed for the sharp-face thresholds (module docs, step 4)")
+    tm, _, labels, _ = mesh_tcce(root, a.tcce_cache)
+    sharp_neutral = [m for m, lab in zip(tm, labels) if m is not None and lab == "neutral"]
+    cal = fit_sharp(cal, sharp_neutral, ref, a.sharp_margin, small_iod)
     a.out.write_text(json.dumps({
-        "how": "python -m cem.fer.au_calibration (see its docstring): " + cal.how,
+        "how": "python -m cem.fer.au_calibration (see its docstring): " + cal.how + f"; sharp-face thresholds: "
+               f"highest score + {a.sharp_margin} over {len(sharp_neutral)} neutral tcce_dev photos",
         "fpr": a.fpr, "seed": a.seed, "sampled": {"neutral": a.neutral, "other": a.other},
-        "nuisance": cal.nuisance, "threshold": cal.threshold,
+        "sharp_margin": a.sharp_margin, "iod_small": cal.iod_small, "iod_sharp": cal.iod_sharp,
+        "nuisance": cal.nuisance, "threshold": cal.threshold, "threshold_sharp": cal.threshold_sharp,
     }, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {a.out}: {cal.how}")
     return 0

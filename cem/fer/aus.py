@@ -133,13 +133,48 @@ def intensity_from_score(score: np.ndarray | float) -> np.ndarray:
     return 5.0 * (1.0 - np.exp(-np.logaddexp(0.0, s) / _SPREAD))
 
 
+def interocular_px(landmarks: np.ndarray) -> float:
+    """Distance between the outer eye corners in image pixels: the face's resolution as the mesh sees it."""
+    return float(np.linalg.norm(landmarks[33, :2] - landmarks[263, :2]))
+
+
 @dataclass(frozen=True)
 class Calibration:
-    """Per-AU nuisance coefficients and presence thresholds (fitted by :mod:`cem.fer.au_calibration`)."""
+    """Per-AU nuisance coefficients and presence thresholds (fitted by :mod:`cem.fer.au_calibration`).
+
+    Presence thresholds depend on the face's resolution: the mesh of a small, blurry face is noisy, so
+    neutral faces spread far more in every AU score at 48 px than in a sharp photo, and one threshold
+    either fires on noise in small faces or never fires in sharp ones. ``threshold`` holds the scores
+    fitted on small faces (interocular distance ``iod_small`` px), ``threshold_sharp`` those fitted on
+    sharp ones (``iod_sharp`` px); between the two the threshold is interpolated linearly in log
+    interocular distance, and beyond them it is held at the nearer one (:meth:`threshold_at`).
+    """
 
     nuisance: dict[str, dict[str, float]]  # AU -> measurement -> coefficient on its z-score
-    threshold: dict[str, float]  # AU -> score at which it is present
+    threshold: dict[str, float]  # AU -> score at which it is present, on small faces (iod_small)
     how: str = ""
+    threshold_sharp: dict[str, float] | None = None  # AU -> the same on sharp faces (iod_sharp); None: no change
+    iod_small: float = 24.0
+    iod_sharp: float = 105.0
+
+    def threshold_at(self, code: str, iod: float) -> float:
+        """The presence threshold of AU ``code`` for a face whose interocular distance is ``iod`` px."""
+        small = self.threshold[code]
+        if self.threshold_sharp is None or not np.isfinite(iod) or iod <= self.iod_small:
+            return small
+        if iod >= self.iod_sharp:
+            return self.threshold_sharp[code]
+        w = float(np.log(iod / self.iod_small) / np.log(self.iod_sharp / self.iod_small))
+        return small + w * (self.threshold_sharp[code] - small)
+
+
+def calibration_from_dict(d: dict) -> Calibration:
+    """A Calibration from the content of ``au_calibration.json``."""
+    sharp = d.get("threshold_sharp")
+    return Calibration(nuisance={k: dict(v) for k, v in d["nuisance"].items()},
+                       threshold={k: float(v) for k, v in d["threshold"].items()}, how=str(d.get("how", "")),
+                       threshold_sharp={k: float(v) for k, v in sharp.items()} if sharp else None,
+                       iod_small=float(d.get("iod_small", 24.0)), iod_sharp=float(d.get("iod_sharp", 105.0)))
 
 
 @lru_cache(maxsize=1)
@@ -147,9 +182,7 @@ def load_calibration(path: str | None = None) -> Calibration:
     p = Path(path) if path else CALIBRATION_PATH
     if not p.is_file():
         raise FileNotFoundError(f"{p}: the AU calibration is missing; rebuild it with python -m cem.fer.au_calibration")
-    d = json.loads(p.read_text(encoding="utf-8"))
-    return Calibration(nuisance={k: dict(v) for k, v in d["nuisance"].items()},
-                       threshold={k: float(v) for k, v in d["threshold"].items()}, how=str(d.get("how", "")))
+    return calibration_from_dict(json.loads(p.read_text(encoding="utf-8")))
 
 
 @dataclass(frozen=True)
@@ -214,17 +247,21 @@ def au_scores(z: np.ndarray, ref: Reference, cal: Calibration | None = None) -> 
 
 
 def estimate_aus(landmarks: np.ndarray, ref: Reference, front: np.ndarray | None = None,
-                 baseline: SubjectBaseline | None = None) -> dict[str, ActionUnit]:
+                 baseline: SubjectBaseline | None = None,
+                 calibration: Calibration | None = None) -> dict[str, ActionUnit]:
     """AU intensities and presence for one mesh (478, 3) in image pixels (``front``: see measurement_z;
-    ``baseline``: the person's own neutral reference, see SubjectBaseline).
+    ``baseline``: the person's own neutral reference, see SubjectBaseline; ``calibration``: default the
+    packaged one).
 
-    Each AU's score is shifted so that its calibrated presence threshold maps to intensity 1: presence
-    is ``intensity >= 1`` for every AU, and intensities keep the order of the scores.
+    Each AU's score is shifted so that its calibrated presence threshold (for this face's resolution,
+    :meth:`Calibration.threshold_at`) maps to intensity 1: presence is ``intensity >= 1`` for every AU,
+    and among faces of one resolution intensities keep the order of the scores.
     """
-    cal = load_calibration()
+    cal = calibration or load_calibration()
     scores = au_scores(measurement_z(landmarks, ref, front, baseline), ref, cal)
+    iod = interocular_px(landmarks)
     out = {}
     for code, s in scores.items():
-        i = float(intensity_from_score(s - cal.threshold[code] + _SCORE_AT_PRESENCE))
+        i = float(intensity_from_score(s - cal.threshold_at(code, iod) + _SCORE_AT_PRESENCE))
         out[code] = ActionUnit(intensity=i, present=i >= PRESENCE_INTENSITY)
     return out

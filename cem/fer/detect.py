@@ -42,7 +42,7 @@ def quiet_native_stderr() -> Iterator[None]:
             os.dup2(saved, fd)
             os.close(saved)
 
-DetectorModel = Literal["short", "full", "both"]
+DetectorModel = Literal["short", "full", "both", "auto"]
 
 
 @dataclass
@@ -147,16 +147,25 @@ def _cut_by_tile(box: tuple[float, float, float, float], x0: int, y0: int, tw: i
             or (x0 + tw < w and bx + bw > x0 + tw - m) or (y0 + th < h and by + bh > y0 + th - m))
 
 
+# ``auto``: the full-range model also runs on the whole image unless the short-range model found a face at
+# least this fraction of the image's short side wide (a close-up, where the full-range model, made for
+# faces a few metres away, finds nothing the short-range one missed but costs twice as much)
+CLOSEUP_FACE_FRACTION = 0.3
+
+
 class FaceDetector:
-    """MediaPipe face detection: ``short`` (faces within ~2 m), ``full`` (up to ~5 m) or ``both`` (merged)."""
+    """MediaPipe face detection: ``short`` (faces within ~2 m), ``full`` (up to ~5 m), ``both`` (merged) or
+    ``auto`` (short-range; the full-range model too unless the photo is a close-up, see
+    ``CLOSEUP_FACE_FRACTION``)."""
 
     def __init__(self, model: DetectorModel = "both", min_score: float = 0.5, nms_iou: float = 0.3,
                  pad_retry: float = 0.25, pyramid: bool = True) -> None:
         import mediapipe as mp
 
-        if model not in ("short", "full", "both"):
-            raise ValueError(f"faces.detector must be short, full or both, not {model!r}")
-        selections = {"short": [0], "full": [1], "both": [0, 1]}[model]
+        if model not in ("short", "full", "both", "auto"):
+            raise ValueError(f"faces.detector must be short, full, both or auto, not {model!r}")
+        self.model = model
+        selections = {"short": [0], "full": [1], "both": [0, 1], "auto": [0, 1]}[model]
         with quiet_native_stderr():
             self._detectors = [
                 mp.solutions.face_detection.FaceDetection(model_selection=s, min_detection_confidence=min_score)
@@ -200,7 +209,12 @@ class FaceDetector:
         h, w = rgb.shape[:2]
         if h < 1 or w < 1:
             raise ValueError(f"image of {w}x{h} px has no pixels to search for faces")
-        found = self._detect_region(rgb, 0, 0, w, h)
+        if self.model == "auto":
+            found = self._detect_region(rgb, 0, 0, w, h, self._detectors[:1])
+            if not any(d.bbox[2] >= CLOSEUP_FACE_FRACTION * min(h, w) for d in found):
+                found += self._detect_region(rgb, 0, 0, w, h, self._detectors[1:])
+        else:
+            found = self._detect_region(rgb, 0, 0, w, h)
         for x0, y0, tw, th in tile_plan(h, w):
             found += self._detect_region(rgb, x0, y0, tw, th)
         if self.pyramid:
@@ -231,34 +245,92 @@ class FaceDetector:
             d.close()
 
 
+# The face-landmark subgraph that MediaPipe's FaceMesh runs after its own face detector, fed with a region of
+# interest (ROI) instead: cem has already detected the face, so running FaceMesh's detector a second time on
+# every face would only repeat that work (it is about half of FaceMesh's time). "FaceLandmarkCpu" is
+# registered in the 0.10.21 wheel; WITH_ATTENTION selects the refined model with irises (478 points).
+_LANDMARK_GRAPH = """
+input_stream: "IMAGE:image"
+input_stream: "ROI:roi"
+input_side_packet: "WITH_ATTENTION:with_attention"
+output_stream: "LANDMARKS:face_landmarks"
+node {
+  calculator: "FaceLandmarkCpu"
+  input_stream: "IMAGE:image"
+  input_stream: "ROI:roi"
+  input_side_packet: "WITH_ATTENTION:with_attention"
+  output_stream: "LANDMARKS:face_landmarks"
+}
+"""
+# MediaPipe's own detection-to-ROI rule (face_detection_front_detection_to_roi): the detection box squared
+# on its long side and scaled by 1.5, rotated so the eyes lie level
+ROI_SCALE = 1.5
+# the square crop handed to the landmark graph, in detection-box sides: the rotated ROI (1.5 * sqrt 2 =
+# 2.12 box sides at 45 degrees) fits inside it
+MESH_CONTEXT = 2.2
+# roll (degrees) of a mesh fitted without eye positions beyond which it is fitted again on a ROI rotated
+# by that roll (video tracking boxes carry no eye positions)
+REFIT_ROLL_DEG = 15.0
+
+
+def roi_rotation(right_eye: np.ndarray | tuple[float, float], left_eye: np.ndarray | tuple[float, float]) -> float:
+    """MediaPipe's ROI rotation (radians) from the two eye positions in pixels (detector keypoints 0 and 1,
+    or the mesh's eye centres): 0 for level eyes."""
+    angle = -np.arctan2(-(left_eye[1] - right_eye[1]), left_eye[0] - right_eye[0])
+    return float((angle + np.pi) % (2 * np.pi) - np.pi)
+
+
 class FaceMesher:
-    """478-point mesh (with irises) for one face at a time; landmarks returned in image pixels (x, y, z)."""
+    """478-point mesh (with irises) for one face at a time; landmarks returned in image pixels (x, y, z).
+
+    :meth:`mesh_in_box` runs MediaPipe's face-landmark model directly on a face cem detected (a ROI rotated
+    by the eyes, as FaceMesh itself builds it); the landmark model's face-presence flag drops ROIs that
+    hold no face, and only then does the whole FaceMesh graph (its own detector, then the landmarks) look
+    at the same crop. :meth:`mesh_whole` (a pre-cropped face) runs the whole FaceMesh graph on the padded
+    crop.
+    """
 
     def __init__(self, min_score: float = 0.3) -> None:
-        import mediapipe as mp
+        from google.protobuf import text_format
+        from mediapipe.framework import calculator_pb2
+        from mediapipe.python.solution_base import SolutionBase
 
+        self.min_score = min_score
+        self._mesh: Any = None  # the whole FaceMesh graph: created on first mesh_whole
+        config = text_format.Parse(_LANDMARK_GRAPH, calculator_pb2.CalculatorGraphConfig())
         with quiet_native_stderr():
-            self._mesh = mp.solutions.face_mesh.FaceMesh(
-                static_image_mode=True, max_num_faces=2, refine_landmarks=True, min_detection_confidence=min_score
-            )
-            self._mesh.process(np.zeros((64, 64, 3), np.uint8))
+            self._landmarks = SolutionBase(graph_config=config, side_inputs={"with_attention": True},
+                                           outputs=["face_landmarks"])
+            self._landmarks_in_roi(np.zeros((64, 64, 3), np.uint8), (32.0, 32.0), 32.0, 0.0)
 
-    def _run(self, rgb: np.ndarray) -> list[np.ndarray]:
-        res = self._mesh.process(rgb)
-        h, w = rgb.shape[:2]
-        out = []
-        for face in res.multi_face_landmarks or []:
-            pts = np.array([[p.x * w, p.y * h, p.z * w] for p in face.landmark], dtype=np.float64)
-            out.append(pts)
-        return out
+    def _landmarks_in_roi(self, square: np.ndarray, center: tuple[float, float], side: float,
+                          rotation: float) -> np.ndarray | None:
+        """Landmarks (pixels of ``square``) of the face in the ROI of ``side`` px at ``center``, or None
+        when the landmark model finds no face there."""
+        from mediapipe.framework.formats import rect_pb2
+
+        h, w = square.shape[:2]
+        roi = rect_pb2.NormalizedRect(x_center=center[0] / w, y_center=center[1] / h, width=side / w,
+                                      height=side / h, rotation=rotation)
+        res = self._landmarks.process({"image": square, "roi": roi})
+        if res.face_landmarks is None:
+            return None
+        return np.array([[p.x * w, p.y * h, p.z * w] for p in res.face_landmarks.landmark], dtype=np.float64)
 
     def mesh_in_box(self, rgb: np.ndarray, bbox: tuple[float, float, float, float],
-                    context: float = 2.0, max_side: int = 384) -> np.ndarray | None:
-        """Mesh of the face in ``bbox``: a square crop ``context`` times the box, padded at the frame edge."""
+                    eyes: tuple[np.ndarray, np.ndarray] | None = None, max_side: int = 384) -> np.ndarray | None:
+        """Mesh of the face in ``bbox`` (x, y, w, h), or None when no face mesh fits there.
+
+        ``eyes`` (the subject's right and left eye in pixels, e.g. the detector's keypoints 0 and 1) level
+        the ROI as MediaPipe does; without them the ROI starts upright and is fitted once more, rotated,
+        when the first mesh shows a roll beyond ``REFIT_ROLL_DEG``. The landmark model sees a square crop of
+        ``MESH_CONTEXT`` box sides around the box (at most ``max_side`` px, padded at the frame's edge), so
+        the cost does not grow with the image.
+        """
         import cv2
 
         x, y, bw, bh = bbox
-        side = max(bw, bh) * context
+        side = max(bw, bh) * MESH_CONTEXT
         cx, cy = x + bw / 2, y + bh / 2
         x0, y0 = int(round(cx - side / 2)), int(round(cy - side / 2))
         s = max(8, int(round(side)))
@@ -276,19 +348,51 @@ class FaceMesher:
             crop = cv2.resize(crop, inner, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
         if any(pad):
             crop = cv2.copyMakeBorder(crop, pad[0], pad[1], pad[2], pad[3], cv2.BORDER_CONSTANT, value=(0, 0, 0))
-        meshes = self._run(np.ascontiguousarray(crop))
-        if not meshes:
-            return None
-        center = np.array([crop.shape[1] / 2, crop.shape[0] / 2])
-        best = min(meshes, key=lambda m: float(np.linalg.norm(m[:, :2].mean(axis=0) - center)))
-        best[:, :3] /= crop.shape[1] / s  # the square's actual scale (rounding included)
-        best[:, 0] += x0
-        best[:, 1] += y0
+        square = np.ascontiguousarray(crop)
+        k = square.shape[1] / s  # the square's actual scale (rounding included)
+        center = ((cx - x0) * k, (cy - y0) * k)
+        roi_side = ROI_SCALE * max(bw, bh) * k
+        if eyes is not None:
+            mesh = self._landmarks_in_roi(square, center, roi_side, roi_rotation(eyes[0] * 1.0, eyes[1] * 1.0))
+        else:
+            mesh = self._landmarks_in_roi(square, center, roi_side, 0.0)
+            if mesh is not None:
+                from cem.fer.geometry import eye_centers
+
+                rotation = roi_rotation(*eye_centers(mesh))
+                if abs(np.degrees(rotation)) > REFIT_ROLL_DEG:
+                    refit = self._landmarks_in_roi(square, center, roi_side, rotation)
+                    mesh = refit if refit is not None else mesh
+        if mesh is None:
+            # the detector's box or eyes can be off on weak detections (profiles, occlusion, blur): let
+            # FaceMesh's own detector find the face in the same square, as cem did before the ROI path
+            found = self._run_face_mesh(square)
+            if not found:
+                return None
+            mid = np.array([square.shape[1] / 2, square.shape[0] / 2])
+            mesh = min(found, key=lambda m: float(np.linalg.norm(m[:, :2].mean(axis=0) - mid)))
+        mesh[:, :3] /= k
+        mesh[:, 0] += x0
+        mesh[:, 1] += y0
         # the mesh must belong to this detection, not to a neighbour inside the crop
-        mx, my = best[:, 0].mean(), best[:, 1].mean()
+        mx, my = mesh[:, 0].mean(), mesh[:, 1].mean()
         if not (x - 0.25 * bw <= mx <= x + 1.25 * bw and y - 0.25 * bh <= my <= y + 1.25 * bh):
             return None
-        return best
+        return mesh
+
+    def _run_face_mesh(self, rgb: np.ndarray) -> list[np.ndarray]:
+        if self._mesh is None:
+            import mediapipe as mp
+
+            with quiet_native_stderr():
+                self._mesh = mp.solutions.face_mesh.FaceMesh(
+                    static_image_mode=True, max_num_faces=2, refine_landmarks=True,
+                    min_detection_confidence=self.min_score)
+                self._mesh.process(np.zeros((64, 64, 3), np.uint8))
+        res = self._mesh.process(rgb)
+        h, w = rgb.shape[:2]
+        return [np.array([[p.x * w, p.y * h, p.z * w] for p in face.landmark], dtype=np.float64)
+                for face in res.multi_face_landmarks or []]
 
     def mesh_whole(self, rgb: np.ndarray, target: int = 192, pad: float = 0.5) -> np.ndarray | None:
         """Mesh of a pre-cropped face filling the image: resized to ``target`` px, padded by edge replication
@@ -301,7 +405,7 @@ class FaceMesher:
                          interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
         p = int(round(target * pad))
         img = cv2.copyMakeBorder(img, p, p, p, p, cv2.BORDER_REPLICATE)
-        meshes = self._run(np.ascontiguousarray(img))
+        meshes = self._run_face_mesh(np.ascontiguousarray(img))
         if not meshes:
             return None
         center = np.array([img.shape[1] / 2, img.shape[0] / 2])
@@ -311,4 +415,6 @@ class FaceMesher:
         return best
 
     def close(self) -> None:
-        self._mesh.close()
+        self._landmarks.close()
+        if self._mesh is not None:
+            self._mesh.close()

@@ -76,7 +76,8 @@ class FERStage:
         self._make_detector = lambda: FaceDetector(config.faces.detector, config.faces.min_score,
                                                    pad_retry=config.faces.pad_retry)
         self.mesher = FaceMesher()
-        self.expression = ExpressionModel.from_pretrained(config.expression.weights, config.expression.device)
+        self.expression = ExpressionModel.from_pretrained(config.expression.weights, config.expression.device,
+                                                          config.expression.test_time_flip)
         # the expression model's labels are fixed by its training; configured labels it lacks get 0 and are
         # pooled through fusion.label_map (cem.fuse.expression_over), so they are not an error here
         unmapped = [k for k in config.labels if k not in self.expression.labels and k not in config.fusion.label_map]
@@ -137,7 +138,7 @@ class FERStage:
             for det in self.detector.detect(rgb):
                 if len(items) >= self.config.faces.max_faces:
                     break
-                mesh = self.mesher.mesh_in_box(rgb, det.bbox)
+                mesh = self.mesher.mesh_in_box(rgb, det.bbox, eyes=(det.keypoints[0], det.keypoints[1]))
                 if mesh is None and det.score < self.config.faces.min_score_unmeshed:
                     continue  # a weak detection on which no face mesh fits: a false positive, not a face
                 if mesh is not None:
