@@ -7,9 +7,9 @@ Protocol:
   plurality vote (ties excluded) = the emotion; neutral: >= 6 of 10 votes neutral.
 - tcce_dev (``../shared/data/tcce_dev``, 333 posed photos of 7 performers): the detect path (largest
   face), label = the posed expression (``labels_single.csv``). Subject = performer id (file name[:2]).
-  The sharp-face presence thresholds are fitted on tcce_dev's neutral photos (cem.fer.au_calibration,
-  step 4), so every ``tcce_dev`` row refits them without the performer being scored (leave one performer
-  out); ``tcce_dev[packaged calibration, own neutrals seen]`` uses the packaged file as it is (optimistic).
+  The calibration uses tcce_dev's neutral photos (cem.fer.au_calibration, steps 2b and 4), so every
+  ``tcce_dev`` row rebuilds it without the neutral photos of the performer being scored (leave one
+  performer out); ``tcce_dev[packaged calibration, own neutrals seen]`` uses the packaged file as it is.
   ``tcce_dev+neutral_baseline``: AUs against the performer's own neutral photos (median of the
   performer's *other* neutral photos, so a neutral face is never its own reference), as
   ``FERStage.measure(..., baseline=FERStage.baseline(neutral_photos))`` does.
@@ -51,18 +51,21 @@ def mesh_tcce(root: Path, cache: Path | None) -> tuple[list[np.ndarray | None], 
     return meshes, np.array([LABELS.index(lab) for lab in labels]), np.array(subjects)
 
 
-def lopo_calibrations(meshes: list, label: np.ndarray, subjects: np.ndarray) -> list:
-    """Per face: the packaged calibration with its sharp-face thresholds refitted on the neutral photos of
-    the *other* performers (leave one performer out), as ``python -m cem.fer.au_calibration`` fits them."""
-    from cem.fer.au_calibration import fit_sharp
-    from cem.fer.aus import load_calibration
+def lopo_calibrations(meshes: list, label: np.ndarray, subjects: np.ndarray, root: Path,
+                      cache_dir: Path | None) -> list:
+    """Per face: the calibration rebuilt as ``python -m cem.fer.au_calibration`` builds it, but without
+    the neutral photos of the face's own performer (leave one performer out): the packaged file saw them."""
+    from cem.fer.au_calibration import calibrate, mesh_ferplus, mesh_oasis_smiles, sample_train
     from cem.fer.geometry import load_reference
 
-    ref, packaged = load_reference(), load_calibration()
+    ref = load_reference()
+    train, votes = mesh_ferplus("train", sample_train(1200, 800, 0),
+                                cache_dir / "ferplus_train_sample.npz" if cache_dir else None)
+    smiles = mesh_oasis_smiles(root, cache_dir / "oasis_people.npz" if cache_dir else None)
     per_subject = {}
     for s in sorted(set(subjects)):
         others = [m for m, lab, sub in zip(meshes, label, subjects) if m is not None and lab == 0 and sub != s]
-        per_subject[s] = fit_sharp(packaged, others, ref)
+        per_subject[s] = calibrate(train, votes, others, smiles, ref)
     return [per_subject[s] for s in subjects]
 
 
@@ -198,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         tm, tl, ts = mesh_tcce(root, a.cache_dir / "tcce_dev.npz" if a.cache_dir else None)
         neutral = tl == 0
         sets["tcce_dev"] = (tm, tl, neutral)
-        lopo = lopo_calibrations(tm, tl, ts)
+        lopo = lopo_calibrations(tm, tl, ts, root, a.cache_dir)
         res["tcce_dev"] = evaluate(tm, tl, neutral, calibrations=lopo)
         res["tcce_dev[packaged calibration, own neutrals seen]"] = evaluate(tm, tl, neutral)
         res["tcce_dev+neutral_baseline"] = evaluate(tm, tl, neutral, loo_baselines(tm, ts, neutral), lopo)

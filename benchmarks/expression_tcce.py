@@ -73,11 +73,14 @@ def read_tcce_labels(root: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]
 
 
 def logits_of(folders: list[str], crops: np.ndarray) -> tuple[np.ndarray, float, list[str]]:
-    """Mean flip-averaged logits of the models in ``folders``, their mean temperature and label order."""
+    """Mean logits of the models in ``folders`` (flip-averaged where the first model's config.json sets
+    ``test_time_flip``, as inference does), their mean temperature and label order."""
     from cem.training import load_model_folder, predict_logits
 
     nets, cfgs = zip(*(load_model_folder(f) for f in folders))
-    return predict_logits(list(nets), crops), float(np.mean([c["temperature"] for c in cfgs])), cfgs[0]["labels"]
+    flip = bool(cfgs[0].get("test_time_flip", False))
+    return (predict_logits(list(nets), crops, flip=flip), float(np.mean([c["temperature"] for c in cfgs])),
+            cfgs[0]["labels"])
 
 
 def score_tcce(p: np.ndarray, labels: list[str], names: list[str], posed: dict, raters: dict) -> dict:

@@ -90,9 +90,9 @@ class ExpressionConfig(_Checked):
     # threads; with torch's default of one thread per core the two fight on small machines: measured in
     # docs/action-units.md, "Threads"); 0 = leave torch's setting as it is
     threads: int = 1
-    # average the logits of each crop and its mirror image: twice the CNN's cost for no measurable gain
-    # with the packaged model (model card, "Test-time flip")
-    test_time_flip: bool = False
+    # average the logits of each crop and its mirror image (twice the CNN's cost); None: as the model's
+    # config.json says (the packaged model: off, for no measurable gain; model card, "Test-time flip")
+    test_time_flip: bool | None = None
 
 
 @dataclass

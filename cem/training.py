@@ -151,8 +151,10 @@ def _standardize_torch(x):
     return (x - mean) / std
 
 
-def predict_logits(model, pixels: np.ndarray, batch_size: int = 512, bf16: bool = False) -> np.ndarray:
-    """Flip-averaged logits for (N, 48, 48) uint8 crops, preprocessed exactly as at inference.
+def predict_logits(model, pixels: np.ndarray, batch_size: int = 512, bf16: bool = False,
+                   flip: bool = True) -> np.ndarray:
+    """Logits for (N, 48, 48) uint8 crops, preprocessed exactly as at inference; ``flip``: averaged with
+    those of the mirror images (training's evaluation protocol).
 
     ``model`` may be one network or a list (an ensemble: logits averaged)."""
     import torch
@@ -165,7 +167,8 @@ def predict_logits(model, pixels: np.ndarray, batch_size: int = 512, bf16: bool 
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for i in range(0, len(pixels), batch_size):
             x = torch.from_numpy(standardize(pixels[i : i + batch_size]))[:, None].to(device)
-            logits = sum((m(x).float() + m(x.flip(-1)).float()) / 2 for m in models) / len(models)
+            logits = sum(((m(x).float() + m(x.flip(-1)).float()) / 2 if flip else m(x).float()) for m in models
+                         ) / len(models)
             out.append(logits.float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, len(FERPLUS_LABELS)), np.float32)
 

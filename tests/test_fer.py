@@ -369,3 +369,31 @@ def test_auto_detector_skips_the_full_range_model_on_close_ups_only(face_crop, m
         assert calls[:2] == [False, True]  # short range first, then the full-range model on the whole image
     finally:
         det.close()
+
+
+def test_au04_nuisance_fit_recovers_the_brow_drop_that_comes_with_raised_cheeks():
+    """Synthetic faces whose brows drop in proportion to their cheek raise (as in a broad smile): the
+    sharp-face nuisance fit attributes that drop to the cheeks, so AU04 stays flat on them."""
+    from dataclasses import replace
+
+    from cem.fer.au_calibration import fit_sharp_nuisance
+    from cem.fer.aus import au_scores, load_calibration, measurement_z
+    from cem.fer.geometry import load_reference
+
+    ref = load_reference()
+    brows = [70, 63, 105, 66, 107, 46, 53, 52, 65, 55, 300, 293, 334, 296, 336, 276, 283, 282, 295, 285]
+    cheeks = [50, 280, 118, 347, 101, 330]
+    rng = np.random.default_rng(0)
+    faces = []
+    for raise_ in rng.uniform(0.0, 0.08, 40):
+        m = ref.canonical.copy()
+        m[cheeks, 1] -= raise_  # cheeks up (y down)
+        m[brows, 1] += 0.5 * raise_  # brows pulled down with them
+        faces.append(m)
+    coef = fit_sharp_nuisance(faces, ref)
+    assert set(coef) == {"AU04"} and coef["AU04"]["cheek_height"] > 0
+    cal = replace(load_calibration(), nuisance={**load_calibration().nuisance, **coef})
+    scores = np.array([au_scores(measurement_z(m, ref), ref, cal)["AU04"] for m in faces])
+    raw = np.array([au_scores(measurement_z(m, ref), ref, replace(cal, nuisance={}))["AU04"] for m in faces])
+    assert np.ptp(raw) > 0.5 and np.ptp(scores) < 0.01 * np.ptp(raw)  # the smile's brow drop is removed
+    assert "AU04" in load_calibration().nuisance  # and the packaged calibration carries that share

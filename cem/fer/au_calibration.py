@@ -10,6 +10,13 @@ How it was made (``python -m cem.fer.au_calibration``, seeded, needs ``../shared
    which the AU is not expected, so what the nuisance measurements explain there is the other AUs'
    movement (mouth opening and smiling lift the upper lip without AU10). The coefficients are removed
    from the AU's score everywhere.
+2b. AU04's share of cheek raising is fitted on *sharp* faces (``AUDefinition.nuisance_on_sharp_faces``):
+   the cheek raiser of a broad smile also pulls the brows down, which 48-px meshes are too noisy to show
+   (a fit on FER+ gives about 0.08, on sharp faces 0.3), and without it AU04 fired on 42 % of posed
+   smiles in tcce_dev. Fitted (least squares, with intercept) over faces on which AU04 is not expected:
+   the smiles among ``oasis_people``'s photos (no labels used: faces with an AU12 score of at least
+   ``SMILE_AU12_SCORE`` neutral spreads, at least ``SHARP_IOD`` px between the eyes and less than 25
+   degrees of yaw; 25 faces) and the neutral photos of ``tcce_dev`` (step 4).
 3. Presence thresholds on small faces (``threshold``): per AU, the ``1 - fpr`` quantile of the final
    scores over the neutral-majority training faces (``--fpr``, default 0.07): each AU is present on about
    7 % of neutral FER+ faces, whose interocular distance is about 24 px.
@@ -24,7 +31,8 @@ How it was made (``python -m cem.fer.au_calibration``, seeded, needs ``../shared
    refits this anchor without each performer in turn (leave one performer out), so the tcce_dev figures
    it reports are for performers the thresholds never saw.
 
-FER+ valid is not used; tcce_dev's neutral photos only through step 4.
+FER+ valid is not used; tcce_dev's neutral photos only through steps 2b and 4, oasis_people's photos
+only through step 2b.
 """
 
 from __future__ import annotations
@@ -76,8 +84,29 @@ def sample_train(n_neutral: int, n_other: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate([rng.permutation(neutral)[:n_neutral], rng.permutation(other)[:n_other]]))
 
 
-def fit(meshes: list[np.ndarray | None], votes: np.ndarray, ref: Reference, fpr: float = DEFAULT_FPR) -> Calibration:
-    """Nuisance coefficients and thresholds from meshes of FER+ training faces and their votes."""
+def fit_sharp_nuisance(meshes: list[np.ndarray], ref: Reference) -> dict[str, dict[str, float]]:
+    """Step 2b: for each AU whose nuisance share is fitted on sharp faces, the least-squares coefficients
+    (with intercept) of its raw score on the z-scores of its nuisance measurements over ``meshes``, sharp
+    faces on which the AU is not expected."""
+    if not meshes:
+        raise ValueError("fitting the sharp-face nuisance shares needs at least one face mesh")
+    z = np.array([measurement_z(m, ref) for m in meshes])
+    index = {n: i for i, n in enumerate(ref.measure_names)}
+    out: dict[str, dict[str, float]] = {}
+    for d in AU_DEFINITIONS:
+        if d.nuisance and d.nuisance_on_sharp_faces:
+            raw = np.array([raw_au_scores(zz, ref)[d.code] for zz in z])
+            x = np.column_stack([z[:, index[n]] for n in d.nuisance] + [np.ones(len(z))])
+            coef, *_ = np.linalg.lstsq(x, raw, rcond=None)
+            out[d.code] = {n: round(float(c), 6) for n, c in zip(d.nuisance, coef[:-1])}
+    return out
+
+
+def fit(meshes: list[np.ndarray | None], votes: np.ndarray, ref: Reference, fpr: float = DEFAULT_FPR,
+        sharp_nuisance: dict[str, dict[str, float]] | None = None) -> Calibration:
+    """Nuisance coefficients and thresholds from meshes of FER+ training faces and their votes;
+    ``sharp_nuisance`` (from :func:`fit_sharp_nuisance`): the coefficients of the AUs fitted on sharp
+    faces (required when any AU declares ``nuisance_on_sharp_faces``)."""
     from cem.datasets import FERPLUS_LABELS
     from cem.eval import plurality
 
@@ -92,6 +121,11 @@ def fit(meshes: list[np.ndarray | None], votes: np.ndarray, ref: Reference, fpr:
     nuisance: dict[str, dict[str, float]] = {}
     for d in AU_DEFINITIONS:
         if not d.nuisance:
+            continue
+        if d.nuisance_on_sharp_faces:
+            if sharp_nuisance is None or d.code not in sharp_nuisance:
+                raise ValueError(f"{d.code}'s nuisance share is fitted on sharp faces: pass sharp_nuisance")
+            nuisance[d.code] = dict(sharp_nuisance[d.code])
             continue
         use = ok & not_tie & np.isin(label, [FERPLUS_LABELS.index(e) for e in d.nuisance_fit_on])
         x = np.column_stack([z[use][:, index[n]] for n in d.nuisance] + [np.ones(int(use.sum()))])
@@ -144,6 +178,60 @@ def mesh_tcce(root: Path, cache: str | Path | None = None) -> tuple[list[np.ndar
     return meshes, names, labels, subjects
 
 
+SMILE_AU12_SCORE = 4.0  # AU12 raw score (neutral spreads) from which an oasis_people face counts as a smile
+SHARP_IOD = 40.0  # px between the outer eye corners from which a face counts as sharp
+
+
+def mesh_oasis_smiles(root: Path, cache: str | Path | None = None) -> list[np.ndarray]:
+    """Meshes of the sharp, near-frontal smiling faces of ``oasis_people`` (step 2b of the module docs),
+    every face of every photo through the detect path; ``cache``: an .npz of all faces' meshes."""
+    from cem.fer.aus import interocular_px
+    from cem.fer.geometry import frontalize, pose_from_rotation
+
+    if cache is not None and Path(cache).is_file():
+        with np.load(cache) as d:
+            meshes = list(d["meshes"].astype(np.float64))
+    else:
+        from PIL import Image
+
+        from cem.fer.detect import FaceDetector, FaceMesher
+
+        det, mesher = FaceDetector("auto", 0.5), FaceMesher()
+        meshes = []
+        for path in sorted((root / "oasis_people" / "images").glob("*.jpg")):
+            rgb = np.asarray(Image.open(path).convert("RGB"))
+            for face in det.detect(rgb):
+                m = mesher.mesh_in_box(rgb, face.bbox, (face.keypoints[0], face.keypoints[1]))
+                if m is not None:
+                    meshes.append(m)
+        det.close()
+        mesher.close()
+        if cache is not None:
+            np.savez(cache, meshes=np.stack(meshes).astype(np.float32))
+    ref = load_reference()
+    out = []
+    for m in meshes:
+        front, rot = frontalize(m, ref)
+        yaw = pose_from_rotation(rot)[1]
+        if (interocular_px(m) >= SHARP_IOD and abs(yaw) < 25
+                and raw_au_scores(measurement_z(m, ref, front), ref)["AU12"] >= SMILE_AU12_SCORE):
+            out.append(m)
+    return out
+
+
+def calibrate(ferplus_meshes: list[np.ndarray | None], ferplus_votes: np.ndarray, sharp_neutral: list[np.ndarray],
+              sharp_smiles: list[np.ndarray], ref: Reference, fpr: float = DEFAULT_FPR,
+              margin: float = DEFAULT_SHARP_MARGIN) -> Calibration:
+    """All steps of the module docs: FER+ training faces (steps 1-3), sharp neutral faces (2b, 4) and
+    sharp smiles (2b)."""
+    from cem.fer.aus import interocular_px
+
+    cal = fit(ferplus_meshes, ferplus_votes, ref, fpr, fit_sharp_nuisance(sharp_neutral + sharp_smiles, ref))
+    small_iod = float(np.median([interocular_px(m) for m, v in zip(ferplus_meshes, ferplus_votes)
+                                 if m is not None and v[0] >= 6]))
+    return fit_sharp(cal, sharp_neutral, ref, margin, small_iod)
+
+
 def fit_sharp(cal: Calibration, sharp_neutral: list[np.ndarray], ref: Reference,
               margin: float = DEFAULT_SHARP_MARGIN, small_iod: float | None = None) -> Calibration:
     """``cal`` with its sharp-face anchor fitted on meshes of sharp neutral faces (step 4 of the module
@@ -173,24 +261,24 @@ def main(argv: list[str] | None = None) -> int:
                    help="added to the highest score of the sharp neutral faces (neutral spreads)")
     p.add_argument("--cache", help="mesh cache (.npz) for repeated runs")
     p.add_argument("--tcce-cache", help="mesh cache (.npz) of tcce_dev for repeated runs")
+    p.add_argument("--oasis-cache", help="mesh cache (.npz) of oasis_people for repeated runs")
     p.add_argument("--out", type=Path, default=CALIBRATION_PATH)
     a = p.parse_args(argv)
     from cem.datasets import shared_data_dir
-    from cem.fer.aus import interocular_px
 
     ref = load_reference()
-    meshes, votes = mesh_ferplus("train", sample_train(a.neutral, a.other, a.seed), a.cache)
-    cal = fit(meshes, votes, ref, a.fpr)
-    small_iod = float(np.median([interocular_px(m) for m, v in zip(meshes, votes) if m is not None and v[0] >= 6]))
     root = shared_data_dir()
-    if root is None or not (root / "tcce_dev").is_dir():
-        raise SystemExit("../shared/data/tcce_dev is needed for the sharp-face thresholds (module docs, step 4)")
+    if root is None or not (root / "tcce_dev").is_dir() or not (root / "oasis_people").is_dir():
+        raise SystemExit("../shared/data (ferplus, tcce_dev, oasis_people) is needed: see the module docs")
+    meshes, votes = mesh_ferplus("train", sample_train(a.neutral, a.other, a.seed), a.cache)
     tm, _, labels, _ = mesh_tcce(root, a.tcce_cache)
     sharp_neutral = [m for m, lab in zip(tm, labels) if m is not None and lab == "neutral"]
-    cal = fit_sharp(cal, sharp_neutral, ref, a.sharp_margin, small_iod)
+    smiles = mesh_oasis_smiles(root, a.oasis_cache)
+    cal = calibrate(meshes, votes, sharp_neutral, smiles, ref, a.fpr, a.sharp_margin)
     a.out.write_text(json.dumps({
-        "how": "python -m cem.fer.au_calibration (see its docstring): " + cal.how + f"; sharp-face thresholds: "
-               f"highest score + {a.sharp_margin} over {len(sharp_neutral)} neutral tcce_dev photos",
+        "how": "python -m cem.fer.au_calibration (see its docstring): " + cal.how + f"; AU04's nuisance on "
+               f"{len(sharp_neutral)} neutral tcce_dev photos and {len(smiles)} oasis_people smiles; sharp-face "
+               f"thresholds: highest score + {a.sharp_margin} over the {len(sharp_neutral)} neutral photos",
         "fpr": a.fpr, "seed": a.seed, "sampled": {"neutral": a.neutral, "other": a.other},
         "sharp_margin": a.sharp_margin, "iod_small": cal.iod_small, "iod_sharp": cal.iod_sharp,
         "nuisance": cal.nuisance, "threshold": cal.threshold, "threshold_sharp": cal.threshold_sharp,

@@ -30,7 +30,7 @@ class ExpressionModel:
     Load once and reuse (the FER stage holds one per stage). Logits are divided by the temperature fitted
     on FER+ valid. ``test_time_flip`` also runs the mirror image and averages the logits: it doubles the
     CNN's cost for almost no gain with the packaged model (FER+ valid accuracy 0.8587 with it, 0.8576
-    without; tcce_dev 7-class 0.550 / 0.547; measured in the model card), so it is off by default.
+    without; tcce_dev 7-class 0.550 / 0.547; measured in the model card), whose config.json turns it off.
     """
 
     def __init__(self, model: Any, labels: list[str], temperature: float, device: str,
@@ -43,8 +43,9 @@ class ExpressionModel:
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str = "cpu",
-                        test_time_flip: bool = False) -> ExpressionModel:
-        """Load ``config.json`` + ``model.safetensors`` from a folder (default: the weights in the package)."""
+                        test_time_flip: bool | None = None) -> ExpressionModel:
+        """Load ``config.json`` + ``model.safetensors`` from a folder (default: the weights in the package).
+        ``test_time_flip``: None follows the folder's ``config.json`` (``test_time_flip``, default off)."""
         import torch
         from safetensors.torch import load_file
 
@@ -62,7 +63,8 @@ class ExpressionModel:
         # inference only: batch norms folded into the convolutions, channels-last memory so oneDNN picks
         # its fastest CPU kernels (the same outputs up to float rounding, in about two thirds of the time)
         net = fuse_conv_bn(net.eval()).to(device).to(memory_format=torch.channels_last)
-        return cls(net, list(cfg["labels"]), float(cfg.get("temperature", 1.0)), device, test_time_flip)
+        flip = bool(cfg.get("test_time_flip", False)) if test_time_flip is None else test_time_flip
+        return cls(net, list(cfg["labels"]), float(cfg.get("temperature", 1.0)), device, flip)
 
     def predict(self, crops: np.ndarray) -> np.ndarray:
         """(N, 48, 48) uint8 grayscale crops -> (N, K) probabilities (rows sum to 1)."""
