@@ -116,6 +116,7 @@ def evaluate(meshes: list, label: np.ndarray, neutral: np.ndarray, baselines: li
     happy = ok & (label == LABELS.index("happiness"))
     presence["happiness:AU10"] = round(float(pres["AU10"][happy].mean()), 3)
     presence["happiness:AU09"] = round(float(pres["AU09"][happy].mean()), 3)
+    presence["happiness:AU04"] = round(float(pres["AU04"][happy].mean()), 3)  # the smile's brow drop
     disgust = ok & (label == LABELS.index("disgust"))
     presence["disgust:AU09|AU10"] = round(float((pres["AU09"] | pres["AU10"])[disgust].mean()), 3)
     surprise = ok & (label == LABELS.index("surprise"))

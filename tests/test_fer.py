@@ -391,7 +391,8 @@ def test_au04_nuisance_fit_recovers_the_brow_drop_that_comes_with_raised_cheeks(
         m[brows, 1] += 0.5 * raise_  # brows pulled down with them
         faces.append(m)
     coef = fit_sharp_nuisance(faces, ref)
-    assert set(coef) == {"AU04"} and coef["AU04"]["cheek_height"] > 0
+    assert set(coef) == {d.code for d in AU_DEFINITIONS if d.nuisance_on_sharp_faces} and "AU04" in coef
+    assert coef["AU04"]["cheek_height"] > 0
     cal = replace(load_calibration(), nuisance={**load_calibration().nuisance, **coef})
     scores = np.array([au_scores(measurement_z(m, ref), ref, cal)["AU04"] for m in faces])
     raw = np.array([au_scores(measurement_z(m, ref), ref, replace(cal, nuisance={}))["AU04"] for m in faces])

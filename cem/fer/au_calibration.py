@@ -10,10 +10,12 @@ How it was made (``python -m cem.fer.au_calibration``, seeded, needs ``../shared
    which the AU is not expected, so what the nuisance measurements explain there is the other AUs'
    movement (mouth opening and smiling lift the upper lip without AU10). The coefficients are removed
    from the AU's score everywhere.
-2b. AU04's share of cheek raising is fitted on *sharp* faces (``AUDefinition.nuisance_on_sharp_faces``):
-   the cheek raiser of a broad smile also pulls the brows down, which 48-px meshes are too noisy to show
-   (a fit on FER+ gives about 0.08, on sharp faces 0.3), and without it AU04 fired on 42 % of posed
-   smiles in tcce_dev. Fitted (least squares, with intercept) over faces on which AU04 is not expected:
+2b. The nuisance shares of AU04 (cheek height) and AU09 (corner elevation, cheek height) are fitted on
+   *sharp* faces (``AUDefinition.nuisance_on_sharp_faces``): the cheek raiser of a broad smile also
+   pulls the brows down and lifts the nose wings, which 48-px meshes are too noisy to show (AU04's share
+   fitted on FER+ is about 0.08, on sharp faces 0.3); without it AU04 fired on 42 % and AU09 on 40 % of
+   posed smiles in tcce_dev. Fitted (least squares, with intercept) over faces on which neither AU is
+   expected:
    the smiles among ``oasis_people``'s photos (no labels used: faces with an AU12 score of at least
    ``SMILE_AU12_SCORE`` neutral spreads, at least ``SHARP_IOD`` px between the eyes and less than 25
    degrees of yaw; 25 faces) and the neutral photos of ``tcce_dev`` (step 4).
