@@ -315,8 +315,15 @@ class Config:
                 return p
         known = sorted(q.stem for q in shipped.glob("*.yaml"))
         stem = text[:-5] if text.endswith(".yaml") else text
-        hint = _closest(Path(stem).name, known)
-        raise ConfigError(f"config {text!r} not found: not a shipped config name nor a YAML file"
+        if "/" not in text and "\\" not in text:
+            # shipped names are lower case: a name that differs only in case ("Default", "SmolVLM") is
+            # unambiguous, so it is taken rather than refused
+            same = [k for k in known if k.lower() == stem.lower()]
+            if len(same) == 1:
+                return shipped / f"{same[0]}.yaml"
+        hint = _closest(Path(stem).name.lower(), known)
+        where = "no such file" if ("/" in text or "\\" in text) else "not a shipped config name nor a YAML file"
+        raise ConfigError(f"config {text!r} not found: {where}"
                           + (f"; did you mean {hint!r}?" if hint else "") + f" (shipped: {', '.join(known)})")
 
     @classmethod

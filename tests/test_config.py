@@ -28,8 +28,8 @@ def test_every_shipped_config_is_listed():
 def test_shipped_config_loads_by_name_suffix_and_path(name):
     by_name = Config.load(name)
     assert by_name.name == name  # each file names itself as users type it
-    for spelling in (f"{name}.yaml", str(configs_dir() / f"{name}.yaml")):
-        assert Config.load(spelling).to_dict() == by_name.to_dict()
+    for spelling in (f"{name}.yaml", str(configs_dir() / f"{name}.yaml"), name.upper(), name.title() + ".yaml"):
+        assert Config.load(spelling).to_dict() == by_name.to_dict()  # shipped names are taken in any case
     assert by_name.reasoner.backend in BACKENDS
 
 
@@ -39,6 +39,10 @@ def test_unknown_name_lists_shipped_and_suggests_closest():
     msg = str(e.value)
     assert "not found" in msg and "did you mean 'qwen2.5-vl-7b'" in msg
     assert all(n in msg for n in SHIPPED)
+    with pytest.raises(ConfigError, match="did you mean 'qwen2.5-vl-7b'"):
+        Config.load("Qwen2-VL")  # the hint ignores case as well
+    with pytest.raises(ConfigError, match="no such file"):
+        Config.load("configs/no-such-config.yaml")  # a path is a path: it is not looked up by name
 
 
 def test_a_user_yaml_path_with_dots(tmp_path):
