@@ -139,7 +139,8 @@ class TableSummary:
 def write_table(jsonl_path: str | os.PathLike, out_path: str | os.PathLike) -> TableSummary:
     """Write the per-face table of ``jsonl_path`` to ``out_path``: CSV (``.csv``) or Parquet (``.parquet``,
     needs pyarrow). The same JSONL always gives the same bytes. The file is replaced only once it is
-    complete. Corrupt lines are skipped (see :func:`read_results`) and counted in the summary."""
+    complete. Corrupt lines are skipped (see :func:`read_results`) and counted in the summary; a file
+    without a single usable record is an error (ValueError, nothing written), as for ``cem report``."""
     out = Path(out_path)
     suffix = out.suffix.lower()
     if suffix not in (".csv", ".parquet"):
@@ -147,6 +148,11 @@ def write_table(jsonl_path: str | os.PathLike, out_path: str | os.PathLike) -> T
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always", CorruptLinesWarning)
         df = read_results(jsonl_path)
+    if len(df) == 0:
+        skipped, reasons = df.attrs["skipped_lines"], df.attrs["skipped_reasons"]
+        raise ValueError(f"{jsonl_path}: no usable record to tabulate"
+                         + (f" ({len(skipped)} line(s) skipped; first: {reasons[0]})" if skipped else
+                            " (the file holds no records)"))
     tmp = out.with_name(f".{out.name}.part")
     try:
         if suffix == ".csv":

@@ -279,6 +279,13 @@ def test_corrupt_lines_are_skipped_and_reported(tmp_path):
     assert r.exit_code == 0
     assert "skipped 4 line(s)" in r.output and "line 2, 3, 4, 7" in r.output and "4 rows (1 images)" in r.output
     assert "first: line 2: not JSON" in r.output
+    # nothing usable at all: an error naming the file and the first problem, and no table written
+    for text, why in (("{not json\n[1]\n", "2 line(s) skipped; first: line 1: not JSON"), ("", "holds no records")):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(text)
+        r = CliRunner().invoke(main, ["table", str(bad), "-o", str(tmp_path / "bad.csv")])
+        assert r.exit_code == 2 and "no usable record" in r.output and why in r.output, r.output
+        assert not (tmp_path / "bad.csv").exists()
 
 
 def test_schema_command_prints_each_generated_schema():
