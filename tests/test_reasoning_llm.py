@@ -112,6 +112,46 @@ def test_cli_annotate_with_tiny_llava(tiny_llava, two_faces, tmp_path):
     assert len(rec["faces"]) == 2 and rec["provenance"]["model"] == str(tiny_llava)
 
 
+def test_a_hub_model_that_cannot_be_fetched_fails_in_seconds_not_minutes(monkeypatch, tmp_path):
+    """Offline (the hub unreachable) and not cached: one quick connection attempt, then the clear error;
+    the hub client's minutes of retries never start. Cached models and local folders need no probe."""
+    import socket
+
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    import cem.reasoning.transformers_backend as tb
+    from cem.reasoning.llm import ModelUnavailableError
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    tries: list[tuple] = []
+
+    def no_network(address, timeout=None):
+        tries.append((address, timeout))
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+
+    def must_not_run(*a, **k):
+        raise AssertionError("the hub client was called although the hub cannot be reached")
+
+    monkeypatch.setattr(tb, "read_model_type", must_not_run)
+    with pytest.raises(ModelUnavailableError, match="not in the Hugging Face cache.*cannot be reached.*hf download"):
+        tb.load_model("some-org/some-vlm", {}, "cpu")
+    assert len(tries) == 1 and tries[0][1] == tb.HUB_PROBE_TIMEOUT_S
+    # reachable: no objection (the download proceeds); cached or a local folder: no connection at all
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout=None: socket.socket())
+    assert tb.hub_unreachable("some-org/some-vlm") is None
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    tries.clear()
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: str(tmp_path / "config.json"))
+    assert tb.hub_unreachable("some-org/some-vlm") is None
+    assert tb.hub_unreachable(str(tmp_path)) is None and tb.hub_unreachable("x/y", local_files_only=True) is None
+    assert tries == []
+
+
 def test_unavailable_model_fails_at_start_with_one_clear_message(tmp_path):
     import cem
     from cem.reasoning.llm import ModelUnavailableError

@@ -57,6 +57,42 @@ def _skip_patterns(names: list[str]) -> list[str]:
 _DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "auto": "auto"}
 
 
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def hub_unreachable(model_id: str, revision: str | None = None, local_files_only: bool = False) -> str | None:
+    """Why a model that must come from the Hugging Face hub cannot, or None.
+
+    Only for a hub id whose config is not in the local cache, outside offline mode: one TCP connection
+    to the hub's endpoint with a short timeout. Without it, an offline machine sits in the hub client's
+    retries for minutes (measured: 173 s for one missing model) before saying the model is missing.
+    """
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if Path(model_id).expanduser().is_dir() or local_files_only:
+        return None
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+    except ImportError:
+        return None
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on") or constants.HF_HUB_OFFLINE:
+        return None  # transformers then fails at once without a cached copy
+    try:
+        if isinstance(try_to_load_from_cache(model_id, "config.json", revision=revision), str):
+            return None
+    except ValueError:  # not a valid repo id: from_pretrained says so
+        return None
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as e:
+        return f"the Hugging Face hub ({constants.ENDPOINT}) cannot be reached: {e}"
+    return None
+
+
 def load_model(model_id: str, opts: dict[str, Any], device: str | None) -> tuple[Any, Any]:
     """(model, processor), or :class:`ModelUnavailableError` with what to do about it."""
     try:
@@ -74,6 +110,13 @@ def load_model(model_id: str, opts: dict[str, Any], device: str | None) -> tuple
     if (model_id.startswith((".", "/", "~")) or "\\" in model_id) and not Path(model_id).expanduser().is_dir():
         raise ModelUnavailableError(f"model folder {model_id!r} does not exist. Point --model at a folder "
                                     "saved with save_pretrained, or at a Hugging Face model id.")
+    revision = opts.get("revision")
+    unreachable = hub_unreachable(model_id, str(revision) if revision else None, bool(common["local_files_only"]))
+    if unreachable:
+        raise ModelUnavailableError(
+            f"model {model_id!r} is not available here: it is not in the Hugging Face cache and {unreachable}. "
+            f"Download it once with `hf download {model_id}` (or point --model at a local folder); offline runs "
+            "need it in the Hugging Face cache, with HF_HUB_OFFLINE=1. To run without a model: --reasoner rules.")
     family = family_of(read_model_type(model_id, **common))
     quant = opts.get("quantization")
     if quant:
