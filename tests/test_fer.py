@@ -323,16 +323,16 @@ def test_mesh_from_the_detection_matches_facemesh_and_follows_a_turned_head(pipe
     det, mesher = FaceDetector("short"), FaceMesher()
     try:
         face = det.detect(face_crop)[0]
-        eyes = (face.keypoints[0], face.keypoints[1])
+        eyes = face.eyes
         roi_mesh = mesher.mesh_in_box(face_crop, face.bbox, eyes)
-        graph_mesh = mesher._run_face_mesh(face_crop)[0]  # FaceMesh: its own detector, then the landmarks
+        graph_mesh = mesher._face_mesh_at_centre(face_crop)  # FaceMesh: its own detector, then the landmarks
         iod = np.linalg.norm(roi_mesh[33, :2] - roi_mesh[263, :2])
         assert np.linalg.norm(roi_mesh[:, :2] - graph_mesh[:, :2], axis=1).mean() < 0.05 * iod
 
         side = np.ascontiguousarray(np.rot90(face_crop))  # the head lies on its side
         turned = det.detect(side)[0]
-        mesher._run_face_mesh = lambda square: []  # no FaceMesh fallback: the ROI path alone must fit it
-        mesh = mesher.mesh_in_box(side, turned.bbox, (turned.keypoints[0], turned.keypoints[1]))
+        mesher._face_mesh_at_centre = lambda square: None  # no FaceMesh fallback: the ROI path alone must fit it
+        mesh = mesher.mesh_in_box(side, turned.bbox, turned.eyes)
         assert mesh is not None
         # np.rot90 maps (x, y) to (y, W - 1 - x): every landmark must land where the upright one went
         expected = np.column_stack([roi_mesh[:, 1], face_crop.shape[1] - 1 - roi_mesh[:, 0]])

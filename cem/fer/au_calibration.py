@@ -170,7 +170,7 @@ def mesh_tcce(root: Path, cache: str | Path | None = None) -> tuple[list[np.ndar
         rgb = np.asarray(Image.open(root / "tcce_dev" / r["image"]).convert("RGB"))
         found = det.detect(rgb)
         best = max(found, key=lambda d: d.bbox[2] * d.bbox[3]) if found else None
-        meshes.append(mesher.mesh_in_box(rgb, best.bbox, (best.keypoints[0], best.keypoints[1])) if best else None)
+        meshes.append(mesher.mesh_in_box(rgb, best.bbox, best.eyes) if best else None)
     det.close()
     mesher.close()
     if cache is not None:
@@ -203,7 +203,7 @@ def mesh_oasis_smiles(root: Path, cache: str | Path | None = None) -> list[np.nd
         for path in sorted((root / "oasis_people" / "images").glob("*.jpg")):
             rgb = np.asarray(Image.open(path).convert("RGB"))
             for face in det.detect(rgb):
-                m = mesher.mesh_in_box(rgb, face.bbox, (face.keypoints[0], face.keypoints[1]))
+                m = mesher.mesh_in_box(rgb, face.bbox, face.eyes)
                 if m is not None:
                     meshes.append(m)
         det.close()

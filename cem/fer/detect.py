@@ -51,6 +51,11 @@ class Detection:
     score: float
     keypoints: np.ndarray  # (6, 2) pixels: right eye, left eye, nose tip, mouth, right ear, left ear
 
+    @property
+    def eyes(self) -> tuple[np.ndarray, np.ndarray]:
+        """The subject's right and left eye (keypoints 0 and 1), as :meth:`FaceMesher.mesh_in_box` takes them."""
+        return self.keypoints[0], self.keypoints[1]
+
 
 def box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     """Intersection over union of two (x, y, w, h) boxes."""
@@ -273,6 +278,11 @@ MESH_CONTEXT = 2.2
 REFIT_ROLL_DEG = 15.0
 
 
+def _pixels(landmarks: Any, w: int, h: int) -> np.ndarray:
+    """MediaPipe's normalised landmarks as (N, 3) pixels of a ``w`` x ``h`` image (z in x's scale)."""
+    return np.array([[p.x * w, p.y * h, p.z * w] for p in landmarks.landmark], dtype=np.float64)
+
+
 def roi_rotation(right_eye: np.ndarray | tuple[float, float], left_eye: np.ndarray | tuple[float, float]) -> float:
     """MediaPipe's ROI rotation (radians) from the two eye positions in pixels (detector keypoints 0 and 1,
     or the mesh's eye centres): 0 for level eyes."""
@@ -315,7 +325,7 @@ class FaceMesher:
         res = self._landmarks.process({"image": square, "roi": roi})
         if res.face_landmarks is None:
             return None
-        return np.array([[p.x * w, p.y * h, p.z * w] for p in res.face_landmarks.landmark], dtype=np.float64)
+        return _pixels(res.face_landmarks, w, h)
 
     def mesh_in_box(self, rgb: np.ndarray, bbox: tuple[float, float, float, float],
                     eyes: tuple[np.ndarray, np.ndarray] | None = None, max_side: int = 384) -> np.ndarray | None:
@@ -366,11 +376,9 @@ class FaceMesher:
         if mesh is None:
             # the detector's box or eyes can be off on weak detections (profiles, occlusion, blur): let
             # FaceMesh's own detector find the face in the same square, as cem did before the ROI path
-            found = self._run_face_mesh(square)
-            if not found:
+            mesh = self._face_mesh_at_centre(square)
+            if mesh is None:
                 return None
-            mid = np.array([square.shape[1] / 2, square.shape[0] / 2])
-            mesh = min(found, key=lambda m: float(np.linalg.norm(m[:, :2].mean(axis=0) - mid)))
         mesh[:, :3] /= k
         mesh[:, 0] += x0
         mesh[:, 1] += y0
@@ -380,7 +388,9 @@ class FaceMesher:
             return None
         return mesh
 
-    def _run_face_mesh(self, rgb: np.ndarray) -> list[np.ndarray]:
+    def _face_mesh_at_centre(self, rgb: np.ndarray) -> np.ndarray | None:
+        """The whole FaceMesh graph (its own detector, then the landmarks) on ``rgb``: the mesh nearest the
+        image's centre in its pixels, or None."""
         if self._mesh is None:
             import mediapipe as mp
 
@@ -391,8 +401,9 @@ class FaceMesher:
                 self._mesh.process(np.zeros((64, 64, 3), np.uint8))
         res = self._mesh.process(rgb)
         h, w = rgb.shape[:2]
-        return [np.array([[p.x * w, p.y * h, p.z * w] for p in face.landmark], dtype=np.float64)
-                for face in res.multi_face_landmarks or []]
+        meshes = [_pixels(face, w, h) for face in res.multi_face_landmarks or []]
+        centre = np.array([w / 2, h / 2])
+        return min(meshes, key=lambda m: float(np.linalg.norm(m[:, :2].mean(axis=0) - centre)), default=None)
 
     def mesh_whole(self, rgb: np.ndarray, target: int = 192, pad: float = 0.5) -> np.ndarray | None:
         """Mesh of a pre-cropped face filling the image: resized to ``target`` px, padded by edge replication
@@ -405,11 +416,9 @@ class FaceMesher:
                          interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
         p = int(round(target * pad))
         img = cv2.copyMakeBorder(img, p, p, p, p, cv2.BORDER_REPLICATE)
-        meshes = self._run_face_mesh(np.ascontiguousarray(img))
-        if not meshes:
+        best = self._face_mesh_at_centre(np.ascontiguousarray(img))
+        if best is None:
             return None
-        center = np.array([img.shape[1] / 2, img.shape[0] / 2])
-        best = min(meshes, key=lambda m: float(np.linalg.norm(m[:, :2].mean(axis=0) - center)))
         best[:, :2] -= p
         best /= scale
         return best

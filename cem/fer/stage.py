@@ -138,13 +138,13 @@ class FERStage:
             for det in self.detector.detect(rgb):
                 if len(items) >= self.config.faces.max_faces:
                     break
-                mesh = self.mesher.mesh_in_box(rgb, det.bbox, eyes=(det.keypoints[0], det.keypoints[1]))
+                mesh = self.mesher.mesh_in_box(rgb, det.bbox, det.eyes)
                 if mesh is None and det.score < self.config.faces.min_score_unmeshed:
                     continue  # a weak detection on which no face mesh fits: a false positive, not a face
                 if mesh is not None:
                     r_eye, l_eye = eye_centers(mesh)
                 else:  # detector keypoints 0/1 are the subject's right/left eye
-                    r_eye, l_eye = det.keypoints[0], det.keypoints[1]
+                    r_eye, l_eye = det.eyes
                 items.append((det.bbox, det.score, mesh, aligned_crop(gray, r_eye, l_eye, self.ref, CROP_SIZE)))
 
         t1 = time.perf_counter()
