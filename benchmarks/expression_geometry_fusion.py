@@ -23,12 +23,6 @@ import numpy as np
 from _common import emit
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    return p / p.sum(axis=1, keepdims=True)
-
-
 def fit_layer(x: np.ndarray, target: np.ndarray, k: int, lam: float) -> tuple[np.ndarray, np.ndarray]:
     """Weights (F, K) and bias (K,) minimising cross-entropy to ``target`` plus ``lam`` times the squared
     distance of the weights from the identity on the first ``k`` (logit) features and from 0 elsewhere."""
@@ -58,15 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scales", type=float, nargs="+", default=[0.8, 0.6])
     ap.add_argument("--json")
     a = ap.parse_args(argv)
-    import torch
     from expression_tcce import read_tcce_labels, score_tcce, tcce_crops
 
     from cem.datasets import load_ferplus, shared_data_dir
     from cem.eval import distribution_metrics
     from cem.fer.au_calibration import mesh_ferplus, mesh_tcce
     from cem.fer.aus import measurement_z
-    from cem.fer.expression import ExpressionModel, standardize
+    from cem.fer.expression import ExpressionModel
     from cem.fer.geometry import load_reference
+    from cem.training import predict_logits
+    from cem.training import softmax as _softmax
 
     root = shared_data_dir()
     if root is None or not (root / "tcce_dev").is_dir():
@@ -77,10 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     ref, model = load_reference(), ExpressionModel.from_pretrained()
     k = len(model.labels)
 
-    def logits(pixels: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(standardize(pixels))[:, None]
-        with torch.inference_mode():
-            return torch.cat([model.model(x[i: i + 512]) for i in range(0, len(x), 512)]).double().numpy()
+    def logits(pixels: np.ndarray) -> np.ndarray:  # one pass, as the packaged model runs
+        return predict_logits(model.model, pixels, flip=False).astype(np.float64)
 
     def features(z_logits: np.ndarray, meshes: list) -> np.ndarray:
         ok = np.array([m is not None for m in meshes], dtype=float)
