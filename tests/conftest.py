@@ -69,3 +69,30 @@ def two_faces(astronaut) -> np.ndarray:
     canvas[40:260, 20:240] = face
     canvas[40:260, 420:640] = face[:, ::-1]
     return canvas
+
+
+def full_sequence_label_probs(reasoner, job) -> np.ndarray:
+    """The reference for a reasoner's shared-prefix label scoring: each "Face 1: <label>" scored as one
+    full sequence (prompt + answer, no KV cache), softmax over the labels' summed log-probabilities."""
+    import torch
+
+    tok = reasoner.processor.tokenizer
+    inputs = reasoner._inputs([job])
+    stem = tok("Face 1:", add_special_tokens=False)["input_ids"]
+    scores = []
+    for lab in reasoner.labels:
+        ids = tok(f"Face 1: {lab}", add_special_tokens=False)["input_ids"]
+        k = next((i for i, (a, b) in enumerate(zip(ids, stem)) if a != b), min(len(ids), len(stem)))
+        extra = torch.tensor([ids])
+        full = dict(inputs)
+        full["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
+        full["attention_mask"] = torch.ones_like(full["input_ids"])
+        if "mm_token_type_ids" in full:
+            full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], dim=1)
+        with torch.inference_mode():
+            logits = reasoner.model(**full).logits
+        logp = torch.log_softmax(logits[0].float(), -1)
+        n0 = inputs["input_ids"].shape[1]
+        scores.append(sum(float(logp[n0 + j - 1, ids[j]]) for j in range(k, len(ids))))
+    s = np.array(scores)
+    return np.exp(s - s.max()) / np.exp(s - s.max()).sum()

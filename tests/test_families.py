@@ -17,6 +17,8 @@ import yaml
 pytest.importorskip("transformers")
 pytest.importorskip("xgrammar")
 
+from conftest import full_sequence_label_probs  # noqa: E402
+
 from cem.reasoning.families import FAMILIES, family_of  # noqa: E402
 from cem.testing import ASSETS, TINY_FAMILIES  # noqa: E402
 
@@ -120,33 +122,12 @@ def test_constrained_decoding_gives_parseable_answers(family, reasoners, two_fac
 def test_likelihood_distribution_matches_full_sequence_scoring(family, reasoners, astronaut, pipeline):
     """The shared-prefix KV-cache shortcut gives each family the same label log-probabilities as scoring
     every full sequence (Qwen2.5-VL's multimodal rotary positions included)."""
-    import torch
-
     r = reasoners[family]
     faces = pipeline.fer.measure(astronaut)
     job = _job(r, astronaut, faces)
     fast = r.label_likelihoods(job)[0]
     assert abs(sum(fast.values()) - 1) < 1e-6 and all(v > 0 for v in fast.values())
-    tok = r.processor.tokenizer
-    inputs = r._inputs([job])
-    stem = tok("Face 1:", add_special_tokens=False)["input_ids"]
-    scores = []
-    for lab in r.labels:
-        ids = tok(f"Face 1: {lab}", add_special_tokens=False)["input_ids"]
-        k = next((i for i, (a, b) in enumerate(zip(ids, stem)) if a != b), min(len(ids), len(stem)))
-        extra = torch.tensor([ids])
-        full = {key: v for key, v in inputs.items()}
-        full["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
-        full["attention_mask"] = torch.ones_like(full["input_ids"])
-        if "mm_token_type_ids" in full:
-            full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], dim=1)
-        with torch.inference_mode():
-            logits = r.model(**full).logits
-        logp = torch.log_softmax(logits[0].float(), -1)
-        n0 = inputs["input_ids"].shape[1]
-        scores.append(sum(float(logp[n0 + j - 1, ids[j]]) for j in range(k, len(ids))))
-    s = np.array(scores)
-    slow = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+    slow = full_sequence_label_probs(r, job)
     assert np.allclose(list(fast.values()), slow, atol=1e-4)
 
 

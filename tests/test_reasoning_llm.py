@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import full_sequence_label_probs
 from PIL import Image
 
 from cem.reasoning.llm import Job
@@ -63,29 +64,12 @@ def test_likelihood_sums_to_one_and_depends_on_the_prompt(llm_pipeline, astronau
 
 def test_shared_prefix_scoring_equals_full_sequence_scoring(llm_pipeline, astronaut):
     """The KV-cache shortcut must give the same label log-probabilities as scoring each full sequence."""
-    import torch
-
     reasoner = llm_pipeline.reasoner
     faces = llm_pipeline.fer.measure(astronaut)
     job = Job(astronaut, faces, "a test")
     job.prompt = reasoner.build_prompt(job)
     fast = reasoner.label_likelihoods(job)[0]
-    tok = reasoner.processor.tokenizer
-    inputs = reasoner._inputs([job])
-    scores = []
-    for lab in reasoner.labels:
-        stem = tok("Face 1:", add_special_tokens=False)["input_ids"]
-        ids = tok(f"Face 1: {lab}", add_special_tokens=False)["input_ids"]
-        k = next((i for i, (a, b) in enumerate(zip(ids, stem)) if a != b), min(len(ids), len(stem)))
-        full = torch.cat([inputs["input_ids"], torch.tensor([ids])], dim=1)
-        mask = torch.ones_like(full)
-        with torch.inference_mode():
-            logits = reasoner.model(input_ids=full, attention_mask=mask, pixel_values=inputs["pixel_values"]).logits
-        logp = torch.log_softmax(logits[0].float(), -1)
-        n0 = inputs["input_ids"].shape[1]
-        scores.append(sum(float(logp[n0 + j - 1, ids[j]]) for j in range(k, len(ids))))
-    s = np.array(scores)
-    slow = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+    slow = full_sequence_label_probs(reasoner, job)
     assert np.allclose(list(fast.values()), slow, atol=1e-4)
 
 
