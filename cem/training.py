@@ -5,7 +5,9 @@ Recipe (chosen to fit a 2-core CPU session; bf16 autocast uses AMX/AVX-512 where
 * data: FER+ ``train.npz`` (poor faces dropped, see :mod:`cem.datasets`); targets are the normalised
   vote distributions over the eight emotions, loss is the cross-entropy to them (= KL up to a constant);
 * augmentation on the batch: horizontal flip, random rotation (±12°), scale (0.9–1.12) and shift
-  (±8 %), gamma jitter, random erasing; every crop is then standardised per image as at inference;
+  (±8 %), gamma jitter, random erasing; optionally mixup (``--mixup P``: a share P of the faces is blended
+  with another face of the batch, pixels and vote distributions alike, the own face weighing 0.5-1);
+  every crop is then standardised per image as at inference;
 * SGD with Nesterov momentum, cosine learning rate with a one-epoch warm-up, weight decay 5e-4;
 * evaluation with test-time horizontal flips (logits averaged), as at inference;
 * after the last epoch a temperature is fitted on ``valid.npz`` by standard temperature scaling (Guo et al.
@@ -54,6 +56,8 @@ class TrainConfig:
     # distillation: the loss mixes the human votes with an ensemble of teachers (folders of trained models)
     teachers: tuple[str, ...] = ()
     distill_weight: float = 0.5
+    # share of the faces mixed with another face of the batch (mixup; pixels and targets alike); 0 = off
+    mixup: float = 0.0
 
 
 def _rand(n: int, gen, device, *shape: int):
@@ -120,6 +124,22 @@ def _augment(x, gen, strength: str = "robust"):  # x: (N,1,48,48) float in [0,1]
     fill = _rand(n, gen, dev, 1, 1)
     x = torch.where(erase[:, None], fill[:, None], x)
     return x
+
+
+def _mixup(x, target, weight, share: float, gen):
+    """Blend a ``share`` of the batch with a random partner: ``lam * own + (1 - lam) * partner`` for the
+    pixels, the target distributions and the loss weights, ``lam`` uniform in [0.5, 1] (the own face
+    dominates, so a mixed crop still has one identity to localise). Soft targets make this natural here:
+    the votes are already distributions."""
+    import torch
+
+    n, dev = x.shape[0], x.device
+    partner = torch.randperm(n, generator=gen, device=dev)
+    lam = 0.5 + 0.5 * _rand(n, gen, dev)
+    lam = torch.where(_rand(n, gen, dev) < share, lam, torch.ones_like(lam))
+    mix = lam[:, None, None, None]
+    return (mix * x + (1 - mix) * x[partner], lam[:, None] * target + (1 - lam[:, None]) * target[partner],
+            lam * weight + (1 - lam) * weight[partner])
 
 
 def class_weights(p_human: np.ndarray, power: float) -> np.ndarray:
@@ -274,19 +294,20 @@ def train_expression(
         running = 0.0
         for i in range(steps_per_epoch):
             idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            x = _standardize_torch(_augment(x_all[idx], gen, cfg.augment)).contiguous(
-                memory_format=torch.channels_last)
+            x, target, weight = _augment(x_all[idx], gen, cfg.augment), y_all[idx], w_all[idx]
+            if cfg.mixup > 0:
+                x, target, weight = _mixup(x, target, weight, cfg.mixup, gen)
+            x = _standardize_torch(x).contiguous(memory_format=torch.channels_last)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 logits = model(x)
-            target = y_all[idx]
             if teachers:
                 with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                     t_logits = sum(t(x).float() for t in teachers) / len(teachers)
                 target = (1 - cfg.distill_weight) * target + cfg.distill_weight * torch.softmax(t_logits, 1)
             per_face = -(target * torch.log_softmax(logits.float(), dim=1)).sum(dim=1)
-            loss = (per_face * w_all[idx]).mean()
+            loss = (per_face * weight).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -373,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="loss weight per face = freq(plurality label) ** -X (0 = off, 0.5 = inverse sqrt)")
     p.add_argument("--teacher", action="append", default=[], help="trained model folder to distil from (repeat)")
     p.add_argument("--distill-weight", type=float, default=TrainConfig.distill_weight)
+    p.add_argument("--mixup", type=float, default=TrainConfig.mixup,
+                   help="share of the faces blended with another face of the batch (0 = off)")
     p.add_argument("--no-bf16", action="store_true", help="train in float32")
     p.add_argument("--calibrate-only", action="store_true",
                    help="refit the temperature of the finished run in --out on valid, and rewrite its config")
@@ -384,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, width=a.width, seed=a.seed, threads=a.threads,
                           max_steps=a.max_steps, lr=a.lr, device=a.device, augment=a.augment,
                           class_balance=a.class_balance, teachers=tuple(a.teacher),
-                          distill_weight=a.distill_weight, bf16=not a.no_bf16)
+                          distill_weight=a.distill_weight, mixup=a.mixup, bf16=not a.no_bf16)
         train, valid = load_ferplus("train", a.data_dir), load_ferplus("valid", a.data_dir)
     except FileNotFoundError as e:
         print(f"cem train-expression: {e}", file=sys.stderr)
