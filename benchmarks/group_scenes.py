@@ -182,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenes", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json")
-    ap.add_argument("--detectors", default="auto,both",
+    ap.add_argument("--detectors", default="auto",
                     help="faces.detector settings to compare (the first also builds the scenes)")
+    ap.add_argument("--small-faces", default="mtcnn,pyramid,off", help="faces.small_faces settings to compare")
     ap.add_argument("--save-scenes", help="write the composed scenes (JPEG) to this folder to look at them")
     a = ap.parse_args(argv)
     from cem.config import Config
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     detectors = a.detectors.split(",")
     cfg = Config.load("default", faces__detector=detectors[0])
-    plain = FaceDetector(cfg.faces.detector, cfg.faces.min_score, pad_retry=cfg.faces.pad_retry, pyramid=False)
+    plain = FaceDetector(cfg.faces.detector, cfg.faces.min_score, pad_retry=cfg.faces.pad_retry, small_faces="off")
     faces = _face_sources(root, plain)
     backgrounds = _backgrounds(root, plain)
     rng = np.random.default_rng(a.seed)
@@ -213,11 +214,12 @@ def main(argv: list[str] | None = None) -> int:
                                   for s in ("tcce_dev", "oasis_people", "ferplus")},
                  "backgrounds": len(backgrounds)}
     for name in detectors:
-        stage = FERStage(Config.load("default", faces__detector=name))
-        res[f"fer_stage[detector={name}]"] = run(stage, scenes)
-        stage.detector = FaceDetector(name, cfg.faces.min_score, pad_retry=cfg.faces.pad_retry, pyramid=False)
-        res[f"fer_stage[detector={name}]_without_pyramid"] = run(stage, scenes)
-        stage.close()
+        for small in a.small_faces.split(","):
+            stage = FERStage(Config.load("default", faces__detector=name, faces__small_faces=small))
+            key = f"fer_stage[detector={name},small_faces={small}]"
+            res[key] = run(stage, scenes)
+            print(key, res[key]["recall_from_45px"], res[key]["false_positives"], file=sys.stderr, flush=True)
+            stage.close()
     return emit(res, a.json)
 
 

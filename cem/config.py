@@ -71,10 +71,15 @@ class FacesConfig(_Checked):
     mode: Literal["detect", "whole"] = "detect"
     # MediaPipe models, merged by NMS; auto: short-range, plus full-range unless the photo is a close-up
     detector: Literal["short", "full", "both", "auto"] = "auto"
+    # small faces in large photos (short side >= 600 px), which the MediaPipe models cannot see: mtcnn
+    # (the MTCNN cascade on the whole image, faces from about 24 px), pyramid (MediaPipe's full-range model
+    # on a grid of tiles) or off; measured in docs/action-units.md, "Faces in group photos"
+    small_faces: Literal["mtcnn", "pyramid", "off"] = "mtcnn"
     min_score: float = _num(0.5, ge=0.0, le=1.0)  # detections below this are not faces
     min_face_px: int = _num(32, ge=0)  # smaller faces are kept but flagged too_small
-    # a detection on which the face mesh finds no face is kept (flagged mesh_failed) only when the
-    # detector is at least this sure; weaker ones are false positives (helmets, patterns, borders)
+    # a detection on which the face mesh finds no face is kept (flagged mesh_failed) only when MediaPipe's
+    # detector is at least this sure; weaker ones are false positives (helmets, patterns, borders), and so
+    # is every unmeshed face of the MTCNN small-face search
     min_score_unmeshed: float = _num(0.8, ge=0.0, le=1.0)
     # when no face is found, search again with this margin (fraction of the long side) added around the
     # image: faces filling a tightly cropped photo are otherwise missed; 0 turns it off

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from conftest import yaw_turned
 
 from cem.fer.aus import AU_DEFINITIONS, intensity_from_score
@@ -398,3 +399,68 @@ def test_au04_nuisance_fit_recovers_the_brow_drop_that_comes_with_raised_cheeks(
     raw = np.array([au_scores(measurement_z(m, ref), ref, replace(cal, nuisance={}))["AU04"] for m in faces])
     assert np.ptp(raw) > 0.5 and np.ptp(scores) < 0.01 * np.ptp(raw)  # the smile's brow drop is removed
     assert "AU04" in load_calibration().nuisance  # and the packaged calibration carries that share
+
+
+def test_mtcnn_finds_the_astronaut_where_mediapipe_does(astronaut):
+    """The MTCNN cascade (the small-face detector) on a plain photo: one face, its box on MediaPipe's, and
+    its eye landmarks on MediaPipe's eye keypoints (the subject's right eye, on the image left, first)."""
+    from cem.fer.detect import FaceDetector, box_iou
+    from cem.fer.mtcnn import MTCNN
+
+    boxes, scores, points = MTCNN().detect(astronaut)
+    det = FaceDetector("short", small_faces="off")
+    try:
+        (mp,) = det.detect(astronaut)
+    finally:
+        det.close()
+    assert len(boxes) == 1 and scores[0] > 0.9
+    x1, y1, x2, y2 = boxes[0]
+    assert box_iou((x1, y1, x2 - x1, y2 - y1), mp.bbox) > 0.5
+    right_eye, left_eye = mp.eyes
+    width = mp.bbox[2]
+    assert np.linalg.norm(points[0, 0] - right_eye) < 0.12 * width
+    assert np.linalg.norm(points[0, 1] - left_eye) < 0.12 * width
+    assert points[0, 0, 0] < points[0, 2, 0] < points[0, 1, 0]  # eye, nose, eye from left to right
+
+
+def test_mtcnn_finds_small_blurred_and_cut_faces_in_a_large_photo(face_crop, monkeypatch):
+    """Faces of about 40 px, two of them blurred and one a third out of the frame, in a 1200x800 photo:
+    found with small_faces="mtcnn", each box on its face; a photo under 600 px never runs MTCNN."""
+    import cv2
+
+    from cem.fer.detect import FaceDetector
+
+    canvas = np.full((800, 1200, 3), 120, np.uint8)
+    face = cv2.resize(face_crop, (96, 96), interpolation=cv2.INTER_AREA)  # the face ~40 px wide
+    soft = cv2.GaussianBlur(face, (0, 0), 1.2)
+    spots = [(200, 200, face), (600, 220, soft), (1000, 180, face), (250, 600, soft), (700, 580, face)]
+    for cx, cy, img in spots:
+        canvas[cy - 48: cy + 48, cx - 48: cx + 48] = img
+    canvas[560:656, 1200 - 64:] = face[:, :64]  # a third of the face beyond the right edge
+    det = FaceDetector("auto", small_faces="mtcnn")
+    try:
+        found = det.detect(canvas)
+        centres = [(cx, cy) for cx, cy, _ in spots] + [(1200 - 64 + 48, 608)]
+        for cx, cy in centres:
+            hits = [d for d in found if abs(d.bbox[0] + d.bbox[2] / 2 - cx) < 20
+                    and abs(d.bbox[1] + d.bbox[3] / 2 - cy) < 25 and 25 < d.bbox[2] < 70]
+            assert len(hits) == 1, (cx, cy, [d.bbox for d in found])
+        assert len(found) == len(centres)
+        assert {d.source for d in found} == {"mtcnn"}  # MediaPipe on the whole image sees none of them
+        calls: list[int] = []
+        monkeypatch.setattr(det, "_mtcnn_detect", lambda rgb: calls.append(1) or [])
+        det.detect(canvas[:599])
+        assert calls == []
+    finally:
+        det.close()
+
+
+def test_small_faces_setting_is_checked():
+    from cem.config import Config, ConfigError
+    from cem.fer.detect import FaceDetector
+
+    with pytest.raises(ValueError, match="small_faces"):
+        FaceDetector("auto", small_faces="tiles")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="small_faces"):
+        Config.load("default", faces__small_faces="tiles")
+    assert Config.load("default").faces.small_faces == "mtcnn"

@@ -49,7 +49,10 @@ DetectorModel = Literal["short", "full", "both", "auto"]
 class Detection:
     bbox: tuple[float, float, float, float]  # x, y, w, h in pixels
     score: float
-    keypoints: np.ndarray  # (6, 2) pixels: right eye, left eye, nose tip, mouth, right ear, left ear
+    # pixels, the subject's right eye (image left) first: MediaPipe (6, 2) right eye, left eye, nose tip,
+    # mouth, right ear, left ear; MTCNN (5, 2) right eye, left eye, nose tip, mouth corners (image left first)
+    keypoints: np.ndarray
+    source: str = "mediapipe"  # which detector found the face: mediapipe or mtcnn
 
     @property
     def eyes(self) -> tuple[np.ndarray, np.ndarray]:
@@ -156,6 +159,18 @@ def _cut_by_tile(box: tuple[float, float, float, float], x0: int, y0: int, tw: i
 # least this fraction of the image's short side wide (a close-up, where the full-range model, made for
 # faces a few metres away, finds nothing the short-range one missed but costs twice as much)
 CLOSEUP_FACE_FRACTION = 0.3
+# small faces in large images (short side >= SMALL_FACE_MIN_SIDE): MTCNN on the image downscaled to at most
+# MTCNN_MAX_SIDE px (its cost grows with the area), looking for faces from MTCNN_MIN_FACE px of that copy.
+# Measured on composed group scenes (docs/action-units.md, "Faces in group photos").
+SMALL_FACE_MIN_SIDE = 2 * PYRAMID_MIN_TILE
+MTCNN_MAX_SIDE = 1600
+MTCNN_MIN_FACE = 24
+# MTCNN's last-stage threshold for the small-face search (the authors' 0.7 let through patterned background;
+# every face MTCNN found on the group scenes scored >= 0.87, the false positives 0.71-0.87); its detections
+# must also carry a face mesh (cem.fer.stage), unlike MediaPipe's strong detections
+MTCNN_MIN_SCORE = 0.85
+MEDIAPIPE_SURE = 0.8  # MediaPipe detections at least this sure keep their box over an overlapping MTCNN one
+SmallFaces = Literal["mtcnn", "pyramid", "off"]
 
 
 class FaceDetector:
@@ -164,11 +179,13 @@ class FaceDetector:
     ``CLOSEUP_FACE_FRACTION``)."""
 
     def __init__(self, model: DetectorModel = "both", min_score: float = 0.5, nms_iou: float = 0.3,
-                 pad_retry: float = 0.25, pyramid: bool = True) -> None:
+                 pad_retry: float = 0.25, small_faces: SmallFaces = "mtcnn", torch_threads: int = 1) -> None:
         import mediapipe as mp
 
         if model not in ("short", "full", "both", "auto"):
             raise ValueError(f"faces.detector must be short, full, both or auto, not {model!r}")
+        if small_faces not in ("mtcnn", "pyramid", "off"):
+            raise ValueError(f"faces.small_faces must be mtcnn, pyramid or off, not {small_faces!r}")
         self.model = model
         selections = {"short": [0], "full": [1], "both": [0, 1], "auto": [0, 1]}[model]
         with quiet_native_stderr():
@@ -181,9 +198,11 @@ class FaceDetector:
                 d.process(blank)
         self.nms_iou = nms_iou
         self.pad_retry = pad_retry
-        self.pyramid = pyramid
+        self.small_faces = small_faces
+        self.torch_threads = torch_threads
         # pyramid tiles use the full-range model when configured (it is made for small, distant faces)
         self._pyramid_detectors = self._detectors[-1:]
+        self._mtcnn: Any = None  # loaded on the first large image
 
     def _detect_region(self, rgb: np.ndarray, x0: int, y0: int, w: int, h: int,
                        detectors: list[Any] | None = None) -> list[Detection]:
@@ -222,7 +241,7 @@ class FaceDetector:
             found = self._detect_region(rgb, 0, 0, w, h)
         for x0, y0, tw, th in tile_plan(h, w):
             found += self._detect_region(rgb, x0, y0, tw, th)
-        if self.pyramid:
+        if self.small_faces == "pyramid":
             for x0, y0, tw, th in pyramid_plan(h, w):
                 found += [d for d in self._detect_region(rgb, x0, y0, tw, th, self._pyramid_detectors)
                           if not _cut_by_tile(d.bbox, x0, y0, tw, th, w, h)]
@@ -239,11 +258,35 @@ class FaceDetector:
                 bx, by, bw, bh = d.bbox
                 found.append(Detection(bbox=(bx / s, by / s, bw / s, bh / s), score=d.score,
                                        keypoints=d.keypoints / s))
+        if self.small_faces == "mtcnn" and min(h, w) >= SMALL_FACE_MIN_SIDE:
+            # MediaPipe's sure detections go first: where both find a face, its box (the framing the rest of
+            # the stage was measured with) is kept; MTCNN's compete by score with MediaPipe's unsure ones,
+            # which are often a poorly placed box on a small face
+            sure = sorted((d for d in found if d.score >= MEDIAPIPE_SURE), key=lambda d: -d.score)
+            found = sure + sorted([d for d in found if d.score < MEDIAPIPE_SURE] + self._mtcnn_detect(rgb),
+                                  key=lambda d: -d.score)
+        else:
+            found = sorted(found, key=lambda d: -d.score)
         kept: list[Detection] = []
-        for d in sorted(found, key=lambda d: -d.score):
+        for d in found:
             if all(box_iou(d.bbox, k.bbox) < self.nms_iou and _inside(d.bbox, k.bbox) < 0.6 for k in kept):
                 kept.append(d)
         return sorted(kept, key=lambda d: d.bbox[0] + d.bbox[2] / 2)
+
+    def _mtcnn_detect(self, rgb: np.ndarray) -> list[Detection]:
+        """MTCNN's faces in ``rgb`` (searched on a copy of at most ``MTCNN_MAX_SIDE`` px), in ``rgb``'s pixels."""
+        from cem.fer.stage import torch_threads
+
+        if self._mtcnn is None:
+            from cem.fer.mtcnn import MTCNN
+
+            self._mtcnn = MTCNN(min_face=MTCNN_MIN_FACE, thresholds=(0.6, 0.7, MTCNN_MIN_SCORE))
+        small, s = _resize_max(rgb, MTCNN_MAX_SIDE)
+        with torch_threads(self.torch_threads):
+            boxes, scores, points = self._mtcnn.detect(np.ascontiguousarray(small))
+        return [Detection(bbox=(float(b[0] / s), float(b[1] / s), float((b[2] - b[0]) / s), float((b[3] - b[1]) / s)),
+                          score=float(sc), keypoints=p / s, source="mtcnn")
+                for b, sc, p in zip(boxes, scores, points)]
 
     def close(self) -> None:
         for d in self._detectors:

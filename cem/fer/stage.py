@@ -74,7 +74,9 @@ class FERStage:
         self.ref = load_reference()
         self.detector: Any = None  # created on first use: --faces whole never needs it
         self._make_detector = lambda: FaceDetector(config.faces.detector, config.faces.min_score,
-                                                   pad_retry=config.faces.pad_retry)
+                                                   pad_retry=config.faces.pad_retry,
+                                                   small_faces=config.faces.small_faces,
+                                                   torch_threads=config.expression.threads)
         self.mesher = FaceMesher()
         self.expression = ExpressionModel.from_pretrained(config.expression.weights, config.expression.device,
                                                           config.expression.test_time_flip)
@@ -139,8 +141,10 @@ class FERStage:
                 if len(items) >= self.config.faces.max_faces:
                     break
                 mesh = self.mesher.mesh_in_box(rgb, det.bbox, det.eyes)
-                if mesh is None and det.score < self.config.faces.min_score_unmeshed:
-                    continue  # a weak detection on which no face mesh fits: a false positive, not a face
+                if mesh is None and (det.score < self.config.faces.min_score_unmeshed or det.source == "mtcnn"):
+                    # a weak detection on which no face mesh fits is a false positive, not a face; so is any
+                    # of MTCNN's small-face search without a mesh (its scores run high on patterned background)
+                    continue
                 if mesh is not None:
                     r_eye, l_eye = eye_centers(mesh)
                 else:  # detector keypoints 0/1 are the subject's right/left eye
