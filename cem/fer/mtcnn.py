@@ -187,7 +187,7 @@ class MTCNN:
             level = cv2.resize(rgb, (sw, sh), interpolation=cv2.INTER_AREA)
             pad = self.border
             if pad:
-                level = cv2.copyMakeBorder(level, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
+                level = cv2.copyMakeBorder(level, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
             reg, prob = self.pnet(_normalise(level[None].astype(np.float32)))
             prob, reg = prob[0, 1].numpy(), reg[0].numpy()
             ys, xs = np.nonzero(prob >= self.thresholds[0])
