@@ -12,11 +12,17 @@ Protocol:
     the six), photos whose rater majority is tied excluded;
   - ``js6``: mean JS divergence (bits) between the raters' and the model's six-way distributions;
   - ``neutral_on_emotional``: share of emotion-posed photos called neutral; recall per posed emotion.
+* against the person's own neutral face (``--subject-baseline``): each photo's distribution measured with
+  ``ExpressionModel.relative_to`` against the mean of the *other* neutral photos of the same performer (the
+  two digits that start the file name), as ``cem annotate`` does for a manifest with ``subject`` and
+  ``neutral`` columns; one row per shrink value (0 = no correction; the shipped value is
+  ``cem.fer.expression.SUBJECT_SHRINK``), packaged model only.
 * FER+ valid (``cem.datasets``; faces with >= 5 emotion votes): plurality accuracy, macro-F1, KL, JS, ECE
   (``cem.eval.distribution_metrics``) of the model's calibrated distribution on the 48x48 crops.
 
-Run: ``python benchmarks/expression_tcce.py [--model FOLDER ...] [--json OUT]``; several ``--model`` folders
-are also scored as an ensemble (mean logits). Default: the packaged model. Skips without ``../shared``.
+Run: ``python benchmarks/expression_tcce.py [--model FOLDER ...] [--subject-baseline] [--json OUT]``; several
+``--model`` folders are also scored as an ensemble (mean logits). Default: the packaged model. Skips without
+``../shared``.
 """
 
 from __future__ import annotations
@@ -107,10 +113,30 @@ def score_tcce(p: np.ndarray, labels: list[str], names: list[str], posed: dict, 
     return out
 
 
+def subject_relative(names: list[str], crops: np.ndarray, posed: dict, shrink: float) -> np.ndarray:
+    """Distributions of the packaged model, each against its performer's other neutral photos."""
+    from cem.fer.expression import ExpressionModel
+
+    model = ExpressionModel.from_pretrained()
+    p = model.predict(crops)
+    performer = np.array([n[:2] for n in names])
+    neutral = np.array([posed[n] == "neutral" for n in names])
+    out = p.copy()
+    for i in range(len(names)):
+        ref = (performer == performer[i]) & neutral
+        ref[i] = False  # a neutral photo is never its own reference
+        if ref.any():
+            base = np.log(np.clip(p[ref], 1e-12, None)).mean(axis=0)
+            out[i] = model.relative_to(p[i: i + 1], base, shrink)[0]
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", action="append", default=[], help="model folder (repeat; default: packaged)")
     ap.add_argument("--no-ensemble", action="store_true")
+    ap.add_argument("--subject-baseline", action="store_true",
+                    help="also score the packaged model against each performer's own neutral photos")
     ap.add_argument("--json")
     a = ap.parse_args()
     from cem.datasets import load_ferplus, shared_data_dir
@@ -137,6 +163,14 @@ def main() -> int:
         row.update({f"ferplus_{k}": v for k, v in fer.items() if k in ("accuracy", "macro_f1", "kl", "js", "ece")})
         results[key] = row
         print(key, " ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float)), flush=True)
+    if a.subject_baseline:
+        from cem.fer.expression import SUBJECT_SHRINK, ExpressionModel
+
+        labels = ExpressionModel.from_pretrained().labels
+        for shrink in sorted({0.0, 0.25, 0.5, 0.75, 1.0, SUBJECT_SHRINK}):
+            key = f"subject_baseline[shrink={shrink}]"
+            results[key] = score_tcce(subject_relative(names, crops, posed, shrink), labels, names, posed, raters)
+            print(key, " ".join(f"{k}={v:.3f}" for k, v in results[key].items() if isinstance(v, float)), flush=True)
     emit(results, a.json)
     return 0
 

@@ -127,19 +127,20 @@ class Pipeline:
                           model=r.model_id, template=r.template_id, timings_ms=dict(timings or {}),
                           sampling=r.sampling, context_used=bool(context) and r.uses_context)
 
-    def baseline(self, images: Sequence[ImageInput], faces: str | None = None) -> Any:
-        """A subject's own neutral reference (:class:`cem.fer.aus.SubjectBaseline`) from photos of that one
-        person: their neutral photo(s), or several of their photos (the median; weaker). Raises
-        :class:`ImageLoadError` for a photo that cannot be loaded and ValueError when no face mesh fits."""
+    def baseline(self, images: Sequence[ImageInput], faces: str | None = None, neutral: bool = False) -> Any:
+        """A subject's own reference (:class:`cem.fer.aus.SubjectBaseline`) from photos of that one person:
+        their neutral photo(s) (``neutral=True``: AUs and expressions are then measured against them), or
+        several of their photos (the median; weaker, AUs only). Raises :class:`ImageLoadError` for a photo
+        that cannot be loaded and ValueError when no face mesh fits."""
         img = self.config.image
-        return self.fer.baseline([load_image(i, img.max_pixels, img.max_side) for i in images], faces)
+        return self.fer.baseline([load_image(i, img.max_pixels, img.max_side) for i in images], faces, neutral)
 
     def measure(self, image: ImageInput, faces: str | None = None, keep_pixels: bool = True,
                 baseline: Any = None, baseline_name: str | None = None) -> MeasuredImage:
         """Load and FER-measure one image. Never raises for a bad image: the result carries ``error``.
         ``keep_pixels=False`` drops the decoded image after measuring (for reasoners that do not see it).
-        ``baseline`` (from :meth:`baseline`): AUs against that subject's own neutral face; ``baseline_name``
-        says which in the record's ``provenance.baseline``."""
+        ``baseline`` (from :meth:`baseline`): AUs (and, from neutral photos, expressions) against that subject's
+        own neutral face; ``baseline_name`` says which in the record's ``provenance.baseline``."""
         name = _describe(image)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()

@@ -16,7 +16,8 @@ column named like a record field, e.g. ``track_id`` or ``faces``, can never over
 
 Subject baselines: a manifest column ``subject`` names the person in each photo; their AUs are then measured
 against that person's own resting face (:meth:`cem.pipeline.Pipeline.baseline`), built from the photos whose
-optional boolean column ``neutral`` is true, else from the median of all of that subject's photos.
+optional boolean column ``neutral`` is true, else from the median of all of that subject's photos. With
+neutral photos the expression distribution is measured against them as well (``ExpressionModel.relative_to``).
 ``provenance.baseline`` records which ("<subject>: neutral (n photos)" or "<subject>: median of n photos").
 Such photos are measured in this process (not in worker processes).
 
@@ -178,7 +179,8 @@ class Runner:
             name = (f"{subject}: neutral ({n} photo{'s' if n > 1 else ''})" if neutral
                     else f"{subject}: median of {n} photo{'s' if n > 1 else ''}")
             try:
-                self._baselines[subject] = (self.pipeline.baseline([it.path for it in use], self.faces), name)
+                self._baselines[subject] = (self.pipeline.baseline([it.path for it in use], self.faces,
+                                                                   neutral=bool(neutral)), name)
             except (ImageLoadError, ValueError) as e:
                 self._baselines[subject] = f"subject {subject!r}: no baseline ({e})"
         return self._baselines[subject]

@@ -357,6 +357,22 @@ def train_expression(
     return config
 
 
+def neutral_reference(folder: str | Path, valid: FerPlus) -> dict:
+    """The model's output on the average neutral face: mean log-probabilities over the FER+ valid faces whose
+    plurality vote is neutral, computed exactly as at inference (``ExpressionModel``: the folder's temperature
+    and test-time flip). ``ExpressionModel.relative_to`` compares a person's own neutral photos with it."""
+    from cem.eval import plurality
+    from cem.fer.expression import ExpressionModel
+
+    model = ExpressionModel.from_pretrained(folder)
+    y, keep = plurality(valid.distribution)
+    neutral = keep & (y == model.labels.index("neutral"))
+    logp = np.log(np.clip(model.predict(valid.pixels[neutral]), 1e-12, None)).mean(axis=0)
+    return {"log_probs": [round(float(v), 6) for v in logp], "faces": int(neutral.sum()),
+            "source": "mean log-probability over the FER+ valid faces whose plurality vote is neutral (ties "
+                      "excluded), at the model's temperature and test-time flip setting"}
+
+
 def calibrate(out_dir: str | Path, valid: FerPlus) -> dict:
     """Refit the temperature of a trained model folder on ``valid`` and update its config.json."""
     from safetensors.torch import load_file
@@ -372,6 +388,8 @@ def calibrate(out_dir: str | Path, valid: FerPlus) -> dict:
     t = fit_temperature(logits[keep], targets[keep])
     config.update(temperature=t, valid_metrics=distribution_metrics(valid.distribution, softmax(logits, t)),
                   calibration="temperature scaling on the plurality label of FER+ valid (ties excluded)")
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    config["neutral_reference"] = neutral_reference(out, valid)  # at the temperature just fitted
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return config
 
@@ -398,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="share of the faces blended with another face of the batch (0 = off)")
     p.add_argument("--no-bf16", action="store_true", help="train in float32")
     p.add_argument("--calibrate-only", action="store_true",
-                   help="refit the temperature of the finished run in --out on valid, and rewrite its config")
+                   help="refit the temperature (and the neutral reference) of the finished run in --out on valid, "
+                        "and rewrite its config")
     a = p.parse_args(argv)
     try:
         if a.calibrate_only:

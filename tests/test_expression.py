@@ -102,3 +102,26 @@ def test_fitted_temperature_recovers_a_known_one():
     logits = rng.normal(0, 3, (4000, 8))
     p_true = softmax(logits, 2.0)
     assert fit_temperature(logits, p_true) == pytest.approx(2.0, rel=0.02)
+
+
+def test_relative_to_divides_out_the_subjects_neutral_offset():
+    """ExpressionModel.relative_to: a subject whose neutral face looks like the average neutral face is left
+    alone; an offset (a resting face read as sad) is divided out by the shrink; rows stay distributions;
+    a model without a neutral reference says how to get one."""
+    from cem.fer.expression import ExpressionModel
+
+    ref = np.log(np.array([0.7, 0.1, 0.1, 0.1]))
+    model = ExpressionModel(None, ["neutral", "happiness", "sadness", "anger"], 1.0, "cpu", neutral_reference=ref)
+    p = np.array([[0.4, 0.1, 0.4, 0.1], [0.25, 0.25, 0.25, 0.25]])
+    np.testing.assert_allclose(model.relative_to(p, ref), p)
+    np.testing.assert_allclose(model.relative_to(p, ref + 3.0), p)  # a constant shift is no offset
+    sad_face = ref + np.array([0.0, 0.0, np.log(4.0), 0.0])  # their resting face: 4x the average sadness
+    full = model.relative_to(p, sad_face, shrink=1.0)
+    expect = p * np.array([1, 1, 0.25, 1])
+    np.testing.assert_allclose(full, expect / expect.sum(axis=1, keepdims=True))
+    half = model.relative_to(p, sad_face, shrink=0.5)
+    assert full[0, 2] < half[0, 2] < p[0, 2] and np.allclose(half.sum(axis=1), 1)
+    np.testing.assert_allclose(model.relative_to(p, sad_face, shrink=0.0), p)
+    bare = ExpressionModel(None, model.labels, 1.0, "cpu")
+    with pytest.raises(ValueError, match="neutral_reference"):
+        bare.relative_to(p, sad_face)

@@ -220,12 +220,33 @@ def test_subject_baseline_measures_against_the_persons_own_face(pipeline, astron
     same = fer.measure(astronaut, baseline=own)[0].aus
     assert not any(a.present for a in same.values())
     assert same["AU12"].intensity < smiling["AU12"].intensity
+    assert own.expression_log_probs is None  # not declared neutral: expressions stay against the average face
+    assert fer.measure(astronaut, baseline=own)[0].expression == fer.measure(astronaut)[0].expression
     try:
         fer.baseline([data.coffee()])
     except ValueError as e:
         assert "baseline" in str(e) and "1 baseline image" in str(e)
     else:
         raise AssertionError("a baseline without any face was accepted")
+
+
+def test_expression_against_the_persons_own_neutral_photo(pipeline, astronaut):
+    """A baseline from photos declared neutral also re-measures the expression: the smiling astronaut as
+    her own "neutral" photo leaves half of her smile's offset from the average neutral face, exactly
+    p' ∝ p * exp(-0.5 * (log p - reference)) = sqrt(p) * exp(0.5 * reference)."""
+    from cem.fer.expression import SUBJECT_SHRINK
+
+    fer = pipeline.fer
+    model = fer.expression
+    plain = fer.measure(astronaut)[0].expression
+    own = fer.baseline([astronaut], neutral=True)
+    labels = model.labels
+    np.testing.assert_allclose(own.expression_log_probs, np.log([plain[k] for k in labels]), rtol=1e-9)
+    rel = fer.measure(astronaut, baseline=own)[0].expression
+    p = np.array([plain[k] for k in labels])
+    expect = p ** (1 - SUBJECT_SHRINK) * np.exp(SUBJECT_SHRINK * model.neutral_reference)
+    np.testing.assert_allclose([rel[k] for k in labels], expect / expect.sum(), rtol=1e-6, atol=1e-12)
+    assert rel["happiness"] < plain["happiness"] - 0.05 and abs(sum(rel.values()) - 1) < 1e-9
 
 
 def test_au_presence_is_intensity_one_and_order_is_kept():

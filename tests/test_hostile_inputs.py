@@ -683,6 +683,11 @@ def test_subject_column_measures_aus_against_that_subjects_baseline(pipeline, as
     average = recs["c.png"]["faces"][0]["aus"]["AU12"]["intensity"]
     own = recs["a2.png"]["faces"][0]["aus"]["AU12"]["intensity"]
     assert average > 1.0 and own < average / 2
+    # A's expression is measured against her neutral photo too (a smiling "neutral" face: happiness falls);
+    # B's median of unlabelled photos is no neutral face, so B's expression is the average-face one
+    happy = {k: r["faces"][0]["expression"]["happiness"] for k, r in recs.items()}
+    assert happy["a2.png"] < happy["c.png"] - 0.05
+    assert happy["b1.png"] == pytest.approx(happy["c.png"], abs=1e-9)
     assert recs["a2.png"]["meta"] == {"subject": "A", "neutral": ""}
     (tmp_path / "bad.csv").write_text("image,subject,neutral\na1.png,A,maybe\n")
     _run(pipeline, [tmp_path / "bad.csv"], tmp_path / "bad.jsonl", faces=None)

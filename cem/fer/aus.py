@@ -195,7 +195,8 @@ def load_calibration(path: str | None = None) -> Calibration:
 
 @dataclass(frozen=True)
 class SubjectBaseline:
-    """A person's own resting face: the median AU base measurements over their reference photos.
+    """A person's own resting face: the median AU base measurements over their reference photos and, when
+    those are neutral photos, the expression model's mean output on them.
 
     With a baseline, AU z-scores measure change from *this person's* neutral face instead of from the
     average neutral face, so a naturally low brow or thin lips no longer read as AU activity. Build it
@@ -206,6 +207,9 @@ class SubjectBaseline:
 
     measurements: np.ndarray  # (M,) in the order of Reference.measure_names
     faces: int  # how many faces the median is over
+    # mean log-probabilities of the expression model over the subject's *neutral* photos (its label order);
+    # None for a median over unlabelled photos, which is no neutral reference for expressions
+    expression_log_probs: np.ndarray | None = None
 
     @classmethod
     def from_meshes(cls, meshes: Sequence[np.ndarray], ref: Reference) -> SubjectBaseline:

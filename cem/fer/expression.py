@@ -10,6 +10,10 @@ import numpy as np
 
 CROP_SIZE = 48
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "expression"
+# how much of a subject's own neutral-face offset is taken out of their expression distributions (0: none,
+# 1: all). A baseline from one to three photos is itself a noisy estimate, so it is shrunk halfway; measured
+# on tcce_dev for 0 to 1 in the model card ("Against the person's own neutral face").
+SUBJECT_SHRINK = 0.5
 
 
 def standardize(crops: np.ndarray) -> np.ndarray:
@@ -34,12 +38,15 @@ class ExpressionModel:
     """
 
     def __init__(self, model: Any, labels: list[str], temperature: float, device: str,
-                 test_time_flip: bool = False) -> None:
+                 test_time_flip: bool = False, neutral_reference: np.ndarray | None = None) -> None:
         self.model = model
         self.labels = labels
         self.temperature = temperature
         self.device = device
         self.test_time_flip = test_time_flip
+        # mean log-probabilities the model gives the average neutral face (config.json "neutral_reference"):
+        # what a subject's own neutral photos are compared with in relative_to
+        self.neutral_reference = neutral_reference
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str = "cpu",
@@ -64,7 +71,28 @@ class ExpressionModel:
         # its fastest CPU kernels (the same outputs up to float rounding, in about two thirds of the time)
         net = fuse_conv_bn(net.eval()).to(device).to(memory_format=torch.channels_last)
         flip = bool(cfg.get("test_time_flip", False)) if test_time_flip is None else test_time_flip
-        return cls(net, list(cfg["labels"]), float(cfg.get("temperature", 1.0)), device, flip)
+        ref = cfg.get("neutral_reference", {}).get("log_probs")
+        return cls(net, list(cfg["labels"]), float(cfg.get("temperature", 1.0)), device, flip,
+                   None if ref is None else np.asarray(ref, dtype=np.float64))
+
+    def relative_to(self, probs: np.ndarray, subject_neutral: np.ndarray,
+                    shrink: float = SUBJECT_SHRINK) -> np.ndarray:
+        """Expression distributions (N, K) of one person measured against that person's own neutral face.
+
+        ``subject_neutral``: the mean log-probabilities of their neutral photo(s), in this model's label order.
+        What their resting face shows beyond the average neutral face (``neutral_reference``: a low brow read
+        as anger, a mouth read as sadness) is a trait of the face, not an expression: ``shrink`` of that
+        offset is divided out, ``p' ∝ p * exp(-shrink * (subject_neutral - neutral_reference))``. Rows stay
+        distributions; a model folder without a neutral reference is an error."""
+        if self.neutral_reference is None:
+            raise ValueError("this expression model's config.json has no neutral_reference, so expressions cannot "
+                             "be measured against a person's own neutral face (python -m cem.training "
+                             "--calibrate-only adds it)")
+        offset = np.asarray(subject_neutral, dtype=np.float64) - self.neutral_reference
+        logp = np.log(np.clip(probs, 1e-12, None)) - shrink * offset
+        logp -= logp.max(axis=1, keepdims=True)
+        p = np.exp(logp)
+        return p / p.sum(axis=1, keepdims=True)
 
     def predict(self, crops: np.ndarray) -> np.ndarray:
         """(N, 48, 48) uint8 grayscale crops -> (N, K) probabilities (rows sum to 1)."""

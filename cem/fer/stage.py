@@ -10,6 +10,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -92,26 +93,42 @@ class FERStage:
     def labels(self) -> list[str]:
         return list(self.config.labels)
 
-    def baseline(self, images: Sequence[np.ndarray], faces: str | None = None) -> SubjectBaseline:
-        """A subject's own neutral reference from RGB photos of that one person: their neutral photo(s)
-        (best) or several of their photos (the median; weaker). The largest face of each image counts;
-        images where no face mesh fits are skipped, and none fitting at all is an error."""
-        meshes = []
+    def baseline(self, images: Sequence[np.ndarray], faces: str | None = None,
+                 neutral: bool = False) -> SubjectBaseline:
+        """A subject's own reference from RGB photos of that one person: their neutral photo(s) (best;
+        ``neutral=True``) or several of their photos (the median; weaker). The largest face of each image
+        counts; images where no face mesh fits are skipped, and none fitting at all is an error.
+
+        AUs are then measured against it. With ``neutral=True`` the expression distribution is too
+        (:meth:`ExpressionModel.relative_to`), provided the model has a neutral reference and every one of its
+        labels is among the configured labels; a median of unlabelled photos is no neutral face, so it
+        leaves expressions alone."""
+        meshes, log_probs = [], []
+        model_labels = self.expression.labels
+        relative = (neutral and self.expression.neutral_reference is not None
+                    and set(model_labels) <= set(self.labels))
         for rgb in images:
             found = [f for f in self.measure(rgb, faces) if f.landmarks is not None]
             if found:
-                meshes.append(max(found, key=lambda f: f.bbox[2] * f.bbox[3]).landmarks)
+                face = max(found, key=lambda f: f.bbox[2] * f.bbox[3])
+                meshes.append(face.landmarks)
+                if relative:
+                    log_probs.append(np.log(np.clip([face.expression[k] for k in model_labels], 1e-12, None)))
         if not meshes:
             raise ValueError(f"no face mesh fits in any of the {len(images)} baseline image(s) of the subject")
-        return SubjectBaseline.from_meshes(meshes, self.ref)
+        base = SubjectBaseline.from_meshes(meshes, self.ref)
+        if relative:
+            base = replace(base, expression_log_probs=np.mean(log_probs, axis=0))
+        return base
 
     def measure(self, rgb: np.ndarray, faces: str | None = None,
                 boxes: list[tuple[tuple[float, float, float, float], float]] | None = None,
                 baseline: SubjectBaseline | None = None) -> list[FaceEvidence]:
         """Faces of one RGB image. ``boxes`` ((x, y, w, h), score) skips detection and meshes those boxes
         (video tracking); a box on which no mesh fits is dropped, since the tracker will re-detect.
-        ``baseline`` (from :meth:`baseline`): AUs are measured against that person's own neutral face
-        (use it for images of one subject: every face of the image is measured against it)."""
+        ``baseline`` (from :meth:`baseline`): AUs, and expressions where it was built from neutral photos, are
+        measured against that person's own neutral face (use it for images of one subject: every face of the
+        image is measured against it)."""
         import cv2
 
         mode = faces or self.config.faces.mode
@@ -155,6 +172,8 @@ class FERStage:
         if items:
             with torch_threads(self.config.expression.threads):
                 probs = self.expression.predict(np.stack([c for *_, c in items]))
+            if baseline is not None and baseline.expression_log_probs is not None:
+                probs = self.expression.relative_to(probs, baseline.expression_log_probs)
         else:
             probs = np.zeros((0, 0))
         t2 = time.perf_counter()
