@@ -242,7 +242,8 @@ class Provenance:
     context_used: bool = False  # whether the reasoner was given (and can use) a text context
     # the Ray engine: the id of the Ray node that ran the FER stage for this image
     node: str | None = Field(default=None, exclude_if=_omit_none)
-    # AUs measured against a subject's baseline: "<subject>: neutral (n photos)" or "<subject>: median (n photos)"
+    # AUs (and, from neutral photos, expressions) measured against a subject's baseline:
+    # "<subject>: neutral (n photos)" or "<subject>: median of n photos"
     baseline: str | None = Field(default=None, exclude_if=_omit_none)
 
     def to_dict(self) -> dict[str, Any]:
