@@ -113,12 +113,10 @@ def score_tcce(p: np.ndarray, labels: list[str], names: list[str], posed: dict, 
     return out
 
 
-def subject_relative(names: list[str], crops: np.ndarray, posed: dict, shrink: float) -> np.ndarray:
-    """Distributions of the packaged model, each against its performer's other neutral photos."""
-    from cem.fer.expression import ExpressionModel
+def subject_relative(model, p: np.ndarray, names: list[str], posed: dict, shrink: float) -> np.ndarray:
+    """``p`` (the packaged ``model``'s distributions), each against its performer's other neutral photos."""
+    from cem.fer.expression import mean_log_probs
 
-    model = ExpressionModel.from_pretrained()
-    p = model.predict(crops)
     performer = np.array([n[:2] for n in names])
     neutral = np.array([posed[n] == "neutral" for n in names])
     out = p.copy()
@@ -126,8 +124,7 @@ def subject_relative(names: list[str], crops: np.ndarray, posed: dict, shrink: f
         ref = (performer == performer[i]) & neutral
         ref[i] = False  # a neutral photo is never its own reference
         if ref.any():
-            base = np.log(np.clip(p[ref], 1e-12, None)).mean(axis=0)
-            out[i] = model.relative_to(p[i: i + 1], base, shrink)[0]
+            out[i] = model.relative_to(p[i: i + 1], mean_log_probs(p[ref]), shrink)[0]
     return out
 
 
@@ -166,10 +163,12 @@ def main() -> int:
     if a.subject_baseline:
         from cem.fer.expression import SUBJECT_SHRINK, ExpressionModel
 
-        labels = ExpressionModel.from_pretrained().labels
+        model = ExpressionModel.from_pretrained()
+        p = model.predict(crops)  # once; each shrink value only re-weights these
         for shrink in sorted({0.0, 0.25, 0.5, 0.75, 1.0, SUBJECT_SHRINK}):
             key = f"subject_baseline[shrink={shrink}]"
-            results[key] = score_tcce(subject_relative(names, crops, posed, shrink), labels, names, posed, raters)
+            results[key] = score_tcce(subject_relative(model, p, names, posed, shrink), model.labels, names, posed,
+                                      raters)
             print(key, " ".join(f"{k}={v:.3f}" for k, v in results[key].items() if isinstance(v, float)), flush=True)
     emit(results, a.json)
     return 0

@@ -362,12 +362,12 @@ def neutral_reference(folder: str | Path, valid: FerPlus) -> dict:
     plurality vote is neutral, computed exactly as at inference (``ExpressionModel``: the folder's temperature
     and test-time flip). ``ExpressionModel.relative_to`` compares a person's own neutral photos with it."""
     from cem.eval import plurality
-    from cem.fer.expression import ExpressionModel
+    from cem.fer.expression import ExpressionModel, mean_log_probs
 
     model = ExpressionModel.from_pretrained(folder)
     y, keep = plurality(valid.distribution)
     neutral = keep & (y == model.labels.index("neutral"))
-    logp = np.log(np.clip(model.predict(valid.pixels[neutral]), 1e-12, None)).mean(axis=0)
+    logp = mean_log_probs(model.predict(valid.pixels[neutral]))
     return {"log_probs": [round(float(v), 6) for v in logp], "faces": int(neutral.sum()),
             "source": "mean log-probability over the FER+ valid faces whose plurality vote is neutral (ties "
                       "excluded), at the model's temperature and test-time flip setting"}

@@ -28,6 +28,12 @@ def standardize(crops: np.ndarray) -> np.ndarray:
     return (x - mean) / std
 
 
+def mean_log_probs(probs: np.ndarray | list[list[float]]) -> np.ndarray:
+    """(N, K) distributions -> (K,) mean log-probability: the form in which a person's neutral photos and the
+    average neutral face (``neutral_reference``) are compared by :meth:`ExpressionModel.relative_to`."""
+    return np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-12, None)).mean(axis=0)
+
+
 class ExpressionModel:
     """The FER+-trained expression CNN: aligned 48x48 grayscale crops -> calibrated label distribution.
 
@@ -79,7 +85,7 @@ class ExpressionModel:
                     shrink: float = SUBJECT_SHRINK) -> np.ndarray:
         """Expression distributions (N, K) of one person measured against that person's own neutral face.
 
-        ``subject_neutral``: the mean log-probabilities of their neutral photo(s), in this model's label order.
+        ``subject_neutral``: :func:`mean_log_probs` of their neutral photo(s), in this model's label order.
         What their resting face shows beyond the average neutral face (``neutral_reference``: a low brow read
         as anger, a mouth read as sadness) is a trait of the face, not an expression: ``shrink`` of that
         offset is divided out, ``p' ∝ p * exp(-shrink * (subject_neutral - neutral_reference))``. Rows stay

@@ -18,7 +18,7 @@ import numpy as np
 from cem.config import Config
 from cem.contract import FaceEvidence, Pose
 from cem.fer.aus import SubjectBaseline, estimate_aus
-from cem.fer.expression import CROP_SIZE, ExpressionModel
+from cem.fer.expression import CROP_SIZE, ExpressionModel, mean_log_probs
 from cem.fer.geometry import aligned_crop, eye_centers, frontalize, load_reference, pose_from_rotation
 from cem.fer.quality import assess
 
@@ -103,7 +103,7 @@ class FERStage:
         (:meth:`ExpressionModel.relative_to`), provided the model has a neutral reference and every one of its
         labels is among the configured labels; a median of unlabelled photos is no neutral face, so it
         leaves expressions alone."""
-        meshes, log_probs = [], []
+        meshes, neutral_probs = [], []
         model_labels = self.expression.labels
         relative = (neutral and self.expression.neutral_reference is not None
                     and set(model_labels) <= set(self.labels))
@@ -113,12 +113,12 @@ class FERStage:
                 face = max(found, key=lambda f: f.bbox[2] * f.bbox[3])
                 meshes.append(face.landmarks)
                 if relative:
-                    log_probs.append(np.log(np.clip([face.expression[k] for k in model_labels], 1e-12, None)))
+                    neutral_probs.append([face.expression[k] for k in model_labels])
         if not meshes:
             raise ValueError(f"no face mesh fits in any of the {len(images)} baseline image(s) of the subject")
         base = SubjectBaseline.from_meshes(meshes, self.ref)
         if relative:
-            base = replace(base, expression_log_probs=np.mean(log_probs, axis=0))
+            base = replace(base, expression_log_probs=mean_log_probs(neutral_probs))
         return base
 
     def measure(self, rgb: np.ndarray, faces: str | None = None,
