@@ -32,7 +32,7 @@ import numpy as np
 
 from cem.datasets import FERPLUS_LABELS, FerPlus, load_ferplus
 from cem.eval import distribution_metrics
-from cem.fer.expression import CROP_SIZE, standardize
+from cem.fer.expression import CROP_SIZE, ExpressionModel, mirror_logits, standardize
 
 
 @dataclass
@@ -187,8 +187,7 @@ def predict_logits(model, pixels: np.ndarray, batch_size: int = 512, bf16: bool 
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for i in range(0, len(pixels), batch_size):
             x = torch.from_numpy(standardize(pixels[i : i + batch_size]))[:, None].to(device)
-            logits = sum(((m(x).float() + m(x.flip(-1)).float()) / 2 if flip else m(x).float()) for m in models
-                         ) / len(models)
+            logits = sum(mirror_logits(m, x, flip).float() for m in models) / len(models)
             out.append(logits.float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, len(FERPLUS_LABELS)), np.float32)
 
@@ -357,14 +356,13 @@ def train_expression(
     return config
 
 
-def neutral_reference(folder: str | Path, valid: FerPlus) -> dict:
+def neutral_reference(model: ExpressionModel, valid: FerPlus) -> dict:
     """The model's output on the average neutral face: mean log-probabilities over the FER+ valid faces whose
-    plurality vote is neutral, computed exactly as at inference (``ExpressionModel``: the folder's temperature
-    and test-time flip). ``ExpressionModel.relative_to`` compares a person's own neutral photos with it."""
+    plurality vote is neutral, computed exactly as at inference (``model``: its temperature and test-time
+    flip). ``ExpressionModel.relative_to`` compares a person's own neutral photos with it."""
     from cem.eval import plurality
-    from cem.fer.expression import ExpressionModel, mean_log_probs
+    from cem.fer.expression import mean_log_probs
 
-    model = ExpressionModel.from_pretrained(folder)
     y, keep = plurality(valid.distribution)
     neutral = keep & (y == model.labels.index("neutral"))
     logp = mean_log_probs(model.predict(valid.pixels[neutral]))
@@ -374,22 +372,21 @@ def neutral_reference(folder: str | Path, valid: FerPlus) -> dict:
 
 
 def calibrate(out_dir: str | Path, valid: FerPlus) -> dict:
-    """Refit the temperature of a trained model folder on ``valid`` and update its config.json."""
-    from safetensors.torch import load_file
-
-    from cem.fer.expression_net import ExpressionNet
+    """Refit the temperature of a trained model folder on ``valid`` (on logits computed as inference computes
+    them: with the mirror pass only where its config.json sets ``test_time_flip``), add the neutral
+    reference at that temperature, and update its config.json."""
+    from cem.fer.expression import ExpressionModel
 
     out = Path(out_dir)
     config = json.loads((out / "config.json").read_text())
-    model = ExpressionNet(len(config["labels"]), int(config["width"]), float(config.get("dropout", 0.0)))
-    model.load_state_dict(load_file(str(out / "model.safetensors")))
-    logits = predict_logits(model, valid.pixels)
+    model = ExpressionModel.from_pretrained(out)
+    logits = predict_logits(model.model, valid.pixels, flip=model.test_time_flip)
     targets, keep = plurality_targets(valid.distribution)
     t = fit_temperature(logits[keep], targets[keep])
+    model.temperature = t
     config.update(temperature=t, valid_metrics=distribution_metrics(valid.distribution, softmax(logits, t)),
-                  calibration="temperature scaling on the plurality label of FER+ valid (ties excluded)")
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    config["neutral_reference"] = neutral_reference(out, valid)  # at the temperature just fitted
+                  calibration="temperature scaling on the plurality label of FER+ valid (ties excluded)",
+                  neutral_reference=neutral_reference(model, valid))
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return config
 

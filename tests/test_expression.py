@@ -95,6 +95,49 @@ def test_training_command_runs_one_tiny_step(tmp_path):
     assert m.predict(data.pixels[:2]).shape == (2, 8)
 
 
+def test_calibrate_fits_the_temperature_on_the_logits_inference_uses(tmp_path, monkeypatch):
+    """``--calibrate-only``: the temperature is fitted on one-pass logits where the folder's config turns the
+    mirror pass off (as inference then computes them), and the neutral reference is the loaded model's mean
+    log-probability at that temperature over the neutral-plurality faces."""
+    import json
+
+    from cem import training
+    from cem.eval import plurality
+    from cem.fer.expression import mean_log_probs
+    from cem.training import calibrate, fit_temperature, plurality_targets, predict_logits
+
+    # faces lit from the left are voted mostly neutral, from the right mostly happy: the mirror image swaps
+    # the two, so one-pass and mirror-averaged logits (and their temperatures) differ
+    rng = np.random.default_rng(1)
+    n = 64
+    left = np.arange(n) % 2 == 0
+    ramp = np.linspace(40, 220, 48)
+    pixels = np.where(left[:, None, None], ramp[::-1], ramp) + rng.normal(0, 20, (n, 48, 48))
+    votes = np.zeros((n, 8), np.int64)
+    votes[left, 0], votes[left, 1], votes[~left, 0], votes[~left, 1] = 8, 2, 2, 8
+    data = FerPlus(pixels=np.clip(pixels, 0, 255).astype(np.uint8), votes=votes,
+                   names=np.array([f"{i}.png" for i in range(n)]))
+    # trained without augmentation (whose random flips would teach it the mirror symmetry) to tell them apart
+    monkeypatch.setattr(training, "_augment", lambda x, gen, strength="robust": x)
+    training.train_expression(data, None, tmp_path, training.TrainConfig(
+        epochs=6, batch_size=16, width=4, threads=1, bf16=False), log=lambda *_: None)
+    cfg_path = tmp_path / "config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "test_time_flip": False}))
+    net = ExpressionModel.from_pretrained(tmp_path).model
+    flipped = predict_logits(net, data.pixels, flip=True)
+    out = calibrate(tmp_path, data)
+    m = ExpressionModel.from_pretrained(tmp_path)
+    one_pass = predict_logits(m.model, data.pixels, flip=False)
+    targets, keep = plurality_targets(data.distribution)
+    assert out["temperature"] == pytest.approx(fit_temperature(one_pass[keep], targets[keep]))
+    assert abs(out["temperature"] - fit_temperature(flipped[keep], targets[keep])) > 0.05 * out["temperature"]
+    assert m.temperature == out["temperature"] and not m.test_time_flip
+    y, untied = plurality(data.distribution)
+    neutral = untied & (y == 0)
+    assert neutral.sum() > 5
+    np.testing.assert_allclose(m.neutral_reference, mean_log_probs(m.predict(data.pixels[neutral])), atol=1e-5)
+
+
 def test_fitted_temperature_recovers_a_known_one():
     from cem.training import fit_temperature, softmax
 

@@ -485,3 +485,32 @@ def test_small_faces_setting_is_checked():
     with pytest.raises(ConfigError, match="small_faces"):
         Config.load("default", faces__small_faces="tiles")
     assert Config.load("default").faces.small_faces == "mtcnn"
+
+
+def test_unmeshed_mtcnn_faces_need_a_high_score(monkeypatch):
+    """A small-face detection on which no face mesh fits (a blank patch here, so the real mesher fails) is
+    kept only when MTCNN is very sure (a profile or a face cut by the frame), flagged ``mesh_failed`` with
+    no AUs; a less sure one is dropped as MTCNN's usual false positive on patterned background. MediaPipe's
+    unmeshed detections keep their own bar (faces.min_score_unmeshed)."""
+    from cem.config import Config
+    from cem.fer.detect import MTCNN_MIN_SCORE_UNMESHED, Detection
+    from cem.fer.stage import FERStage
+
+    canvas = np.full((800, 1200, 3), 128, np.uint8)
+    eyes = np.array([[520.0, 380.0], [560.0, 380.0], [540, 400], [525, 420], [555, 420]])
+
+    def det(score: float, source: str, x: float) -> Detection:
+        return Detection(bbox=(x, 350.0, 80.0, 90.0), score=score, keypoints=eyes + [x - 500, 0], source=source)
+
+    stage = FERStage(Config.load("default"))
+    try:
+        stage.detector = stage._make_detector()
+        found = [det(MTCNN_MIN_SCORE_UNMESHED + 0.001, "mtcnn", 100.0), det(0.95, "mtcnn", 500.0),
+                 det(0.85, "mediapipe", 900.0)]
+        monkeypatch.setattr(stage.detector, "detect", lambda rgb: found)
+        faces = stage.measure(canvas)
+    finally:
+        stage.close()
+    assert [f.bbox[0] for f in faces] == [100.0, 900.0]  # the unsure MTCNN face is gone
+    assert all(f.quality.mesh_failed and f.aus == {} and f.landmarks is None for f in faces)
+    assert all(abs(sum(f.expression.values()) - 1) < 1e-6 for f in faces)

@@ -166,9 +166,12 @@ SMALL_FACE_MIN_SIDE = 2 * PYRAMID_MIN_TILE
 MTCNN_MAX_SIDE = 1600
 MTCNN_MIN_FACE = 24
 # MTCNN's last-stage threshold for the small-face search (the authors' 0.7 let through patterned background;
-# every face MTCNN found on the group scenes scored >= 0.87, the false positives 0.71-0.87); its detections
-# must also carry a face mesh (cem.fer.stage), unlike MediaPipe's strong detections
+# every face MTCNN found on the group scenes scored >= 0.87, the false positives 0.71-0.87)
 MTCNN_MIN_SCORE = 0.85
+# an MTCNN face on which no face mesh fits is kept only from this score (cem.fer.stage; MediaPipe's need
+# faces.min_score_unmeshed): the faces it recovers are profiles and faces cut by the frame, where the mesh
+# fails; on the group scenes this found 2 + 4 more faces of seeds 0 and 1 with no new false positive
+MTCNN_MIN_SCORE_UNMESHED = 0.99
 MEDIAPIPE_SURE = 0.8  # MediaPipe detections at least this sure keep their box over an overlapping MTCNN one
 SmallFaces = Literal["mtcnn", "pyramid", "off"]
 
@@ -275,7 +278,7 @@ class FaceDetector:
 
     def _mtcnn_detect(self, rgb: np.ndarray) -> list[Detection]:
         """MTCNN's faces in ``rgb`` (searched on a copy of at most ``MTCNN_MAX_SIDE`` px), in ``rgb``'s pixels."""
-        from cem.fer.stage import torch_threads
+        from cem.fer.threads import torch_threads
 
         if self._mtcnn is None:
             from cem.fer.mtcnn import MTCNN

@@ -28,6 +28,20 @@ def standardize(crops: np.ndarray) -> np.ndarray:
     return (x - mean) / std
 
 
+def mirror_logits(net: Any, x: Any, flip: bool, channels_last: bool = False) -> Any:
+    """Logits of a (N, 1, 48, 48) tensor of standardised crops; ``flip``: averaged with those of the mirror
+    images (one forward pass over both). The one implementation of the test-time flip, for inference
+    (:meth:`ExpressionModel.predict`) and for training's evaluation (:func:`cem.training.predict_logits`).
+    ``channels_last``: the batch in the memory format of a network converted to it (oneDNN's fast kernels)."""
+    import torch
+
+    batch = torch.cat([x, x.flip(-1)]) if flip else x
+    if channels_last:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    out = net(batch)
+    return (out[: len(x)] + out[len(x):]) / 2 if flip else out
+
+
 def mean_log_probs(probs: np.ndarray | list[list[float]]) -> np.ndarray:
     """(N, K) distributions -> (K,) mean log-probability: the form in which a person's neutral photos and the
     average neutral face (``neutral_reference``) are compared by :meth:`ExpressionModel.relative_to`."""
@@ -108,11 +122,7 @@ class ExpressionModel:
             return np.zeros((0, len(self.labels)), dtype=np.float64)
         x = torch.from_numpy(standardize(crops))[:, None].to(self.device)
         with torch.inference_mode():
-            if self.test_time_flip:
-                both = self.model(torch.cat([x, x.flip(-1)]).contiguous(memory_format=torch.channels_last))
-                logits = (both[: len(x)] + both[len(x):]).double().cpu().numpy() / 2
-            else:
-                logits = self.model(x.contiguous(memory_format=torch.channels_last)).double().cpu().numpy()
+            logits = mirror_logits(self.model, x, self.test_time_flip, channels_last=True).double().cpu().numpy()
         z = logits / self.temperature
         z -= z.max(axis=1, keepdims=True)
         p = np.exp(z)

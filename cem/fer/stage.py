@@ -6,10 +6,9 @@ image; the expression CNN sees all faces of an image in one batch.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -18,9 +17,11 @@ import numpy as np
 from cem.config import Config
 from cem.contract import FaceEvidence, Pose
 from cem.fer.aus import SubjectBaseline, estimate_aus
+from cem.fer.detect import MTCNN_MIN_SCORE_UNMESHED
 from cem.fer.expression import CROP_SIZE, ExpressionModel, mean_log_probs
 from cem.fer.geometry import aligned_crop, eye_centers, frontalize, load_reference, pose_from_rotation
 from cem.fer.quality import assess
+from cem.fer.threads import torch_threads
 
 
 def _position(cx: float, width: int) -> str:
@@ -34,30 +35,6 @@ def _box_from_mesh(tight: tuple[float, float, float, float],
     cx, cy = tight[0] + tight[2] / 2, tight[1] + tight[3] / 2
     side = 0.5 * previous[2] + 0.5 * max(tight[2], tight[3]) * 0.85
     return (cx - side / 2, cy - side / 2, side, side)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run the block with torch's intra-op thread count at ``n`` (0: unchanged), then restore it.
-
-    torch's setting is process-wide, so it is changed only around the FER stage's own inference and put
-    back at once: a reasoner that runs torch on the CPU in the same process keeps its own setting. Not
-    for use while another Python thread runs torch at the same moment.
-    """
-    if n <= 0:
-        yield
-        return
-    import torch
-
-    previous = torch.get_num_threads()
-    if previous == n:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 class FERStage:
@@ -158,9 +135,11 @@ class FERStage:
                 if len(items) >= self.config.faces.max_faces:
                     break
                 mesh = self.mesher.mesh_in_box(rgb, det.bbox, det.eyes)
-                if mesh is None and (det.score < self.config.faces.min_score_unmeshed or det.source == "mtcnn"):
-                    # a weak detection on which no face mesh fits is a false positive, not a face; so is any
-                    # of MTCNN's small-face search without a mesh (its scores run high on patterned background)
+                # a weak detection on which no face mesh fits is a false positive, not a face; MTCNN's scores
+                # run higher (0.71-0.87 on patterned background), so its unmeshed faces need a higher bar
+                unmeshed_bar = (MTCNN_MIN_SCORE_UNMESHED if det.source == "mtcnn"
+                                else self.config.faces.min_score_unmeshed)
+                if mesh is None and det.score < unmeshed_bar:
                     continue
                 if mesh is not None:
                     r_eye, l_eye = eye_centers(mesh)
