@@ -84,6 +84,7 @@ class FacesConfig(_Checked):
     # when no face is found, search again with this margin (fraction of the long side) added around the
     # image: faces filling a tightly cropped photo are otherwise missed; 0 turns it off
     pad_retry: float = _num(0.25, ge=0.0, le=2.0)
+    # faces measured per image at most: the largest ones (provenance.faces_skipped counts the others)
     max_faces: int = _num(32, ge=1)
 
 
@@ -340,6 +341,10 @@ class Config:
             data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: invalid YAML ({e})") from None
+        if isinstance(data, dict) and "name" not in data:
+            # a user's file without `name:` is named after the file, so its records (provenance.config) are not
+            # mistaken for the shipped default's
+            data = {"name": p.stem, **data}
         cfg = cls.from_dict(data, source=str(p))
         cfg.apply(**overrides)
         return cfg
@@ -503,6 +508,8 @@ def _coerce(value: Any, tp: Any, where: str, meta: Any = None) -> Any:
     if tp is Any:
         return value
     if origin is Literal:
+        if value is False and "off" in typing.get_args(tp):
+            return "off"  # YAML 1.1 (PyYAML) reads a bare `off` (and no, false) as false: the setting's "off"
         if value not in typing.get_args(tp) or isinstance(value, bool):
             raise ConfigError(f"{where}: expected {_describe_type(tp)}, got {value!r}")
         return value

@@ -245,6 +245,8 @@ class Provenance:
     # AUs (and, from neutral photos, expressions) measured against a subject's baseline:
     # "<subject>: neutral (n photos)" or "<subject>: median of n photos"
     baseline: str | None = Field(default=None, exclude_if=_omit_none)
+    # faces detected beyond faces.max_faces and not measured (the largest faces are); absent when none
+    faces_skipped: PosInt | None = Field(default=None, exclude_if=_omit_none)
 
     def to_dict(self) -> dict[str, Any]:
         return _dump(Provenance, self)
@@ -600,6 +602,7 @@ _NESTED = ("image", "faces", "provenance", "meta")  # image first; the others ar
 IMAGE_COLUMNS: tuple[str, ...] = (
     "image", *_MOMENT_FIELDS, *(k for k in ImageRecord.model_fields if k not in _NESTED))
 _WHEN_PRESENT = frozenset({*_MOMENT_FIELDS, "image_bytes"})  # columns only for records that have them
+_ALWAYS_PROVENANCE = ("provenance_baseline", "provenance_faces_skipped")
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
@@ -643,6 +646,8 @@ def _image_columns(record: Mapping[str, Any]) -> dict[str, Any]:
     if "video_summary" in record:
         _flatten("video_summary", record["video_summary"], row)
     _flatten("provenance", record.get("provenance") or {}, row)
+    for k in _ALWAYS_PROVENANCE:  # optional in a record, but a column of every table, so columns stay fixed
+        row.setdefault(k, None)
     return row
 
 

@@ -71,6 +71,7 @@ class MeasuredImage:
     width: int | None = None
     height: int | None = None
     baseline: str | None = None  # which subject baseline the AUs were measured against (provenance.baseline)
+    faces_skipped: int = 0  # faces detected beyond faces.max_faces, not measured (provenance.faces_skipped)
 
 
 class Pipeline:
@@ -160,7 +161,7 @@ class Pipeline:
         timings["fer"] = (time.perf_counter() - t1) * 1000
         timings.update(self.fer.last_timings)
         return MeasuredImage(name, rgb if keep_pixels else None, evidence, timings, None, w, h,
-                             baseline_name if baseline is not None else None)
+                             baseline_name if baseline is not None else None, self.fer.last_faces_skipped)
 
     @property
     def needs_pixels(self) -> bool:
@@ -171,6 +172,7 @@ class Pipeline:
                 context: str | None) -> ImageResult:
         result = self._fuse(m, answers, reason_error, context)
         result.provenance.baseline = m.baseline
+        result.provenance.faces_skipped = m.faces_skipped or None
         return result
 
     def _fuse(self, m: MeasuredImage, answers: list | None, reason_error: str | None,

@@ -69,8 +69,9 @@ def _example_columns() -> list[str]:
                       {k: 1 / len(FERPLUS_LABELS) for k in FERPLUS_LABELS})
     face = FaceResult(ev, {k: 1 / len(FERPLUS_LABELS) for k in FERPLUS_LABELS},
                       [Cue("x", "face", "neutral", 0.5)])
-    prov = Provenance("VERSION", "default", "rules", None, None, {"load": 1.0, "fer": 1.0, "reason": 1.0,
-                                                                  "fuse": 1.0, "total": 1.0})
+    # the timings of the default config, in the order the pipeline records them
+    timings = ("load", "fer", "fer_faces", "fer_expression", "fer_geometry", "reason", "fuse", "total")
+    prov = Provenance("VERSION", "default", "rules", None, None, dict.fromkeys(timings, 1.0))
     rec = ImageResult("a.jpg", 10, 10, [face], prov, meta={"<manifest column>": "x"}).to_dict()
     return order_columns(face_rows(rec)[0])
 

@@ -53,6 +53,20 @@ def test_a_user_yaml_path_with_dots(tmp_path):
     assert Config.load(str(tmp_path / "my.run.v2")).name == "mine"  # the suffix may be left off a path
 
 
+def test_a_user_yaml_without_name_is_named_after_its_file_and_bare_off_reads_as_off(tmp_path):
+    """PyYAML reads a bare `off` as false: for a setting that has an "off" choice that is what was meant
+    (the README's own snippet); a file without `name:` is not recorded as the shipped default."""
+    p = tmp_path / "group-shots.yaml"
+    p.write_text("faces: {small_faces: off, max_faces: 4}\n")
+    cfg = Config.load(p)
+    assert cfg.faces.small_faces == "off" and cfg.faces.max_faces == 4 and cfg.name == "group-shots"
+    assert Config.load("default", faces__small_faces=False).faces.small_faces == "off"
+    with pytest.raises(ConfigError, match="small_faces"):
+        Config.load("default", faces__small_faces=True)
+    with pytest.raises(ConfigError, match="detector"):
+        Config.load("default", faces__detector=False)  # no "off" choice: false is an error, not a guess
+
+
 @pytest.mark.parametrize("name", ["default", "vllm"])
 def test_pipeline_from_config_by_name_builds(name):
     with cem.Pipeline.from_config(name) as p:

@@ -514,3 +514,30 @@ def test_unmeshed_mtcnn_faces_need_a_high_score(monkeypatch):
     assert [f.bbox[0] for f in faces] == [100.0, 900.0]  # the unsure MTCNN face is gone
     assert all(f.quality.mesh_failed and f.aus == {} and f.landmarks is None for f in faces)
     assert all(abs(sum(f.expression.values()) - 1) < 1e-6 for f in faces)
+
+
+def test_beyond_max_faces_the_largest_are_measured_and_the_rest_counted(face_crop):
+    """Three faces, the largest on the right: with faces.max_faces = 2 the two largest are measured (not the
+    two leftmost), reported left to right, and the record says one face was left out."""
+    import cv2
+
+    import cem
+
+    canvas = np.full((420, 1000, 3), 200, np.uint8)
+    for x, side in ((20, 110), (300, 170), (640, 300)):
+        canvas[60: 60 + side, x: x + side] = cv2.resize(face_crop, (side, side), interpolation=cv2.INTER_AREA)
+    pipe, capped_pipe = cem.Pipeline.from_config("default"), cem.Pipeline.from_config("default", faces__max_faces=2)
+    try:
+        full, capped = pipe.analyze(canvas), capped_pipe.analyze(canvas)
+    finally:
+        pipe.close()
+        capped_pipe.close()
+    assert len(full.faces) == 3 and full.provenance.faces_skipped is None
+    assert "faces_skipped" not in full.to_dict()["provenance"]
+    xs = [f.evidence.bbox[0] for f in capped.faces]
+    assert len(xs) == 2 and xs == sorted(xs) and min(xs) > 250  # the 110 px face on the left is the one left out
+    assert [f.evidence.index for f in capped.faces] == [0, 1]
+    assert capped.provenance.faces_skipped == 1 and capped.to_dict()["provenance"]["faces_skipped"] == 1
+    row = cem.contract.face_rows(capped.to_dict())[0]
+    assert row["provenance_faces_skipped"] == 1
+    assert cem.contract.face_rows(full.to_dict())[0]["provenance_faces_skipped"] is None

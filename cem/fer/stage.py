@@ -49,6 +49,8 @@ class FERStage:
                              f"not {threads!r}")
         self.config = config
         self.last_timings: dict[str, float] = {}
+        # faces detected beyond faces.max_faces in the last image, not measured (provenance.faces_skipped)
+        self.last_faces_skipped = 0
         self.ref = load_reference()
         self.detector: Any = None  # created on first use: --faces whole never needs it
         self._make_detector = lambda: FaceDetector(config.faces.detector, config.faces.min_score,
@@ -110,6 +112,7 @@ class FERStage:
 
         mode = faces or self.config.faces.mode
         t0 = time.perf_counter()
+        skipped = 0
         gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
         h, w = gray.shape
         items: list[tuple[tuple[float, float, float, float], float, np.ndarray | None, np.ndarray]] = []
@@ -131,8 +134,13 @@ class FERStage:
         else:
             if self.detector is None:
                 self.detector = self._make_detector()
-            for det in self.detector.detect(rgb):
+            found = self.detector.detect(rgb)
+            # beyond faces.max_faces the largest faces are measured (the nearest people, the clearest
+            # evidence), then reported left to right as always; how many were left out is kept for the record
+            by_size = sorted(found, key=lambda d: -d.bbox[2] * d.bbox[3])
+            for k, det in enumerate(by_size):
                 if len(items) >= self.config.faces.max_faces:
+                    skipped = len(by_size) - k
                     break
                 mesh = self.mesher.mesh_in_box(rgb, det.bbox, det.eyes)
                 # a weak detection on which no face mesh fits is a false positive, not a face; MTCNN's scores
@@ -146,6 +154,7 @@ class FERStage:
                 else:  # detector keypoints 0/1 are the subject's right/left eye
                     r_eye, l_eye = det.eyes
                 items.append((det.bbox, det.score, mesh, aligned_crop(gray, r_eye, l_eye, self.ref, CROP_SIZE)))
+            items.sort(key=lambda item: item[0][0] + item[0][2] / 2)
 
         t1 = time.perf_counter()
         if items:
@@ -178,6 +187,7 @@ class FERStage:
         t3 = time.perf_counter()
         # where the time went (ms): faces = detection + mesh + crops; expression = the CNN; geometry = pose,
         # quality and AUs
+        self.last_faces_skipped = skipped
         self.last_timings = {"fer_faces": (t1 - t0) * 1000, "fer_expression": (t2 - t1) * 1000,
                              "fer_geometry": (t3 - t2) * 1000}
         return out
