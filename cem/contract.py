@@ -242,8 +242,9 @@ class Provenance:
     context_used: bool = False  # whether the reasoner was given (and can use) a text context
     # the Ray engine: the id of the Ray node that ran the FER stage for this image
     node: str | None = Field(default=None, exclude_if=_omit_none)
-    # AUs (and, from neutral photos, expressions) measured against a subject's baseline:
-    # "<subject>: neutral (n photos)" or "<subject>: median of n photos"
+    # AUs (and, from neutral photos, expressions) measured against a subject's baseline: "<subject>: neutral
+    # (n photos)" or "<subject>: median of n photos" (n = photos with a usable face, "k of n" when some had
+    # none), or "<subject>: none (why); measured against the average face"
     baseline: str | None = Field(default=None, exclude_if=_omit_none)
     # faces detected beyond faces.max_faces and not measured (the largest faces are); absent when none
     faces_skipped: PosInt | None = Field(default=None, exclude_if=_omit_none)

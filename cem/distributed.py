@@ -48,7 +48,7 @@ ACTOR_START_TIMEOUT_S = 900  # loading MediaPipe and the CNN takes seconds; a mo
 def record_key(record: dict[str, Any]) -> Key:
     """The resume and dedupe key of a record: the image as named in it (its exact bytes, base64, for a name
     that is not UTF-8), and its context; the same key as the local runner's (:func:`cem.sinks.record_key`)."""
-    image, context = sink_key(record)
+    image, context, _ = sink_key(record)
     return str(image), context
 
 

@@ -99,6 +99,13 @@ def load_image(source: ImageInput, max_pixels: int = 50_000_000, max_side: int =
         check_geometry(f"<{type(source).__name__} {source.width}x{source.height}>", source.width, source.height,
                        max_pixels, max_side)
         return _pil_to_rgb(ImageOps.exif_transpose(source) or source)
+    if isinstance(source, (bytes, bytearray, memoryview)) and not _plausible_path(source):
+        raise ImageLoadError(f"<{len(source)} bytes>: encoded image data, not a path; pass "
+                             f"PIL.Image.open(io.BytesIO(data)) or the file's path")
+    if not isinstance(source, (str, bytes, os.PathLike)):
+        raise ImageLoadError(f"<{type(source).__name__}>: not an image (expected a path, a PIL image or an RGB "
+                             f"array" + ("; for several images use analyze_many" if isinstance(source, (list, tuple))
+                                         else "") + ")")
     name = os.fspath(source)
     if isinstance(name, bytes):
         name = os.fsdecode(name)
@@ -168,7 +175,18 @@ def _pil_to_rgb(im: Any) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def _plausible_path(data: bytes | bytearray | memoryview) -> bool:
+    """Whether bytes are a file name (os.fsencode'd) rather than an encoded image (which has NUL bytes)."""
+    return isinstance(data, bytes) and b"\0" not in data and len(data) < 4096
+
+
 def _array_to_rgb(a: np.ndarray) -> np.ndarray:
+    if a.dtype == bool:  # a 1-bit image as NumPy gives it (np.asarray of a mode "1" PIL image): white is True
+        a = a.astype(np.uint8) * 255
+    if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+        raise ImageLoadError(f"array of dtype {a.dtype} is not an image (expected integers or floats)")
+    if np.issubdtype(a.dtype, np.floating) and a.size and not np.isfinite(a).all():
+        raise ImageLoadError(f"array of shape {a.shape} has NaN or infinite pixel values")
     if a.ndim == 2:
         a = np.repeat(a[:, :, None], 3, axis=2)
     if a.ndim != 3 or a.shape[2] not in (1, 3, 4) or a.shape[0] == 0 or a.shape[1] == 0:
@@ -319,7 +337,9 @@ def _csv_rows(path: str | os.PathLike, required: set[str]) -> Iterator[tuple[int
     with fh:
         reader = csv.reader(fh)
         try:
-            header = [h.strip() for h in next(reader, [])]
+            # the columns cem reads are matched whatever their case ("Image", "Subject"); others are kept as typed
+            header = [h.strip().lower() if h.strip().lower() in MANIFEST_COLUMNS else h.strip()
+                      for h in next(reader, [])]
             repeated = sorted({h for h in header if h and header.count(h) > 1})
             if repeated:  # which of two 'image' columns is meant cannot be guessed
                 raise InputError(f"{path}: the header names column(s) {', '.join(map(repr, repeated))} more than "
@@ -337,6 +357,12 @@ def _csv_rows(path: str | os.PathLike, required: set[str]) -> Iterator[tuple[int
             raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         except csv.Error as e:
             raise InputError(f"{path}:{reader.line_num}: {e} (fields are limited to {CSV_FIELD_LIMIT} bytes)") from None
+
+
+# manifest columns with a meaning for cem (any other column is carried under the record's `meta`): the image,
+# its context, and for subject baselines the person in the photo and whether it is their neutral photo
+SUBJECT_COLUMN, NEUTRAL_COLUMN = "subject", "neutral"
+MANIFEST_COLUMNS = frozenset({"image", "context", SUBJECT_COLUMN, NEUTRAL_COLUMN})
 
 
 def _context_problem(context: str | None, where: str) -> str | None:
@@ -406,8 +432,9 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], contexts: ContextTable |
                    context: str | None = None) -> InputSet:
     """Expand inputs: files, folders (recursive), globs, and CSV manifests (``.csv`` files). Each item's
     context is the manifest's, else the context file's (by path, then file name), else ``context``.
-    Items are unique by (path, context): a repeated manifest row is skipped and reported, so two rows for
-    one image with different contexts stay two records."""
+    Items are unique by (path, context, the manifest's other columns): a repeated manifest row is skipped and
+    reported, so two rows for one image with different contexts (or subjects) stay two records; an image
+    named plainly (a file, a folder) and in a manifest row is the manifest row."""
     items: list[InputItem] = []
     notes: list[str] = []
     for i in inputs:
@@ -416,6 +443,9 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], contexts: ContextTable |
             rows = read_manifest(s)
             if not rows:
                 notes.append(f"{s}: the manifest has no rows")
+            elif NEUTRAL_COLUMN in rows[0].extra and SUBJECT_COLUMN not in rows[0].extra:
+                notes.append(f"{s}: column {NEUTRAL_COLUMN!r} has no effect without a {SUBJECT_COLUMN!r} column "
+                             f"(whose neutral photo?); it is carried under meta")
             items.extend(rows)
         else:
             _expand_one(s, items, notes)
@@ -430,15 +460,23 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], contexts: ContextTable |
             if err:
                 it.error = f"{it.path}: {err}"
     unique: list[InputItem] = []
-    seen: dict[tuple[str, str | None], int] = {}
+    seen: dict[tuple[str, str | None], list[int]] = {}  # (path, context) -> positions in unique
     duplicates = []
-    for n, it in enumerate(items):
+    for it in items:
         key = (it.path, it.context)
-        if key in seen:
+        earlier = seen.setdefault(key, [])
+        same = [j for j in earlier if unique[j].extra == it.extra]
+        if same:
             if it.row:  # a repeated manifest row is reported; a path named twice is just one input
-                first = items[seen[key]].row or "the command line"
-                duplicates.append(f"{it.row}: {it.path} repeats {first} with the same context; skipped")
+                first = unique[same[0]].row or "the command line"
+                duplicates.append(f"{it.row}: {it.path} repeats {first} with the same context and columns; skipped")
             continue
-        seen[key] = n
+        plain = [j for j in earlier if not unique[j].extra]
+        if plain and it.extra:  # a manifest row for an image also named plainly (a folder): the row says more
+            unique[plain[0]] = it
+            continue
+        if earlier and not it.extra:  # named plainly after a manifest row for it: that row covers it
+            continue
+        earlier.append(len(unique))  # rows that differ in other columns (two subjects) are two inputs
         unique.append(it)
     return InputSet(unique, notes, duplicates)

@@ -34,6 +34,12 @@ def _describe(image: ImageInput) -> str:
     return f"<{type(image).__name__}>"
 
 
+def _check_contexts(contexts: Sequence[Any]) -> None:
+    for c in contexts:
+        if c is not None and not isinstance(c, str):
+            raise TypeError(f"a context must be a string or None, not {type(c).__name__} ({c!r:.60})")
+
+
 _REASON_FAILED = re.compile(r"^reasoner failed \(([^)]+)\)")
 
 
@@ -128,20 +134,53 @@ class Pipeline:
                           model=r.model_id, template=r.template_id, timings_ms=dict(timings or {}),
                           sampling=r.sampling, context_used=bool(context) and r.uses_context)
 
-    def baseline(self, images: Sequence[ImageInput], faces: str | None = None, neutral: bool = False) -> Any:
+    def baseline(self, images: Sequence[ImageInput], faces: str | None = None, neutral: bool = False,
+                 unreadable: list[str] | None = None) -> Any:
         """A subject's own reference (:class:`cem.fer.aus.SubjectBaseline`) from photos of that one person:
         their neutral photo(s) (``neutral=True``: AUs and expressions are then measured against them), or
-        several of their photos (the median; weaker, AUs only). Raises :class:`ImageLoadError` for a photo
-        that cannot be loaded and ValueError when no face mesh fits."""
+        several of their photos (the median; weaker, AUs only). Photos are loaded and measured one at a time,
+        so memory does not grow with their number; ``.faces`` of the result says how many were used.
+
+        Raises :class:`ImageLoadError` for a photo that cannot be loaded (or, given a list ``unreadable``,
+        appends its error there and skips it) and ValueError when no face mesh fits in any photo."""
+        if isinstance(images, (str, bytes, os.PathLike, np.ndarray)) or not isinstance(images, Sequence):
+            raise TypeError(f"Pipeline.baseline takes a list of images (paths, PIL images or arrays) of one person, "
+                            f"not {type(images).__name__}; for one photo pass [photo]")
+        if not images:
+            raise ValueError("Pipeline.baseline: no images given")
         img = self.config.image
-        return self.fer.baseline([load_image(i, img.max_pixels, img.max_side) for i in images], faces, neutral)
+
+        def loaded() -> Iterator[np.ndarray]:
+            for image in images:
+                try:
+                    yield load_image(image, img.max_pixels, img.max_side)
+                except ImageLoadError as e:
+                    if unreadable is None:
+                        raise
+                    unreadable.append(str(e))
+
+        return self.fer.baseline(loaded(), self._check_faces(faces), neutral)
+
+    @staticmethod
+    def _check_faces(faces: str | None) -> str | None:
+        """``faces`` as given when it is None (the config's), "detect" or "whole"; anything else is an error
+        rather than a silent detect run."""
+        if faces is not None and faces not in ("detect", "whole"):
+            raise ValueError(f"faces must be 'detect' or 'whole' (or None for the config's), not {faces!r}")
+        return faces
 
     def measure(self, image: ImageInput, faces: str | None = None, keep_pixels: bool = True,
                 baseline: Any = None, baseline_name: str | None = None) -> MeasuredImage:
         """Load and FER-measure one image. Never raises for a bad image: the result carries ``error``.
         ``keep_pixels=False`` drops the decoded image after measuring (for reasoners that do not see it).
         ``baseline`` (from :meth:`baseline`): AUs (and, from neutral photos, expressions) against that subject's
-        own neutral face; ``baseline_name`` says which in the record's ``provenance.baseline``."""
+        own neutral face; ``baseline_name`` says which (or why there is none) in ``provenance.baseline``."""
+        from cem.fer.aus import SubjectBaseline
+
+        self._check_faces(faces)
+        if baseline is not None and not isinstance(baseline, SubjectBaseline):
+            raise TypeError(f"baseline must come from Pipeline.baseline (a SubjectBaseline), not "
+                            f"{type(baseline).__name__}")
         name = _describe(image)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -160,8 +199,8 @@ class Pipeline:
                                  w, h)
         timings["fer"] = (time.perf_counter() - t1) * 1000
         timings.update(self.fer.last_timings)
-        return MeasuredImage(name, rgb if keep_pixels else None, evidence, timings, None, w, h,
-                             baseline_name if baseline is not None else None, self.fer.last_faces_skipped)
+        return MeasuredImage(name, rgb if keep_pixels else None, evidence, timings, None, w, h, baseline_name,
+                             self.fer.last_faces_skipped)
 
     @property
     def needs_pixels(self) -> bool:
@@ -260,6 +299,7 @@ class Pipeline:
         batch, ctx = list(measured), list(contexts)
         if len(batch) != len(ctx):
             raise ValueError(f"reason_many: {len(batch)} images but {len(ctx)} contexts")
+        _check_contexts(ctx)
         return [self._finish(m, a, err, c) for m, c, (a, err) in zip(batch, ctx, self._reason(batch, ctx))]
 
     @property
@@ -270,6 +310,7 @@ class Pipeline:
     def analyze(self, image: ImageInput, context: str | None = None, faces: str | None = None) -> ImageResult:
         """Analyse one image (path, PIL image or RGB array). Never raises for a bad image: the result then
         carries ``error`` and no faces."""
+        _check_contexts([context])
         return self.reason_many([self.measure(image, faces)], [context])[0]
 
     def analyze_many(self, images: Iterable[ImageInput],
@@ -278,6 +319,18 @@ class Pipeline:
         """Yield one result per image, in order. ``contexts``: a list aligned with ``images`` or a mapping
         from the image's path (as given, or its file name) to its context. Images are reasoned over in
         batches of ``batch_size`` (default: the reasoner's), so an LLM backend can share model calls."""
+        if isinstance(images, (str, bytes, os.PathLike, np.ndarray)) or not isinstance(images, Iterable):
+            raise TypeError(f"analyze_many takes an iterable of images (paths, PIL images or arrays), not one "
+                            f"{type(images).__name__}; for one image use analyze")
+        if isinstance(contexts, Sequence) and not isinstance(contexts, str) and hasattr(images, "__len__") \
+                and len(contexts) != len(images):  # type: ignore[arg-type]
+            raise ValueError(f"analyze_many: {len(images)} images but {len(contexts)} contexts")  # type: ignore[arg-type]
+        if isinstance(contexts, str):
+            raise TypeError("analyze_many: contexts must be a list aligned with the images or a mapping from the "
+                            "image's path to its context, not one string")
+        if isinstance(contexts, Sequence):
+            _check_contexts(contexts)
+        self._check_faces(faces)
         size = batch_size or self.batch_size
         chunk: list[MeasuredImage] = []
         chunk_ctx: list[str | None] = []
@@ -287,6 +340,8 @@ class Pipeline:
                 key = _describe(image)
                 ctx = contexts.get(key) or contexts.get(Path(key).name)
             elif contexts is not None:
+                if i >= len(contexts):
+                    raise ValueError(f"analyze_many: more images than the {len(contexts)} contexts given")
                 ctx = contexts[i]
             chunk.append(self.measure(image, faces))
             chunk_ctx.append(ctx)

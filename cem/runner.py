@@ -41,11 +41,18 @@ from pathlib import Path
 from typing import Any
 
 from cem.config import Config
-from cem.io import ImageLoadError, InputError, InputItem, InputSet, collect_inputs, read_context_csv
+from cem.io import (
+    NEUTRAL_COLUMN,
+    SUBJECT_COLUMN,
+    InputError,
+    InputItem,
+    InputSet,
+    collect_inputs,
+    read_context_csv,
+)
 from cem.sinks import JsonlSink, OutputError, input_key, safe_text
 
 PROGRESS_MIN_IMAGES = 5
-SUBJECT_COLUMN, NEUTRAL_COLUMN = "subject", "neutral"  # manifest columns: subject baselines
 _TRUE, _FALSE = frozenset({"1", "true", "yes", "y"}), frozenset({"", "0", "false", "no", "n"})
 
 
@@ -150,7 +157,9 @@ class Runner:
         self.echo = echo or (lambda s: print(s, file=sys.stderr))
         self._own_pipeline = pipeline is None
         self.subjects: dict[str, list[InputItem]] = {}  # subject -> their photos (all inputs of the run)
-        self._baselines: dict[str, tuple[Any, str] | str] = {}  # subject -> (baseline, name) or why none
+        # subject -> (baseline, its provenance.baseline text); (None, why) where none could be built
+        self._baselines: dict[str, tuple[Any, str]] = {}
+        self.notes: list[str] = []  # for the run summary (subjects without a usable baseline)
 
     def plan_subjects(self, items: list[InputItem]) -> None:
         """Group the photos by the manifest's ``subject`` column (a bad ``neutral`` cell is that photo's error)."""
@@ -169,20 +178,31 @@ class Runner:
     def _subject(it: InputItem) -> str | None:
         return (it.extra.get(SUBJECT_COLUMN) or "").strip() or None
 
-    def _baseline(self, subject: str) -> tuple[Any, str] | str:
-        """(baseline, its name for provenance) of a subject, built once; or why it cannot be built."""
+    def _baseline(self, subject: str) -> tuple[Any, str]:
+        """(baseline, its provenance.baseline text) of a subject, built once from their photos (each loaded and
+        measured in turn). A photo that cannot be loaded, or shows no face, does not count (it gets its own
+        error record as an input); when no photo can be used the subject's photos are measured against the
+        average face, as without a subject column, and ``(None, why)`` says so in their records."""
         if subject not in self._baselines:
-            photos = self.subjects.get(subject, [])
+            photos = list({it.path: it for it in self.subjects.get(subject, [])}.values())  # each file once
             neutral = [it for it in photos if (it.extra.get(NEUTRAL_COLUMN) or "").strip().lower() in _TRUE]
             use = neutral or photos
-            n = len(use)
-            name = (f"{subject}: neutral ({n} photo{'s' if n > 1 else ''})" if neutral
-                    else f"{subject}: median of {n} photo{'s' if n > 1 else ''}")
+            unreadable: list[str] = []
             try:
-                self._baselines[subject] = (self.pipeline.baseline([it.path for it in use], self.faces,
-                                                                   neutral=bool(neutral)), name)
-            except (ImageLoadError, ValueError) as e:
-                self._baselines[subject] = f"subject {subject!r}: no baseline ({e})"
+                base = self.pipeline.baseline([it.path for it in use], self.faces, neutral=bool(neutral),
+                                              unreadable=unreadable)
+            except ValueError as e:
+                why = "; ".join(unreadable) or str(e)
+                kind = "neutral photo" if neutral else "photo"
+                self._baselines[subject] = (None, f"{subject}: none (no usable {kind}: {why}); measured against "
+                                                  f"the average face")
+                self.notes.append(f"subject {subject!r}: no baseline could be built (no {kind} of theirs shows a "
+                                  f"usable face); their photos are measured against the average face")
+            else:
+                used = f"{base.faces} of {len(use)} photos" if base.faces < len(use) else \
+                    f"{base.faces} photo{'s' if base.faces > 1 else ''}"
+                self._baselines[subject] = (base, f"{subject}: neutral ({used})" if neutral
+                                            else f"{subject}: median of {used}")
         return self._baselines[subject]
 
     def build(self, need_fer: bool) -> Any:
@@ -223,12 +243,9 @@ class Runner:
                 elif subject is None:
                     yield next(source)
                 else:
-                    found = self._baseline(subject)
-                    if isinstance(found, str):
-                        yield MeasuredImage(it.path, None, [], {}, f"{it.path}: {found}")
-                    else:
-                        yield self.pipeline.measure(it.path, self.faces, keep_pixels=keep, baseline=found[0],
-                                                    baseline_name=found[1])
+                    base, name = self._baseline(subject)
+                    yield self.pipeline.measure(it.path, self.faces, keep_pixels=keep, baseline=base,
+                                                baseline_name=name)
         except WorkerStartError as e:
             raise RunError(f"a worker could not start: {e}") from None
 
@@ -287,7 +304,7 @@ class Runner:
                 raise RunError(f"--frames {frames}: {e}") from None
         try:
             for it in items:
-                if input_key(it.path, it.context) in sink.existing.videos_done:
+                if input_key(it.path, it.context, it.extra) in sink.existing.videos_done:
                     summary.skipped += 1
                     continue
                 self._run_video(it, sink, summary, table, every, fps)
@@ -445,7 +462,7 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
         from cem.sinks import scan
 
         done = scan(out)[0] if resume and out.is_file() else None
-        todo = [it for it in images if done is None or input_key(it.path, it.context) not in done.keys]
+        todo = [it for it in images if done is None or input_key(it.path, it.context, it.extra) not in done.keys]
         summary.skipped = len(images) - len(todo)
         summary.planned = [safe_text(it.path) for it in (todo[:limit] if limit is not None else todo) + videos]
         return summary
@@ -463,7 +480,7 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
             raise RunError(str(e)) from None
         summary.rejected, summary.repaired = len(sink.existing.rejected), sink.existing.repaired_tail
         runner.plan_subjects(images)  # every photo of a subject counts for its baseline, done or not
-        todo = [it for it in images if input_key(it.path, it.context) not in sink.existing.keys]
+        todo = [it for it in images if input_key(it.path, it.context, it.extra) not in sink.existing.keys]
         summary.skipped = len(images) - len(todo)
         if limit is not None:
             todo = todo[:limit]
@@ -473,6 +490,7 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
                         f"recorded but do not change the emotions")
         if todo:
             runner.run_images(todo, sink, summary)
+            summary.notes.extend(runner.notes)
         if videos:
             runner.run_videos(videos, sink, summary, Path(frames) if frames is not None else None, every, fps,
                               resume)

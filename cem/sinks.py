@@ -39,7 +39,7 @@ from cem.io import os_reason
 if TYPE_CHECKING:
     from cem.contract import ImageResult
 
-RecordKey = tuple[Any, Any]  # (image, or image_bytes for a name that is not UTF-8; context)
+RecordKey = tuple[Any, Any, Any]  # (image, or image_bytes for a name that is not UTF-8; context; meta)
 
 
 class OutputError(RuntimeError):
@@ -76,14 +76,20 @@ def image_fields(path: str) -> dict[str, str]:
     return {"image": shown, "image_bytes": base64.b64encode(os.fsencode(path)).decode("ascii")}
 
 
-def input_key(path: str, context: str | None) -> RecordKey:
-    """The resume key of an input: the same as :func:`record_key` of the record it produces."""
+def _meta_key(meta: dict[str, Any] | None) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((str(k), safe_text(str(v))) for k, v in (meta or {}).items()))
+
+
+def input_key(path: str, context: str | None, extra: dict[str, str] | None = None) -> RecordKey:
+    """The resume key of an input: the same as :func:`record_key` of the record it produces (``extra``: the
+    manifest's other columns, which the record carries as ``meta``: one image in two rows for two subjects is
+    two inputs)."""
     fields = image_fields(path)
-    return (fields.get("image_bytes") or fields["image"], context)
+    return (fields.get("image_bytes") or fields["image"], context, _meta_key(extra))
 
 
 def record_key(record: dict[str, Any]) -> RecordKey:
-    return (record.get("image_bytes") or record.get("image"), record.get("context"))
+    return (record.get("image_bytes") or record.get("image"), record.get("context"), _meta_key(record.get("meta")))
 
 
 def clean(value: Any, where: str, bad: list[str] | None) -> Any:
@@ -206,7 +212,7 @@ class OutputLock:
 class ExistingOutput:
     """What an output file holds before a resumed run."""
 
-    keys: set[RecordKey] = field(default_factory=set)  # (image, context) of every image record
+    keys: set[RecordKey] = field(default_factory=set)  # (image, context, meta) of every image record
     moments: set[tuple[Any, ...]] = field(default_factory=set)  # (video, context, frame, track_id)
     videos_done: set[RecordKey] = field(default_factory=set)  # videos with a summary or an error record
     rejected: list[bytes] = field(default_factory=list)  # lines moved to OUT.rejected

@@ -695,6 +695,84 @@ def test_subject_column_measures_aus_against_that_subjects_baseline(pipeline, as
     assert "column 'neutral' must be true or false" in bad["error"]
 
 
+def test_a_bad_neutral_photo_costs_only_its_own_record(pipeline, astronaut, tmp_path):
+    """One of A's neutral photos is corrupt and one shows no face: the baseline is built from the one usable
+    photo and says so ("1 of 3"); only the corrupt file is an error record. B's only neutral photo is missing:
+    B's photos are still measured, against the average face, and their records say why. The same image in two
+    rows for two subjects is two inputs, and header names are matched whatever their case."""
+    for name in ("a1.png", "a2.png", "b1.png"):
+        Image.fromarray(astronaut).save(tmp_path / name)
+    Image.fromarray(np.full((200, 200, 3), 90, np.uint8)).save(tmp_path / "blank.png")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    man = tmp_path / "m.csv"
+    man.write_text("Image,Subject,Neutral\na1.png,A,yes\ncorrupt.png,A,yes\nblank.png,A,yes\na2.png,A,no\n"
+                   "gone.png,B,yes\nb1.png,B,no\na1.png,C,no\n")
+    summary, _ = _run(pipeline, [man], tmp_path / "o.jsonl", faces=None)
+    recs = _strict_records(tmp_path / "o.jsonl")
+    by = {(Path(r["image"]).name, (r.get("meta") or {}).get("subject")): r for r in recs}
+    assert len(recs) == 7
+    assert by[("a2.png", "A")]["provenance"]["baseline"] == "A: neutral (1 of 3 photos)"
+    assert by[("a2.png", "A")]["faces"] and by[("a2.png", "A")]["error"] is None
+    assert "corrupt" in by[("corrupt.png", "A")]["error"] and by[("gone.png", "B")]["error"].endswith("file not found")
+    b1 = by[("b1.png", "B")]
+    assert b1["error"] is None and len(b1["faces"]) == 1
+    assert b1["provenance"]["baseline"].startswith("B: none (no usable neutral photo: ")
+    assert "file not found" in b1["provenance"]["baseline"]
+    assert any("subject 'B': no baseline" in n for n in summary.notes)
+    # against the average face B's photo reads like the subject-less run of the same image
+    plain = pipeline.analyze(str(tmp_path / "b1.png")).faces[0].evidence
+    assert b1["faces"][0]["aus"]["AU12"]["intensity"] == pytest.approx(plain.aus["AU12"].intensity, abs=1e-3)
+    # a1.png is A's neutral photo and, in another row, C's only photo (the median of one)
+    assert by[("a1.png", "C")]["provenance"]["baseline"] == "C: median of 1 photo"
+    assert by[("a1.png", "A")]["provenance"]["baseline"] == "A: neutral (1 of 3 photos)"
+
+
+def test_manifest_rows_that_differ_only_in_other_columns_are_not_repeats(tmp_path):
+    """Duplicates are judged on the whole row: the same image for two subjects is two inputs; the same row
+    twice is one; an image named plainly (a folder) and in a manifest row is the manifest row."""
+    from cem.io import collect_inputs
+
+    (tmp_path / "imgs").mkdir()
+    for name in ("x.png", "y.png"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "imgs" / name)
+    man = tmp_path / "m.csv"
+    man.write_text("image,subject,neutral\nimgs/x.png,P1,yes\nimgs/x.png,P2,yes\nimgs/x.png,P1,yes\n")
+    for order in ([tmp_path / "imgs", man], [man, tmp_path / "imgs"]):
+        found = collect_inputs(order)
+        rows = sorted((Path(it.path).name, it.extra.get("subject", "")) for it in found.items)
+        assert rows == [("x.png", "P1"), ("x.png", "P2"), ("y.png", "")], order
+        assert len(found.duplicates) == 1 and "repeats" in found.duplicates[0]
+    (tmp_path / "n.csv").write_text("image,neutral\nimgs/x.png,yes\n")
+    assert any("has no effect without a 'subject' column" in n for n in collect_inputs([tmp_path / "n.csv"]).notes)
+
+
+def test_a_subject_baseline_loads_one_photo_at_a_time(pipeline, astronaut, tmp_path, monkeypatch):
+    """Memory must not grow with a subject's photo count: the baseline's photos are decoded and measured in
+    turn, never all held at once."""
+    import cem.pipeline as pipeline_module
+
+    for i in range(4):
+        Image.fromarray(astronaut).save(tmp_path / f"p{i}.png")
+    alive: list[int] = []
+    real_load = pipeline_module.load_image
+    real_measure = pipeline.fer.measure
+
+    def load(*a, **k):
+        alive.append(1)
+        assert len(alive) == 1, "a second photo was loaded before the first was measured"
+        return real_load(*a, **k)
+
+    def measure(*a, **k):
+        out = real_measure(*a, **k)
+        alive.pop()
+        return out
+
+    monkeypatch.setattr(pipeline_module, "load_image", load)
+    monkeypatch.setattr(pipeline.fer, "measure", measure)
+    base = pipeline.baseline([str(tmp_path / f"p{i}.png") for i in range(4)])
+    assert base.faces == 4
+
+
 def test_an_output_that_is_also_an_input_is_refused_and_the_input_kept(face_png, tmp_path):
     """`-o photo.jpg`, `-o manifest.csv`, `--csv manifest.csv`, a report or table over its own results:
     each would destroy an input before reading it; each is exit 2, nothing written."""
@@ -725,3 +803,35 @@ def test_a_manifest_naming_a_column_twice_is_refused(face_png, tmp_path):
     r = _cem("annotate", man, "-o", tmp_path / "o.jsonl", "--faces", "whole")
     assert r.returncode == 2 and "names column(s) 'image' more than once" in r.stderr, r.stderr
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_wrong_arguments_to_the_python_api_are_named_not_guessed(pipeline, astronaut, tmp_path):
+    """What a new user passes by mistake: a wrong input to analyze is that image's error (analyze never raises
+    for a bad image); a wrong *call* (one path to analyze_many, an unknown faces mode, mismatched contexts, a
+    non-string context, a path as a baseline) is a TypeError/ValueError saying what was expected, raised
+    before any image is measured."""
+    path = tmp_path / "a.png"
+    Image.fromarray(astronaut).save(path)
+    for bad, words in ((None, "not an image"), ([astronaut], "use analyze_many"),
+                       (path.read_bytes(), "encoded image data"),
+                       (np.full((50, 50, 3), np.nan), "NaN or infinite"), (np.zeros((4, 4), object), "dtype object")):
+        res = pipeline.analyze(bad)
+        assert res.faces == [] and words in res.error, (type(bad), res.error)
+    with pytest.raises(TypeError, match="for one image use analyze"):
+        list(pipeline.analyze_many(str(path)))
+    with pytest.raises(ValueError, match="2 images but 1 contexts"):
+        list(pipeline.analyze_many([str(path), str(path)], contexts=["x"]))
+    with pytest.raises(ValueError, match="faces must be 'detect' or 'whole'"):
+        pipeline.analyze(str(path), faces="WHOLE")
+    with pytest.raises(TypeError, match="a context must be a string"):
+        pipeline.analyze(str(path), context=5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="list of images"):
+        pipeline.baseline(str(path))
+    with pytest.raises(ValueError, match="no images given"):
+        pipeline.baseline([])
+    with pytest.raises(TypeError, match="baseline must come from Pipeline.baseline"):
+        pipeline.measure(str(path), baseline=str(path))
+    # a 1-bit image as NumPy hands it over (bool) is the same picture as its uint8 form
+    gray = (astronaut.mean(axis=2) > 100)
+    as_bool, as_uint8 = pipeline.analyze(gray), pipeline.analyze(gray.astype(np.uint8) * 255)
+    assert [f.evidence.bbox for f in as_bool.faces] == [f.evidence.bbox for f in as_uint8.faces]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -72,11 +72,12 @@ class FERStage:
     def labels(self) -> list[str]:
         return list(self.config.labels)
 
-    def baseline(self, images: Sequence[np.ndarray], faces: str | None = None,
+    def baseline(self, images: Iterable[np.ndarray], faces: str | None = None,
                  neutral: bool = False) -> SubjectBaseline:
         """A subject's own reference from RGB photos of that one person: their neutral photo(s) (best;
         ``neutral=True``) or several of their photos (the median; weaker). The largest face of each image
-        counts; images where no face mesh fits are skipped, and none fitting at all is an error.
+        counts (``faces`` of the result: how many did); images where no face mesh fits are skipped, and none
+        fitting at all is an error. ``images`` may be a generator: each is measured and dropped in turn.
 
         AUs are then measured against it. With ``neutral=True`` the expression distribution is too
         (:meth:`ExpressionModel.relative_to`), provided the model has a neutral reference and every one of its
@@ -86,7 +87,9 @@ class FERStage:
         model_labels = self.expression.labels
         relative = (neutral and self.expression.neutral_reference is not None
                     and set(model_labels) <= set(self.labels))
+        seen = 0
         for rgb in images:
+            seen += 1
             found = [f for f in self.measure(rgb, faces) if f.landmarks is not None]
             if found:
                 face = max(found, key=lambda f: f.bbox[2] * f.bbox[3])
@@ -94,7 +97,7 @@ class FERStage:
                 if relative:
                     neutral_probs.append([face.expression[k] for k in model_labels])
         if not meshes:
-            raise ValueError(f"no face mesh fits in any of the {len(images)} baseline image(s) of the subject")
+            raise ValueError(f"no face mesh fits in any of the {seen} baseline image(s) of the subject")
         base = SubjectBaseline.from_meshes(meshes, self.ref)
         if relative:
             base = replace(base, expression_log_probs=mean_log_probs(neutral_probs))
