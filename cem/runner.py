@@ -488,6 +488,7 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
         if not uses_context and any(it.context for it in todo + videos):
             runner.echo(f"cem: note: the {config.reasoner.backend} reasoner does not use context; contexts are "
                         f"recorded but do not change the emotions")
+            runner.pipeline._context_warned = True  # said once here; the pipeline's own warning would repeat it
         if todo:
             runner.run_images(todo, sink, summary)
             summary.notes.extend(runner.notes)

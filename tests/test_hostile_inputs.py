@@ -831,6 +831,14 @@ def test_wrong_arguments_to_the_python_api_are_named_not_guessed(pipeline, astro
         pipeline.baseline([])
     with pytest.raises(TypeError, match="baseline must come from Pipeline.baseline"):
         pipeline.measure(str(path), baseline=str(path))
+    # the FER stage's own API (docs/action-units.md) checks its input too
+    for wrong in (str(path), astronaut[..., 0], astronaut.astype(np.float32)):
+        with pytest.raises(ValueError, match=r"RGB uint8 array of shape \(H, W, 3\)"):
+            pipeline.fer.measure(wrong)
+    # a baseline passed without a name is still named in the record
+    base = pipeline.baseline([str(path)], neutral=True)
+    res = pipeline.reason_many([pipeline.measure(str(path), baseline=base)], [None])[0]
+    assert res.provenance.baseline == "neutral baseline of 1 photo"
     # a 1-bit image as NumPy hands it over (bool) is the same picture as its uint8 form
     gray = (astronaut.mean(axis=2) > 100)
     as_bool, as_uint8 = pipeline.analyze(gray), pipeline.analyze(gray.astype(np.uint8) * 255)

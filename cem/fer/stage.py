@@ -113,7 +113,14 @@ class FERStage:
         image is measured against it)."""
         import cv2
 
+        if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 \
+                or 0 in rgb.shape:
+            raise ValueError("FERStage.measure takes an RGB uint8 array of shape (H, W, 3), not "
+                             + (f"an array of shape {rgb.shape} and dtype {rgb.dtype}" if isinstance(rgb, np.ndarray)
+                                else type(rgb).__name__) + " (cem.io.load_image converts paths and other images)")
         mode = faces or self.config.faces.mode
+        if mode not in ("detect", "whole"):
+            raise ValueError(f"faces must be 'detect' or 'whole', not {mode!r}")
         t0 = time.perf_counter()
         skipped = 0
         gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
