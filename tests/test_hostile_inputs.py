@@ -309,20 +309,24 @@ def test_manifest_bom_contexts_duplicates_long_fields_and_colliding_columns(pipe
                    "a.png,at a funeral,8,y\n"
                    "a.png,at a party,9,z\n"
                    ",lonely context,,\n"
-                   f"b.png,{huge},,\n", encoding="utf-8")
+                   f"b.png,{huge},,\n"
+                   "a.png,at a party,7,x\n", encoding="utf-8")
     out = tmp_path / "o.jsonl"
     summary, _ = _run(pipeline, [man], out)
     recs = _strict_records(out)
-    assert len(recs) == 4 and summary.images == 4
-    a1, a2, empty, b = recs
-    assert (a1["context"], a2["context"]) == ("at a party", "at a funeral")
+    # a row that differs in any column is its own input (line 4: the same image and context, another trial);
+    # only the exact repeat on line 7 is skipped
+    assert len(recs) == 5 and summary.images == 5
+    a1, a2, a3, empty, b = recs
+    assert (a1["context"], a2["context"], a3["context"]) == ("at a party", "at a funeral", "at a party")
     assert a1["meta"] == {"track_id": "7", "faces": "x"} and isinstance(a1["faces"], list) and "track_id" not in a1
+    assert a3["meta"] == {"track_id": "9", "faces": "z"}
     assert empty["image"] == f"{man}:5" and empty["error"] == f"{man}:5: empty 'image' cell"
     assert b["image"] == str(tmp_path / "b.png") and b["faces"] == [] and b["context"] is None
     assert f"context in {man}:6 has 200000 characters, more than the limit of 20000" in b["error"]
-    assert any(f"{man}:4" in n and "same context" in n for n in summary.notes)
-    again, _ = _run(pipeline, [man], out, resume=True)  # keyed by (image, context): nothing redone
-    assert again.images == 0 and again.skipped == 4 and len(_strict_records(out)) == 4
+    assert any(f"{man}:7" in n and f"repeats {man}:2" in n for n in summary.notes)
+    again, _ = _run(pipeline, [man], out, resume=True)  # keyed by (image, context, meta): nothing redone
+    assert again.images == 0 and again.skipped == 5 and len(_strict_records(out)) == 5
 
 
 def test_context_file_with_bom_long_field_and_conflicts(pipeline, face_png, tmp_path):
