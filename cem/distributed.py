@@ -39,7 +39,7 @@ from cem.io import ContextTable
 from cem.sinks import input_key, iter_records
 from cem.sinks import record_key as sink_key
 
-Key = tuple[str, "str | None"]
+Key = tuple[str, "str | None", "tuple[tuple[str, str], ...]"]  # image, context, the manifest's other columns
 PART_GLOB = "part-*.jsonl"
 MAX_BLOCKS = 10_000
 ACTOR_START_TIMEOUT_S = 900  # loading MediaPipe and the CNN takes seconds; a model on a GPU, minutes
@@ -47,9 +47,10 @@ ACTOR_START_TIMEOUT_S = 900  # loading MediaPipe and the CNN takes seconds; a mo
 
 def record_key(record: dict[str, Any]) -> Key:
     """The resume and dedupe key of a record: the image as named in it (its exact bytes, base64, for a name
-    that is not UTF-8), and its context; the same key as the local runner's (:func:`cem.sinks.record_key`)."""
-    image, context, _ = sink_key(record)
-    return str(image), context
+    that is not UTF-8), its context and its manifest columns (`meta`); the same key as the local runner's
+    (:func:`cem.sinks.record_key`)."""
+    image, context, meta = sink_key(record)
+    return str(image), context, meta
 
 
 class KeySet:
@@ -66,18 +67,18 @@ class KeySet:
 
     def add(self, record: dict[str, Any]) -> bool:
         """Add a record's key; False when an equal key was already there (a duplicate)."""
-        image, _ = record_key(record)
+        image, context, meta = record_key(record)
         if "context" not in record:
             dup = image in self.images
             self.any_context.add(image)
         else:
-            dup = self.seen(image, record["context"])
-            self.keys.add((image, record["context"]))
+            dup = self.seen(image, context, meta)
+            self.keys.add((image, context, meta))
         self.images.add(image)
         return not dup
 
-    def seen(self, image: str, context: str | None) -> bool:
-        return (image, context) in self.keys or image in self.any_context
+    def seen(self, image: str, context: str | None, meta: tuple[tuple[str, str], ...] = ()) -> bool:
+        return (image, context, meta) in self.keys or image in self.any_context
 
     def __len__(self) -> int:
         return len(self.images)
@@ -412,7 +413,8 @@ def _path_rows(inputs: Any, done: KeySet, contexts: ContextTable | Mapping[str, 
                          f"engine; the Ray engine measures against the average face")
     rows: list[dict[str, Any]] = []
     for it in found.items:
-        if not done.seen(str(input_key(it.path, it.context)[0]), it.context):
+        image, context, meta = input_key(it.path, it.context, it.extra)
+        if not done.seen(str(image), context, meta):
             rows.append({"image": it.path, "context": it.context,
                          "extra": json.dumps(it.extra) if it.extra else ""})
     return (rows[:limit] if limit is not None else rows), len(found.items) - len(rows)
