@@ -286,6 +286,9 @@ def eval_cmd(results: str, labels_csv: str, config_name: str, as_json: bool, plo
         res, matched = evaluate_file(results, labels_csv, labels)
     except (ConfigError, EvalError) as e:
         _fail(str(e))
+    if res["labels_without_column"]:
+        click.echo(f"cem: note: {labels_csv} has no column for {', '.join(res['labels_without_column'])}: scored as "
+                   f"not offered to the raters (left out of both sides)", err=True)
     for p in res["problems"][:20]:
         click.echo(f"cem: {p}", err=True)
     if len(res["problems"]) > 20:
@@ -296,8 +299,8 @@ def eval_cmd(results: str, labels_csv: str, config_name: str, as_json: bool, plo
         except OSError as e:
             _fail(f"{plots}: cannot write plots ({e.strerror or e})")
     if as_json:
-        click.echo(json.dumps({k: res[k] for k in ("expression", "emotion", "labels", "confusion", "multi_face",
-                                                   "matched_by_name")} | {
+        click.echo(json.dumps({k: res[k] for k in ("expression", "emotion", "labels", "labels_without_column",
+                                                   "confusion", "multi_face", "matched_by_name")} | {
             "missing": len(res["missing"]), "missing_images": res["missing"], "skipped": len(res["problems"]),
             "problems": res["problems"]} | ({"plots": res["plots"]} if plots else {}), indent=2))
         return

@@ -23,9 +23,11 @@ resolved silently:
 
 * labels file: UTF-8 CSV (a byte-order mark is fine) with an ``image`` column and either ``label`` (one
   label per image) or columns named after labels (counts or proportions; an empty cell means the label
-  was not offered to that image's raters, and is left out of that row on both sides). A cell that is not a
-  finite number >= 0, an unknown label, a row without votes, or two rows for one image (after path
-  normalisation) is an error: votes for one image belong in one row.
+  was not offered to that image's raters, and is left out of that row on both sides; a label without a
+  column is left out of every row, and listed in ``labels_without_column``). Column names and label
+  values are matched whatever their case. A cell that is not a finite number >= 0, an unknown label
+  (a value, or a column that is not a label), a single label column, a row without votes, or two rows
+  for one image (after path normalisation) is an error: votes for one image belong in one row.
 * matching: a label row's ``image`` is matched to the record whose ``image`` is the same path: the same
   string, or the same file once both are resolved (the label path relative to the labels file's folder or
   the current directory; the record's relative to the current directory or the results file's folder).
@@ -214,6 +216,9 @@ class LabelSet:
     path: str
     labels: list[str]
     rows: list[LabelRow]
+    # labels the file has no column for (label columns only): not offered to any rater, so left out on both
+    # sides, and reported, since a missing column changes what is scored
+    without_column: list[str] = field(default_factory=list)
 
 
 def _cell_number(path: str, line: int, column: str, cell: str) -> float:
@@ -241,7 +246,9 @@ def read_labels_csv(path: str | os.PathLike[str], labels: list[str]) -> LabelSet
             header = next(reader, None)
             if header is None or not any(h.strip() for h in header):
                 raise EvalError(f"{name}: empty file (expected a header row with an 'image' column)")
-            cols = [h.strip() for h in header]
+            known = {"image", "label", "face", *labels}
+            # the names cem reads are matched whatever their case ("Image", "Happiness")
+            cols = [h.strip().lower() if h.strip().lower() in known else h.strip() for h in header]
             dup_cols = sorted({c for c in cols if c and cols.count(c) > 1})
             if dup_cols:
                 raise EvalError(f"{name}:1: column {dup_cols[0]!r} appears more than once in the header")
@@ -253,6 +260,16 @@ def read_labels_csv(path: str | os.PathLike[str], labels: list[str]) -> LabelSet
                 raise EvalError(f"{name}:1: both a 'label' column and label columns {dist_cols}: use one of them")
             if not single and not dist_cols:
                 raise EvalError(f"{name}:1: expected a 'label' column or columns named after labels {labels}")
+            if not single:
+                unknown = [c for c in cols if c and c not in known]
+                if unknown:  # a misspelt label column would silently leave that label out of the scoring
+                    hint = _closest_label(unknown[0], labels)
+                    raise EvalError(f"{name}:1: column {unknown[0]!r} is not a label"
+                                    + (f" (did you mean {hint!r}?)" if hint else "")
+                                    + f"; label columns must be among {labels} (plus 'image' and 'face')")
+                if len(dist_cols) < 2:
+                    raise EvalError(f"{name}:1: only one label column ({dist_cols[0]!r}): a distribution over one "
+                                    f"label always agrees; give a column per label offered to the raters")
             for cells in reader:
                 n = reader.line_num
                 if not any(c.strip() for c in cells):
@@ -269,6 +286,7 @@ def read_labels_csv(path: str | os.PathLike[str], labels: list[str]) -> LabelSet
                                     "put all votes for one image in one row")
                 seen[key] = n
                 if single:
+                    row["label"] = row["label"].lower() if row["label"].lower() in labels else row["label"]
                     if row["label"] not in labels:
                         raise EvalError(f"{name}:{n}: column 'label': {row['label']!r} is not one of {labels}")
                     v = np.zeros(len(labels))
@@ -298,7 +316,14 @@ def read_labels_csv(path: str | os.PathLike[str], labels: list[str]) -> LabelSet
         raise EvalError(f"{name}: cannot read ({e.strerror or e})") from None
     if not rows:
         raise EvalError(f"{name}: no label rows after the header")
-    return LabelSet(name, list(labels), rows)
+    return LabelSet(name, list(labels), rows, [] if single else [lab for lab in labels if lab not in dist_cols])
+
+
+def _closest_label(name: str, labels: list[str]) -> str | None:
+    import difflib
+
+    found = difflib.get_close_matches(name.lower(), labels, n=1, cutoff=0.6)
+    return found[0] if found else None
 
 
 def _renormalise_rated(human: np.ndarray, model: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -491,7 +516,9 @@ def evaluate_file(results: str | os.PathLike[str], labels_csv: str | os.PathLike
         raise EvalError(f"{name}: no cem records ({detail})")
     matched = match_records(lines, label_set, name)
     matched.problems = sorted([*problems, *matched.problems], key=lambda p: p.line)
-    return evaluate_matched(matched), matched
+    out = evaluate_matched(matched)
+    out["labels_without_column"] = label_set.without_column
+    return out, matched
 
 
 def reliability_bins(p_human: np.ndarray, p_model: np.ndarray, bins: int = 15) -> list[dict]:

@@ -68,6 +68,23 @@ def test_scores_by_hand_with_bom_labels(tmp_path):
     assert out["missing"] == 0 and out["multi_face"] == 0 and out["skipped"] == 0 and out["matched_by_name"] == 0
 
 
+def test_labels_without_a_column_are_reported_and_names_match_whatever_their_case(tmp_path):
+    """A labels file that covers only some labels scores those alone (as before) but says which were left
+    out, in --json and on stderr; `Image`, `Happiness` and a `Sadness` label value are read as cem's names."""
+    results = write_jsonl(tmp_path / "r.jsonl", rec("a.jpg", face(happiness=0.8, neutral=0.2)),
+                          rec("b.jpg", face(sadness=0.6, neutral=0.4)))
+    labels = write_csv(tmp_path / "l.csv", "Image,Neutral,HAPPINESS,sadness\na.jpg,1,3,0\nb.jpg,1,0,3\n")
+    res, out = run_eval(results, labels)
+    assert res.exit_code == 0, res.output
+    assert out["labels_without_column"] == [lab for lab in LABELS if lab not in ("neutral", "happiness", "sadness")]
+    assert f"{labels} has no column for surprise, anger, disgust, fear, contempt" in res.stderr
+    assert out["emotion"]["accuracy"] == 1.0
+    single = write_csv(tmp_path / "s.csv", "IMAGE,Label\na.jpg,Happiness\nb.jpg,SADNESS\n")
+    res, out = run_eval(results, single)
+    assert res.exit_code == 0, res.output
+    assert out["labels_without_column"] == [] and out["emotion"]["accuracy"] == 1.0 and "no column" not in res.stderr
+
+
 @pytest.mark.parametrize("cell", ["nan", "NaN", "inf", "-inf", "Infinity", "1e999", "-1", "-0.5", "abc", "1,5"])
 def test_bad_label_cells_are_errors(tmp_path, cell):
     results = write_jsonl(tmp_path / "r.jsonl", rec("a.jpg", face(happiness=1.0)), rec("b.jpg", face(sadness=1.0)))
@@ -78,7 +95,7 @@ def test_bad_label_cells_are_errors(tmp_path, cell):
 
 @pytest.mark.parametrize(("csv", "message"), [
     ("", "{l}: empty file (expected a header row with an 'image' column)"),
-    ("image,happiness\n", "{l}: no label rows after the header"),
+    ("image,neutral,happiness\n", "{l}: no label rows after the header"),
     ("path,happiness\na.jpg,1\n", "{l}:1: the labels file needs an 'image' column (found ['path', 'happiness'])"),
     ("image,mood\na.jpg,1\n", "{l}:1: expected a 'label' column or columns named after labels " + str(LABELS)),
     ("image,label,happiness\na.jpg,happiness,1\n",
@@ -87,14 +104,19 @@ def test_bad_label_cells_are_errors(tmp_path, cell):
     ("image,label\na.jpg,joy\n", "{l}:2: column 'label': 'joy' is not one of " + str(LABELS)),
     ("image,neutral,happiness\na.jpg,,\n", "{l}:2: no positive label value for 'a.jpg'"),
     ("image,neutral,happiness\na.jpg,0,0\n", "{l}:2: no positive label value for 'a.jpg'"),
-    ("image,happiness\n,1\n", "{l}:2: column 'image' is empty"),
-    ("image,happiness\na.jpg,1,7\n", "{l}:2: 3 cells, but the header has 2 columns"),
-    ("image,happiness\na.jpg,1\nb.jpg,1\na.jpg,2\n",
+    ("image,neutral,happiness\n,0,1\n", "{l}:2: column 'image' is empty"),
+    ("image,neutral,happiness\na.jpg,0,1,7\n", "{l}:2: 4 cells, but the header has 3 columns"),
+    ("image,neutral,happiness\na.jpg,0,1\nb.jpg,0,1\na.jpg,0,2\n",
      "{l}:4: image 'a.jpg' already has a row (line 2); put all votes for one image in one row"),
-    ("image,happiness\nd/a.jpg,1\n./d//a.jpg,2\n",
+    ("image,neutral,happiness\nd/a.jpg,0,1\n./d//a.jpg,0,2\n",
      "{l}:3: image './d//a.jpg' already has a row (line 2); put all votes for one image in one row"),
-    ("image,happiness,face\na.jpg,1,first\n", "{l}:2: column 'face': 'first' is not a face index (0, 1, ...)"),
-    ("image,happiness,face\na.jpg,1,-1\n", "{l}:2: column 'face': '-1' is not a face index (0, 1, ...)"),
+    ("image,neutral,happiness,face\na.jpg,0,1,first\n", "{l}:2: column 'face': 'first' is not a face index (0, 1, ...)"),
+    ("image,neutral,happiness,face\na.jpg,0,1,-1\n", "{l}:2: column 'face': '-1' is not a face index (0, 1, ...)"),
+    ("image,neutral,happyness\na.jpg,0,1\n",
+     "{l}:1: column 'happyness' is not a label (did you mean 'happiness'?); label columns must be among " + str(LABELS)
+     + " (plus 'image' and 'face')"),
+    ("image,neutral\na.jpg,1\n", "{l}:1: only one label column ('neutral'): a distribution over one label always "
+                                  "agrees; give a column per label offered to the raters"),
 ])
 def test_bad_label_files_are_errors(tmp_path, csv, message):
     results = write_jsonl(tmp_path / "r.jsonl", rec("a.jpg", face(happiness=1.0)))
@@ -105,12 +127,12 @@ def test_bad_label_files_are_errors(tmp_path, csv, message):
 def test_label_file_that_is_not_utf8(tmp_path):
     results = write_jsonl(tmp_path / "r.jsonl", rec("a.jpg", face(happiness=1.0)))
     labels = tmp_path / "l.csv"
-    labels.write_bytes(b"image,happiness\ncaf\xe9.jpg,1\n")
-    fails(results, labels, f"{labels}: not UTF-8 text (byte 19: invalid continuation byte)")
+    labels.write_bytes(b"image,neutral,happiness\ncaf\xe9.jpg,0,1\n")
+    fails(results, labels, f"{labels}: not UTF-8 text (byte 27: invalid continuation byte)")
 
 
 def test_results_files_that_are_not_usable(tmp_path):
-    labels = write_csv(tmp_path / "l.csv", "image,happiness\na.jpg,1\n")
+    labels = write_csv(tmp_path / "l.csv", "image,neutral,happiness\na.jpg,0,1\n")
     fails(write_jsonl(tmp_path / "e.jsonl"), labels, f"{tmp_path / 'e.jsonl'}: no cem records (empty file)")
     junk = write_jsonl(tmp_path / "j.jsonl", "[1, 2]", "{not json")
     fails(junk, labels, f"{junk}: no cem records (2 lines, none a record; first: {junk}:1: not a JSON object (a list))")
@@ -230,7 +252,7 @@ def test_extreme_values(tmp_path):
                           rec("big.jpg", face(happiness=1e308, neutral=1e308)))
     huge = write_csv(tmp_path / "h.csv", "image,neutral,happiness\na.jpg,1e308,1e308\n")
     fails(results, huge, f"{huge}:2: the label values of 'a.jpg' are too large to add up")
-    long = write_csv(tmp_path / "long.csv", f"image,happiness\na.jpg,1\nb.jpg,{'1' * 200_000}\n")
+    long = write_csv(tmp_path / "long.csv", f"image,neutral,happiness\na.jpg,0,1\nb.jpg,0,{'1' * 200_000}\n")
     fails(results, long, f"{long}:3: not a readable CSV (field larger than field limit (131072))")
     labels = write_csv(tmp_path / "l.csv", "image,neutral,happiness\na.jpg,1,1\nbig.jpg,0,1\n")
     res, out = run_eval(results, labels)
