@@ -360,6 +360,8 @@ class Config:
                 continue
             if key in backend_keys and value != self.reasoner.backend:
                 self.reasoner.options = {}
+                if value == "rules":  # the file's model was for its model reasoner
+                    self.reasoner.model = None
             if key == "device":
                 _set(self.expression, "device", value, f"{where}: expression")
                 _set(self.reasoner, "device", value, f"{where}: reasoner")
@@ -397,6 +399,9 @@ class Config:
             hint = _closest(b, list(BACKENDS))
             raise ConfigError(f"{src}: reasoner.backend: unknown backend {b!r}"
                               + (f" (did you mean {hint!r}?)" if hint else "") + f"; known: {', '.join(BACKENDS)}")
+        if b == "rules" and self.reasoner.model is not None:  # it would be recorded, and silently unused
+            raise ConfigError(f"{src}: reasoner.model {self.reasoner.model!r}: the rules reasoner uses no model; "
+                              f"give a config of a model reasoner (cem models lists them) or --reasoner transformers")
         opts = parse_options(b, self.reasoner.options, f"{src}: reasoner.options")
         self.reasoner.options = _options_dict(opts)
         bad = {k: v for k, v in self.fusion.label_map.items() if k not in self.labels}

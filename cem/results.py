@@ -154,6 +154,7 @@ def write_table(jsonl_path: str | os.PathLike, out_path: str | os.PathLike) -> T
                          + (f" ({len(skipped)} line(s) skipped; first: {reasons[0]})" if skipped else
                             " (the file holds no records)"))
     tmp = out.with_name(f".{out.name}.part")
+    out.parent.mkdir(parents=True, exist_ok=True)  # as the JSONL output's folder is
     try:
         if suffix == ".csv":
             df.to_csv(tmp, index=False, lineterminator="\n", encoding="utf-8", errors="surrogateescape")

@@ -392,7 +392,7 @@ def annotate(pipeline_or_config: Any, inputs: Iterable[str | os.PathLike], out: 
     :class:`~cem.config.Config` (the CLI: models then load only when there is work). ``inputs``: files,
     folders (recursive), globs, CSV manifests (``image``, optional ``context``, extra columns -> ``meta``).
     ``contexts``/``context_file``: contexts by image path or file name; ``context``: for every other image.
-    ``resume``: skip inputs already in ``out`` (by image and context), append the rest. ``workers``: FER
+    ``resume``: skip inputs already in ``out`` (by image, context and manifest columns), append the rest. ``workers``: FER
     processes (each with ``cores // workers`` torch threads); reasoning stays in this process, batched.
     ``csv``: afterwards, the per-face table of every record in ``out`` (.csv or .parquet). ``landmarks``:
     the 478-point mesh in each face. ``image_timeout_s``: with workers, an image taking longer becomes an
@@ -407,8 +407,18 @@ def annotate(pipeline_or_config: Any, inputs: Iterable[str | os.PathLike], out: 
         config, pipeline = pipeline_or_config.config, pipeline_or_config
     out = Path(out)
     for flag, other in (("--csv", csv), ("--frames", frames)):
-        if other is not None and os.path.abspath(other) == os.path.abspath(out):
+        if other is None:
+            continue
+        # realpath: a link to the output's folder is the same file too (abspath alone let the table overwrite
+        # the records)
+        if os.path.realpath(other) == os.path.realpath(out) or (out.exists() and _same_file(other, out)):
             raise RunError(f"{flag} {other} is the JSONL output itself; give another file")
+        # checked now, not after every image was annotated
+        suffix = Path(other).suffix.lower()
+        if suffix not in (".csv", ".parquet"):
+            raise RunError(f"{flag} {other}: the table must end in .csv or .parquet")
+        if suffix == ".parquet" and importlib.util.find_spec("pyarrow") is None:
+            raise RunError(f"{flag} {other}: Parquet tables need pyarrow (pip install pyarrow); or use .csv")
     runner = Runner(config, pipeline, workers=workers, faces=faces, landmarks=landmarks, progress=progress,
                     image_timeout_s=image_timeout_s, echo=echo)
     try:
@@ -471,6 +481,9 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
         sink = JsonlSink(out, resume=resume)
     except OutputError as e:
         raise RunError(str(e)) from None
+    if not resume and out.is_file() and out.stat().st_size > 0:
+        runner.echo(f"cem: note: {safe_text(os.fspath(out))} exists and is replaced by this run (--resume continues "
+                    f"it instead)")
     try:
         runner.build(need_fer=workers == 1 or bool(videos))
         t0 = time.perf_counter()  # the rate counts images, not model loading
@@ -482,6 +495,13 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
         runner.plan_subjects(images)  # every photo of a subject counts for its baseline, done or not
         todo = [it for it in images if input_key(it.path, it.context, it.extra) not in sink.existing.keys]
         summary.skipped = len(images) - len(todo)
+        if resume and todo:
+            done_without_meta = {k[:2] for k in sink.existing.keys}
+            again = sum(1 for it in todo if input_key(it.path, it.context)[:2] in done_without_meta)
+            if again:
+                runner.echo(f"cem: note: {again} input(s) have records in {safe_text(os.fspath(out))} with other "
+                            f"manifest columns (meta); the input is keyed by its image, context and columns, so "
+                            f"they are annotated again and both records kept")
         if limit is not None:
             todo = todo[:limit]
         uses_context = getattr(runner.pipeline.reasoner, "uses_context", config.reasoner.backend != "rules")

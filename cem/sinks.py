@@ -17,8 +17,8 @@ Decisions (documented here because every writer and reader of cem output relies 
   silently.
 - **Resume never deletes.** Lines that are not JSON objects with an ``image`` string (corrupt, non-object,
   a half-written last line) are moved to ``OUT.rejected`` beside the output (appended, never overwritten)
-  and reported; the other records stay, in order. Records are keyed by (image, context), so two manifest
-  rows for one image with different contexts are two records.
+  and reported; the other records stay, in order. Records are keyed by (image, context, manifest columns under
+  ``meta``), so two manifest rows for one image with different contexts (or subjects) are two records.
 - **One writer.** ``OUT.lock`` beside the output is held with an exclusive ``flock`` for the whole run; a
   second run on the same output is refused at once with a message naming the output (exit status 2).
 """

@@ -110,7 +110,8 @@ def test_bad_label_cells_are_errors(tmp_path, cell):
      "{l}:4: image 'a.jpg' already has a row (line 2); put all votes for one image in one row"),
     ("image,neutral,happiness\nd/a.jpg,0,1\n./d//a.jpg,0,2\n",
      "{l}:3: image './d//a.jpg' already has a row (line 2); put all votes for one image in one row"),
-    ("image,neutral,happiness,face\na.jpg,0,1,first\n", "{l}:2: column 'face': 'first' is not a face index (0, 1, ...)"),
+    ("image,neutral,happiness,face\na.jpg,0,1,first\n",
+     "{l}:2: column 'face': 'first' is not a face index (0, 1, ...)"),
     ("image,neutral,happiness,face\na.jpg,0,1,-1\n", "{l}:2: column 'face': '-1' is not a face index (0, 1, ...)"),
     ("image,neutral,happyness\na.jpg,0,1\n",
      "{l}:1: column 'happyness' is not a label (did you mean 'happiness'?); label columns must be among " + str(LABELS)

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cem.config import Config, ConfigError
 from cem.runner import RunError, annotate
 from cem.sinks import OutputLock
 
@@ -847,3 +848,26 @@ def test_wrong_arguments_to_the_python_api_are_named_not_guessed(pipeline, astro
     gray = (astronaut.mean(axis=2) > 100)
     as_bool, as_uint8 = pipeline.analyze(gray), pipeline.analyze(gray.astype(np.uint8) * 255)
     assert [f.evidence.bbox for f in as_bool.faces] == [f.evidence.bbox for f in as_uint8.faces]
+
+
+def test_table_paths_are_checked_before_the_run_and_replacing_an_output_is_said(pipeline, face_png, tmp_path):
+    """--csv through a link to the output's folder is the output itself (refused, the records kept); a table
+    name cem cannot write is refused before any image is annotated; a run without --resume over an existing
+    output says that it replaces it; a table in a folder that does not exist yet is created with it."""
+    out_dir = tmp_path / "cv"
+    out_dir.mkdir()
+    (tmp_path / "link").symlink_to(out_dir)
+    out = out_dir / "o.jsonl"
+    with pytest.raises(RunError, match="is the JSONL output itself"):
+        _run(pipeline, [face_png], out, csv=tmp_path / "link" / "o.jsonl")
+    for bad in ("t.xlsx", "t"):
+        with pytest.raises(RunError, match="the table must end in .csv or .parquet"):
+            _run(pipeline, [face_png], out, csv=tmp_path / bad)
+        assert not out.exists()  # refused before anything was written
+    notes: list[str] = []
+    _run(pipeline, [face_png], out, csv=tmp_path / "new" / "t.csv")
+    assert (tmp_path / "new" / "t.csv").is_file() and len(_strict_records(out)) == 1
+    summary = annotate(pipeline, [face_png], out, progress=False, echo=notes.append)
+    assert summary.images == 1 and any("exists and is replaced by this run" in n for n in notes)
+    with pytest.raises(ConfigError, match="the rules reasoner uses no model"):
+        Config.load("default", model="llava-hf/llava-1.5-7b-hf")
