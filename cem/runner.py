@@ -392,8 +392,8 @@ def annotate(pipeline_or_config: Any, inputs: Iterable[str | os.PathLike], out: 
     :class:`~cem.config.Config` (the CLI: models then load only when there is work). ``inputs``: files,
     folders (recursive), globs, CSV manifests (``image``, optional ``context``, extra columns -> ``meta``).
     ``contexts``/``context_file``: contexts by image path or file name; ``context``: for every other image.
-    ``resume``: skip inputs already in ``out`` (by image, context and manifest columns), append the rest. ``workers``: FER
-    processes (each with ``cores // workers`` torch threads); reasoning stays in this process, batched.
+    ``resume``: skip inputs already in ``out`` (by image, context and manifest columns), append the rest.
+    ``workers``: FER processes (each with ``cores // workers`` torch threads); reasoning stays in this process, batched.
     ``csv``: afterwards, the per-face table of every record in ``out`` (.csv or .parquet). ``landmarks``:
     the 478-point mesh in each face. ``image_timeout_s``: with workers, an image taking longer becomes an
     error record. ``frames``/``every``/``fps``: video options. ``echo``: where messages go (stderr).
