@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import types
 import typing
@@ -41,6 +42,8 @@ from typing import Any, Literal
 from cem.contract import FERPLUS_LABELS
 from cem.io import MAX_SIDE
 from cem.resources import configs_dir
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -318,6 +321,10 @@ class Config:
             candidates.append(Path(f"{text}.yaml"))
         for p in candidates:
             if p.is_file():
+                local = Path(name_or_path)
+                if p.parent == shipped and local.is_file() and local.resolve() != p.resolve():
+                    log.warning("config %r is the shipped one (%s); the file %s in this folder is not used: pass "
+                                "./%s for it", text, p, local, text)
                 return p
         known = sorted(q.stem for q in shipped.glob("*.yaml"))
         stem = text[:-5] if text.endswith(".yaml") else text
@@ -344,7 +351,10 @@ class Config:
         if isinstance(data, dict) and "name" not in data:
             # a user's file without `name:` is named after the file, so its records (provenance.config) are not
             # mistaken for the shipped default's
-            data = {"name": p.stem, **data}
+            # (a local default.yaml is named by its path: its stem is a shipped config's name)
+            shipped = configs_dir()
+            clash = p.resolve().parent != shipped.resolve() and (shipped / f"{p.stem}.yaml").is_file()
+            data = {"name": str(p) if clash else p.stem, **data}
         cfg = cls.from_dict(data, source=str(p))
         cfg.apply(**overrides)
         return cfg

@@ -293,3 +293,15 @@ def test_image_max_side_is_typed_bounded_and_reaches_the_loader(tmp_path):
     Image.new("RGB", (300, 40)).save(tmp_path / "w.png")
     m = Pipeline(Config.load("default", image__max_side=200), load_fer=False).measure(tmp_path / "w.png")
     assert m.error is not None and "limit 200 px per side" in m.error
+
+
+def test_a_local_file_named_like_a_shipped_config(tmp_path, monkeypatch, caplog):
+    """`--config default.yaml` is the shipped config even when the folder has a default.yaml (documented);
+    cem says so, and `./default.yaml` loads the local one, recorded under its path, not as "default"."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "default.yaml").write_text("faces: {max_faces: 3}\n")
+    with caplog.at_level("WARNING", logger="cem.config"):
+        shipped = Config.load("default.yaml")
+    assert shipped.faces.max_faces == 32 and "pass ./default.yaml for it" in caplog.text
+    local = Config.load("./default.yaml")
+    assert local.faces.max_faces == 3 and local.name == "default.yaml"
