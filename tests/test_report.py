@@ -426,4 +426,20 @@ def test_huge_records_are_cut_and_say_so():
     card = data["cards"][0]
     assert len(card["faces"]) == MAX_FACES and card["notes"] == [
         f"300 faces: the first {MAX_FACES} are shown", "no thumbnail: the image file is not found from here"][::-1]
-    assert len(card["faces"][0]["emotion"]) == MAX_KEYS and data["summary"]["faces"] == MAX_FACES
+    # the summary counts every face of the records, not only those shown
+    assert len(card["faces"][0]["emotion"]) == MAX_KEYS and data["summary"]["faces"] == 300
+
+
+def test_a_name_that_is_not_utf8_gets_its_thumbnail(records, tmp_path):
+    """The record names the file with its exact bytes (image_bytes): the report finds the file by them, and
+    image_bytes is a record field, not a manifest column to list on the card."""
+    import base64
+
+    from cem.sinks import image_fields
+
+    odd = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9.png")
+    Image.fromarray(np.full((40, 60, 3), 120, np.uint8)).save(odd)
+    rec = copy.deepcopy(records[1]) | image_fields(odd)
+    assert base64.b64decode(rec["image_bytes"]) == os.fsencode(odd)
+    card = _data(build_report([rec]))["cards"][0]
+    assert card["thumb"] and card["thumb"].startswith("data:image/") and card["extra"] == []

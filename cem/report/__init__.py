@@ -58,7 +58,7 @@ MAX_EXTRA = 20  # extra top-level fields (manifest columns) shown per card
 MAX_PROBLEMS_SHOWN = 200  # skipped-line messages listed in the page (all are counted)
 _HERE = Path(__file__).parent
 # top-level record fields the report shows in their own place; any other field is shown as "name: value"
-_KNOWN = frozenset({"image", "width", "height", "faces", "context", "error", "provenance"})
+_KNOWN = frozenset({"image", "image_bytes", "width", "height", "faces", "context", "error", "provenance"})
 _KNOWN_MOMENT = _KNOWN | {"video", "frame", "time", "track_id", "t_start", "t_end", "key_reason"}
 _COLORS = ["#888", "#e6a700", "#1f9bd1", "#3949ab", "#d32f2f", "#2e7d32", "#7b1fa2", "#6d4c41"]
 _GROUNDING = ("supported", "contradicted", "unverifiable")
@@ -212,7 +212,12 @@ def _card(line: Line, thumbs: _Thumbnails) -> tuple[dict[str, Any], _Moment | No
     notes = []
     uri, scale = None, 1.0
     if moment is None and not error:
-        uri, scale, why = thumbs.get(image)
+        exact = rec.get("image_bytes")  # a name that is not UTF-8: its exact bytes find the file
+        try:
+            path = os.fsdecode(base64.b64decode(exact, validate=True)) if isinstance(exact, str) else image
+        except (ValueError, TypeError):
+            path = image
+        uri, scale, why = thumbs.get(path)
         if why:
             notes.append(why)
     if line.non_finite:
@@ -227,6 +232,7 @@ def _card(line: Line, thumbs: _Thumbnails) -> tuple[dict[str, Any], _Moment | No
         "extra": [[_clip(k, 60), _scalar(v)] for k, v in rec.items()
                   if k not in (_KNOWN if moment is None else _KNOWN_MOMENT)][:MAX_EXTRA],
         "notes": notes, "faces": [_face(f, i, scale) for i, f in enumerate(faces[:MAX_FACES])],
+        "n_faces": len(faces),  # all of the record's faces, shown or not (the page's summary counts them)
     }
     return card, moment
 
@@ -300,7 +306,7 @@ class _Collected:
     def summary(self) -> dict[str, Any]:
         faces = [f for c in self.cards for f in c["faces"]]
         return {
-            "images": len(self.cards), "faces": len(faces), "skipped": len(self.problems),
+            "images": len(self.cards), "faces": sum(c["n_faces"] for c in self.cards), "skipped": len(self.problems),
             "non_finite": self.non_finite,
             "errors": sum(1 for c in self.cards if c["error"]) + sum(1 for f in faces if f["error"]),
             "top_emotions": [[k, n] for k, n in Counter(f["top"] for f in faces if f["top"]).most_common(MAX_KEYS)],
