@@ -323,9 +323,10 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[str]:
     return [it.path for it in collect_inputs(inputs).items]
 
 
-def _csv_rows(path: str | os.PathLike, required: set[str]) -> Iterator[tuple[int, dict[str, str]]]:
-    """(line number, row) of a UTF-8 CSV (a byte-order mark, as Excel writes, is accepted); header names
-    are stripped of spaces. Problems with the file as a whole raise :class:`InputError`."""
+def _csv_rows(path: str | os.PathLike, required: set[str]) -> Iterator[tuple[int, dict[str, str], str | None]]:
+    """(line number, row, the row's problem or None) of a UTF-8 CSV (a byte-order mark, as Excel writes, is
+    accepted); header names are stripped of spaces. A row with cells beyond the header has a problem; problems
+    with the file as a whole raise :class:`InputError`."""
     import csv
 
     if csv.field_size_limit() < CSV_FIELD_LIMIT:
@@ -352,7 +353,10 @@ def _csv_rows(path: str | os.PathLike, required: set[str]) -> Iterator[tuple[int
                 if not any(cell.strip() for cell in row):
                     continue
                 cells = dict(zip(header, row))
-                yield reader.line_num, {k: cells.get(k, "") for k in header if k}
+                # cells without a column would be dropped unseen: the row's record says so instead
+                problem = (f"{len(row)} cells, but the header has {len(header)} columns"
+                           if any(c.strip() for c in row[len(header):]) else None)
+                yield reader.line_num, {k: cells.get(k, "") for k in header if k}, problem
         except UnicodeDecodeError as e:
             raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         except csv.Error as e:
@@ -377,7 +381,7 @@ def read_manifest(path: str | os.PathLike) -> list[InputItem]:
     A row with no image or an over-long context becomes an item carrying that error."""
     base = Path(path).parent
     items = []
-    for n, row in _csv_rows(path, {"image"}):
+    for n, row, row_problem in _csv_rows(path, {"image"}):
         img = row.get("image", "").strip()
         where = f"{os.fspath(path)}:{n}"
         extra = {k: v for k, v in row.items() if k not in ("image", "context")}
@@ -386,7 +390,7 @@ def read_manifest(path: str | os.PathLike) -> list[InputItem]:
             continue
         p = img if os.path.isabs(img) else str(base / img)
         context = row.get("context") or None
-        problem = _context_problem(context, where)
+        problem = f"{where}: {row_problem}" if row_problem else _context_problem(context, where)
         items.append(InputItem(p, None if problem else context, extra, error=f"{p}: {problem}" if problem else None,
                                found=_lexists(p), row=where))
     return items
@@ -415,8 +419,11 @@ def read_context_csv(path: str | os.PathLike) -> ContextTable:
     contexts: dict[str, str] = {}
     errors: dict[str, str] = {}
     lines: dict[str, int] = {}
-    for n, row in _csv_rows(path, {"image", "context"}):
+    for n, row, row_problem in _csv_rows(path, {"image", "context"}):
         img, ctx = row["image"].strip(), row.get("context", "")
+        if row_problem:
+            errors[img] = f"{os.fspath(path)}:{n}: {row_problem}"
+            continue
         if img in lines and contexts.get(img) != ctx:
             raise InputError(f"{path}: lines {lines[img]} and {n} give two different contexts for {img!r}")
         lines[img] = n
@@ -459,6 +466,10 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], contexts: ContextTable |
             it.context = ctx if ctx is not None else context
             if err:
                 it.error = f"{it.path}: {err}"
+    named = {key for it in items for key in (it.path, Path(it.path).name)}
+    unmatched = [k for k in (*table.contexts, *table.errors) if k not in named]
+    if unmatched:  # a typo in the context file would otherwise leave its image without context, unseen
+        notes.append(f"{len(unmatched)} context row(s) match no input (first: {unmatched[0]!r}); they are not used")
     unique: list[InputItem] = []
     seen: dict[tuple[str, str | None], list[int]] = {}  # (path, context) -> positions in unique
     duplicates = []

@@ -871,3 +871,23 @@ def test_table_paths_are_checked_before_the_run_and_replacing_an_output_is_said(
     assert summary.images == 1 and any("exists and is replaced by this run" in n for n in notes)
     with pytest.raises(ConfigError, match="the rules reasoner uses no model"):
         Config.load("default", model="llava-hf/llava-1.5-7b-hf")
+
+
+def test_cells_without_a_column_and_context_rows_without_an_input_are_not_dropped_unseen(tmp_path):
+    """A manifest row with more cells than the header is that row's error (its extra cells would be lost);
+    a context-file row that names no input is reported (a typo would otherwise leave an image without its
+    context)."""
+    from cem.io import collect_inputs, read_context_csv
+
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name)
+    man = tmp_path / "m.csv"
+    man.write_text("image,context\na.png,at home,extra cell\nb.png,at work,\n")
+    a, b = collect_inputs([man]).items
+    assert a.error == f"{tmp_path / 'a.png'}: {man}:2: 3 cells, but the header has 2 columns"
+    assert b.error is None and b.context == "at work"  # an empty trailing cell is what spreadsheets write
+    ctx = tmp_path / "ctx.csv"
+    ctx.write_text("image,context\na.png,at home\nbb.png,typo\n")
+    found = collect_inputs([tmp_path / "a.png"], read_context_csv(ctx))
+    assert found.items[0].context == "at home"
+    assert found.notes == ["1 context row(s) match no input (first: 'bb.png'); they are not used"]
