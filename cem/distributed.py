@@ -415,6 +415,8 @@ def _path_rows(inputs: Any, done: KeySet, contexts: ContextTable | Mapping[str, 
     for it in found.items:
         image, context, meta = input_key(it.path, it.context, it.extra)
         if not done.seen(str(image), context, meta):
-            rows.append({"image": it.path, "context": it.context,
+            # "" for no context, never None: a column of strings and nulls reaches the actors' numpy batches
+            # as the text "nan" (it was recorded as the context)
+            rows.append({"image": it.path, "context": it.context or "",
                          "extra": json.dumps(it.extra) if it.extra else ""})
     return (rows[:limit] if limit is not None else rows), len(found.items) - len(rows)

@@ -323,3 +323,20 @@ def test_two_node_cluster_uses_both_nodes(image_set, local_records, tmp_path):
     finally:
         _stop_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_inputs_without_context_have_none_not_the_text_nan(image_set, ray_runtime, tmp_path):
+    """A folder run (no context anywhere): every record's context is null, as the local engine writes it, and a
+    resume finds them all done (a context column of nulls reached the actors as the text "nan")."""
+    from cem.distributed import annotate
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for p in sorted(image_set.glob("good*.png"))[:3]:
+        shutil.copy(p, folder / p.name)
+    out = tmp_path / "f.jsonl"
+    annotate([folder], "default", out, batch_size=2)
+    recs = _read(out)
+    assert len(recs) == 3 and [r["context"] for r in recs] == [None, None, None]
+    again = annotate([folder], "default", out, resume=True, batch_size=2)
+    assert again.skipped == 3 and again.images == 0 and len(_read(out)) == 3
