@@ -50,7 +50,7 @@ from cem.io import (
     collect_inputs,
     read_context_csv,
 )
-from cem.sinks import JsonlSink, OutputError, input_key, safe_text
+from cem.sinks import JsonlSink, OutputError, input_key, meta_key, safe_text
 
 PROGRESS_MIN_IMAGES = 5
 _TRUE, _FALSE = frozenset({"1", "true", "yes", "y"}), frozenset({"", "0", "false", "no", "n"})
@@ -342,7 +342,7 @@ class Runner:
                     table.write(frame_rows(vf, labels, aus, shown))
                 for rec in vf.moments:
                     n_moments += 1
-                    key = (shown, it.context, rec["frame"], rec["track_id"])
+                    key = (shown, it.context, rec["frame"], rec["track_id"], meta_key(it.extra))
                     if key in sink.existing.moments:  # written before an interruption
                         continue
                     written = sink.write(rec)

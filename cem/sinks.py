@@ -76,7 +76,7 @@ def image_fields(path: str) -> dict[str, str]:
     return {"image": shown, "image_bytes": base64.b64encode(os.fsencode(path)).decode("ascii")}
 
 
-def _meta_key(meta: dict[str, Any] | None) -> tuple[tuple[str, str], ...]:
+def meta_key(meta: dict[str, Any] | None) -> tuple[tuple[str, str], ...]:
     return tuple(sorted((str(k), safe_text(str(v))) for k, v in (meta or {}).items()))
 
 
@@ -85,11 +85,11 @@ def input_key(path: str, context: str | None, extra: dict[str, str] | None = Non
     manifest's other columns, which the record carries as ``meta``: one image in two rows for two subjects is
     two inputs)."""
     fields = image_fields(path)
-    return (fields.get("image_bytes") or fields["image"], context, _meta_key(extra))
+    return (fields.get("image_bytes") or fields["image"], context, meta_key(extra))
 
 
 def record_key(record: dict[str, Any]) -> RecordKey:
-    return (record.get("image_bytes") or record.get("image"), record.get("context"), _meta_key(record.get("meta")))
+    return (record.get("image_bytes") or record.get("image"), record.get("context"), meta_key(record.get("meta")))
 
 
 def clean(value: Any, where: str, bad: list[str] | None) -> Any:
@@ -213,7 +213,7 @@ class ExistingOutput:
     """What an output file holds before a resumed run."""
 
     keys: set[RecordKey] = field(default_factory=set)  # (image, context, meta) of every image record
-    moments: set[tuple[Any, ...]] = field(default_factory=set)  # (video, context, frame, track_id)
+    moments: set[tuple[Any, ...]] = field(default_factory=set)  # (video, context, frame, track_id, meta)
     videos_done: set[RecordKey] = field(default_factory=set)  # videos with a summary or an error record
     rejected: list[bytes] = field(default_factory=list)  # lines moved to OUT.rejected
     repaired_tail: bool = False  # the last record lacked its newline
@@ -261,7 +261,8 @@ def scan(path: Path) -> tuple[ExistingOutput, list[bytes]]:
         good.append(line)
         key = record_key(rec)
         if "video" in rec and "frame" in rec:  # a key moment
-            found.moments.add((rec["video"], rec.get("context"), rec.get("frame"), rec.get("track_id")))
+            found.moments.add((rec["video"], rec.get("context"), rec.get("frame"), rec.get("track_id"),
+                               meta_key(rec.get("meta"))))
         elif "video" in rec:  # a video's summary (written when it was finished) or its error record
             found.videos_done.add(key)
         else:

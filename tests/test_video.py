@@ -210,3 +210,21 @@ def test_frame_table_resume_keeps_old_rows_and_skips_repeats(tmp_path, suffix):
     assert frames == [0, 1, 2]
     with pytest.raises(Exception, match="columns differ"):
         FrameTableWriter(path, cols[:-1], resume=True)
+
+
+def test_one_video_in_two_manifest_rows_resumed_keeps_both_rows_moments(pipeline, video, tmp_path):
+    """A second manifest row for the same video (another rater's column) added before --resume is a new input:
+    its key moments are written too, not taken for the first row's (the moment key includes the columns)."""
+    from cem.runner import annotate
+
+    out = tmp_path / "m.jsonl"
+    one, two = tmp_path / "a.csv", tmp_path / "b.csv"
+    one.write_text(f"image,rater\n{video},a\n")
+    two.write_text(f"image,rater\n{video},a\n{video},b\n")
+    annotate(pipeline, [str(one)], out, progress=False, every=3)
+    annotate(pipeline, [str(two)], out, progress=False, every=3, resume=True)
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    moments = {r: [x["frame"] for x in recs if "frame" in x and x["meta"]["rater"] == r] for r in "ab"}
+    summaries = {x["meta"]["rater"]: x["video_summary"]["moments"] for x in recs if "video_summary" in x}
+    assert moments["a"] and moments["a"] == moments["b"]
+    assert summaries == {"a": len(moments["a"]), "b": len(moments["b"])}
