@@ -110,7 +110,10 @@ def _annotate_ray(config, inputs: tuple[str, ...], output: Path, contexts: Conte
               help="After the run, the per-face table of every record in OUTPUT (.csv or .parquet).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="FER processes (each gets cores/N torch threads); reasoning stays batched in this process.")
-@click.option("--landmarks", is_flag=True, help="Write each face's 478-point mesh into the records.")
+@click.option("--landmarks", is_flag=True, help="Write each face's 478-point mesh into the image records.")
+@click.option("--image-timeout", "image_timeout_s", type=click.FloatRange(min=1), default=None,
+              help="With --workers: seconds an image may take before it becomes a timeout error record "
+                   "(default 600); the records after it wait for it, in input order.")
 @click.option("--frames", "frames_path", type=click.Path(path_type=Path), default=None,
               help="Videos: per-frame table (one row per face per processed frame); .csv or .parquet.")
 @click.option("--every", type=click.IntRange(min=1), default=None, help="Videos: process every Nth frame.")
@@ -121,7 +124,8 @@ def _annotate_ray(config, inputs: tuple[str, ...], output: Path, contexts: Conte
 @_ray_options
 def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: str | None, model: str | None,
              base_url: str | None, faces: str | None, context: str | None, context_file: str | None, resume: bool,
-             csv_path: Path | None, workers: int, landmarks: bool, frames_path: Path | None,
+             csv_path: Path | None, workers: int, landmarks: bool, image_timeout_s: float | None,
+             frames_path: Path | None,
              every: int | None, fps: float | None, limit: int | None, dry_run: bool, no_progress: bool,
              **engine: object) -> None:
     """Annotate images into OUTPUT, one JSON record per image.
@@ -141,6 +145,15 @@ def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: 
     from cem.sinks import safe_text
 
     config = _load_config(config_name, base_url, reasoner=reasoner, model=model, faces=faces)
+    if engine["engine"] != "ray":  # a user who meant to join a cluster must not get a silent local run
+        given = [flag for flag, value, default in (("--address", engine["address"], None),
+                                                   ("--fer-actors", engine["fer_actors"], 1),
+                                                   ("--reason-actors", engine["reason_actors"], None),
+                                                   ("--reason-gpus", engine["reason_gpus"], 0.0))
+                 if value != default]
+        if given:
+            _fail(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --engine ray; add --engine ray "
+                  f"or leave {'it' if len(given) == 1 else 'them'} out")
     try:
         if engine["engine"] == "ray":
             from cem.io import read_context_csv
@@ -148,10 +161,10 @@ def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: 
             contexts = read_context_csv(context_file) if context_file else None
             return _annotate_ray(config, inputs, output, contexts, context, resume, limit, {
                 "--csv": csv_path, "--workers > 1": workers > 1, "--frames": frames_path, "--dry-run": dry_run,
-                "--landmarks": landmarks}, engine)
+                "--landmarks": landmarks, "--image-timeout": image_timeout_s}, engine)
         summary = run(config, inputs, output, resume=resume, workers=workers, csv=csv_path, context=context,
                       context_file=context_file, landmarks=landmarks, progress=not no_progress, limit=limit,
-                      dry_run=dry_run, frames=frames_path, every=every, fps=fps,
+                      dry_run=dry_run, frames=frames_path, every=every, fps=fps, image_timeout_s=image_timeout_s,
                       echo=lambda s: click.echo(s, err=True))
     except RunError as e:
         _fail(safe_text(str(e)))

@@ -467,7 +467,15 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
     videos = [it for it in found.items if it.error is None and is_video(it.path)]
     images = [it for it in found.items if not (it.error is None and is_video(it.path))]
     if frames is not None and not videos:
-        raise RunError("--frames applies to video inputs, and none was given")
+        raise RunError("--frames applies to video inputs, and none was given (videos in folders are not searched "
+                       "for: name them)")
+    if (every is not None or fps is not None) and not videos:
+        raise RunError(f"{'--every' if every is not None else '--fps'} applies to video inputs, and none was given")
+    if every is not None and fps is not None:
+        raise RunError("--every and --fps both choose the frames of a video: give one of them")
+    if videos and (runner.faces or runner.config.faces.mode) == "whole":
+        raise RunError("--faces whole does not apply to videos (their faces are detected and tracked); run the "
+                       "videos without it")
     if dry_run:
         from cem.sinks import scan
 

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from cem.schema import FaceEvidence, Quality
 from cem.video import VideoOptions, track_video
@@ -228,3 +229,20 @@ def test_one_video_in_two_manifest_rows_resumed_keeps_both_rows_moments(pipeline
     summaries = {x["meta"]["rater"]: x["video_summary"]["moments"] for x in recs if "video_summary" in x}
     assert moments["a"] and moments["a"] == moments["b"]
     assert summaries == {"a": len(moments["a"]), "b": len(moments["b"])}
+
+
+def test_video_options_that_would_do_nothing_are_refused(video, face_crop, tmp_path):
+    """Options a new user can pass by mistake are refused (exit 2, saying why) instead of being ignored:
+    --every/--fps without a video, both together, --faces whole on a video, Ray options without --engine ray."""
+    out = str(tmp_path / "o.jsonl")
+    face_png = tmp_path / "face.png"
+    Image.fromarray(face_crop).save(face_png)
+    cases = [(["annotate", str(face_png), "-o", out, "--every", "2"], "--every applies to video inputs"),
+             (["annotate", str(face_png), "-o", out, "--fps", "5"], "--fps applies to video inputs"),
+             (["annotate", str(video), "-o", out, "--every", "2", "--fps", "5"], "give one of them"),
+             (["annotate", str(video), "-o", out, "--faces", "whole"], "--faces whole does not apply to videos"),
+             (["annotate", str(face_png), "-o", out, "--fer-actors", "4"], "--fer-actors applies to --engine ray")]
+    for args, words in cases:
+        r = subprocess.run([sys.executable, "-m", "cem.cli", *args], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    assert not (tmp_path / "o.jsonl").exists()
