@@ -331,7 +331,13 @@ class FrameTableWriter:
             except ImportError:
                 raise VideoError("--frames *.parquet needs pyarrow (pip install pyarrow); or use .csv") from None
             if resuming:
-                old = pq.read_table(self.path)
+                try:
+                    old = pq.read_table(self.path)
+                except Exception as e:  # pyarrow's errors (ArrowInvalid, OSError) for a file cut while writing
+                    raise VideoError(f"--frames {self.path}: not a readable Parquet table ({type(e).__name__}: {e}); "
+                                     f"a run killed while writing it leaves it cut: move it away and resume (the "
+                                     f"records in the JSONL are kept), or use a .csv table, which resumes "
+                                     f"after a kill") from None
                 if old.column_names != columns:
                     raise VideoError(f"{self.path}: its columns differ from this run's; cannot resume into it")
                 rows = old.to_pylist()

@@ -246,3 +246,15 @@ def test_video_options_that_would_do_nothing_are_refused(video, face_crop, tmp_p
         r = subprocess.run([sys.executable, "-m", "cem.cli", *args], capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_cut_parquet_frame_table_is_named_with_what_to_do(tmp_path):
+    """A run killed while writing a Parquet frame table leaves it without its footer: resuming into it says so
+    and what to do, instead of pyarrow's bare message."""
+    pytest.importorskip("pyarrow")
+    from cem.video import FrameTableWriter, VideoError
+
+    path = tmp_path / "frames.parquet"
+    path.write_bytes(b"PAR1" + bytes(200))
+    with pytest.raises(VideoError, match=r"not a readable Parquet table .*move it away and resume"):
+        FrameTableWriter(path, ["video", "time", "frame", "track_id"], resume=True)
