@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections import Counter
@@ -41,6 +42,13 @@ from cem.sinks import record_key as sink_key
 
 Key = tuple[str, "str | None", "tuple[tuple[str, str], ...]"]  # image, context, the manifest's other columns
 PART_GLOB = "part-*.jsonl"
+# the shards this engine writes: part-<UTC time>-<pid>-<n>.jsonl; only those are read, merged or removed, so
+# other files in the folder (a user's own part-00000.jsonl) are never taken for shards or deleted
+PART_NAME = re.compile(r"part-\d{8}T\d{6}-\d+-\d{5}\.jsonl")
+
+
+def _parts(shards: Path) -> list[Path]:
+    return sorted(p for p in shards.glob(PART_GLOB) if PART_NAME.fullmatch(p.name)) if shards.is_dir() else []
 MAX_BLOCKS = 10_000
 ACTOR_START_TIMEOUT_S = 900  # loading MediaPipe and the CNN takes seconds; a model on a GPU, minutes
 
@@ -157,7 +165,7 @@ def _read_records(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def _sources(merged: Path, shards: Path, resume: bool) -> list[Path]:
-    parts = sorted(shards.glob(PART_GLOB)) if shards.is_dir() else []
+    parts = _parts(shards)
     return ([merged] if resume and merged.is_file() else []) + parts
 
 
@@ -311,7 +319,7 @@ def annotate(dataset_or_paths: Any, config: Config | str | os.PathLike = "defaul
         rows, summary.skipped = _path_rows(dataset_or_paths, done, contexts, context, limit)
     shards.mkdir(parents=True, exist_ok=True)
     if not resume:
-        for old in shards.glob(PART_GLOB):
+        for old in _parts(shards):
             old.unlink()
     if rows or _is_ray_dataset(dataset_or_paths):
         _run(dataset_or_paths, rows, cfg, plan, summary, done, shard_size=shard_size, address=address,

@@ -153,18 +153,21 @@ def test_rerun_without_resume_replaces_old_output_and_a_bad_input_removes_nothin
     out, shards = tmp_path / "o.jsonl", tmp_path / "o"
     shards.mkdir()
     old = {"image": "old.png", "width": 1, "height": 1, "faces": [], "error": None, "provenance": {}}
-    (shards / "part-1-00001.jsonl").write_text(json.dumps(old) + "\n")
+    part = shards / "part-20261127T120000-4242-00001.jsonl"  # as an earlier run names its shards
+    part.write_text(json.dumps(old) + "\n")
+    mine = shards / "part-00000.jsonl"  # a user's own file in that folder: never read, never deleted
+    mine.write_text("not cem's\n")
     out.write_text(json.dumps(old) + "\n")
     bad = tmp_path / "bad.csv"
     bad.write_text("path,context\nx.png,\n")
     with pytest.raises(ValueError, match="'image'"):
         annotate([bad], "default", out)
-    assert (shards / "part-1-00001.jsonl").exists() and _read(out) == [old]
+    assert part.exists() and _read(out) == [old]
     # nothing new to do (no inputs): with resume the old records stay; without, the output starts over
     summary = annotate([], "default", out, resume=True)
     assert summary.images == 0 and summary.records == 1 and _read(out) == [old]
     assert annotate([], "default", out).records == 0
-    assert _read(out) == [] and not list(shards.iterdir())
+    assert _read(out) == [] and list(shards.iterdir()) == [mine] and mine.read_text() == "not cem's\n"
 
 
 def test_openai_reasoning_actors_share_the_concurrency_and_get_the_server_settings(monkeypatch):
