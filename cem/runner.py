@@ -97,11 +97,15 @@ class RunSummary:
         if self.skipped:
             out.append(f"cem: {self.skipped} input(s) already in {self.output} were skipped (--resume)")
         rate = self.images / max(self.elapsed_s, 1e-9)
-        out.append(f"cem: {self.images} images, {self.faces} faces, {self.n_errors} errors in {self.elapsed_s:.1f} s "
-                   f"({rate:.1f} images/s) -> {self.output}")
+        if self.images or not self.videos:  # a run of videos alone has no image line to give
+            out.append(f"cem: {self.images} images, {self.faces} faces, {self.n_errors} errors in "
+                       f"{self.elapsed_s:.1f} s ({rate:.1f} images/s) -> {self.output}")
+        elif self.n_errors:
+            out.append(f"cem: {self.n_errors} errors -> {self.output}")
         out += [f"  {n} x {kind}" for kind, n in self.errors.most_common()]
         if self.videos:
-            out.append(f"cem: {self.videos} video(s), {self.frames} frames, {self.moments} key moments")
+            out.append(f"cem: {self.videos} video(s), {self.frames} frames, {self.moments} key moments"
+                       + ("" if self.images else f" -> {self.output}"))
         failed = sum(self.reasoner_failed.values())
         if failed:
             causes = ", ".join(f"{n} x {c}" for c, n in self.reasoner_failed.most_common())
@@ -306,6 +310,10 @@ class Runner:
             for it in items:
                 if input_key(it.path, it.context, it.extra) in sink.existing.videos_done:
                     summary.skipped += 1
+                    if table is not None and not table.has_rows_of(safe_text(it.path)):
+                        self.echo(f"cem: note: {safe_text(it.path)} was finished in an earlier run (--resume), so "
+                                  f"its frames are not in {frames}; run it without --resume into a new output "
+                                  f"for its frame table")
                     continue
                 self._run_video(it, sink, summary, table, every, fps)
         finally:

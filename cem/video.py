@@ -363,6 +363,10 @@ class FrameTableWriter:
     def _key(row: dict[str, Any]) -> tuple[str, str, str]:
         return (str(row.get("video")), str(row.get("frame")), str(row.get("track_id")))
 
+    def has_rows_of(self, video: str) -> bool:
+        """Whether the table already held rows of ``video`` when this run opened it (resume)."""
+        return any(key[0] == video for key in self._existing)
+
     def write(self, rows: list[dict[str, Any]]) -> None:
         if self._existing:
             rows = [r for r in rows if self._key(r) not in self._existing]

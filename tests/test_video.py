@@ -258,3 +258,21 @@ def test_a_cut_parquet_frame_table_is_named_with_what_to_do(tmp_path):
     path.write_bytes(b"PAR1" + bytes(200))
     with pytest.raises(VideoError, match=r"not a readable Parquet table .*move it away and resume"):
         FrameTableWriter(path, ["video", "time", "frame", "track_id"], resume=True)
+
+
+def test_resume_with_a_new_frame_table_says_why_it_stays_empty(pipeline, video, tmp_path):
+    """A finished video is skipped by --resume, so a frame table asked for only now gets none of its rows: the
+    run says so. A run of videos alone reports no "0 images" line."""
+    from cem.runner import annotate
+
+    out, notes = tmp_path / "m.jsonl", []
+    first = annotate(pipeline, [str(video)], out, progress=False, every=3, frames=tmp_path / "a.csv")
+    assert not any("images" in line for line in first.lines())
+    assert any("video(s)" in x and x.endswith(f"-> {out}") for x in first.lines())
+    annotate(pipeline, [str(video)], out, progress=False, every=3, frames=tmp_path / "b.csv", resume=True,
+             echo=notes.append)
+    assert any("was finished in an earlier run" in n and "b.csv" in n for n in notes)
+    notes.clear()
+    annotate(pipeline, [str(video)], out, progress=False, every=3, frames=tmp_path / "a.csv", resume=True,
+             echo=notes.append)
+    assert not any("was finished in an earlier run" in n for n in notes)  # its rows are in a.csv already
