@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from cem import __version__
-from cem.config import BACKENDS  # the backend registry (light: no pydantic, no models)
+from cem.config import BACKENDS, FACE_MODES  # the backend registry (light: no pydantic, no models)
 
 if TYPE_CHECKING:
     from cem.io import ContextTable
@@ -100,7 +100,7 @@ def _annotate_ray(config, inputs: tuple[str, ...], output: Path, contexts: Conte
 @click.option("--model", default=None, help="Model id or local path for the reasoner.")
 @click.option("--base-url", default=None,
               help="openai reasoner: the server's URL (beats $OPENAI_BASE_URL, which beats the config).")
-@click.option("--faces", type=click.Choice(["detect", "whole"]), default=None,
+@click.option("--faces", type=click.Choice(list(FACE_MODES)), default=None,
               help="detect: find faces; whole: each image is one pre-cropped face.")
 @click.option("--context", default=None, help="Text context given to the reasoner for every image.")
 @click.option("--context-file", type=click.Path(dir_okay=False), default=None,
@@ -370,7 +370,7 @@ def prompt() -> None:
 @click.option("--context", default=None, help="Context text.")
 @click.option("--config", "config_name", default="default", show_default=True)
 @click.option("--model", default=None, help="Apply this model's chat template too (transformers reasoner).")
-@click.option("--faces", type=click.Choice(["detect", "whole"]), default=None)
+@click.option("--faces", type=click.Choice(list(FACE_MODES)), default=None)
 def prompt_render(image: str, template: str | None, context: str | None, config_name: str, model: str | None,
                   faces: str | None) -> None:
     """Print exactly the prompt text the reasoner sends for IMAGE (and which images go with it)."""

@@ -46,6 +46,17 @@ from cem.resources import configs_dir
 log = logging.getLogger(__name__)
 
 
+FACE_MODES = ("detect", "whole")  # faces.mode, --faces and the faces= argument of the Python API
+
+
+def check_faces_mode(faces: str | None) -> str | None:
+    """``faces`` as given when it is None (the config's mode) or one of :data:`FACE_MODES`; anything else is a
+    ValueError rather than a silent detect run."""
+    if faces is not None and faces not in FACE_MODES:
+        raise ValueError(f"faces must be 'detect' or 'whole' (or None for the config's), not {faces!r}")
+    return faces
+
+
 class ConfigError(ValueError):
     """A configuration that cannot be used (unknown key, bad value, missing file)."""
 

@@ -17,7 +17,7 @@ import numpy as np
 from pydantic import ValidationError
 
 import cem
-from cem.config import Config
+from cem.config import Config, check_faces_mode
 from cem.contract import FaceEvidence, FaceResult, ImageResult, Provenance
 from cem.fuse import downweight_contradicted, explain, ground_cues, pool
 from cem.io import ImageInput, ImageLoadError, load_image
@@ -159,15 +159,7 @@ class Pipeline:
                         raise
                     unreadable.append(str(e))
 
-        return self.fer.baseline(loaded(), self._check_faces(faces), neutral)
-
-    @staticmethod
-    def _check_faces(faces: str | None) -> str | None:
-        """``faces`` as given when it is None (the config's), "detect" or "whole"; anything else is an error
-        rather than a silent detect run."""
-        if faces is not None and faces not in ("detect", "whole"):
-            raise ValueError(f"faces must be 'detect' or 'whole' (or None for the config's), not {faces!r}")
-        return faces
+        return self.fer.baseline(loaded(), check_faces_mode(faces), neutral)
 
     def measure(self, image: ImageInput, faces: str | None = None, keep_pixels: bool = True,
                 baseline: Any = None, baseline_name: str | None = None) -> MeasuredImage:
@@ -177,7 +169,7 @@ class Pipeline:
         own neutral face; ``baseline_name`` says which (or why there is none) in ``provenance.baseline``."""
         from cem.fer.aus import SubjectBaseline
 
-        self._check_faces(faces)
+        check_faces_mode(faces)
         if baseline is not None and not isinstance(baseline, SubjectBaseline):
             raise TypeError(f"baseline must come from Pipeline.baseline (a SubjectBaseline), not "
                             f"{type(baseline).__name__}")
@@ -325,15 +317,14 @@ class Pipeline:
         if isinstance(images, (str, bytes, os.PathLike, np.ndarray)) or not isinstance(images, Iterable):
             raise TypeError(f"analyze_many takes an iterable of images (paths, PIL images or arrays), not one "
                             f"{type(images).__name__}; for one image use analyze")
-        if isinstance(contexts, Sequence) and not isinstance(contexts, str) and hasattr(images, "__len__") \
-                and len(contexts) != len(images):  # type: ignore[arg-type]
-            raise ValueError(f"analyze_many: {len(images)} images but {len(contexts)} contexts")  # type: ignore[arg-type]
         if isinstance(contexts, str):
             raise TypeError("analyze_many: contexts must be a list aligned with the images or a mapping from the "
                             "image's path to its context, not one string")
         if isinstance(contexts, Sequence):
+            if hasattr(images, "__len__") and len(contexts) != len(images):  # type: ignore[arg-type]
+                raise ValueError(f"analyze_many: {len(images)} images but {len(contexts)} contexts")  # type: ignore[arg-type]
             _check_contexts(contexts)
-        self._check_faces(faces)
+        check_faces_mode(faces)
         size = batch_size or self.batch_size
         chunk: list[MeasuredImage] = []
         chunk_ctx: list[str | None] = []

@@ -29,6 +29,7 @@ from typing import Any
 import pandas as pd
 
 from cem.contract import CUE_COLUMNS, RecordError, column_groups, cue_rows, face_rows, order_columns, validate_record
+from cem.sinks import table_format
 
 __all__ = ["read_results", "read_cues", "write_table", "read_records", "CorruptLinesWarning", "TableSummary",
            "CemAccessor"]
@@ -142,9 +143,7 @@ def write_table(jsonl_path: str | os.PathLike, out_path: str | os.PathLike) -> T
     complete. Corrupt lines are skipped (see :func:`read_results`) and counted in the summary; a file
     without a single usable record is an error (ValueError, nothing written), as for ``cem report``."""
     out = Path(out_path)
-    suffix = out.suffix.lower()
-    if suffix not in (".csv", ".parquet"):
-        raise ValueError(f"{out}: the table must end in .csv or .parquet")
+    fmt = table_format(out)
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always", CorruptLinesWarning)
         df = read_results(jsonl_path)
@@ -156,13 +155,9 @@ def write_table(jsonl_path: str | os.PathLike, out_path: str | os.PathLike) -> T
     tmp = out.with_name(f".{out.name}.part")
     out.parent.mkdir(parents=True, exist_ok=True)  # as the JSONL output's folder is
     try:
-        if suffix == ".csv":
+        if fmt == "csv":
             df.to_csv(tmp, index=False, lineterminator="\n", encoding="utf-8", errors="surrogateescape")
         else:
-            try:
-                import pyarrow  # noqa: F401
-            except ImportError:
-                raise ValueError(f"{out}: Parquet tables need pyarrow (pip install pyarrow); or use .csv") from None
             df.to_parquet(tmp, index=False)
         os.replace(tmp, out)
     finally:

@@ -50,7 +50,7 @@ from cem.io import (
     collect_inputs,
     read_context_csv,
 )
-from cem.sinks import JsonlSink, OutputError, input_key, meta_key, safe_text
+from cem.sinks import JsonlSink, OutputError, input_key, meta_key, safe_text, table_format
 
 PROGRESS_MIN_IMAGES = 5
 _TRUE, _FALSE = frozenset({"1", "true", "yes", "y"}), frozenset({"", "0", "false", "no", "n"})
@@ -421,12 +421,10 @@ def annotate(pipeline_or_config: Any, inputs: Iterable[str | os.PathLike], out: 
         # the records)
         if os.path.realpath(other) == os.path.realpath(out) or (out.exists() and _same_file(other, out)):
             raise RunError(f"{flag} {other} is the JSONL output itself; give another file")
-        # checked now, not after every image was annotated
-        suffix = Path(other).suffix.lower()
-        if suffix not in (".csv", ".parquet"):
-            raise RunError(f"{flag} {other}: the table must end in .csv or .parquet")
-        if suffix == ".parquet" and importlib.util.find_spec("pyarrow") is None:
-            raise RunError(f"{flag} {other}: Parquet tables need pyarrow (pip install pyarrow); or use .csv")
+        try:  # checked now, not after every image was annotated
+            table_format(other)
+        except ValueError as e:
+            raise RunError(f"{flag} {e}") from None
     runner = Runner(config, pipeline, workers=workers, faces=faces, landmarks=landmarks, progress=progress,
                     image_timeout_s=image_timeout_s, echo=echo)
     try:

@@ -76,6 +76,19 @@ def image_fields(path: str) -> dict[str, str]:
     return {"image": shown, "image_bytes": base64.b64encode(os.fsencode(path)).decode("ascii")}
 
 
+def table_format(path: str | os.PathLike) -> str:
+    """"csv" or "parquet" from a table's file name (``--csv``, ``--frames``, ``cem table``); ValueError naming
+    the file for another suffix, or for Parquet without pyarrow."""
+    import importlib.util
+
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".csv", ".parquet"):
+        raise ValueError(f"{os.fspath(path)}: the table must end in .csv or .parquet")
+    if suffix == ".parquet" and importlib.util.find_spec("pyarrow") is None:
+        raise ValueError(f"{os.fspath(path)}: Parquet tables need pyarrow (pip install pyarrow); or use .csv")
+    return suffix[1:]
+
+
 def meta_key(meta: dict[str, Any] | None) -> tuple[tuple[str, str], ...]:
     return tuple(sorted((str(k), safe_text(str(v))) for k, v in (meta or {}).items()))
 

@@ -334,7 +334,7 @@ class FrameTableWriter:
                 try:
                     old = pq.read_table(self.path)
                 except Exception as e:  # pyarrow's errors (ArrowInvalid, OSError) for a file cut while writing
-                    raise VideoError(f"--frames {self.path}: not a readable Parquet table ({type(e).__name__}: {e}); "
+                    raise VideoError(f"not a readable Parquet table ({type(e).__name__}: {e}); "
                                      f"a run killed while writing it leaves it cut: move it away and resume (the "
                                      f"records in the JSONL are kept), or use a .csv table, which resumes "
                                      f"after a kill") from None

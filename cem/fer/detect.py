@@ -13,9 +13,11 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
+
+from cem.fer.threads import torch_threads
 
 
 @contextlib.contextmanager
@@ -187,7 +189,7 @@ class FaceDetector:
 
         if model not in ("short", "full", "both", "auto"):
             raise ValueError(f"faces.detector must be short, full, both or auto, not {model!r}")
-        if small_faces not in ("mtcnn", "pyramid", "off"):
+        if small_faces not in get_args(SmallFaces):
             raise ValueError(f"faces.small_faces must be mtcnn, pyramid or off, not {small_faces!r}")
         self.model = model
         selections = {"short": [0], "full": [1], "both": [0, 1], "auto": [0, 1]}[model]
@@ -278,8 +280,6 @@ class FaceDetector:
 
     def _mtcnn_detect(self, rgb: np.ndarray) -> list[Detection]:
         """MTCNN's faces in ``rgb`` (searched on a copy of at most ``MTCNN_MAX_SIDE`` px), in ``rgb``'s pixels."""
-        from cem.fer.threads import torch_threads
-
         if self._mtcnn is None:
             from cem.fer.mtcnn import MTCNN
 

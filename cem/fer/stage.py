@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from cem.config import Config
+from cem.config import Config, check_faces_mode
 from cem.contract import FaceEvidence, Pose
 from cem.fer.aus import SubjectBaseline, estimate_aus
 from cem.fer.detect import MTCNN_MIN_SCORE_UNMESHED
@@ -118,9 +118,7 @@ class FERStage:
             raise ValueError("FERStage.measure takes an RGB uint8 array of shape (H, W, 3), not "
                              + (f"an array of shape {rgb.shape} and dtype {rgb.dtype}" if isinstance(rgb, np.ndarray)
                                 else type(rgb).__name__) + " (cem.io.load_image converts paths and other images)")
-        mode = faces or self.config.faces.mode
-        if mode not in ("detect", "whole"):
-            raise ValueError(f"faces must be 'detect' or 'whole', not {mode!r}")
+        mode = check_faces_mode(faces) or self.config.faces.mode
         t0 = time.perf_counter()
         skipped = 0
         gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
