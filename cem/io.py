@@ -323,14 +323,28 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[str]:
     return [it.path for it in collect_inputs(inputs).items]
 
 
-def _csv_rows(path: str | os.PathLike, required: set[str]) -> Iterator[tuple[int, dict[str, str], str | None]]:
+def _csv_rows(path: str | os.PathLike, required: set[str]) -> list[tuple[int, dict[str, str], str | None]]:
     """(line number, row, the row's problem or None) of a UTF-8 CSV (a byte-order mark, as Excel writes, is
     accepted); header names are stripped of spaces. A row with cells beyond the header has a problem; problems
-    with the file as a whole raise :class:`InputError`."""
+    with the file as a whole raise :class:`InputError`.
+
+    Contexts can be long, so fields up to :data:`CSV_FIELD_LIMIT` are read. The csv module's limit is one
+    setting for the whole process, so it is raised only while this file is read and then put back: a user's
+    own csv code (and ``cem eval``'s label reader) keeps the limit it had.
+    """
     import csv
 
-    if csv.field_size_limit() < CSV_FIELD_LIMIT:
-        csv.field_size_limit(CSV_FIELD_LIMIT)
+    before = csv.field_size_limit()
+    csv.field_size_limit(max(before, CSV_FIELD_LIMIT))
+    try:
+        return list(_read_csv_rows(path, required))
+    finally:
+        csv.field_size_limit(before)
+
+
+def _read_csv_rows(path: str | os.PathLike, required: set[str]) -> Iterator[tuple[int, dict[str, str], str | None]]:
+    import csv
+
     try:
         fh = open(path, newline="", encoding="utf-8-sig")  # noqa: SIM115 - closed below
     except OSError as e:

@@ -88,3 +88,21 @@ def test_expand_inputs_folders_globs_files(tmp_path):
     got = expand_inputs([str(tmp_path / "a"), str(tmp_path / "*.jpeg"), str(tmp_path / "a" / "notes.txt")])
     assert got == [str(tmp_path / "a" / "1.jpg"), str(tmp_path / "a" / "b" / "2.PNG"), str(tmp_path / "3.jpeg"),
                    str(tmp_path / "a" / "notes.txt")]
+
+
+def test_long_manifest_fields_read_without_raising_the_process_wide_csv_limit(tmp_path):
+    import csv
+
+    from cem.io import read_context_csv, read_manifest
+
+    long_context = "y" * 150_000  # beyond the csv module's default limit of 128 KiB
+    man = tmp_path / "m.csv"
+    man.write_text(f"image,context\na.png,{long_context}\n", encoding="utf-8")
+    before = csv.field_size_limit()
+    (item,) = read_manifest(man)
+    assert "150000 characters" in (item.error or "")  # read in full (then refused as a context), not a csv error
+    assert read_context_csv(man).errors  # same for a context file
+    # the limit is cem's only while it reads: a user's own csv code (and `cem eval`) keep theirs
+    assert csv.field_size_limit() == before
+    with open(man, encoding="utf-8") as fh, pytest.raises(csv.Error):
+        list(csv.reader(fh))
