@@ -48,6 +48,7 @@ __all__ = [
     "RECORD_FIELDS", "BBOX_COLUMNS", "DECIMALS", "rounded", "json_schema", "validate_record", "record_kind",
     "error_record", "video_summary_record",
     "moment_record", "face_rows", "cue_rows", "frame_row", "frame_columns", "column_groups", "order_columns",
+    "FRAME_INPUT_COLUMNS",
     "CUE_COLUMNS", "IMAGE_COLUMNS", "POSE_COLUMNS", "QUALITY_COLUMNS", "DISTRIBUTION_TOLERANCE",
 ]
 
@@ -454,7 +455,8 @@ class VideoRecord(ImageRecord):
 
 
 _FRAME_HEAD: dict[str, Any] = {
-    "video": (str, ...), "time": (Seconds, ...), "frame": (NonNegInt, ...), "track_id": (NonNegInt, ...),
+    "video": (str, ...), "context": (str | None, ...),
+    "time": (Seconds, ...), "frame": (NonNegInt, ...), "track_id": (NonNegInt, ...),
     **{c: (float, ...) for c in BBOX_COLUMNS},
     **{c: (float | None, ...) for c in Pose.__dataclass_fields__},
     "key_moment": (bool, ...),
@@ -463,10 +465,14 @@ FrameRow: type[BaseModel] = create_model(  # one row of the video frame table (-
     "FrameRow",
     __config__=ConfigDict(
         **_CONFIG, extra="allow", title="cem video frame row",
-        json_schema_extra={"description": "Then one column per AU (intensity), per AU relative to the track's "
-                                          "neutral baseline (AUxx_rel) and per label (expression_<label>).",
+        json_schema_extra={"description": "After `context`, a manifest's other columns of the video's row "
+                                          "(meta.<column>; a run's videos share them, empty where a row lacks "
+                                          "one); then one column per AU (intensity), per AU relative to the "
+                                          "track's neutral baseline (AUxx_rel) and per label "
+                                          "(expression_<label>).",
                            "patternProperties": {r"^AU[0-9]{2}(_rel)?$|^expression_.+$":
-                                                 {"type": ["number", "null"]}},
+                                                 {"type": ["number", "null"]},
+                                                 r"^meta\..+$": {"type": ["string", "null"]}},
                            "additionalProperties": False}),
     **_FRAME_HEAD,
 )
@@ -729,19 +735,32 @@ def column_groups(columns: Sequence[str]) -> dict[str, list[str]]:
     return groups
 
 
-def frame_columns(labels: Sequence[str], au_codes: Sequence[str]) -> list[str]:
-    """Columns of the video frame table: :data:`FrameRow`'s fields, then AUs, AUs relative to the track's
-    neutral baseline, and the expression distribution."""
-    return ([*FrameRow.model_fields, *au_codes, *(f"{k}_rel" for k in au_codes)]
+FRAME_INPUT_COLUMNS = ("video", "context")
+"""The frame-table columns that say which input a row belongs to (with the ``meta.*`` columns after them): one
+video under two contexts, or in two manifest rows, is two inputs, and its rows are told apart by these."""
+
+
+def frame_columns(labels: Sequence[str], au_codes: Sequence[str], meta_columns: Sequence[str] = ()) -> list[str]:
+    """Columns of the video frame table: ``video``, ``context``, the manifest's other columns as
+    ``meta.<column>`` (``meta_columns``: the union over the run's videos, in the manifest's order), the rest
+    of :data:`FrameRow`'s fields, then AUs, AUs relative to the track's neutral baseline, and the expression
+    distribution."""
+    head = list(FrameRow.model_fields)
+    return ([*FRAME_INPUT_COLUMNS, *(f"meta.{k}" for k in meta_columns),
+             *(c for c in head if c not in FRAME_INPUT_COLUMNS), *au_codes, *(f"{k}_rel" for k in au_codes)]
             + [f"expression_{k}" for k in labels])
 
 
 def frame_row(video: str, time: float, frame: int, track_id: int, evidence: FaceEvidence, key_moment: bool,
               au_relative: Mapping[str, float] | None, labels: Sequence[str],
-              au_codes: Sequence[str]) -> dict[str, Any]:
-    """One row of the video frame table for one tracked face (rounded as in the records)."""
+              au_codes: Sequence[str], *, context: str | None = None, meta: Mapping[str, Any] | None = None,
+              meta_columns: Sequence[str] = ()) -> dict[str, Any]:
+    """One row of the video frame table for one tracked face (rounded as in the records); ``meta`` fills the
+    ``meta.<column>`` cells of ``meta_columns`` (None where the video's row has no such column)."""
     ev = evidence
-    row: dict[str, Any] = {"video": video, "time": rounded("seconds", time), "frame": frame, "track_id": track_id}
+    row: dict[str, Any] = {"video": video, "context": context}
+    row.update({f"meta.{k}": (None if (meta or {}).get(k) is None else str((meta or {})[k])) for k in meta_columns})
+    row.update({"time": rounded("seconds", time), "frame": frame, "track_id": track_id})
     row.update(zip(BBOX_COLUMNS, (rounded("px", v) for v in ev.bbox)))
     row.update({c: rounded("degrees", getattr(ev.pose, c)) if ev.pose else None for c in POSE_COLUMNS})
     row["key_moment"] = bool(key_moment)

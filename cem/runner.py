@@ -297,31 +297,37 @@ class Runner:
     # ---- videos -------------------------------------------------------------------------------------
     def run_videos(self, items: list[InputItem], sink: JsonlSink, summary: RunSummary, frames: Path | None,
                    every: int | None, fps: float | None, resume: bool) -> None:
+        from cem.contract import frame_columns
         from cem.fer.aus import AU_NAMES
-        from cem.video import FrameTableWriter, VideoError, frame_columns
+        from cem.video import FrameTableWriter, VideoError
 
         table = None
+        # a manifest's other columns tell the rows of one video under two rows apart (two raters, conditions)
+        meta_columns = list(dict.fromkeys(k for it in items for k in it.extra))
         if frames is not None:
             try:
-                table = FrameTableWriter(frames, frame_columns(self.config.labels, list(AU_NAMES)), resume=resume)
+                table = FrameTableWriter(frames, frame_columns(self.config.labels, list(AU_NAMES), meta_columns),
+                                         resume=resume)
             except (VideoError, OSError) as e:
                 raise RunError(f"--frames {frames}: {e}") from None
         try:
             for it in items:
                 if input_key(it.path, it.context, it.extra) in sink.existing.videos_done:
                     summary.skipped += 1
-                    if table is not None and not table.has_rows_of(safe_text(it.path)):
+                    first_row = {"video": safe_text(it.path), "context": it.context,
+                                 **{f"meta.{k}": v for k, v in it.extra.items()}}
+                    if table is not None and not table.has_rows_of(first_row):
                         self.echo(f"cem: note: {safe_text(it.path)} was finished in an earlier run (--resume), so "
                                   f"its frames are not in {frames}; run it without --resume into a new output "
                                   f"for its frame table")
                     continue
-                self._run_video(it, sink, summary, table, every, fps)
+                self._run_video(it, sink, summary, table, every, fps, meta_columns)
         finally:
             if table is not None:
                 table.close()
 
     def _run_video(self, it: InputItem, sink: JsonlSink, summary: RunSummary, table: Any, every: int | None,
-                   fps: float | None) -> None:
+                   fps: float | None, meta_columns: list[str]) -> None:
         from cem.contract import AU_NAMES, error_record, video_summary_record
         from cem.video import VideoError, frame_count, frame_rows
 
@@ -347,7 +353,8 @@ class Runner:
                     if n_frames % 10 == 0:
                         bar.refresh()
                 if table is not None:
-                    table.write(frame_rows(vf, labels, aus, shown))
+                    table.write(frame_rows(vf, labels, aus, shown, context=it.context, meta=it.extra,
+                                           meta_columns=meta_columns))
                 for rec in vf.moments:
                     n_moments += 1
                     key = (shown, it.context, rec["frame"], rec["track_id"], meta_key(it.extra))

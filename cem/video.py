@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from cem.contract import ActionUnit, FaceEvidence
+from cem.contract import FRAME_INPUT_COLUMNS, ActionUnit, FaceEvidence, frame_row
 from cem.eval import js_divergence
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm"})
@@ -280,39 +280,21 @@ def track_video(stage: Any, path: str, labels: list[str], opts: VideoOptions) ->
         processed += 1
 
 
-FRAME_COLUMNS_HEAD = ["video", "time", "frame", "track_id", "x", "y", "w", "h", "yaw", "pitch", "roll", "key_moment"]
-
-
-def frame_rows(vf: VideoFrame, labels: list[str], au_codes: list[str], video: str = "") -> list[dict[str, Any]]:
-    rows = []
-    for f in vf.faces:
-        e = f.evidence
-        x, y, w, h = e.bbox
-        row: dict[str, Any] = {"video": video, "time": round(vf.time, 4), "frame": vf.frame, "track_id": f.track_id,
-                               "x": round(x, 1), "y": round(y, 1), "w": round(w, 1), "h": round(h, 1),
-                               "yaw": round(e.pose.yaw, 2) if e.pose else None,
-                               "pitch": round(e.pose.pitch, 2) if e.pose else None,
-                               "roll": round(e.pose.roll, 2) if e.pose else None, "key_moment": f.key}
-        for k in au_codes:
-            row[k] = round(e.aus[k].intensity, 3) if k in e.aus else None
-        for k in au_codes:
-            row[f"{k}_rel"] = round(f.au_relative[k], 3) if f.au_relative and k in f.au_relative else None
-        for k in labels:
-            row[f"expression_{k}"] = round(e.expression[k], 5)
-        rows.append(row)
-    return rows
-
-
-def frame_columns(labels: list[str], au_codes: list[str]) -> list[str]:
-    return (FRAME_COLUMNS_HEAD + list(au_codes) + [f"{k}_rel" for k in au_codes]
-            + [f"expression_{k}" for k in labels])
+def frame_rows(vf: VideoFrame, labels: list[str], au_codes: list[str], video: str = "", *,
+               context: str | None = None, meta: dict[str, Any] | None = None,
+               meta_columns: list[str] | None = None) -> list[dict[str, Any]]:
+    """The frame-table rows of one processed frame (:func:`cem.contract.frame_row` for each tracked face)."""
+    return [frame_row(video, vf.time, vf.frame, f.track_id, f.evidence, f.key, f.au_relative, labels, au_codes,
+                      context=context, meta=meta, meta_columns=meta_columns or ())
+            for f in vf.faces]
 
 
 class FrameTableWriter:
     """Per-frame table: CSV (streamed) or Parquet (``.parquet``; written in row groups, needs pyarrow).
 
-    ``resume=True`` keeps the rows already in the table and skips rows of the same (video, frame,
-    track_id) when an interrupted video is processed again: the table is never wiped by ``--resume``.
+    ``resume=True`` keeps the rows already in the table and skips rows of the same input (video, context and
+    ``meta.*`` columns), frame and track when an interrupted video is processed again: the table is never
+    wiped by ``--resume``.
     A CSV is appended to; a Parquet file (which cannot be appended to) is rewritten with its old rows
     first, into a temporary file that replaces it only when complete.
     """
@@ -322,8 +304,10 @@ class FrameTableWriter:
         self.parquet = self.path.suffix.lower() == ".parquet"
         self._buf: list[dict[str, Any]] = []
         self._pq_writer: Any = None
-        self._existing: set[tuple[str, str, str]] = set()
+        self._existing: set[tuple[str, ...]] = set()
         self._target = self.path
+        # the columns that say which input a row is of; with the frame and the track they identify a row
+        self._input_columns = [c for c in columns if c in FRAME_INPUT_COLUMNS or c.startswith("meta.")]
         resuming = resume and self.path.is_file() and self.path.stat().st_size > 0
         if self.parquet:
             try:
@@ -338,8 +322,7 @@ class FrameTableWriter:
                                      f"a run killed while writing it leaves it cut: move it away and resume (the "
                                      f"records in the JSONL are kept), or use a .csv table, which resumes "
                                      f"after a kill") from None
-                if old.column_names != columns:
-                    raise VideoError(f"{self.path}: its columns differ from this run's; cannot resume into it")
+                self._check_columns(old.column_names)
                 rows = old.to_pylist()
                 self._existing = {self._key(r) for r in rows}
                 self.path = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
@@ -351,21 +334,36 @@ class FrameTableWriter:
                 with open(self.path, newline="", encoding="utf-8") as fh:
                     reader = csv.reader(fh)
                     header = next(reader, [])
-                    if header != columns:
-                        raise VideoError(f"{self.path}: its columns differ from this run's; cannot resume into it")
+                    self._check_columns(header)
                     self._existing = {self._key(dict(zip(header, r))) for r in reader}
             self._fh = open(self.path, "a" if resuming else "w", newline="", encoding="utf-8")  # noqa: SIM115
             self._w = csv.DictWriter(self._fh, fieldnames=columns)
             if not resuming:
                 self._w.writeheader()
 
-    @staticmethod
-    def _key(row: dict[str, Any]) -> tuple[str, str, str]:
-        return (str(row.get("video")), str(row.get("frame")), str(row.get("track_id")))
+    def _check_columns(self, found: list[str]) -> None:
+        if list(found) == self.columns:
+            return
+        missing = [c for c in self.columns if c not in found]
+        extra = [c for c in found if c not in self.columns]
+        why = "; ".join(part for part in (f"this run also writes {', '.join(missing)}" if missing else "",
+                                          f"the table also has {', '.join(extra)}" if extra else "") if part)
+        raise VideoError(f"{self.path}: its columns differ from this run's ({why or 'another order'}: a table of "
+                         f"another cem version or of a manifest with other columns); cannot resume into it: "
+                         f"give --frames a new file")
 
-    def has_rows_of(self, video: str) -> bool:
-        """Whether the table already held rows of ``video`` when this run opened it (resume)."""
-        return any(key[0] == video for key in self._existing)
+    def _input_key(self, row: dict[str, Any]) -> tuple[str, ...]:
+        # a CSV reads an empty cell as "", Parquet as None: both are "no value"
+        return tuple("" if row.get(c) is None else str(row.get(c)) for c in self._input_columns)
+
+    def _key(self, row: dict[str, Any]) -> tuple[str, ...]:
+        return (*self._input_key(row), str(row.get("frame")), str(row.get("track_id")))
+
+    def has_rows_of(self, row: dict[str, Any]) -> bool:
+        """Whether the table already held rows of the input that ``row`` names (its ``video``, ``context`` and
+        ``meta.*`` cells) when this run opened it (resume)."""
+        prefix = self._input_key(row)
+        return any(key[:len(prefix)] == prefix for key in self._existing)
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         if self._existing:
@@ -393,8 +391,10 @@ class FrameTableWriter:
     def _schema(self) -> Any:
         import pyarrow as pa
 
-        types = {"video": pa.string(), "frame": pa.int64(), "track_id": pa.int64(), "key_moment": pa.bool_()}
-        return pa.schema([(c, types.get(c, pa.float64())) for c in self.columns])
+        types = {"video": pa.string(), "context": pa.string(), "frame": pa.int64(), "track_id": pa.int64(),
+                 "key_moment": pa.bool_()}
+        return pa.schema([(c, pa.string() if c.startswith("meta.") else types.get(c, pa.float64()))
+                          for c in self.columns])
 
     def close(self) -> None:
         if self.parquet:

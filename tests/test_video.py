@@ -167,8 +167,9 @@ def test_memory_flat_on_a_long_video(tmp_path, face_crop):
 
 def test_parquet_frame_table(pipeline, video, tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
+    from cem.contract import frame_columns
     from cem.fer.aus import AU_NAMES
-    from cem.video import FrameTableWriter, frame_columns, frame_rows
+    from cem.video import FrameTableWriter, frame_rows
 
     labels = pipeline.config.labels
     path = tmp_path / "frames.parquet"
@@ -229,6 +230,36 @@ def test_one_video_in_two_manifest_rows_resumed_keeps_both_rows_moments(pipeline
     summaries = {x["meta"]["rater"]: x["video_summary"]["moments"] for x in recs if "video_summary" in x}
     assert moments["a"] and moments["a"] == moments["b"]
     assert summaries == {"a": len(moments["a"]), "b": len(moments["b"])}
+
+
+def test_frame_table_tells_one_video_under_two_contexts_apart_and_resumes_both(pipeline, video, tmp_path):
+    """The frame table carries each row's context and manifest columns: one video under two contexts gives two
+    sets of rows that can be told apart, and a resume that adds the second context writes its rows (they were
+    taken for the first context's and dropped)."""
+    import csv
+
+    from cem.runner import annotate
+
+    out, frames = tmp_path / "m.jsonl", tmp_path / "frames.csv"
+    one, two = tmp_path / "a.csv", tmp_path / "b.csv"
+    one.write_text(f"image,context,rater\n{video},a talk,r1\n")
+    two.write_text(f"image,context,rater\n{video},a talk,r1\n{video},a debate,r1\n")
+    annotate(pipeline, [str(one)], out, progress=False, every=5, frames=frames)
+    first = list(csv.DictReader(frames.open(encoding="utf-8")))
+    assert first and {(r["video"], r["context"], r["meta.rater"]) for r in first} == {(str(video), "a talk", "r1")}
+    assert list(first[0])[:4] == ["video", "context", "meta.rater", "time"]
+    annotate(pipeline, [str(two)], out, progress=False, every=5, frames=frames, resume=True)
+    rows = list(csv.DictReader(frames.open(encoding="utf-8")))
+    by_context = {c: [(r["frame"], r["track_id"]) for r in rows if r["context"] == c] for c in ("a talk", "a debate")}
+    assert by_context["a talk"] == [(r["frame"], r["track_id"]) for r in first]  # kept once, not repeated
+    assert by_context["a debate"] == by_context["a talk"]
+    # a table written without these columns (another cem version, other manifest columns) is not resumed into
+    three = tmp_path / "c.csv"
+    three.write_text(f"image,context,condition\n{video},a talk,x\n")
+    from cem.runner import RunError
+
+    with pytest.raises(RunError, match=r"columns differ.*this run also writes meta\.condition.*give --frames a new"):
+        annotate(pipeline, [str(three)], tmp_path / "n.jsonl", progress=False, every=5, frames=frames, resume=True)
 
 
 def test_video_options_that_would_do_nothing_are_refused(video, face_crop, tmp_path):
