@@ -435,13 +435,18 @@ class ErrorRecord(ImageRecord):
 
 
 class VideoSummary(BaseModel):
-    """What a finished video gave: frames processed, key moments found, and that it was completed."""
+    """What a finished video gave: frames processed, key moments found, and whether the whole file was read."""
 
     model_config = ConfigDict(**_CONFIG, extra="forbid", title="cem video summary")
 
-    frames: NonNegInt
+    frames: NonNegInt = Field(description="frames processed (the sampled ones)")
     moments: NonNegInt
-    complete: bool
+    complete: bool = Field(description="false when decoding stopped before the frames the file declares (a cut "
+                                       "or damaged file): only the frames before were processed")
+    frames_decoded: NonNegInt | None = Field(default=None, exclude_if=_omit_none,
+                                             description="frames decoded, sampled or not")
+    frames_declared: NonNegInt | None = Field(default=None, exclude_if=_omit_none,
+                                              description="frames the file's header declares")
 
 
 class VideoRecord(ImageRecord):
@@ -568,13 +573,16 @@ def error_record(image: str, error: str, provenance: Provenance | Mapping[str, A
 
 def video_summary_record(video: str, *, frames: int, moments: int, provenance: Provenance | Mapping[str, Any],
                          width: int | None = None, height: int | None = None, context: str | None = None,
-                         meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The record written when a video is finished (validated): ``video_summary: {frames, moments,
-    complete: true}``; ``--resume`` skips videos that have one."""
+                         meta: Mapping[str, Any] | None = None, complete: bool = True,
+                         frames_decoded: int | None = None, frames_declared: int | None = None) -> dict[str, Any]:
+    """The record written when a video is finished (validated): ``video_summary: {frames, moments, complete,
+    frames_decoded, frames_declared}`` (``complete`` false: the file ended before the frames it declares);
+    ``--resume`` skips videos that have one (reading a cut file again gives the same frames)."""
+    summary = {"frames": frames, "moments": moments, "complete": complete, "frames_decoded": frames_decoded,
+               "frames_declared": frames_declared}
     return _record(VideoRecord, {"image": video, "video": video, "width": width, "height": height, "faces": [],
                                  "context": context, "meta": dict(meta) if meta else None, "error": None,
-                                 "video_summary": {"frames": frames, "moments": moments, "complete": True},
-                                 "provenance": provenance}, video)
+                                 "video_summary": summary, "provenance": provenance}, video)
 
 
 def moment_record(result: ImageResult, face: FaceResult, *, video: str, frame: int, time: float, track_id: int,

@@ -355,13 +355,15 @@ class Pipeline:
 
     def analyze_video(self, path: str | os.PathLike, context: str | None = None, every: int | None = None,
                       fps: float | None = None, options: Any = None,
-                      meta: Mapping[str, Any] | None = None) -> Iterator[Any]:
+                      meta: Mapping[str, Any] | None = None, stats: Any = None) -> Iterator[Any]:
         """Stream a video: yields a :class:`cem.video.VideoFrame` per processed frame (tracked, smoothed
         faces; ``moments`` holds the contract records of the key moments reasoned on that frame).
 
         ``every``: process every Nth frame; ``fps``: sample at that rate; ``options``: a
         :class:`cem.video.VideoOptions` for tracking, smoothing and key-moment settings; ``meta``: the
-        manifest columns written in each key moment's record.
+        manifest columns written in each key moment's record; ``stats``: a :class:`cem.video.DecodeStats`
+        that is filled in with the frames the file declares and the frames decoded (``stats.cut_short`` after
+        the last frame: the file ended early, cut or damaged).
         """
         from cem.contract import moment_record
         from cem.video import VideoOptions, track_video
@@ -372,7 +374,7 @@ class Pipeline:
         if fps is not None:
             opts.fps = fps
         name = os.fspath(path)
-        for vf in track_video(self.fer, name, self.config.labels, opts):
+        for vf in track_video(self.fer, name, self.config.labels, opts, stats):
             keys = [f for f in vf.faces if f.key]
             if keys and opts.reason:
                 timings: dict[str, float] = {}

@@ -329,7 +329,7 @@ class Runner:
     def _run_video(self, it: InputItem, sink: JsonlSink, summary: RunSummary, table: Any, every: int | None,
                    fps: float | None, meta_columns: list[str]) -> None:
         from cem.contract import AU_NAMES, error_record, video_summary_record
-        from cem.video import VideoError, frame_count, frame_rows
+        from cem.video import DecodeStats, VideoError, frame_count, frame_rows
 
         pipe = self.pipeline
         labels, aus = self.config.labels, list(AU_NAMES)
@@ -344,8 +344,9 @@ class Runner:
             bar = tqdm(total=frame_count(it.path), unit="frame", file=sys.stderr, dynamic_ncols=True,
                        desc=Path(shown).name)
         summary.videos += 1
+        stats = DecodeStats()
         try:
-            for vf in pipe.analyze_video(it.path, it.context, every=every, fps=fps, meta=meta):
+            for vf in pipe.analyze_video(it.path, it.context, every=every, fps=fps, meta=meta, stats=stats):
                 n_frames += 1
                 size = (vf.width, vf.height)
                 if bar is not None:
@@ -376,10 +377,16 @@ class Runner:
                 bar.close()
         summary.frames += n_frames
         sink.write(video_summary_record(it.path, frames=n_frames, moments=n_moments, provenance=pipe.provenance(),
-                                        width=size[0], height=size[1], context=it.context, meta=meta))
+                                        width=size[0], height=size[1], context=it.context, meta=meta,
+                                        complete=not stats.cut_short, frames_decoded=stats.decoded,
+                                        frames_declared=stats.declared))
         el = time.perf_counter() - start
         self.echo(f"cem: {shown}: {n_frames} frames in {el:.1f} s ({n_frames / max(el, 1e-9):.1f} frames/s), "
                   f"{n_moments} key moments")
+        if stats.cut_short:
+            note = (f"{shown}: the file ended after {stats.decoded} of the {stats.declared} frames it declares (cut "
+                    f"or damaged); the frames before were processed and its summary record says complete: false")
+            summary.notes.append(note)
 
 
 def _expand(inputs: Iterable[str | os.PathLike], contexts: Mapping[str, str] | None, context: str | None,

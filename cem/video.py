@@ -78,8 +78,24 @@ def frame_count(path: str) -> int | None:
     return n if n > 0 else None
 
 
-def iter_frames(path: str, every: int | None = None, fps: float | None = None) -> Iterator[tuple[int, float, Any]]:
-    """(frame index, time in s, RGB frame) for the sampled frames, decoded one at a time."""
+@dataclass
+class DecodeStats:
+    """How much of a video was read; :func:`iter_frames` fills it in as it decodes."""
+
+    declared: int | None = None  # frames the container's header declares (None when it does not say)
+    decoded: int = 0  # frames decoded, sampled or not
+
+    @property
+    def cut_short(self) -> bool:
+        """Decoding stopped before the frames the header declares: a cut or damaged file. A shortfall of up to
+        2 frames or 1 % is allowed, since some containers only estimate their frame count."""
+        return self.declared is not None and self.decoded < self.declared - max(2.0, 0.01 * self.declared)
+
+
+def iter_frames(path: str, every: int | None = None, fps: float | None = None,
+                stats: DecodeStats | None = None) -> Iterator[tuple[int, float, Any]]:
+    """(frame index, time in s, RGB frame) for the sampled frames, decoded one at a time; ``stats`` (optional)
+    is filled in with the frames declared and decoded."""
     import cv2
 
     if not Path(path).is_file():
@@ -87,6 +103,9 @@ def iter_frames(path: str, every: int | None = None, fps: float | None = None) -
     cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
         raise VideoError(f"{path}: OpenCV cannot open this video")
+    if stats is not None:
+        declared = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        stats.declared, stats.decoded = (declared if declared > 0 else None), 0
     native = cap.get(cv2.CAP_PROP_FPS) or 0.0
     if native <= 0 or math.isnan(native):
         native = 30.0
@@ -103,6 +122,8 @@ def iter_frames(path: str, every: int | None = None, fps: float | None = None) -
                     break
                 yield i, i / native, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
             i += 1
+            if stats is not None:
+                stats.decoded = i
     finally:
         cap.release()
     if i == 0:
@@ -226,12 +247,14 @@ def _timeline_summary(tr: Track, since: float, labels: list[str]) -> str | None:
     return "; ".join(parts) or f"little change over {dt:.1f} s"
 
 
-def track_video(stage: Any, path: str, labels: list[str], opts: VideoOptions) -> Iterator[VideoFrame]:
-    """Run the FER stage over a video with tracking, smoothing, baselines and key-moment flags."""
+def track_video(stage: Any, path: str, labels: list[str], opts: VideoOptions,
+                stats: DecodeStats | None = None) -> Iterator[VideoFrame]:
+    """Run the FER stage over a video with tracking, smoothing, baselines and key-moment flags (``stats``: see
+    :func:`iter_frames`)."""
     tracker = FaceTracker(opts)
     last_t: float | None = None
     processed = 0
-    for frame_idx, t, rgb in iter_frames(path, opts.every, opts.fps):
+    for frame_idx, t, rgb in iter_frames(path, opts.every, opts.fps, stats):
         h, w = rgb.shape[:2]
         dt = 0.0 if last_t is None else t - last_t
         live = tracker.live(t, max(dt, 1e-3) * 1.5)

@@ -17,11 +17,11 @@ from cem.video import VideoOptions, track_video
 FPS = 30
 
 
-def write_video(path, frames, fps=FPS):
+def write_video(path, frames, fps=FPS, fourcc="mp4v"):
     import cv2
 
     h, w = frames[0].shape[:2]
-    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, (w, h))
     assert vw.isOpened()
     for f in frames:
         vw.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
@@ -121,7 +121,8 @@ def test_cli_video_outputs(video, tmp_path):
                         str(table), "--every", "2"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     *recs, done = [json.loads(x) for x in moments.read_text().splitlines()]
-    assert done["video_summary"] == {"frames": 45, "moments": len(recs), "complete": True}  # marks it finished
+    assert done["video_summary"] == {"frames": 45, "moments": len(recs), "complete": True,  # marks it finished
+                                     "frames_decoded": 90, "frames_declared": 90}
     assert recs and all({"track_id", "t_start", "t_end", "faces"} <= set(x) for x in recs)
     assert recs[0]["key_reason"] == "first appearance" and recs[0]["faces"][0]["track_id"] == 0
     face = recs[0]["faces"][0]
@@ -130,6 +131,31 @@ def test_cli_video_outputs(video, tmp_path):
     assert 30 <= len(rows) <= 45 and {r["track_id"] for r in rows} == {"0"}
     assert [float(r["time"]) for r in rows] == sorted(float(r["time"]) for r in rows)
     assert "AU12_rel" in rows[0] and "expression_happiness" in rows[0]
+
+
+def test_a_cut_video_is_processed_as_far_as_it_goes_and_says_it_is_not_complete(pipeline, face_crop, tmp_path):
+    """A file that ends before the frames its header declares (a copy cut short, a damaged disk) gives its key
+    moments and frame rows up to the cut, then a summary with complete: false and a run note (it said true)."""
+    from cem.runner import annotate
+
+    whole = write_video(tmp_path / "whole.avi", moving_face_frames(face_crop, n_move=30, n_gap=0, n_back=30),
+                        fourcc="MJPG")  # an AVI still opens when its end is cut (an MP4 loses its index)
+    cut = tmp_path / "cut.avi"
+    data = whole.read_bytes()
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    out, frames = tmp_path / "m.jsonl", tmp_path / "f.csv"
+    summary = annotate(pipeline, [str(whole), str(cut)], out, progress=False, every=5, frames=frames)
+    done = {r["video"]: r["video_summary"] for r in map(json.loads, out.read_text().splitlines())
+            if "video_summary" in r}
+    assert done[str(whole)] == {"frames": 12, "moments": done[str(whole)]["moments"], "complete": True,
+                                "frames_decoded": 60, "frames_declared": 60}
+    s = done[str(cut)]
+    assert s["complete"] is False and s["frames_declared"] == 60 and 20 <= s["frames_decoded"] < 58
+    assert s["frames"] == -(-s["frames_decoded"] // 5) and s["moments"] >= 1
+    assert any(f"{cut}: the file ended after {s['frames_decoded']} of the 60 frames" in n for n in summary.notes)
+    assert not any(str(whole) in n for n in summary.notes)
+    moments = [r for r in map(json.loads, out.read_text().splitlines()) if r.get("video") == str(cut) and "frame" in r]
+    assert len(moments) == s["moments"] and all(m["frame"] < s["frames_decoded"] for m in moments)
 
 
 def test_unreadable_video_is_an_error_record(tmp_path):
