@@ -8,8 +8,14 @@ batches, so a reasoner's ``batch_size`` and an openai server's ``concurrency`` a
 The pool is crash- and hang-aware: each worker has one image at a time, so when a worker dies (OpenCV
 aborting on a pathological image, the out-of-memory killer) or passes the per-image time limit, that
 image gets an error record naming the input and what happened, the worker is replaced, and the run goes
-on. Processes are started with ``spawn``: MediaPipe and torch are not fork-safe once loaded. Results come
-back in input order, identical to a serial run except for ``provenance.timings_ms``.
+on. Processes are started with ``spawn``: MediaPipe and torch are not fork-safe once loaded.
+
+Results come back in input order, identical to a serial run except for ``provenance.timings_ms``, with one
+exception that keeps finished work from waiting on a slow image: when the oldest unfinished image has run for
+:data:`HOLD_BACK_S` seconds, or :data:`MAX_HELD` results wait behind it, the finished ones are released as
+they come (the slow image's result follows when it finishes or times out). Without it, an image that hangs
+until its time limit (600 s by default) would hold every finished record in memory and out of the output
+file, where an interrupted run would lose them.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from typing import Any
 from cem.config import Config
 
 DEFAULT_IMAGE_TIMEOUT_S = 600.0
+HOLD_BACK_S = 10.0  # an image running this long no longer holds back the results finished after it
+MAX_HELD = 64  # nor do more than this many finished results wait for it (bounds memory with pixels kept)
 
 
 class WorkerStartError(RuntimeError):
@@ -79,7 +87,8 @@ class _Worker:
 
 
 class WorkerPool:
-    """N FER worker processes; :meth:`measure` yields one MeasuredImage per path, in order."""
+    """N FER worker processes; :meth:`measure` yields ``(index, MeasuredImage)`` once per path, in input order
+    except behind a slow image (see the module's docs)."""
 
     def __init__(self, config: Config, workers: int, faces: str | None = None, keep_pixels: bool = True,
                  image_timeout_s: float = DEFAULT_IMAGE_TIMEOUT_S) -> None:
@@ -113,6 +122,7 @@ class WorkerPool:
         pending: deque[tuple[int, str]] = deque(enumerate(paths))
         total = len(pending)
         done: dict[int, Any] = {}
+        released: set[int] = set()  # yielded ahead of a slow image
         next_out = 0
         self.workers = [self._spawn() for _ in range(min(self.n, max(1, total)))]
         try:
@@ -126,6 +136,9 @@ class WorkerPool:
                             pass  # the worker died: its sentinel is ready, and the job is reported below
                 busy = [w for w in self.workers if w.job is not None]
                 wait_s = min((w.started + self.timeout - time.monotonic() for w in busy), default=5.0)
+                left = self._hold_back_left(next_out, busy) if done else None
+                if left is not None:  # results wait behind the oldest image: look again when it passes HOLD_BACK_S
+                    wait_s = min(wait_s, left)
                 ready = wait([w.conn for w in self.workers] + [w.proc.sentinel for w in self.workers],
                              timeout=max(0.0, wait_s))
                 for i, w in enumerate(list(self.workers)):
@@ -157,11 +170,28 @@ class WorkerPool:
                     elif not w.ready:
                         raise WorkerStartError(f"a worker process died while starting ({_exit_text(w.proc.exitcode)})")
                     self.workers[i] = self._spawn()
-                while next_out in done:
-                    yield done.pop(next_out)
+                while next_out in done or next_out in released:
+                    if next_out in done:
+                        yield next_out, done.pop(next_out)
+                    else:
+                        released.discard(next_out)
                     next_out += 1
+                left = self._hold_back_left(next_out, self.workers) if done else None
+                if done and (len(done) >= MAX_HELD or (left is not None and left <= 0)):
+                    for idx in sorted(done):  # a slow image: what is finished is not kept waiting for it
+                        yield idx, done.pop(idx)
+                        released.add(idx)
         finally:
             self.close()
+
+    @staticmethod
+    def _hold_back_left(idx: int, busy: list[_Worker]) -> float | None:
+        """Seconds until image ``idx`` has run :data:`HOLD_BACK_S` (negative once it has); None when no worker
+        has it."""
+        for w in busy:
+            if w.job is not None and w.job[0] == idx:
+                return w.started + HOLD_BACK_S - time.monotonic()
+        return None
 
     def close(self) -> None:
         for w in self.workers:

@@ -225,31 +225,45 @@ class Runner:
             self.pipeline = None
 
     # ---- images -------------------------------------------------------------------------------------
-    def _measured(self, items: list[InputItem]) -> Iterator[Any]:
-        """One MeasuredImage per item, in order: from worker processes or this one; an item that already
-        carries an error (found while expanding the inputs) is not loaded at all."""
+    def _measured(self, items: list[InputItem]) -> Iterator[tuple[InputItem, Any]]:
+        """(item, MeasuredImage) once per item: from worker processes or this one; an item that already carries
+        an error (found while expanding the inputs) is not loaded at all. In input order, except that with
+        workers the images finished behind a slow one come first (:mod:`cem.parallel`); an item measured here
+        (an error, a subject's photo) then comes right before the next pooled item that follows it."""
         from cem.parallel import DEFAULT_IMAGE_TIMEOUT_S, WorkerPool, WorkerStartError
         from cem.pipeline import MeasuredImage
 
         keep = self.pipeline.needs_pixels
-        live = [it.path for it in items if it.error is None and self._subject(it) is None]
-        if self.workers > 1 and len(live) > 1:
+        pooled = [pos for pos, it in enumerate(items) if it.error is None and self._subject(it) is None]
+        if self.workers > 1 and len(pooled) > 1:
             pool = WorkerPool(self.config, self.workers, self.faces, keep,
                               self.image_timeout_s or DEFAULT_IMAGE_TIMEOUT_S)
-            source: Iterator[Any] = pool.measure(live)
+            source: Iterator[tuple[int, Any]] = pool.measure([items[pos].path for pos in pooled])
         else:
-            source = (self.pipeline.measure(p, self.faces, keep_pixels=keep) for p in live)
-        try:
-            for it in items:
+            source = ((i, self.pipeline.measure(items[pos].path, self.faces, keep_pixels=keep))
+                      for i, pos in enumerate(pooled))
+        here = iter(pos for pos, it in enumerate(items) if it.error is not None or self._subject(it) is not None)
+        pending_here = next(here, None)
+
+        def measured_here(until: int) -> Iterator[tuple[InputItem, Any]]:
+            nonlocal pending_here
+            while pending_here is not None and pending_here < until:
+                it = items[pending_here]
                 subject = self._subject(it)
                 if it.error is not None:
-                    yield MeasuredImage(it.path, None, [], {}, it.error)
-                elif subject is None:
-                    yield next(source)
+                    yield it, MeasuredImage(it.path, None, [], {}, it.error)
                 else:
+                    assert subject is not None
                     base, name = self._baseline(subject)
-                    yield self.pipeline.measure(it.path, self.faces, keep_pixels=keep, baseline=base,
-                                                baseline_name=name)
+                    yield it, self.pipeline.measure(it.path, self.faces, keep_pixels=keep, baseline=base,
+                                                    baseline_name=name)
+                pending_here = next(here, None)
+
+        try:
+            for i, m in source:
+                yield from measured_here(pooled[i])
+                yield items[pooled[i]], m
+            yield from measured_here(len(items))
         except WorkerStartError as e:
             raise RunError(f"a worker could not start: {e}") from None
 
@@ -273,7 +287,7 @@ class Runner:
             chunk.clear()
 
         try:
-            for it, m in zip(items, self._measured(items)):
+            for it, m in self._measured(items):
                 chunk.append((it, m))
                 if len(chunk) >= size:
                     flush()

@@ -510,7 +510,7 @@ def test_worker_crash_and_hang_become_error_records(face_png, tmp_path):
     t = threading.Thread(target=saboteur, daemon=True)
     t.start()
     try:
-        results = list(pool.measure(paths))
+        results = [m for _, m in pool.measure(paths)]
     finally:
         stop.set()
         t.join()
@@ -520,6 +520,80 @@ def test_worker_crash_and_hang_become_error_records(face_png, tmp_path):
     assert crashed.error == (f"{slow[0]}: the worker process crashed while analysing this image "
                              f"(killed by signal SIGKILL)")
     assert hung.error == f"{slow[1]}: analysis timed out after 3 s (the worker was stopped)"
+
+
+def test_a_hung_image_does_not_hold_back_the_images_finished_after_it(face_png, tmp_path, monkeypatch):
+    """With workers, results come in input order, except behind an image that runs long: after HOLD_BACK_S the
+    finished ones are released (they waited for its time limit, in memory and out of the output file)."""
+    import signal
+
+    import cem.parallel
+    from cem.config import Config
+    from cem.parallel import WorkerPool
+
+    monkeypatch.setattr(cem.parallel, "HOLD_BACK_S", 1.0)
+    hang = tmp_path / "hang.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (1500, 1500, 3), np.uint8)).save(hang)
+    paths = [str(hang)] + [str(face_png)] * 4
+    pool = WorkerPool(Config.load("default", faces="whole"), 2, image_timeout_s=12.0)
+    stop = threading.Event()
+
+    dispatched: list[float] = []
+
+    def saboteur():  # SIGSTOP the worker busy with hang.png: it never answers
+        while not stop.is_set():
+            for w in list(pool.workers):
+                if w.job and w.job[1] == str(hang):
+                    os.kill(w.proc.pid, signal.SIGSTOP)
+                    dispatched.append(w.started)
+                    return
+            time.sleep(0.001)
+
+    t = threading.Thread(target=saboteur, daemon=True)
+    t.start()
+    got, when = [], []
+    try:
+        for idx, m in pool.measure(paths):
+            got.append((idx, m.error))
+            when.append(time.monotonic())
+    finally:
+        stop.set()
+        t.join()
+    assert [i for i, _ in got] == [1, 2, 3, 4, 0]  # the four finished images first, then the hung one
+    assert all(e is None for _, e in got[:4]) and "timed out after 12 s" in got[4][1]
+    # released long before the hung image's time limit (seconds since it was given to its worker)
+    assert max(when[:4]) - dispatched[0] < 10 and when[4] - dispatched[0] >= 12
+
+
+def test_runner_pairs_out_of_order_pooled_results_with_their_inputs_and_keeps_errors(pipeline, face_png, tmp_path,
+                                                                                 monkeypatch):
+    """The runner pairs each pooled result with its own input when the pool releases results out of order,
+    and writes the inputs measured in the runner (errors) once each, next to their neighbours."""
+    import cem.parallel
+    from cem.pipeline import MeasuredImage
+    from cem.runner import annotate
+
+    names = []
+    for k in range(4):
+        shutil.copy(face_png, tmp_path / f"{k}.png")
+        names.append(str(tmp_path / f"{k}.png"))
+    man = tmp_path / "m.csv"  # line 4 has no image: an error found before anything is measured
+    man.write_text("image,rater\n0.png,a\n1.png,a\n,a\n2.png,a\n3.png,a\n")
+
+    def measure(self, paths):  # the last image first, as a pool does behind a slow one
+        order = [len(paths) - 1, *range(len(paths) - 1)]
+        for i in order:
+            yield i, MeasuredImage(paths[i], None, [], {}, f"{paths[i]}: measured by the fake pool")
+
+    monkeypatch.setattr(cem.parallel.WorkerPool, "measure", measure)
+    out = tmp_path / "o.jsonl"
+    annotate(pipeline, [str(man)], out, progress=False, workers=2)
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    # the error of line 4 comes out before the first pooled result after it (here the released 3.png)
+    assert [r["image"] for r in recs] == [f"{man}:4", names[3], names[0], names[1], names[2]]
+    assert [r["meta"] for r in recs] == [{"rater": "a"}] * 5
+    assert all(r["error"] == f"{r['image']}: measured by the fake pool" for r in recs if r["image"] in names)
+    assert recs[0]["error"] == f"{man}:4: empty 'image' cell"
 
 
 # ---------------------------------------------------------------- video resume
@@ -546,7 +620,8 @@ def test_video_resume_keeps_frames_and_finishes_an_interrupted_video(pipeline, s
     summary, _ = _run(pipeline, [short_video], out, frames=frames, every=4, faces=None)
     recs = _strict_records(out)
     moments = [r for r in recs if "frame" in r]
-    assert moments and recs[-1]["video_summary"] == {"frames": 10, "moments": len(moments), "complete": True}
+    assert moments and recs[-1]["video_summary"] == {"frames": 10, "moments": len(moments), "complete": True,
+                                                     "frames_decoded": 40, "frames_declared": 40}
     rows = frames.read_text().splitlines()
     assert len(rows) > 6  # header + the face on (nearly) every one of 10 sampled frames
     # an interruption after the first moment and three frame rows
