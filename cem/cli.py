@@ -106,6 +106,9 @@ def _annotate_ray(config, inputs: tuple[str, ...], output: Path, contexts: Conte
 @click.option("--context-file", type=click.Path(dir_okay=False), default=None,
               help="CSV with columns image,context.")
 @click.option("--resume", is_flag=True, help="Skip inputs already in OUTPUT and append the rest.")
+@click.option("--retry-errors", is_flag=True,
+              help="With --resume: do again the inputs whose record in OUTPUT is an error (a timeout, a missing or "
+                   "unreadable file), replacing those error records.")
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), default=None,
               help="After the run, the per-face table of every record in OUTPUT (.csv or .parquet).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
@@ -113,7 +116,7 @@ def _annotate_ray(config, inputs: tuple[str, ...], output: Path, contexts: Conte
 @click.option("--landmarks", is_flag=True, help="Write each face's 478-point mesh into the image records.")
 @click.option("--image-timeout", "image_timeout_s", type=click.FloatRange(min=1), default=None,
               help="With --workers: seconds an image may take before it becomes a timeout error record "
-                   "(default 600); the records after it wait for it, in input order.")
+                   "(default 600); after 10 s the records finished behind it no longer wait for it.")
 @click.option("--frames", "frames_path", type=click.Path(path_type=Path), default=None,
               help="Videos: per-frame table (one row per face per processed frame); .csv or .parquet.")
 @click.option("--every", type=click.IntRange(min=1), default=None, help="Videos: process every Nth frame.")
@@ -124,7 +127,7 @@ def _annotate_ray(config, inputs: tuple[str, ...], output: Path, contexts: Conte
 @_ray_options
 def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: str | None, model: str | None,
              base_url: str | None, faces: str | None, context: str | None, context_file: str | None, resume: bool,
-             csv_path: Path | None, workers: int, landmarks: bool, image_timeout_s: float | None,
+             retry_errors: bool, csv_path: Path | None, workers: int, landmarks: bool, image_timeout_s: float | None,
              frames_path: Path | None,
              every: int | None, fps: float | None, limit: int | None, dry_run: bool, no_progress: bool,
              **engine: object) -> None:
@@ -161,11 +164,12 @@ def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: 
             contexts = read_context_csv(context_file) if context_file else None
             return _annotate_ray(config, inputs, output, contexts, context, resume, limit, {
                 "--csv": csv_path, "--workers > 1": workers > 1, "--frames": frames_path, "--dry-run": dry_run,
-                "--landmarks": landmarks, "--image-timeout": image_timeout_s}, engine)
+                "--landmarks": landmarks, "--image-timeout": image_timeout_s, "--retry-errors": retry_errors},
+                engine)
         summary = run(config, inputs, output, resume=resume, workers=workers, csv=csv_path, context=context,
                       context_file=context_file, landmarks=landmarks, progress=not no_progress, limit=limit,
                       dry_run=dry_run, frames=frames_path, every=every, fps=fps, image_timeout_s=image_timeout_s,
-                      echo=lambda s: click.echo(s, err=True))
+                      retry_errors=retry_errors, echo=lambda s: click.echo(s, err=True))
     except RunError as e:
         _fail(safe_text(str(e)))
     except (ValueError, OSError) as e:  # context file unreadable (the local runner reports its own)

@@ -418,7 +418,7 @@ def annotate(pipeline_or_config: Any, inputs: Iterable[str | os.PathLike], out: 
              context_file: str | os.PathLike | None = None, landmarks: bool = False, progress: bool = True,
              faces: str | None = None, limit: int | None = None, dry_run: bool = False,
              frames: str | os.PathLike | None = None, every: int | None = None, fps: float | None = None,
-             engine: str = "local", image_timeout_s: float | None = None,
+             engine: str = "local", image_timeout_s: float | None = None, retry_errors: bool = False,
              echo: Callable[[str], None] | None = None) -> RunSummary:
     """Annotate ``inputs`` into the JSONL file ``out``; returns a :class:`RunSummary` (its ``exit_code``
     is 0 or 3). Raises :class:`RunError` (exit status 2) before writing anything when the inputs, the
@@ -428,7 +428,9 @@ def annotate(pipeline_or_config: Any, inputs: Iterable[str | os.PathLike], out: 
     :class:`~cem.config.Config` (the CLI: models then load only when there is work). ``inputs``: files,
     folders (recursive), globs, CSV manifests (``image``, optional ``context``, extra columns -> ``meta``).
     ``contexts``/``context_file``: contexts by image path or file name; ``context``: for every other image.
-    ``resume``: skip inputs already in ``out`` (by image, context and manifest columns), append the rest.
+    ``resume``: skip inputs already in ``out`` (by image, context and manifest columns), append the rest;
+    ``retry_errors`` (with ``resume``): the inputs of this run whose record in ``out`` is an error (a timeout, a
+    file that was missing or unreadable, a worker that crashed) are done again, and those error records removed.
     ``workers``: FER processes (each with ``cores // workers`` torch threads); reasoning stays in this process, batched.
     ``csv``: afterwards, the per-face table of every record in ``out`` (.csv or .parquet). ``landmarks``:
     the 478-point mesh in each face. ``image_timeout_s``: with workers, an image taking longer becomes an
@@ -442,6 +444,8 @@ def annotate(pipeline_or_config: Any, inputs: Iterable[str | os.PathLike], out: 
     else:
         config, pipeline = pipeline_or_config.config, pipeline_or_config
     out = Path(out)
+    if retry_errors and not resume:
+        raise RunError("--retry-errors applies to --resume (a new run does every input anyway): add --resume")
     for flag, other in (("--csv", csv), ("--frames", frames)):
         if other is None:
             continue
@@ -457,7 +461,8 @@ def annotate(pipeline_or_config: Any, inputs: Iterable[str | os.PathLike], out: 
                     image_timeout_s=image_timeout_s, echo=echo)
     try:
         return _run(runner, inputs, out, resume=resume, csv=csv, contexts=contexts, context=context,
-                    context_file=context_file, limit=limit, dry_run=dry_run, frames=frames, every=every, fps=fps)
+                    context_file=context_file, limit=limit, dry_run=dry_run, frames=frames, every=every, fps=fps,
+                    retry_errors=retry_errors)
     finally:
         runner.close()
 
@@ -484,7 +489,8 @@ def _refuse_outputs_that_are_inputs(sources: list[str], outputs: Mapping[str, st
 def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resume: bool,
          csv: str | os.PathLike | None, contexts: Mapping[str, str] | None, context: str | None,
          context_file: str | os.PathLike | None, limit: int | None, dry_run: bool,
-         frames: str | os.PathLike | None, every: int | None, fps: float | None) -> RunSummary:
+         frames: str | os.PathLike | None, every: int | None, fps: float | None,
+         retry_errors: bool = False) -> RunSummary:
     from cem.video import is_video
 
     config, workers = runner.config, runner.workers
@@ -510,19 +516,24 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
     if videos and (runner.faces or runner.config.faces.mode) == "whole":
         raise RunError("--faces whole does not apply to videos (their faces are detected and tracked); run the "
                        "videos without it")
+    # the error records of this run's inputs are done again (--retry-errors); others' stay as they are
+    retry = {input_key(it.path, it.context, it.extra) for it in found.items} if retry_errors else frozenset()
     if dry_run:
         from cem.sinks import scan
 
-        done = scan(out)[0] if resume and out.is_file() else None
+        done = scan(out, retry)[0] if resume and out.is_file() else None
         todo = [it for it in images if done is None or input_key(it.path, it.context, it.extra) not in done.keys]
         summary.skipped = len(images) - len(todo)
         summary.planned = [safe_text(it.path) for it in (todo[:limit] if limit is not None else todo) + videos]
         return summary
 
     try:
-        sink = JsonlSink(out, resume=resume)
+        sink = JsonlSink(out, resume=resume, retry=retry)
     except OutputError as e:
         raise RunError(str(e)) from None
+    if sink.existing.retried:
+        summary.notes.append(f"--retry-errors: {sink.existing.retried} error record(s) removed from "
+                             f"{safe_text(os.fspath(out))}; their inputs are done again")
     if not resume and out.is_file() and out.stat().st_size > 0:
         runner.echo(f"cem: note: {safe_text(os.fspath(out))} exists and is replaced by this run (--resume continues "
                     f"it instead)")

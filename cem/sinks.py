@@ -29,7 +29,7 @@ import base64
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -231,6 +231,7 @@ class ExistingOutput:
     rejected: list[bytes] = field(default_factory=list)  # lines moved to OUT.rejected
     repaired_tail: bool = False  # the last record lacked its newline
     torn_tail: bool = False  # the last line was a fragment (a crash while writing it)
+    retried: int = 0  # error records left out, to be done again (--retry-errors)
 
 
 def _is_record(obj: Any) -> bool:
@@ -252,8 +253,10 @@ def iter_records(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
                 yield rec
 
 
-def scan(path: Path) -> tuple[ExistingOutput, list[bytes]]:
-    """Read an output: what it holds and its good lines (bytes, each ending in a newline)."""
+def scan(path: Path, retry: Container[RecordKey] = frozenset()) -> tuple[ExistingOutput, list[bytes]]:
+    """Read an output: what it holds and its good lines (bytes, each ending in a newline). The error records
+    of the inputs in ``retry`` (an image's, or a video's that could not be read) are left out of both, so that
+    those inputs are done again (``--retry-errors``); a key moment is never an error record."""
     found = ExistingOutput()
     good: list[bytes] = []
     data = path.read_bytes() if path.exists() else b""
@@ -271,8 +274,11 @@ def scan(path: Path) -> tuple[ExistingOutput, list[bytes]]:
         if not line.endswith(b"\n"):
             found.repaired_tail = True
             line += b"\n"
-        good.append(line)
         key = record_key(rec)
+        if rec.get("error") and "frame" not in rec and key in retry:
+            found.retried += 1
+            continue
+        good.append(line)
         if "video" in rec and "frame" in rec:  # a key moment
             found.moments.add((rec["video"], rec.get("context"), rec.get("frame"), rec.get("track_id"),
                                meta_key(rec.get("meta"))))
@@ -286,9 +292,11 @@ def scan(path: Path) -> tuple[ExistingOutput, list[bytes]]:
 class JsonlSink:
     """The JSONL output of a run: locked, repaired on resume, one flushed line per record."""
 
-    def __init__(self, path: str | os.PathLike, resume: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, resume: bool = False, retry: Container[RecordKey] = frozenset()
+                 ) -> None:
         """Check the place and take the lock (nothing is written yet: see :meth:`open`); with ``resume``,
-        read what the output already holds (``existing``)."""
+        read what the output already holds (``existing``), less the error records of the inputs in ``retry``,
+        which :meth:`open` removes from the file."""
         self.path = Path(path)
         self.resume = resume
         self._fh: IO[bytes] | None = None
@@ -306,7 +314,7 @@ class JsonlSink:
         self.written = 0
         try:
             if resume and self.path.exists():
-                self.existing, self._good = scan(self.path)
+                self.existing, self._good = scan(self.path, retry)
         except OSError as e:
             self.lock.release()
             raise OutputError(f"{self.path}: cannot read it to resume ({os_reason(e)})") from None
@@ -319,7 +327,7 @@ class JsonlSink:
     def open(self) -> None:
         """Start writing: truncate (a new run) or repair and append (``resume``)."""
         try:
-            if self.existing.rejected or self.existing.repaired_tail:
+            if self.existing.rejected or self.existing.repaired_tail or self.existing.retried:
                 self._rewrite(self._good)
             self._good = []
             self._fh = open(self.path, "ab" if self.resume else "wb")  # noqa: SIM115 - closed in close()

@@ -596,6 +596,34 @@ def test_runner_pairs_out_of_order_pooled_results_with_their_inputs_and_keeps_er
     assert recs[0]["error"] == f"{man}:4: empty 'image' cell"
 
 
+def test_retry_errors_redoes_this_runs_failed_inputs_and_replaces_their_records(pipeline, face_png, tmp_path):
+    """--resume skips an input whose record is an error; --retry-errors does it again (the missing file now
+    exists) and removes the old error record, leaving error records of other runs' inputs alone."""
+    shutil.copy(face_png, tmp_path / "ok.png")
+    late, other = tmp_path / "late.png", tmp_path / "other.png"
+    other.write_bytes(b"not an image")
+    out = tmp_path / "o.jsonl"
+    _run(pipeline, [tmp_path / "ok.png", late], out)
+    _run(pipeline, [other], out, resume=True)  # another input's error, not part of the runs below
+    assert [bool(r["error"]) for r in _strict_records(out)] == [False, True, True]
+    shutil.copy(face_png, late)
+    again, _ = _run(pipeline, [tmp_path / "ok.png", late], out, resume=True)
+    assert again.images == 0 and again.skipped == 2  # an error record counts as done without the flag
+    with pytest.raises(RunError, match="--retry-errors applies to --resume"):
+        _run(pipeline, [late], out, retry_errors=True)
+    dry = _run(pipeline, [tmp_path / "ok.png", late], out, resume=True, retry_errors=True, dry_run=True)[0]
+    assert dry.planned == [str(late)] and len(_strict_records(out)) == 3  # a dry run changes nothing
+    summary, _ = _run(pipeline, [tmp_path / "ok.png", late], out, resume=True, retry_errors=True)
+    assert summary.images == 1 and summary.skipped == 1
+    assert any("--retry-errors: 1 error record(s) removed" in n for n in summary.notes)
+    recs = _strict_records(out)
+    assert [(Path(r["image"]).name, bool(r["error"])) for r in recs] == [
+        ("ok.png", False), ("other.png", True), ("late.png", False)]
+    assert len(recs[2]["faces"]) == 1
+    r = _cem("annotate", late, "-o", out, "--retry-errors")
+    assert r.returncode == 2 and "--retry-errors applies to --resume" in r.stderr and "Traceback" not in r.stderr
+
+
 # ---------------------------------------------------------------- video resume
 @pytest.fixture(scope="module")
 def short_video(tmp_path_factory, face_crop):
