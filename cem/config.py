@@ -404,6 +404,11 @@ class Config:
         """Check every field (types, ranges, finite numbers, the backend and its options); normalise
         ``reasoner.options``. Errors name the file, the field and the problem."""
         src = self.source
+        if isinstance(self.name, bool):  # YAML 1.1 reads a bare off, on, no, yes, false, true as a boolean
+            raise ConfigError(f"{src}: name: YAML reads this name as the boolean {self.name}; put it in quotes "
+                              f"(for example name: \"off\")")
+        if isinstance(self.name, (int, float)) and math.isfinite(self.name):
+            self.name = str(self.name)  # name: 2024 or 1.5 is meant as text
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"{src}: name: expected a non-empty string, got {self.name!r}")
         if (not isinstance(self.labels, (list, tuple)) or not self.labels

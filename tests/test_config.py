@@ -65,6 +65,14 @@ def test_a_user_yaml_without_name_is_named_after_its_file_and_bare_off_reads_as_
         Config.load("default", faces__small_faces=True)
     with pytest.raises(ConfigError, match="detector"):
         Config.load("default", faces__detector=False)  # no "off" choice: false is an error, not a guess
+    # a name YAML reads as a boolean cannot be recovered (off? no? false?): the error says to quote it
+    p.write_text("name: off\n")
+    with pytest.raises(ConfigError, match=r"name: YAML reads this name as the boolean False; put it in quotes"):
+        Config.load(p)
+    p.write_text("name: 'off'\n")
+    assert Config.load(p).name == "off"
+    p.write_text("name: 2024\n")
+    assert Config.load(p).name == "2024"  # a number is meant as text
 
 
 @pytest.mark.parametrize("name", ["default", "vllm"])
