@@ -54,7 +54,8 @@ def mesh_tcce(root: Path, cache: Path | None) -> tuple[list[np.ndarray | None], 
 def lopo_calibrations(meshes: list, label: np.ndarray, subjects: np.ndarray, root: Path,
                       cache_dir: Path | None) -> list:
     """Per face: the calibration rebuilt as ``python -m cem.fer.au_calibration`` builds it, but without
-    the neutral photos of the face's own performer (leave one performer out): the packaged file saw them."""
+    the neutral photos of the face's own performer (leave one performer out): the packaged file saw them.
+    That includes the own-neutral thresholds (step 5), fitted on the other performers' neutral photos."""
     from cem.fer.au_calibration import calibrate, mesh_ferplus, mesh_oasis_smiles, sample_train
     from cem.fer.geometry import load_reference
 
@@ -64,8 +65,9 @@ def lopo_calibrations(meshes: list, label: np.ndarray, subjects: np.ndarray, roo
     smiles = mesh_oasis_smiles(root, cache_dir / "oasis_people.npz" if cache_dir else None)
     per_subject = {}
     for s in sorted(set(subjects)):
-        others = [m for m, lab, sub in zip(meshes, label, subjects) if m is not None and lab == 0 and sub != s]
-        per_subject[s] = calibrate(train, votes, others, smiles, ref)
+        keep = [(m, sub) for m, lab, sub in zip(meshes, label, subjects) if m is not None and lab == 0 and sub != s]
+        per_subject[s] = calibrate(train, votes, [m for m, _ in keep], smiles, ref,
+                                   sharp_neutral_subjects=[sub for _, sub in keep])
     return [per_subject[s] for s in subjects]
 
 
@@ -85,8 +87,9 @@ def au_table(meshes: list, baselines: list | None = None, calibrations: list | N
     return inten, pres
 
 
-def loo_baselines(meshes: list, subjects: np.ndarray, use: np.ndarray) -> list:
-    """Per face: the SubjectBaseline of the same subject's other faces where ``use`` (None if none)."""
+def loo_baselines(meshes: list, subjects: np.ndarray, use: np.ndarray, neutral: bool) -> list:
+    """Per face: the SubjectBaseline of the same subject's other faces where ``use`` (None if none);
+    ``neutral``: those are the subject's neutral photos (presence then uses the own-neutral thresholds)."""
     from cem.fer.aus import SubjectBaseline
     from cem.fer.geometry import load_reference
 
@@ -95,7 +98,7 @@ def loo_baselines(meshes: list, subjects: np.ndarray, use: np.ndarray) -> list:
     for i, m in enumerate(meshes):
         others = [meshes[j] for j in np.flatnonzero((subjects == subjects[i]) & use)
                   if j != i and meshes[j] is not None]
-        out.append(SubjectBaseline.from_meshes(others, ref) if (m is not None and others) else None)
+        out.append(SubjectBaseline.from_meshes(others, ref, neutral=neutral) if (m is not None and others) else None)
     return out
 
 
@@ -205,9 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         lopo = lopo_calibrations(tm, tl, ts, root, a.cache_dir)
         res["tcce_dev"] = evaluate(tm, tl, neutral, calibrations=lopo)
         res["tcce_dev[packaged calibration, own neutrals seen]"] = evaluate(tm, tl, neutral)
-        res["tcce_dev+neutral_baseline"] = evaluate(tm, tl, neutral, loo_baselines(tm, ts, neutral), lopo)
-        res["tcce_dev+median_baseline"] = evaluate(tm, tl, neutral, loo_baselines(tm, ts, np.ones(len(tm), bool)),
-                                                   lopo)
+        res["tcce_dev+neutral_baseline"] = evaluate(tm, tl, neutral, loo_baselines(tm, ts, neutral, True), lopo)
+        everyone = np.ones(len(tm), bool)
+        res["tcce_dev+median_baseline"] = evaluate(tm, tl, neutral, loo_baselines(tm, ts, everyone, False), lopo)
     if a.pyfeat_npz:
         res["pyfeat_pls_v4_inverted"] = pyfeat_learned_aucs(a.pyfeat_npz, sets)
     return emit(res, a.json)

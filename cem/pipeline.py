@@ -192,7 +192,7 @@ class Pipeline:
         timings["fer"] = (time.perf_counter() - t1) * 1000
         timings.update(self.fer.last_timings)
         if baseline is not None and baseline_name is None:  # the record still says what it was measured against
-            kind = "neutral" if baseline.expression_log_probs is not None else "median"
+            kind = "neutral" if baseline.neutral else "median"
             baseline_name = f"{kind} baseline of {baseline.faces} photo{'s' if baseline.faces > 1 else ''}"
         return MeasuredImage(name, rgb if keep_pixels else None, evidence, timings, None, w, h, baseline_name,
                              self.fer.last_faces_skipped)

@@ -310,6 +310,37 @@ def test_presence_thresholds_follow_the_faces_resolution():
     assert cal.threshold_sharp["AU04"] < cal.threshold["AU04"] - 0.5
 
 
+def test_against_ones_own_neutral_photos_sharp_faces_use_the_own_neutral_thresholds(pipeline, astronaut):
+    """A baseline of neutral photos moves the sharp-face anchor to ``threshold_own_neutral`` (fitted on neutral
+    photos measured against the same person's other neutral photos); small faces, median baselines and AU10
+    (whose smile share was fitted on population scores) keep the population's thresholds."""
+    from cem.fer.aus import estimate_aus, interocular_px, load_calibration
+    from cem.fer.geometry import load_reference
+
+    cal, ref = load_calibration(), load_reference()
+    own = cal.threshold_own_neutral
+    assert own is not None and set(own) == set(cal.threshold)
+    assert own["AU10"] == cal.threshold_sharp["AU10"]
+    assert own["AU01"] < cal.threshold_sharp["AU01"] - 1  # the population's sharp brow thresholds were too strict
+    for code in own:
+        assert cal.threshold_at(code, 900.0, own_neutral=True) == own[code]
+        assert cal.threshold_at(code, cal.iod_small, own_neutral=True) == cal.threshold[code]
+    fer = pipeline.fer
+    neutral = fer.baseline([astronaut], neutral=True)
+    median = fer.baseline([astronaut])
+    assert neutral.neutral and not median.neutral  # the same photo, declared neutral or not
+    np.testing.assert_array_equal(neutral.measurements, median.measurements)
+    mesh = fer.measure(astronaut)[0].landmarks
+    iod = interocular_px(mesh)
+    by_neutral, by_median = estimate_aus(mesh, ref, baseline=neutral), estimate_aus(mesh, ref, baseline=median)
+    for d in AU_DEFINITIONS:  # one score; the threshold, and so the intensity, depends on the kind of baseline
+        shift = cal.threshold_at(d.code, iod, d.own_neutral_threshold) - cal.threshold_at(d.code, iod)
+        if abs(shift) < 1e-9:
+            assert by_neutral[d.code].intensity == by_median[d.code].intensity
+        else:
+            assert (by_neutral[d.code].intensity < by_median[d.code].intensity) == (shift > 0), d.code
+
+
 def test_a_sharp_frown_presents_au04_where_the_same_face_at_48_px_does_not():
     """The same mesh at two resolutions: AU04's score is the same, its presence threshold is not."""
     from cem.fer.aus import au_scores, estimate_aus, interocular_px, load_calibration, measurement_z

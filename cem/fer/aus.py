@@ -90,6 +90,10 @@ class AUDefinition:
     # fit the nuisance share on sharp faces instead (cem.fer.au_calibration, step 2b): for effects that the
     # noisy meshes of 48-px faces hide, so a fit on FER+ shrinks them towards 0
     nuisance_on_sharp_faces: bool = False
+    # measured against a person's own neutral photos, present from the own-neutral threshold
+    # (Calibration.threshold_own_neutral); False keeps the population's: AU10's smile share was fitted on
+    # population-referenced scores, and against one's own neutral face it fired on 47 % of posed smiles
+    own_neutral_threshold: bool = True
 
     @property
     def name(self) -> str:
@@ -112,7 +116,8 @@ AU_DEFINITIONS: tuple[AUDefinition, ...] = (
     AUDefinition("AU09", {"ala_height": 0.5, "upper_lip_height": 1.0, "brow_inner_height": -1.0},
                  nuisance=("corner_vs_center", "cheek_height"), nuisance_on_sharp_faces=True),
     AUDefinition("AU10", {"upper_lip_height": 1.0, "ala_height": 0.5},
-                 nuisance=("lip_gap", "corner_vs_center"), nuisance_fit_on=("neutral", "happiness", "surprise")),
+                 nuisance=("lip_gap", "corner_vs_center"), nuisance_fit_on=("neutral", "happiness", "surprise"),
+                 own_neutral_threshold=False),
     AUDefinition("AU12", {"mouth_width": 1.0, "corner_vs_center": 1.0, "corner_depth": 0.5}),
     AUDefinition("AU14", {"corner_depth": 1.0, "corner_vs_center": -0.5}),
     AUDefinition("AU15", {"corner_vs_center": -1.0, "corner_height": -0.5},
@@ -156,6 +161,12 @@ class Calibration:
     fitted on small faces (interocular distance ``iod_small`` px), ``threshold_sharp`` those fitted on
     sharp ones (``iod_sharp`` px); between the two the threshold is interpolated linearly in log
     interocular distance, and beyond them it is held at the nearer one (:meth:`threshold_at`).
+
+    A face measured against the person's own neutral photos (a :class:`SubjectBaseline` built from neutral
+    photos) varies far less at rest than against the average face, so its sharp-face anchor is
+    ``threshold_own_neutral`` instead (fitted on neutral photos measured against the same person's other
+    neutral photos); small faces keep the small-face thresholds, since no small-face data with own neutral
+    photos exists to fit them.
     """
 
     nuisance: dict[str, dict[str, float]]  # AU -> measurement -> coefficient on its z-score
@@ -164,25 +175,31 @@ class Calibration:
     threshold_sharp: dict[str, float] | None = None  # AU -> the same on sharp faces (iod_sharp); None: no change
     iod_small: float = 24.0
     iod_sharp: float = 105.0
+    # AU -> the sharp-face threshold for faces measured against their own neutral photos; None: as without
+    threshold_own_neutral: dict[str, float] | None = None
 
-    def threshold_at(self, code: str, iod: float) -> float:
-        """The presence threshold of AU ``code`` for a face whose interocular distance is ``iod`` px."""
+    def threshold_at(self, code: str, iod: float, own_neutral: bool = False) -> float:
+        """The presence threshold of AU ``code`` for a face whose interocular distance is ``iod`` px;
+        ``own_neutral``: measured against the person's own neutral photos."""
         small = self.threshold[code]
-        if self.threshold_sharp is None or not np.isfinite(iod) or iod <= self.iod_small:
+        sharp_anchor = (self.threshold_own_neutral if own_neutral and self.threshold_own_neutral
+                        else self.threshold_sharp)
+        if sharp_anchor is None or not np.isfinite(iod) or iod <= self.iod_small:
             return small
         if iod >= self.iod_sharp:
-            return self.threshold_sharp[code]
+            return sharp_anchor[code]
         w = float(np.log(iod / self.iod_small) / np.log(self.iod_sharp / self.iod_small))
-        return small + w * (self.threshold_sharp[code] - small)
+        return small + w * (sharp_anchor[code] - small)
 
 
 def calibration_from_dict(d: dict) -> Calibration:
     """A Calibration from the content of ``au_calibration.json``."""
-    sharp = d.get("threshold_sharp")
+    sharp, own = d.get("threshold_sharp"), d.get("threshold_own_neutral")
     return Calibration(nuisance={k: dict(v) for k, v in d["nuisance"].items()},
                        threshold={k: float(v) for k, v in d["threshold"].items()}, how=str(d.get("how", "")),
                        threshold_sharp={k: float(v) for k, v in sharp.items()} if sharp else None,
-                       iod_small=float(d.get("iod_small", 24.0)), iod_sharp=float(d.get("iod_sharp", 105.0)))
+                       iod_small=float(d.get("iod_small", 24.0)), iod_sharp=float(d.get("iod_sharp", 105.0)),
+                       threshold_own_neutral={k: float(v) for k, v in own.items()} if own else None)
 
 
 @lru_cache(maxsize=1)
@@ -210,10 +227,14 @@ class SubjectBaseline:
     # mean log-probabilities of the expression model over the subject's *neutral* photos (its label order);
     # None for a median over unlabelled photos, which is no neutral reference for expressions
     expression_log_probs: np.ndarray | None = None
+    # built from photos of the person's neutral face (not a median of any photos): AU presence then uses the
+    # own-neutral thresholds (Calibration.threshold_own_neutral)
+    neutral: bool = False
 
     @classmethod
-    def from_meshes(cls, meshes: Sequence[np.ndarray], ref: Reference) -> SubjectBaseline:
-        """Median measurements over meshes (478, 3) in image pixels of one person."""
+    def from_meshes(cls, meshes: Sequence[np.ndarray], ref: Reference, neutral: bool = False) -> SubjectBaseline:
+        """Median measurements over meshes (478, 3) in image pixels of one person (``neutral``: they show the
+        person's neutral face)."""
         if len(meshes) == 0:
             raise ValueError("a subject baseline needs at least one face mesh of the subject")
         rows = []
@@ -221,7 +242,7 @@ class SubjectBaseline:
             front, _ = frontalize(m, ref)
             b = base_measurements(front)
             rows.append([b[n] for n in ref.measure_names])
-        return cls(np.median(np.array(rows), axis=0), len(rows))
+        return cls(np.median(np.array(rows), axis=0), len(rows), neutral=neutral)
 
 
 def measurement_z(landmarks: np.ndarray, ref: Reference, front: np.ndarray | None = None,
@@ -265,15 +286,19 @@ def estimate_aus(landmarks: np.ndarray, ref: Reference, front: np.ndarray | None
     ``baseline``: the person's own neutral reference, see SubjectBaseline; ``calibration``: default the
     packaged one).
 
-    Each AU's score is shifted so that its calibrated presence threshold (for this face's resolution,
+    Each AU's score is shifted so that its calibrated presence threshold (for this face's resolution and,
+    with a baseline of neutral photos, for measurements against one's own neutral face:
     :meth:`Calibration.threshold_at`) maps to intensity 1: presence is ``intensity >= 1`` for every AU,
-    and among faces of one resolution intensities keep the order of the scores.
+    and among faces of one resolution and reference intensities keep the order of the scores.
     """
     cal = calibration or load_calibration()
     scores = au_scores(measurement_z(landmarks, ref, front, baseline), ref, cal)
     iod = interocular_px(landmarks)
+    own_neutral = baseline is not None and baseline.neutral
     out = {}
-    for code, s in scores.items():
-        i = float(intensity_from_score(s - cal.threshold_at(code, iod) + _SCORE_AT_PRESENCE))
+    for d in AU_DEFINITIONS:
+        code, s = d.code, scores[d.code]
+        threshold = cal.threshold_at(code, iod, own_neutral and d.own_neutral_threshold)
+        i = float(intensity_from_score(s - threshold + _SCORE_AT_PRESENCE))
         out[code] = ActionUnit(intensity=i, present=i >= PRESENCE_INTENSITY)
     return out

@@ -98,7 +98,7 @@ class FERStage:
                     neutral_probs.append([face.expression[k] for k in model_labels])
         if not meshes:
             raise ValueError(f"no face mesh fits in any of the {seen} baseline image(s) of the subject")
-        base = SubjectBaseline.from_meshes(meshes, self.ref)
+        base = SubjectBaseline.from_meshes(meshes, self.ref, neutral=neutral)
         if relative:
             base = replace(base, expression_log_probs=mean_log_probs(neutral_probs))
         return base
