@@ -28,6 +28,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -107,6 +108,7 @@ class DistributedSummary:
     duplicates_dropped: int = 0
     nodes: Counter[str] = field(default_factory=Counter)
     elapsed_s: float = 0.0
+    notes: list[str] = field(default_factory=list)  # as the local runner's: patterns that matched nothing, ...
 
     @property
     def images_per_s(self) -> float:
@@ -118,7 +120,8 @@ class DistributedSummary:
         return self.faces > 0 and self.reasoner_failed_faces == self.faces
 
     def text(self) -> str:
-        lines = [f"cem: {self.images} images, {self.faces} faces, {sum(self.errors.values())} errors in "
+        lines = [f"cem: {note}" for note in self.notes]
+        lines += [f"cem: {self.images} images, {self.faces} faces, {sum(self.errors.values())} errors in "
                  f"{self.elapsed_s:.1f} s ({self.images_per_s:.1f} images/s) on {len(self.nodes)} node(s)"
                  + (f"; {self.skipped} skipped (already done)" if self.skipped else "")]
         lines += [f"  {n} x {kind}" for kind, n in self.errors.most_common()]
@@ -316,7 +319,7 @@ def annotate(dataset_or_paths: Any, config: Config | str | os.PathLike = "defaul
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     if not _is_ray_dataset(dataset_or_paths):  # inputs are checked before anything is removed
-        rows, summary.skipped = _path_rows(dataset_or_paths, done, contexts, context, limit)
+        rows, summary.skipped, summary.notes = _path_rows(dataset_or_paths, done, contexts, context, limit)
     shards.mkdir(parents=True, exist_ok=True)
     if not resume:
         for old in _parts(shards):
@@ -348,8 +351,11 @@ def _run(source: Any, rows: list[dict[str, Any]], cfg: Config, plan: StagePlan, 
     # hang when the cluster cannot hold the pools); datasets created below capture this setting
     data_context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     # rows are tiny (paths) and the work is CPU-bound: spread batches over all actors, not by locality
-    saved_locality = data_context.execution_options.actor_locality_enabled
-    data_context.execution_options.actor_locality_enabled = False
+    # (Ray 2.60 deprecates the option and manages locality itself; 2.50-2.59, also supported, still read it)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        saved_locality = data_context.execution_options.actor_locality_enabled
+        data_context.execution_options.actor_locality_enabled = False
     try:
         extra_column: str | None = None
         if rows:
@@ -386,7 +392,9 @@ def _run(source: Any, rows: list[dict[str, Any]], cfg: Config, plan: StagePlan, 
             writer.close()
     finally:
         data_context.wait_for_min_actors_s = saved_wait
-        data_context.execution_options.actor_locality_enabled = saved_locality
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            data_context.execution_options.actor_locality_enabled = saved_locality
         if started:
             ray.shutdown()
 
@@ -403,9 +411,10 @@ def _tally(summary: DistributedSummary, rec: dict[str, Any]) -> None:
 
 
 def _path_rows(inputs: Any, done: KeySet, contexts: ContextTable | Mapping[str, str] | None, context: str | None,
-               limit: int | None) -> tuple[list[dict[str, Any]], int]:
+               limit: int | None) -> tuple[list[dict[str, Any]], int, list[str]]:
     """Files, folders, globs and manifests, expanded as the local runner does (:func:`cem.io.collect_inputs`:
-    a manifest's context, else ``contexts``, else ``context``) -> (rows to do, skipped)."""
+    a manifest's context, else ``contexts``, else ``context``) -> (rows to do, skipped, the notes the local
+    runner prints: patterns that matched nothing, repeated manifest rows, ...)."""
     from cem.io import collect_inputs
     from cem.video import is_video
 
@@ -427,4 +436,4 @@ def _path_rows(inputs: Any, done: KeySet, contexts: ContextTable | Mapping[str, 
             # as the text "nan" (it was recorded as the context)
             rows.append({"image": it.path, "context": it.context or "",
                          "extra": json.dumps(it.extra) if it.extra else ""})
-    return (rows[:limit] if limit is not None else rows), len(found.items) - len(rows)
+    return (rows[:limit] if limit is not None else rows), len(found.items) - len(rows), found.notes + found.duplicates

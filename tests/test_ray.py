@@ -170,6 +170,25 @@ def test_rerun_without_resume_replaces_old_output_and_a_bad_input_removes_nothin
     assert _read(out) == [] and list(shards.iterdir()) == [mine] and mine.read_text() == "not cem's\n"
 
 
+def test_the_ray_engine_reports_the_input_notes_of_the_local_runner(tmp_path):
+    """A pattern that matches nothing and a repeated manifest row are said, as by the local runner (the Ray
+    engine dropped them silently). Everything here is done already, so no Ray runtime starts."""
+    from cem.distributed import annotate
+
+    (tmp_path / "a.png").write_bytes(b"x")
+    man = tmp_path / "m.csv"
+    man.write_text("image\na.png\na.png\n")
+    out = tmp_path / "o.jsonl"
+    done = {"image": str(tmp_path / "a.png"), "width": 1, "height": 1, "faces": [], "error": None,
+            "provenance": {}}
+    out.write_text(json.dumps(done) + "\n")
+    summary = annotate([man, str(tmp_path / "nothing-*.png")], "default", out, resume=True)
+    assert summary.images == 0 and summary.skipped == 1
+    text = summary.text()
+    assert f"cem: {tmp_path / 'nothing-*.png'}: no file matches this pattern" in text
+    assert f"{man}:3" in text and f"repeats {man}:2" in text
+
+
 def test_openai_reasoning_actors_share_the_concurrency_and_get_the_server_settings(monkeypatch):
     from cem.config import Config
     from cem.engines.ray_engine import reasoner_env, reasoner_share
