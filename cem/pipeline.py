@@ -161,6 +161,21 @@ class Pipeline:
 
         return self.fer.baseline(loaded(), check_faces_mode(faces), neutral)
 
+    def median_baseline(self, measured: Sequence[MeasuredImage]) -> Any:
+        """A median baseline (AUs only, as :meth:`baseline` without ``neutral``) from photos of one person
+        already measured by :meth:`measure` without a baseline, so that a subject's photos need measuring
+        once (see :meth:`against`). Photos with an error do not count; ValueError when no face mesh fits."""
+        return self.fer.baseline_from_faces([m.evidence for m in measured if m.error is None], neutral=False)
+
+    def against(self, measured: MeasuredImage, baseline: Any, baseline_name: str) -> MeasuredImage:
+        """A photo measured by :meth:`measure` without a baseline, as measured against a median ``baseline``
+        (its AUs re-measured from the meshes; None: the average face, unchanged), recorded as
+        ``baseline_name``. Same result as ``measure(image, baseline=baseline)``, without the second pass."""
+        if measured.error is not None:
+            return measured
+        evidence = self.fer.against(measured.evidence, baseline) if baseline is not None else measured.evidence
+        return dataclasses.replace(measured, evidence=evidence, baseline=baseline_name)
+
     def measure(self, image: ImageInput, faces: str | None = None, keep_pixels: bool = True,
                 baseline: Any = None, baseline_name: str | None = None) -> MeasuredImage:
         """Load and FER-measure one image. Never raises for a bad image: the result carries ``error``.

@@ -164,6 +164,8 @@ class Runner:
         # subject -> (baseline, its provenance.baseline text); (None, why) where none could be built
         self._baselines: dict[str, tuple[Any, str]] = {}
         self.notes: list[str] = []  # for the run summary (subjects without a usable baseline)
+        # photos measured (without a baseline) to build their subject's median baseline, until their turn
+        self._premeasured: dict[str, Any] = {}
 
     def plan_subjects(self, items: list[InputItem]) -> None:
         """Group the photos by the manifest's ``subject`` column (a bad ``neutral`` cell is that photo's error)."""
@@ -193,8 +195,15 @@ class Runner:
             use = neutral or photos
             unreadable: list[str] = []
             try:
-                base = self.pipeline.baseline([it.path for it in use], self.faces, neutral=bool(neutral),
-                                              unreadable=unreadable)
+                if neutral:
+                    base = self.pipeline.baseline([it.path for it in use], self.faces, neutral=True,
+                                                  unreadable=unreadable)
+                else:  # the median of all their photos: each is measured once, here, and kept for its own record
+                    measured = {it.path: self.pipeline.measure(it.path, self.faces, keep_pixels=False) for it in use}
+                    unreadable = [m.error for m in measured.values() if m.error is not None]
+                    if not self.pipeline.needs_pixels:  # a reasoner that reads pixels needs the photo again anyway
+                        self._premeasured.update(measured)
+                    base = self.pipeline.median_baseline(list(measured.values()))
             except ValueError as e:
                 why = "; ".join(unreadable) or str(e)
                 kind = "neutral photo" if neutral else "photo"
@@ -255,8 +264,10 @@ class Runner:
                 else:
                     assert subject is not None
                     base, name = self._baseline(subject)
-                    yield it, self.pipeline.measure(it.path, self.faces, keep_pixels=keep, baseline=base,
-                                                    baseline_name=name)
+                    pre = self._premeasured.pop(it.path, None)
+                    yield it, (self.pipeline.against(pre, base, name) if pre is not None else
+                               self.pipeline.measure(it.path, self.faces, keep_pixels=keep, baseline=base,
+                                                     baseline_name=name))
                 pending_here = next(here, None)
 
         try:

@@ -803,6 +803,47 @@ def test_subject_column_measures_aus_against_that_subjects_baseline(pipeline, as
     assert "column 'neutral' must be true or false" in bad["error"]
 
 
+def test_a_median_baseline_measures_each_photo_once_with_the_same_records(pipeline, astronaut, tmp_path,
+                                                                           monkeypatch):
+    """Without a neutral flag, the photos that make a subject's median are measured once: their AUs are then
+    re-measured against the median from their meshes (they were measured twice, 1.8x the time). The records
+    are the ones a second pass gives, and an unreadable photo is still its own error record."""
+    from cem.fer.stage import FERStage
+
+    rng = np.random.default_rng(3)
+    for k in range(3):  # three different photos: a zoom and shift of the astronaut each
+        crop = astronaut[20 * k: 400 + 20 * k, 30 * k: 400 + 30 * k]
+        Image.fromarray(crop).resize((360, 360)).save(tmp_path / f"p{k}.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG broken" + rng.bytes(20))
+    man = tmp_path / "m.csv"
+    man.write_text("image,subject\np0.png,S\np1.png,S\nbad.png,S\np2.png,S\n")
+    calls = []
+    original = FERStage.measure
+
+    def counted(self, rgb, *a, **kw):
+        calls.append(kw.get("baseline"))
+        return original(self, rgb, *a, **kw)
+
+    monkeypatch.setattr(FERStage, "measure", counted)
+    _run(pipeline, [man], tmp_path / "o.jsonl", faces=None)
+    assert len(calls) == 3 and all(b is None for b in calls)  # p0, p1, p2 once each; bad.png never decodes
+    recs = {Path(r["image"]).name: r for r in _strict_records(tmp_path / "o.jsonl")}
+    assert "bad.png" in recs and recs["bad.png"]["error"] and recs["p1.png"]["provenance"]["baseline"] == \
+        "S: median of 3 of 4 photos"
+    monkeypatch.setattr(FERStage, "measure", original)
+    base = pipeline.baseline([str(tmp_path / f"p{k}.png") for k in range(3)])
+    for k in range(3):  # the second pass, as before: the same faces, AUs and expressions
+        again = pipeline.measure(str(tmp_path / f"p{k}.png"), baseline=base).evidence
+        faces = recs[f"p{k}.png"]["faces"]
+        assert len(faces) == len(again) == 1
+        assert {c: a["intensity"] for c, a in faces[0]["aus"].items()} == pytest.approx(
+            {c: a.intensity for c, a in again[0].aus.items()}, abs=2e-3)
+        assert faces[0]["expression"] == pytest.approx(again[0].expression, abs=1e-5)
+    assert any(abs(recs["p0.png"]["faces"][0]["aus"][c]["intensity"]
+                   - pipeline.measure(str(tmp_path / "p0.png")).evidence[0].aus[c].intensity) > 0.05
+               for c in recs["p0.png"]["faces"][0]["aus"])  # the median did change the AUs
+
+
 def test_a_bad_neutral_photo_costs_only_its_own_record(pipeline, astronaut, tmp_path):
     """One of A's neutral photos is corrupt and one shows no face: the baseline is built from the one usable
     photo and says so ("1 of 3"); only the corrupt file is an error record. B's only neutral photo is missing:

@@ -83,14 +83,19 @@ class FERStage:
         (:meth:`ExpressionModel.relative_to`), provided the model has a neutral reference and every one of its
         labels is among the configured labels; a median of unlabelled photos is no neutral face, so it
         leaves expressions alone."""
+        return self.baseline_from_faces((self.measure(rgb, faces) for rgb in images), neutral)
+
+    def baseline_from_faces(self, measured: Iterable[list[FaceEvidence]], neutral: bool = False) -> SubjectBaseline:
+        """:meth:`baseline` from photos already measured (without a baseline): one list of faces per photo,
+        as :meth:`measure` gives them. The largest face with a mesh of each photo counts."""
         meshes, neutral_probs = [], []
         model_labels = self.expression.labels
         relative = (neutral and self.expression.neutral_reference is not None
                     and set(model_labels) <= set(self.labels))
         seen = 0
-        for rgb in images:
+        for photo in measured:
             seen += 1
-            found = [f for f in self.measure(rgb, faces) if f.landmarks is not None]
+            found = [f for f in photo if f.landmarks is not None]
             if found:
                 face = max(found, key=lambda f: f.bbox[2] * f.bbox[3])
                 meshes.append(face.landmarks)
@@ -199,6 +204,17 @@ class FERStage:
         self.last_timings = {"fer_faces": (t1 - t0) * 1000, "fer_expression": (t2 - t1) * 1000,
                              "fer_geometry": (t3 - t2) * 1000}
         return out
+
+    def against(self, faces: list[FaceEvidence], baseline: SubjectBaseline) -> list[FaceEvidence]:
+        """Faces measured by :meth:`measure` without a baseline, re-measured against a *median* baseline
+        (``baseline.neutral`` False): only the AUs depend on it, so they are recomputed from each face's mesh
+        instead of measuring the photo again. A neutral baseline also changes expressions: use
+        ``measure(..., baseline=...)``."""
+        if baseline.neutral:
+            raise ValueError("FERStage.against takes a median baseline; measure against neutral photos with "
+                             "FERStage.measure(rgb, baseline=...)")
+        return [replace(f, aus=estimate_aus(f.landmarks, self.ref, baseline=baseline)) if f.landmarks is not None
+                else f for f in faces]
 
     def close(self) -> None:
         if self.detector is not None:
