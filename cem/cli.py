@@ -402,9 +402,24 @@ def prompt_render(image: str, template: str | None, context: str | None, config_
         _fail(str(e))
     text = p.text
     if model:
-        from transformers import AutoProcessor
+        try:
+            from transformers import AutoProcessor
+        except ImportError as e:
+            _fail(f"--model renders the model's chat template and needs transformers: pip install 'cem[llm]' ({e})")
+        from cem.reasoning.transformers_backend import hub_unreachable
 
-        proc = AutoProcessor.from_pretrained(model)
+        where = ("download it once with `hf download " + model + "` or point --model at a local folder saved with "
+                 "save_pretrained")
+        if (model.startswith((".", "/", "~")) or "\\" in model) and not Path(model).expanduser().is_dir():
+            _fail(f"--model {model}: no such folder; point --model at a folder saved with save_pretrained, or at "
+                  f"a Hugging Face model id")
+        unreachable = hub_unreachable(model)
+        if unreachable:
+            _fail(f"--model {model}: not in the Hugging Face cache and {unreachable}; {where}")
+        try:
+            proc = AutoProcessor.from_pretrained(model)
+        except (OSError, ValueError) as e:  # not found, not a repo id, offline without a cached copy
+            _fail(f"--model {model}: its processor cannot be loaded ({str(e).splitlines()[0][:300]}); {where}")
         content = [{"type": "image"} for _ in p.images] + [{"type": "text", "text": p.text}]
         text = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     click.echo(text, nl=not text.endswith("\n"))

@@ -33,6 +33,7 @@ import dataclasses
 import difflib
 import logging
 import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -55,6 +56,31 @@ def check_faces_mode(faces: str | None) -> str | None:
     if faces is not None and faces not in FACE_MODES:
         raise ValueError(f"faces must be 'detect' or 'whole' (or None for the config's), not {faces!r}")
     return faces
+
+
+MAX_CONFIG_BYTES = 1_000_000
+MAX_CONFIG_VALUES = 100_000  # after YAML aliases are expanded: 700 bytes of nested aliases reach 10**9
+
+
+def _expanded_size(data: Any, limit: int) -> int:
+    """How many values ``data`` holds with every alias counted where it is used; stops counting past ``limit``."""
+    count, stack = 0, [data]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return count
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 8, 8, 120, 120
+
+
+def _shown(value: Any) -> str:
+    """A value as an error message shows it: repr, shortened (YAML aliases can nest a small file into a
+    structure whose full repr takes gigabytes)."""
+    return _REPR.repr(value)
 
 
 class ConfigError(ValueError):
@@ -356,9 +382,23 @@ class Config:
 
         p = cls.resolve(name_or_path)
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            raw = p.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read it ({e.strerror or e})") from None
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{p}: {len(raw)} bytes; a config is at most {MAX_CONFIG_BYTES} bytes of YAML (is it "
+                              f"the right file?)")
+        try:
+            text = raw.decode("utf-8-sig")  # a byte-order mark, as some editors write, is accepted
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 YAML") from None
+        try:
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: invalid YAML ({e})") from None
+        if _expanded_size(data, MAX_CONFIG_VALUES) > MAX_CONFIG_VALUES:
+            raise ConfigError(f"{p}: its YAML expands to more than {MAX_CONFIG_VALUES} values (aliases that repeat "
+                              f"aliases?); a config is a few dozen settings")
         if isinstance(data, dict) and "name" not in data:
             # a user's file without `name:` is named after the file, so its records (provenance.config) are not
             # mistaken for the shipped default's
@@ -381,11 +421,12 @@ class Config:
                 continue
             if key in backend_keys and value != self.reasoner.backend:
                 self.reasoner.options = {}
-                if value == "rules":  # the file's model was for its model reasoner
-                    self.reasoner.model = None
-            if key == "device":
+                if value == "rules":  # the file's model, prompt and device were for its model reasoner
+                    self.reasoner.model = self.reasoner.template = self.reasoner.device = None
+            if key == "device":  # the expression CNN's, and the reasoner's where it runs a model
                 _set(self.expression, "device", value, f"{where}: expression")
-                _set(self.reasoner, "device", value, f"{where}: reasoner")
+                if self.reasoner.backend != "rules":
+                    _set(self.reasoner, "device", value, f"{where}: reasoner")
             elif key in self.SHORTCUTS:
                 sec, f = self.SHORTCUTS[key]
                 _set(getattr(self, sec), f, value, f"{where}: {sec}")
@@ -410,10 +451,10 @@ class Config:
         if isinstance(self.name, (int, float)) and math.isfinite(self.name):
             self.name = str(self.name)  # name: 2024 or 1.5 is meant as text
         if not isinstance(self.name, str) or not self.name:
-            raise ConfigError(f"{src}: name: expected a non-empty string, got {self.name!r}")
+            raise ConfigError(f"{src}: name: expected a non-empty string, got {_shown(self.name)}")
         if (not isinstance(self.labels, (list, tuple)) or not self.labels
                 or not all(isinstance(x, str) and x for x in self.labels)):
-            raise ConfigError(f"{src}: labels: expected a non-empty list of label names, got {self.labels!r}")
+            raise ConfigError(f"{src}: labels: expected a non-empty list of label names, got {_shown(self.labels)}")
         self.labels = list(self.labels)
         if len(set(self.labels)) != len(self.labels):
             dup = sorted({x for x in self.labels if self.labels.count(x) > 1})
@@ -428,11 +469,23 @@ class Config:
         if b == "rules" and self.reasoner.model is not None:  # it would be recorded, and silently unused
             raise ConfigError(f"{src}: reasoner.model {self.reasoner.model!r}: the rules reasoner uses no model; "
                               f"give a config of a model reasoner (cem models lists them) or --reasoner transformers")
+        for unused in ("template", "device"):  # the same for a prompt template and a model's device
+            value = getattr(self.reasoner, unused)
+            if b == "rules" and value is not None:
+                raise ConfigError(f"{src}: reasoner.{unused} {_shown(value)}: the rules reasoner uses no prompt and "
+                                  f"no model; give a config of a model reasoner (cem models lists them) or "
+                                  f"--reasoner transformers")
         opts = parse_options(b, self.reasoner.options, f"{src}: reasoner.options")
         self.reasoner.options = _options_dict(opts)
         bad = {k: v for k, v in self.fusion.label_map.items() if k not in self.labels}
         if bad:
             raise ConfigError(f"{src}: fusion.label_map: {sorted(bad)} are not among labels {self.labels}")
+        # a label takes the share of the label it is mapped to: one that is not among the labels has none
+        # (pride: banana gave pride 5e-7, silently)
+        nowhere = {k: v for k, v in self.fusion.label_map.items() if v not in self.labels}
+        if nowhere:
+            raise ConfigError(f"{src}: fusion.label_map: {_shown(nowhere)} map to labels that are not among labels "
+                              f"{self.labels}")
 
     def backend_options(self) -> BackendOptions:
         """The typed options of the configured backend."""
@@ -533,43 +586,43 @@ def _coerce(value: Any, tp: Any, where: str, meta: Any = None) -> Any:
             msg = str(errors[0])
             head = f"{where}: expected "
             if msg.startswith(head) and type(None) in args:
-                raise ConfigError(f"{where}: expected {_describe_type(tp)}, got {value!r}")
+                raise ConfigError(f"{where}: expected {_describe_type(tp)}, got {_shown(value)}")
             raise errors[0]
-        raise ConfigError(f"{where}: expected {_describe_type(tp)}, got {value!r}")
+        raise ConfigError(f"{where}: expected {_describe_type(tp)}, got {_shown(value)}")
     if tp is Any:
         return value
     if origin is Literal:
         if value is False and "off" in typing.get_args(tp):
             return "off"  # YAML 1.1 (PyYAML) reads a bare `off` (and no, false) as false: the setting's "off"
         if value not in typing.get_args(tp) or isinstance(value, bool):
-            raise ConfigError(f"{where}: expected {_describe_type(tp)}, got {value!r}")
+            raise ConfigError(f"{where}: expected {_describe_type(tp)}, got {_shown(value)}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            raise ConfigError(f"{where}: expected true or false, got {_shown(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {_shown(value)}")
         return _in_range(int(value), where, meta)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {_shown(value)}")
         if not math.isfinite(value):
-            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{where}: expected a finite number, got {_shown(value)}")
         return _in_range(float(value), where, meta)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {_shown(value)}")
         return value
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {_shown(value)}")
         (item,) = typing.get_args(tp) or (Any,)
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {_shown(value)}")
         kt, vt = typing.get_args(tp) or (Any, Any)
         return {_coerce(k, kt, f"{where} key {k!r}"): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
@@ -578,7 +631,7 @@ def _coerce(value: Any, tp: Any, where: str, meta: Any = None) -> Any:
             return value
         if isinstance(value, dict):
             return _build(tp, value, where)
-        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        raise ConfigError(f"{where}: expected a mapping, got {_shown(value)}")
     raise TypeError(f"{where}: no check for type {tp!r}")  # a programming error in this module
 
 
@@ -587,9 +640,9 @@ def _in_range(value: float, where: str, meta: Any) -> Any:
         return value
     ge, gt, le = meta.get("ge"), meta.get("gt"), meta.get("le")
     if ge is not None and value < ge:
-        raise ConfigError(f"{where}: must be >= {ge}, got {value!r}")
+        raise ConfigError(f"{where}: must be >= {ge}, got {_shown(value)}")
     if gt is not None and value <= gt:
-        raise ConfigError(f"{where}: must be > {gt}, got {value!r}")
+        raise ConfigError(f"{where}: must be > {gt}, got {_shown(value)}")
     if le is not None and value > le:
-        raise ConfigError(f"{where}: must be <= {le}, got {value!r}")
+        raise ConfigError(f"{where}: must be <= {le}, got {_shown(value)}")
     return value

@@ -207,8 +207,7 @@ class Pipeline:
         timings["fer"] = (time.perf_counter() - t1) * 1000
         timings.update(self.fer.last_timings)
         if baseline is not None and baseline_name is None:  # the record still says what it was measured against
-            kind = "neutral" if baseline.neutral else "median"
-            baseline_name = f"{kind} baseline of {baseline.faces} photo{'s' if baseline.faces > 1 else ''}"
+            baseline_name = baseline.describe()
         return MeasuredImage(name, rgb if keep_pixels else None, evidence, timings, None, w, h, baseline_name,
                              self.fer.last_faces_skipped)
 
@@ -360,8 +359,10 @@ class Pipeline:
         if chunk:
             yield from self.reason_many(chunk, chunk_ctx)
 
-    def annotate(self, inputs: Iterable[str | os.PathLike], out: str | os.PathLike, **kwargs: Any) -> Any:
-        """Annotate files, folders, globs and CSV manifests into the JSONL file ``out``: the runner the CLI,
+    def annotate(self, inputs: str | os.PathLike | Iterable[str | os.PathLike], out: str | os.PathLike,
+                 **kwargs: Any) -> Any:
+        """Annotate files, folders, globs and CSV manifests (one path, or a list) into the JSONL file ``out``: the
+        runner the CLI,
         notebooks and engines use (resume, lock, workers, progress, summary). Keyword arguments: see
         :func:`cem.runner.annotate`. Returns a :class:`cem.runner.RunSummary`."""
         from cem.runner import annotate
@@ -388,6 +389,17 @@ class Pipeline:
             opts.every = every
         if fps is not None:
             opts.fps = fps
+        # as the CLI checks them: every=0 or fps=-1 processed every frame, and every frame with both given
+        if opts.every is not None and (isinstance(opts.every, bool) or not isinstance(opts.every, int)
+                                       or opts.every < 1):
+            raise ValueError(f"analyze_video: every must be a whole number >= 1 (process every Nth frame), got "
+                             f"{opts.every!r}")
+        if opts.fps is not None and (isinstance(opts.fps, bool) or not isinstance(opts.fps, (int, float))
+                                     or not math.isfinite(opts.fps) or opts.fps <= 0):
+            raise ValueError(f"analyze_video: fps must be a number > 0 (frames per second to sample), got "
+                             f"{opts.fps!r}")
+        if opts.every is not None and opts.fps is not None:
+            raise ValueError("analyze_video: every and fps both choose the frames of a video; give one of them")
         name = os.fspath(path)
         for vf in track_video(self.fer, name, self.config.labels, opts, stats):
             keys = [f for f in vf.faces if f.key]

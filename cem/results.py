@@ -71,6 +71,10 @@ def read_records(path: str | os.PathLike, report: ReadReport | None = None) -> I
                 if report is not None:
                     report.skipped.append((n, f"line {n}: {e}"))
                 continue
+            except (ValueError, RecursionError) as e:  # a 5,000-digit number, JSON nested 100,000 deep
+                if report is not None:
+                    report.skipped.append((n, f"line {n}: not readable JSON ({type(e).__name__}: {str(e)[:200]})"))
+                continue
             yield rec
 
 

@@ -212,10 +212,7 @@ class Runner:
                 self.notes.append(f"subject {subject!r}: no baseline could be built (no {kind} of theirs shows a "
                                   f"usable face); their photos are measured against the average face")
             else:
-                used = f"{base.faces} of {len(use)} photos" if base.faces < len(use) else \
-                    f"{base.faces} photo{'s' if base.faces > 1 else ''}"
-                self._baselines[subject] = (base, f"{subject}: neutral ({used})" if neutral
-                                            else f"{subject}: median of {used}")
+                self._baselines[subject] = (base, base.describe(subject, len(use)))
         return self._baselines[subject]
 
     def build(self, need_fer: bool) -> Any:
@@ -244,7 +241,8 @@ class Runner:
 
         keep = self.pipeline.needs_pixels
         pooled = [pos for pos, it in enumerate(items) if it.error is None and self._subject(it) is None]
-        if self.workers > 1 and len(pooled) > 1:
+        # one image runs here, unless a time limit was asked for: only a worker process can be stopped
+        if self.workers > 1 and (len(pooled) > 1 or (pooled and self.image_timeout_s is not None)):
             pool = WorkerPool(self.config, self.workers, self.faces, keep,
                               self.image_timeout_s or DEFAULT_IMAGE_TIMEOUT_S)
             source: Iterator[tuple[int, Any]] = pool.measure([items[pos].path for pos in pooled])
@@ -414,6 +412,21 @@ class Runner:
             summary.notes.append(note)
 
 
+def _input_list(inputs: Any) -> list[str | os.PathLike]:
+    """``inputs`` as a list: one path (a str or PathLike: a file, folder, glob or manifest) is one input; a str
+    was iterated character by character ("photos/" annotated the whole file system from "/")."""
+    if isinstance(inputs, (str, os.PathLike)):
+        return [inputs]
+    if isinstance(inputs, (bytes, bytearray)) or not isinstance(inputs, Iterable):
+        raise TypeError(f"inputs must be a path or a list of paths (files, folders, globs, CSV manifests), not "
+                        f"{type(inputs).__name__}")
+    items = list(inputs)
+    for item in items:
+        if not isinstance(item, (str, os.PathLike)):
+            raise TypeError(f"inputs must be paths (str or os.PathLike), not {type(item).__name__} ({item!r:.80})")
+    return items
+
+
 def _expand(inputs: Iterable[str | os.PathLike], contexts: Mapping[str, str] | None, context: str | None,
             context_file: str | os.PathLike | None) -> InputSet:
     try:
@@ -423,7 +436,8 @@ def _expand(inputs: Iterable[str | os.PathLike], contexts: Mapping[str, str] | N
         raise RunError(str(e)) from None
 
 
-def annotate(pipeline_or_config: Any, inputs: Iterable[str | os.PathLike], out: str | os.PathLike, *,
+def annotate(pipeline_or_config: Any, inputs: str | os.PathLike | Iterable[str | os.PathLike],
+             out: str | os.PathLike, *,
              resume: bool = False, workers: int = 1, csv: str | os.PathLike | None = None,
              contexts: Mapping[str, str] | None = None, context: str | None = None,
              context_file: str | os.PathLike | None = None, landmarks: bool = False, progress: bool = True,
@@ -436,8 +450,9 @@ def annotate(pipeline_or_config: Any, inputs: Iterable[str | os.PathLike], out: 
     configuration or the output cannot be used.
 
     ``pipeline_or_config``: a built :class:`~cem.pipeline.Pipeline` (notebooks) or a
-    :class:`~cem.config.Config` (the CLI: models then load only when there is work). ``inputs``: files,
-    folders (recursive), globs, CSV manifests (``image``, optional ``context``, extra columns -> ``meta``).
+    :class:`~cem.config.Config` (the CLI: models then load only when there is work). ``inputs``: one path
+    or a list of them: files, folders (recursive), globs, CSV manifests (``image``, optional ``context``,
+    extra columns -> ``meta``).
     ``contexts``/``context_file``: contexts by image path or file name; ``context``: for every other image.
     ``resume``: skip inputs already in ``out`` (by image, context and manifest columns), append the rest;
     ``retry_errors`` (with ``resume``): the inputs of this run whose record in ``out`` is an error (a timeout, a
@@ -448,6 +463,10 @@ def annotate(pipeline_or_config: Any, inputs: Iterable[str | os.PathLike], out: 
     error record. ``frames``/``every``/``fps``: video options. ``echo``: where messages go (stderr).
     """
 
+    inputs = _input_list(inputs)
+    if image_timeout_s is not None and workers < 2:
+        raise RunError("--image-timeout applies to --workers 2 or more: an image's time limit needs a worker "
+                       "process that can be stopped; add --workers 2")
     if engine != "local":
         raise RunError(f"engine {engine!r} is not available in this installation (available: local)")
     if isinstance(pipeline_or_config, Config):
@@ -524,6 +543,11 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
         raise RunError(f"{'--every' if every is not None else '--fps'} applies to video inputs, and none was given")
     if every is not None and fps is not None:
         raise RunError("--every and --fps both choose the frames of a video: give one of them")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise RunError(f"--every must be a whole number >= 1, got {every!r}")
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0
+                            or fps == float("inf")):
+        raise RunError(f"--fps must be a number > 0, got {fps!r}")
     if videos and (runner.faces or runner.config.faces.mode) == "whole":
         raise RunError("--faces whole does not apply to videos (their faces are detected and tracked); run the "
                        "videos without it")

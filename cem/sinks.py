@@ -247,7 +247,7 @@ def iter_records(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
                 continue
             try:
                 rec = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (ValueError, RecursionError):  # not JSON, not UTF-8, a huge number, nesting beyond the stack
                 continue
             if _is_record(rec):
                 yield rec
@@ -265,7 +265,7 @@ def scan(path: Path, retry: Container[RecordKey] = frozenset()) -> tuple[Existin
             continue
         try:
             rec = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, a huge number, nesting beyond the stack
             rec = None
         if not _is_record(rec):
             found.torn_tail = not line.endswith(b"\n")

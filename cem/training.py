@@ -59,6 +59,28 @@ class TrainConfig:
     # share of the faces mixed with another face of the batch (mixup; pixels and targets alike); 0 = off
     mixup: float = 0.0
 
+    def __post_init__(self) -> None:
+        """Every setting in its range (ValueError naming the option): ``epochs=-1`` trained nothing and still
+        wrote a model."""
+        import math
+
+        for name, low in (("epochs", 1), ("batch_size", 1), ("width", 1), ("threads", 1), ("seed", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be a whole number >= {low}, got {v!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise ValueError(f"--max-steps must be a whole number >= 1, got {self.max_steps!r}")
+        for name, lo, hi, open_low in (("lr", 0.0, math.inf, True), ("weight_decay", 0.0, math.inf, False),
+                                       ("dropout", 0.0, 1.0, False), ("class_balance", 0.0, math.inf, False),
+                                       ("distill_weight", 0.0, 1.0, False), ("mixup", 0.0, 1.0, False)):
+            v = float(getattr(self, name))
+            if not math.isfinite(v) or v < lo or v > hi or (open_low and v == lo):
+                bound = f"> {lo:g}" if open_low else f">= {lo:g}"
+                raise ValueError(f"--{name.replace('_', '-')} must be a number {bound}"
+                                 + (f" and <= {hi:g}" if math.isfinite(hi) else "") + f", got {v!r}")
+        if self.augment not in ("basic", "robust"):
+            raise ValueError(f"--augment must be basic or robust, got {self.augment!r}")
+
 
 def _rand(n: int, gen, device, *shape: int):
     import torch
@@ -425,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
                           class_balance=a.class_balance, teachers=tuple(a.teacher),
                           distill_weight=a.distill_weight, mixup=a.mixup, bf16=not a.no_bf16)
         train, valid = load_ferplus("train", a.data_dir), load_ferplus("valid", a.data_dir)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"cem train-expression: {e}", file=sys.stderr)
         return 2
     train_expression(train, valid, a.out, cfg)

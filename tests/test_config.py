@@ -313,3 +313,42 @@ def test_a_local_file_named_like_a_shipped_config(tmp_path, monkeypatch, caplog)
     assert shipped.faces.max_faces == 32 and "pass ./default.yaml for it" in caplog.text
     local = Config.load("./default.yaml")
     assert local.faces.max_faces == 3 and local.name == "default.yaml"
+
+
+def test_settings_the_rules_reasoner_would_not_use_are_errors_and_a_label_map_must_reach_a_label(tmp_path):
+    """A prompt template or a model device given to the rules reasoner was recorded and silently unused; a
+    label mapped to a label that does not exist got 5e-7."""
+    with pytest.raises(ConfigError, match=r"reasoner.template 'no_such_template': the rules reasoner uses no"):
+        Config.load("default", template="no_such_template")
+    with pytest.raises(ConfigError, match=r"reasoner.device 'cuda:7'"):
+        Config.load("default", reasoner__device="cuda:7")
+    assert Config.load("default", device="cpu").expression.device == "cpu"  # the shortcut: the CNN's device
+    switched = Config.load("qwen2.5-vl-7b", reasoner="rules")  # the file's prompt and device were its model's
+    assert switched.reasoner.template is None and switched.reasoner.device is None
+    mapped = tmp_path / "pride.yaml"
+    mapped.write_text("labels: [neutral, happiness, pride]\nfusion: {label_map: {pride: banana}}\n")
+    with pytest.raises(ConfigError, match=r"fusion.label_map: \{'pride': 'banana'\} map to labels that are not"):
+        Config.load(mapped)
+    mapped.write_text("labels: [neutral, happiness, pride]\nfusion: {label_map: {pride: happiness}}\n")
+    assert Config.load(mapped).fusion.label_map == {"pride": "happiness"}
+
+
+def test_a_config_file_that_is_not_utf8_yaml_or_expands_without_end_is_a_clear_error(tmp_path):
+    utf16 = tmp_path / "utf16.yaml"
+    utf16.write_text("name: mine\n", encoding="utf-16")
+    with pytest.raises(ConfigError, match=r"utf16.yaml: not UTF-8 text .*save it as UTF-8 YAML"):
+        Config.load(utf16)
+    bom = tmp_path / "bom.yaml"
+    bom.write_text("name: mine\n", encoding="utf-8-sig")
+    assert Config.load(bom).name == "mine"
+    lines = ["x0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"x{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    bomb = tmp_path / "bomb.yaml"  # 700 bytes that expand to 10**9 values (it took minutes and GBs)
+    bomb.write_text("name: bomb\nreasoner:\n  options:\n    device_map:\n" + "".join(f"      {x}\n" for x in lines))
+    with pytest.raises(ConfigError, match=r"expands to more than 100000 values"):
+        Config.load(bomb)
+    long_value = tmp_path / "long.yaml"
+    long_value.write_text("name: [" + ", ".join(["x"] * 5000) + "]\n")
+    with pytest.raises(ConfigError) as e:
+        Config.load(long_value)
+    assert len(str(e.value)) < 600  # the value is shown shortened

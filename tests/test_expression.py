@@ -95,6 +95,23 @@ def test_training_command_runs_one_tiny_step(tmp_path):
     assert m.predict(data.pixels[:2]).shape == (2, 8)
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--epochs", "-1"], "--epochs must be a whole number >= 1, got -1"),
+    (["--batch-size", "0"], "--batch-size must be a whole number >= 1"),
+    (["--lr", "0"], "--lr must be a number > 0"),
+    (["--lr", "nan"], "--lr must be a number > 0"),
+    (["--mixup", "1.5"], "--mixup must be a number >= 0 and <= 1"),
+    (["--max-steps", "0"], "--max-steps must be a whole number >= 1"),
+])
+def test_training_options_out_of_range_exit_2_before_anything_is_written(tmp_path, capsys, args, words):
+    """``--epochs -1`` trained nothing and still wrote a model (exit 0); every number is checked first."""
+    from cem.training import main
+
+    out = tmp_path / "run"
+    assert main(["--out", str(out), "--data-dir", str(tmp_path / "no-data"), *args]) == 2
+    assert words in capsys.readouterr().err and not out.exists()
+
+
 def test_calibrate_fits_the_temperature_on_the_logits_inference_uses(tmp_path, monkeypatch):
     """``--calibrate-only``: the temperature is fitted on one-pass logits where the folder's config turns the
     mirror pass off (as inference then computes them), and the neutral reference is the loaded model's mean

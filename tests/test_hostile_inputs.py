@@ -1035,3 +1035,63 @@ def test_cells_without_a_column_and_context_rows_without_an_input_are_not_droppe
     found = collect_inputs([tmp_path / "a.png"], read_context_csv(ctx))
     assert found.items[0].context == "at home"
     assert found.notes == ["1 context row(s) match no input (first: 'bb.png'); they are not used"]
+
+
+def test_one_path_given_as_a_string_is_one_input_not_its_characters(pipeline, face_png, tmp_path, monkeypatch):
+    """``pipe.annotate("photos/", ...)`` iterated the string: "/" made it annotate the whole file system."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(face_png, folder / "a.png")
+    for one in (f"{folder}/", folder):  # a str with the trailing slash, and a Path
+        planned = pipeline.annotate(one, tmp_path / "o.jsonl", dry_run=True, progress=False).planned
+        assert planned == [str(folder / "a.png")], one
+    monkeypatch.chdir(tmp_path)
+    assert pipeline.annotate("photos", "o.jsonl", dry_run=True, progress=False).planned == [
+        os.path.join("photos", "a.png")]
+    for bad, words in ((b"photos", "not bytes"), ([folder, 3], "not int"), (7, "not int")):
+        with pytest.raises(TypeError, match=words):
+            pipeline.annotate(bad, tmp_path / "o.jsonl", progress=False)
+
+
+def test_options_that_would_be_ignored_are_refused_in_python_too(pipeline, face_png, tmp_path):
+    """--image-timeout without workers protected nothing; analyze_video took every=0, fps=-1 and both at once
+    (every frame, silently)."""
+    with pytest.raises(RunError, match="--image-timeout applies to --workers 2 or more"):
+        _run(pipeline, [face_png], tmp_path / "o.jsonl", image_timeout_s=5.0)
+    r = _cem("annotate", face_png, "-o", tmp_path / "o.jsonl", "--image-timeout", "5")
+    assert r.returncode == 2 and "--image-timeout applies to --workers 2" in r.stderr
+    video = tmp_path / "v.avi"
+    import cv2
+
+    vw = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    for _ in range(3):
+        vw.write(np.zeros((48, 64, 3), np.uint8))
+    vw.release()
+    for kw, words in (({"every": 0}, "every must be a whole number >= 1"), ({"every": 2.5}, "every must be"),
+                      ({"fps": -1}, "fps must be a number > 0"), ({"fps": float("nan")}, "fps must be"),
+                      ({"every": 2, "fps": 5}, "give one of them")):
+        with pytest.raises(ValueError, match=words):
+            next(pipeline.analyze_video(str(video), **kw))
+        with pytest.raises(RunError):
+            annotate(pipeline, [str(video)], tmp_path / "v.jsonl", progress=False, **kw)
+    assert len(list(pipeline.analyze_video(str(video), every=2))) == 2
+
+
+def test_a_hostile_jsonl_line_is_skipped_and_named_by_every_reader(pipeline, face_png, tmp_path):
+    """A 5,000-digit number or JSON nested 200,000 deep is not a record: table, read_results and resume skip it
+    (resume moves it to OUT.rejected); they crashed with ValueError / RecursionError."""
+    import cem
+
+    out = tmp_path / "o.jsonl"
+    _run(pipeline, [face_png], out)
+    good = out.read_text()
+    for name, line in (("big", '{"image": ' + "9" * 5000 + "}"), ("deep", "[" * 200_000 + "]" * 200_000)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(good + line + "\n")
+        with pytest.warns(UserWarning, match="line 2: not readable JSON"):
+            assert len(cem.read_results(path)) == 1
+        r = _cem("table", path, "-o", tmp_path / f"{name}.csv")
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        summary, _ = _run(pipeline, [face_png, tmp_path / "extra.png"], path, resume=True)
+        assert summary.rejected == 1 and len(_strict_records(path)) == 2
+        assert Path(f"{path}.rejected").read_text().strip() == line

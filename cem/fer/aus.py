@@ -231,6 +231,16 @@ class SubjectBaseline:
     # own-neutral thresholds (Calibration.threshold_own_neutral)
     neutral: bool = False
 
+    def describe(self, subject: str | None = None, listed: int | None = None) -> str:
+        """What a record's ``provenance.baseline`` says of it: ``"P01: neutral (2 of 3 photos)"`` for a named
+        subject with ``listed`` photos of which :attr:`faces` counted, ``"P02: median of 6 photos"``, or
+        without a subject ``"neutral baseline of 1 photo"``."""
+        counted = (f"{self.faces} of {listed} photos" if listed is not None and self.faces < listed
+                   else f"{self.faces} photo{'s' if self.faces != 1 else ''}")
+        if subject is None:
+            return f"{'neutral' if self.neutral else 'median'} baseline of {counted}"
+        return f"{subject}: neutral ({counted})" if self.neutral else f"{subject}: median of {counted}"
+
     @classmethod
     def from_meshes(cls, meshes: Sequence[np.ndarray], ref: Reference, neutral: bool = False) -> SubjectBaseline:
         """Median measurements over meshes (478, 3) in image pixels of one person (``neutral``: they show the
