@@ -201,10 +201,15 @@ def test_corrupt_records_are_skipped_and_counted(tmp_path):
         ("faces-str.jpg", rec("faces-str.jpg") | {"faces": "oops"}, "'faces' is a string, expected a list"),
         ("faces-int.jpg", rec("faces-int.jpg") | {"faces": [1]}, "'faces[0]' is an integer, expected an object"),
         ("nan.jpg", nan_line, "'faces[0].emotion['happiness']' is null (or was NaN/Infinity in the file)"),
-        ("str.jpg", rec("str.jpg", face() | {"emotion": {"happiness": "0.9"}}),
+        ("str.jpg", rec("str.jpg", face(happiness=1.0) | {"emotion": {"happiness": "0.9"}}),
          "'faces[0].emotion['happiness']' is a string, expected a number"),
         ("neg.jpg", rec("neg.jpg", face(happiness=-0.5)), "'faces[0].expression['happiness']' is negative (-0.5)"),
-        ("list.jpg", rec("list.jpg", face() | {"emotion": [0.1, 0.9]}), "'faces[0].emotion' is a list"),
+        ("list.jpg", rec("list.jpg", face(happiness=1.0) | {"emotion": [0.1, 0.9]}), "'faces[0].emotion' is a list"),
+        # values the contract refuses (an edited file): eval scored them, renormalised, as if they were fine
+        ("fifty.jpg", rec("fifty.jpg", face(happiness=1.0) | {"emotion": {"happiness": 50.0}}),
+         "'faces[0].emotion['happiness']' is above 1 (50.0): not a probability"),
+        ("zeros.jpg", rec("zeros.jpg", face(happiness=1.0) | {"emotion": {"happiness": 0.0, "neutral": 0.0}}),
+         "'faces[0].emotion' sums to 0, not 1: not a distribution"),
         ("bbox.jpg", rec("bbox.jpg", face(happiness=1.0), face(1, happiness=1.0) | {"bbox": ["1", "2", "3", "4"]}),
          "'faces[1].bbox[0]' is a string, expected a number"),
         ("err.jpg", rec("err.jpg") | {"error": ["not", "text"]}, "'error' is a list"),
@@ -257,7 +262,8 @@ def test_extreme_values(tmp_path):
     fails(results, long, f"{long}:3: not a readable CSV (field larger than field limit (131072))")
     labels = write_csv(tmp_path / "l.csv", "image,neutral,happiness\na.jpg,1,1\nbig.jpg,0,1\n")
     res, out = run_eval(results, labels)
-    assert out["problems"] == [f"{results}:3: skipped: 'faces[0].expression' has values too large to add up"]
+    assert out["problems"] == [f"{results}:3: skipped: 'faces[0].expression['neutral']' is above 1 (1e+308): not "
+                               f"a probability"]
     # the one scored row is a tie: accuracy and the like have no row to average (None, "n/a"), KL does
     assert out["emotion"]["n"] == 1 and out["emotion"]["n_scored"] == 0 and out["emotion"]["accuracy"] is None
     kl = 0.5 * math.log(0.5 / (1 - 7e-6)) + 0.5 * math.log(0.5 / 1e-6)

@@ -182,11 +182,19 @@ def distribution(face: dict[str, Any], key: str, what: str, *, strict: bool) -> 
 
     ``strict``: every value must be a finite number >= 0 (for scoring); otherwise ``None`` (a non-finite
     number in the file) is kept, to be shown as missing."""
+    from cem.contract import DISTRIBUTION_TOLERANCE
+
     dist = need(face, key, dict, f"{what}.{key}", optional=True) or {}
     out: dict[str, float | None] = {}
     for label, v in dist.items():
         p = number(v, f"{what}.{key}[{label!r}]", optional=not strict)
         if p is not None and p < 0:
             raise RecordError(f"'{what}.{key}[{label!r}]' is negative ({p})")
+        if strict and p is not None and p > 1 + DISTRIBUTION_TOLERANCE:
+            raise RecordError(f"'{what}.{key}[{label!r}]' is above 1 ({p}): not a probability")
         out[label] = p
+    total = sum(p for p in out.values() if p is not None)
+    # as the contract has it: a distribution that does not sum to 1 was edited or broken, not renormalised here
+    if strict and out and math.isfinite(total) and abs(total - 1.0) > DISTRIBUTION_TOLERANCE:
+        raise RecordError(f"'{what}.{key}' sums to {total:.6g}, not 1: not a distribution")
     return out
