@@ -193,7 +193,8 @@ def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: 
 @click.option("--model", default=None, help="Model id or local path for the reasoner.")
 @click.option("--base-url", default=None, help="openai reasoner: the server's URL.")
 def check(config_name: str, model: str | None, base_url: str | None) -> None:
-    """Pre-flight: load the model or reach the server, run one image, say what is missing (exit 0 or 2)."""
+    """Pre-flight: load the expression model and the reasoner's model (or reach its server with one tiny
+    request), and say what is missing (exit 0 or 2)."""
     import importlib.util
 
     config = _load_config(config_name, base_url, model=model)

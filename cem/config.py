@@ -135,7 +135,7 @@ class ExpressionConfig(_Checked):
     # torch intra-op threads for the expression CNN, set around its calls only (MediaPipe runs its own
     # threads; with torch's default of one thread per core the two fight on small machines: measured in
     # docs/action-units.md, "Threads"); 0 = leave torch's setting as it is
-    threads: int = 1
+    threads: int = _num(1, ge=0)
     # average the logits of each crop and its mirror image (twice the CNN's cost); None: as the model's
     # config.json says (the packaged model: off, for no measurable gain; model card, "Test-time flip")
     test_time_flip: bool | None = None

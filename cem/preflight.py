@@ -1,8 +1,8 @@
 """Pre-flight check: can this config's reasoner run here, and if not, what exactly is missing?
 
-``preflight(config, image=None)`` checks the packages, the GPU a config asks for, the model weights (or the
-server), loads the model or reaches the server (``GET /models`` with a few seconds' timeout, then one tiny
-request), and, given an image, reasons over it once. The report's ``text`` fits one screen and says how to
+``preflight(config, image=None)`` checks the expression model (weights and device), the packages, the GPU a
+config asks for, the model weights (or the server), loads the model or reaches the server (``GET /models``
+with a few seconds' timeout, then one tiny request), and, given an image, reasons over it once. The report's ``text`` fits one screen and says how to
 get each missing thing. ``cem check --config NAME`` prints it; ``cem annotate`` runs it before the first
 image for any reasoner but ``rules`` (which needs nothing and is always ok).
 """
@@ -146,9 +146,23 @@ def _run_one(config: Config, reasoner: Any, image: Any, report: PreflightReport)
         report.notes.append(f"one image through the reasoner: {len(answers)} face(s) answered")
 
 
+def _check_expression(config: Config, report: PreflightReport) -> None:
+    """The FER stage's expression model loads with the config's weights and device (a missing folder, a
+    device torch does not know or does not see): ``cem check`` said ready for configs that annotate refused."""
+    from cem.fer.expression import ExpressionModel
+
+    e = config.expression
+    try:
+        ExpressionModel.from_pretrained(e.weights, e.device, e.test_time_flip)
+    except Exception as err:  # FileNotFoundError, torch's RuntimeError for a device, a bad config.json: all reported
+        report.problems.append(f"expression model ({e.weights or 'packaged'}, device {e.device!r}): "
+                               f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}")
+
+
 def preflight(config: Config, image: Any = None) -> PreflightReport:
     """Check that ``config``'s reasoner can run here (see the module docstring)."""
     report = PreflightReport(ok=True)
+    _check_expression(config, report)
     backend = config.reasoner.backend
     if backend == "transformers":
         _check_transformers(config, report, image)

@@ -213,6 +213,20 @@ def test_check_command_answers_without_a_traceback():
         assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_check_command_checks_the_expression_model_annotate_would_load(tmp_path):
+    """`cem check` said "ready" for configs whose expression weights or device annotate then refused."""
+    from cem.preflight import preflight
+
+    assert preflight(Config.load("default")).ok
+    for override, words in (({"expression__weights": str(tmp_path / "none")}, "expected config.json"),
+                            ({"expression__device": "banana"}, "device 'banana'")):
+        report = preflight(Config.load("default", **override))
+        assert not report.ok and any(words in p for p in report.problems), report.text
+    (tmp_path / "w.yaml").write_text(f"expression: {{weights: {tmp_path / 'none'}}}\n")
+    r = _cem("check", "--config", tmp_path / "w.yaml")
+    assert r.returncode == 2 and "expression model" in r.stdout and "Traceback" not in r.stderr
+
+
 @pytest.mark.skipif(ROOT and not SETPRIV, reason="running as root without setpriv: permissions do not bite")
 def test_output_in_a_read_only_folder(face_png, tmp_path):
     ro = tmp_path / "ro"
