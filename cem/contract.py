@@ -48,7 +48,7 @@ __all__ = [
     "RECORD_FIELDS", "BBOX_COLUMNS", "DECIMALS", "rounded", "json_schema", "validate_record", "record_kind",
     "error_record", "video_summary_record",
     "moment_record", "face_rows", "cue_rows", "frame_row", "frame_columns", "column_groups", "order_columns",
-    "FRAME_INPUT_COLUMNS",
+    "FRAME_INPUT_COLUMNS", "face_table_columns",
     "CUE_COLUMNS", "IMAGE_COLUMNS", "POSE_COLUMNS", "QUALITY_COLUMNS", "DISTRIBUTION_TOLERANCE",
 ]
 
@@ -664,6 +664,14 @@ def _image_columns(record: Mapping[str, Any]) -> dict[str, Any]:
     for k in _ALWAYS_PROVENANCE:  # optional in a record, but a column of every table, so columns stay fixed
         row.setdefault(k, None)
     return row
+
+
+def face_table_columns(labels: Sequence[str] = FERPLUS_LABELS) -> list[str]:
+    """The face columns every face table has, faces or not (bbox, pose, quality, each AU and its presence,
+    ``expression_<label>``, ``emotion_<label>``, ``top_emotion``, ...): a table of images without a face
+    found has them empty, so tables of several runs line up and code that reads ``top_emotion`` works."""
+    return [*_face_columns({}), *AU_NAMES, *(f"{code}_present" for code in AU_NAMES),
+            *(f"expression_{k}" for k in labels), *(f"emotion_{k}" for k in labels)]
 
 
 def face_rows(record: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -2,9 +2,9 @@
 
 ``preflight(config, image=None)`` checks the expression model (weights and device), the packages, the GPU a
 config asks for, the model weights (or the server), loads the model or reaches the server (``GET /models``
-with a few seconds' timeout, then one tiny request), and, given an image, reasons over it once. The report's ``text`` fits one screen and says how to
-get each missing thing. ``cem check --config NAME`` prints it; ``cem annotate`` runs it before the first
-image for any reasoner but ``rules`` (which needs nothing and is always ok).
+with a few seconds' timeout, then one tiny request), and, given an image, reasons over it once. The report's
+``text`` fits one screen and says how to get each missing thing. ``cem check --config NAME`` prints it;
+``cem annotate`` runs it before the first image for any reasoner but ``rules``.
 """
 
 from __future__ import annotations

@@ -28,7 +28,17 @@ from typing import Any
 
 import pandas as pd
 
-from cem.contract import CUE_COLUMNS, RecordError, column_groups, cue_rows, face_rows, order_columns, validate_record
+from cem.contract import (
+    CUE_COLUMNS,
+    FERPLUS_LABELS,
+    RecordError,
+    column_groups,
+    cue_rows,
+    face_rows,
+    face_table_columns,
+    order_columns,
+    validate_record,
+)
 from cem.sinks import table_format
 
 __all__ = ["read_results", "read_cues", "write_table", "read_records", "CorruptLinesWarning", "TableSummary",
@@ -114,7 +124,10 @@ def read_results(path: str | os.PathLike) -> pd.DataFrame:
     the ``df.cem`` accessor. ``df.attrs["skipped_lines"]`` lists lines that were skipped (also warned).
     """
     rows, report = _read_rows(path, face_rows)
-    columns = order_columns(k for r in rows for k in r)
+    seen = [k for r in rows for k in r]
+    # the labels of the records' distributions (a config may add some); the FER+ eight when no face was found
+    labels = list(dict.fromkeys(k.removeprefix("expression_") for k in seen if k.startswith("expression_")))
+    columns = order_columns([*seen, *face_table_columns(labels or FERPLUS_LABELS)])
     df = _frame(rows, columns)
     df.attrs["source"] = os.fspath(path)
     df.attrs["skipped_lines"] = [n for n, _ in report.skipped]

@@ -1109,3 +1109,26 @@ def test_a_hostile_jsonl_line_is_skipped_and_named_by_every_reader(pipeline, fac
         summary, _ = _run(pipeline, [face_png, tmp_path / "extra.png"], path, resume=True)
         assert summary.rejected == 1 and len(_strict_records(path)) == 2
         assert Path(f"{path}.rejected").read_text().strip() == line
+
+
+def test_a_table_without_any_face_still_has_the_face_columns(pipeline, tmp_path):
+    """README: "one row per face with fixed columns". A run where no face was found gave a table of image and
+    provenance columns only (df.groupby("top_emotion") raised KeyError, and tables of runs did not line up)."""
+    import cem
+    from cem.contract import AU_NAMES, FERPLUS_LABELS
+
+    Image.fromarray(np.full((120, 160, 3), 128, np.uint8)).save(tmp_path / "gray.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "o.jsonl"
+    _run(pipeline, [tmp_path / "gray.png", tmp_path / "broken.png"], out, faces=None)
+    df = cem.read_results(out)
+    assert len(df) == 2 and df["face_index"].isna().all()
+    for col in ("top_emotion", "x", "yaw", "face_px", "AU12", "AU12_present", "expression_happiness",
+                "emotion_contempt", "face_error"):
+        assert col in df.columns, col
+    assert df.cem.emotion.shape == (2, len(FERPLUS_LABELS)) and df.cem.aus.shape == (2, len(AU_NAMES))
+    assert df.groupby("top_emotion", dropna=False).size().sum() == 2
+    with_face = tmp_path / "f.jsonl"
+    _run(pipeline, [tmp_path / "gray.png"], with_face, faces="whole")
+    data = [c for c in df.columns if not c.startswith("provenance_")]  # timings differ with the work done
+    assert [c for c in cem.read_results(with_face).columns if not c.startswith("provenance_")] == data
