@@ -1,4 +1,5 @@
-"""The API reference builds from the docstrings (mkdocs + mkdocstrings), strictly, so it cannot rot."""
+"""Docs that cannot rot: the API reference builds from the docstrings (mkdocs + mkdocstrings), strictly, and the
+README's output record is what cem writes for its example."""
 
 from __future__ import annotations
 
@@ -21,3 +22,32 @@ def test_api_reference_builds(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     api = (tmp_path / "site" / "api" / "index.html").read_text()
     assert "analyze_many" in api and "from_config" in api and "fit_fusion" in api
+
+
+def test_the_readme_output_record_is_what_cem_writes_for_the_example(pipeline):
+    """The README's record of examples/astronaut.jpg (its "..." entries aside) matches what the pipeline gives
+    now: the same fields, every number within rounding, the same rationale and cues. It had drifted."""
+    import json
+    import re
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"## Output record.*?```json\n(.*?)```", readme, re.S)
+    assert block, "the README's output record block"
+    shown = json.loads(block.group(1))
+    actual = pipeline.analyze(str(ROOT / "examples" / "astronaut.jpg")).to_dict()
+    assert set(shown) == set(actual) and set(shown["provenance"]) == set(actual["provenance"])
+    assert set(shown["provenance"]["timings_ms"]) == set(actual["provenance"]["timings_ms"])
+    (face,), (real,) = shown["faces"], actual["faces"]
+    assert set(face) == set(real)
+    assert face["bbox"] == pytest.approx(real["bbox"], abs=1.0)
+    assert face["detection_score"] == pytest.approx(real["detection_score"], abs=0.01)
+    assert face["pose"] == pytest.approx(real["pose"], abs=0.5) and face["quality"] == pytest.approx(real["quality"],
+                                                                                                      abs=0.01)
+    assert face["aus"]["AU12"]["intensity"] == pytest.approx(real["aus"]["AU12"]["intensity"], abs=0.05)
+    for dist in ("expression", "emotion"):
+        shown_values = {k: v for k, v in face[dist].items() if k != "..."}
+        assert shown_values == pytest.approx({k: real[dist][k] for k in shown_values}, abs=0.01)
+    assert face["top_emotion"] == real["top_emotion"] and face["rationale"] == real["rationale"]
+    assert face["cues"][0] in real["cues"]
+    assert {k: v for k, v in shown["provenance"].items() if k != "timings_ms"} == {
+        k: v for k, v in actual["provenance"].items() if k != "timings_ms"}
