@@ -410,6 +410,16 @@ class Config:
         cfg.apply(**overrides)
         return cfg
 
+    def digest(self) -> str:
+        """12 hex digits of the SHA-256 of every setting (sections and labels; not the name or the file), as
+        records carry it in ``provenance.settings``: two runs with one digest used the same settings."""
+        import hashlib
+        import json
+
+        data = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("name", "source")}
+        text = json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
     def apply(self, **overrides: Any) -> Config:
         where = f"{self.source} (override)"
         # a backend chosen here replaces the file's: its options were written for the file's backend, so

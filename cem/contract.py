@@ -249,6 +249,11 @@ class Provenance:
     baseline: str | None = Field(default=None, exclude_if=_omit_none)
     # faces detected beyond faces.max_faces and not measured (the largest faces are); absent when none
     faces_skipped: PosInt | None = Field(default=None, exclude_if=_omit_none)
+    # how faces were found: "detect" or "whole" (the image is one face); absent in error records
+    faces: Literal["detect", "whole"] | None = Field(default=None, exclude_if=_omit_none)
+    # a digest of every setting in force (the config file with its overrides: Config.digest), so records made
+    # with other settings under the same config name can be told apart
+    settings: str | None = Field(default=None, exclude_if=_omit_none)
 
     def to_dict(self) -> dict[str, Any]:
         return _dump(Provenance, self)

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 from pydantic import ValidationError
@@ -78,6 +78,7 @@ class MeasuredImage:
     height: int | None = None
     baseline: str | None = None  # which subject baseline the AUs were measured against (provenance.baseline)
     faces_skipped: int = 0  # faces detected beyond faces.max_faces, not measured (provenance.faces_skipped)
+    faces: str | None = None  # how faces were found: "detect" or "whole" (provenance.faces)
 
 
 class Pipeline:
@@ -132,7 +133,8 @@ class Pipeline:
         r = self.reasoner
         return Provenance(cem_version=cem.__version__, config=self.config.name, reasoner=r.backend,
                           model=r.model_id, template=r.template_id, timings_ms=dict(timings or {}),
-                          sampling=r.sampling, context_used=bool(context) and r.uses_context)
+                          sampling=r.sampling, context_used=bool(context) and r.uses_context,
+                          settings=self.config.digest())
 
     def baseline(self, images: Sequence[ImageInput], faces: str | None = None, neutral: bool = False,
                  unreadable: list[str] | None = None) -> Any:
@@ -209,7 +211,7 @@ class Pipeline:
         if baseline is not None and baseline_name is None:  # the record still says what it was measured against
             baseline_name = baseline.describe()
         return MeasuredImage(name, rgb if keep_pixels else None, evidence, timings, None, w, h, baseline_name,
-                             self.fer.last_faces_skipped)
+                             self.fer.last_faces_skipped, check_faces_mode(faces) or self.config.faces.mode)
 
     @property
     def needs_pixels(self) -> bool:
@@ -221,6 +223,8 @@ class Pipeline:
         result = self._fuse(m, answers, reason_error, context)
         result.provenance.baseline = m.baseline
         result.provenance.faces_skipped = m.faces_skipped or None
+        if m.error is None and m.faces in ("detect", "whole"):
+            result.provenance.faces = cast(Literal["detect", "whole"], m.faces)
         return result
 
     def _fuse(self, m: MeasuredImage, answers: list | None, reason_error: str | None,
@@ -408,7 +412,7 @@ class Pipeline:
                 evidence = [f.evidence for f in keys]
                 for i, ev in enumerate(evidence):
                     ev.index = i
-                m = MeasuredImage(name, vf.rgb, evidence, timings, None, vf.width, vf.height)
+                m = MeasuredImage(name, vf.rgb, evidence, timings, None, vf.width, vf.height, faces="detect")
                 result = self.reason_many([m], [context])[0]
                 for face, tf in zip(result.faces, keys):
                     vf.moments.append(moment_record(

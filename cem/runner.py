@@ -574,6 +574,16 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
                     f"it instead)")
     try:
         runner.build(need_fer=workers == 1 or bool(videos))
+        if sink.existing.made_with:
+            from cem.sinks import settings_differ
+
+            p = runner.pipeline.provenance()
+            current = (p.config, p.settings, runner.faces or config.faces.mode, p.reasoner, p.model, p.template)
+            differ = settings_differ(sink.existing.made_with, current)
+            if differ:  # the records are kept as they are; each says how it was made
+                runner.echo(f"cem: note: {safe_text(os.fspath(out))}: {differ}; they are kept as they are and their "
+                            f"inputs are not redone (provenance says how each record was made; a new output "
+                            f"redoes all)")
         t0 = time.perf_counter()  # the rate counts images, not model loading
         try:
             sink.open()

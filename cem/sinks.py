@@ -232,6 +232,27 @@ class ExistingOutput:
     repaired_tail: bool = False  # the last record lacked its newline
     torn_tail: bool = False  # the last line was a fragment (a crash while writing it)
     retried: int = 0  # error records left out, to be done again (--retry-errors)
+    # how the records that are not errors were made: MADE_WITH fields of their provenance -> how many
+    made_with: dict[tuple[Any, ...], int] = field(default_factory=dict)
+
+
+MADE_WITH = ("config", "settings", "faces", "reasoner", "model", "template")
+"""The provenance fields that say how a record was made; ``--resume`` notes records made otherwise."""
+
+
+def settings_differ(made_with: dict[tuple[Any, ...], int], current: tuple[Any, ...]) -> str | None:
+    """What differs between this run's :data:`MADE_WITH` values and those of earlier records (a field an older
+    record lacks is not compared), as one phrase with how many records; None when nothing does."""
+    n, fields = 0, set()
+    for made, count in made_with.items():
+        diff = [k for k, old, new in zip(MADE_WITH, made, current) if old is not None and old != new]
+        if diff:
+            n += count
+            fields.update(diff)
+    if not n:
+        return None
+    now = ", ".join(f"{k} {v}" for k, v in zip(MADE_WITH, current) if k in fields)
+    return f"{n} record(s) were made with another {', '.join(k for k in MADE_WITH if k in fields)} (this run: {now})"
 
 
 def _is_record(obj: Any) -> bool:
@@ -279,6 +300,9 @@ def scan(path: Path, retry: Container[RecordKey] = frozenset()) -> tuple[Existin
             found.retried += 1
             continue
         good.append(line)
+        if not rec.get("error") and isinstance(rec.get("provenance"), dict):
+            made = tuple(rec["provenance"].get(k) for k in MADE_WITH)
+            found.made_with[made] = found.made_with.get(made, 0) + 1
         if "video" in rec and "frame" in rec:  # a key moment
             found.moments.add((rec["video"], rec.get("context"), rec.get("frame"), rec.get("track_id"),
                                meta_key(rec.get("meta"))))

@@ -1132,3 +1132,37 @@ def test_a_table_without_any_face_still_has_the_face_columns(pipeline, tmp_path)
     _run(pipeline, [tmp_path / "gray.png"], with_face, faces="whole")
     data = [c for c in df.columns if not c.startswith("provenance_")]  # timings differ with the work done
     assert [c for c in cem.read_results(with_face).columns if not c.startswith("provenance_")] == data
+
+
+def test_records_say_how_they_were_made_and_resume_notes_other_settings(pipeline, face_png, tmp_path):
+    """Provenance records the faces mode and a digest of every setting (overrides included): a --resume with
+    --faces whole over detected faces, or with another fusion weight, appended silently and every record said
+    only config "default"."""
+    from cem.config import Config
+
+    out = tmp_path / "o.jsonl"
+    _run(pipeline, [face_png], out, faces=None)
+    rec = _strict_records(out)[0]
+    assert rec["provenance"]["faces"] == "detect"
+    assert rec["provenance"]["settings"] == Config.load("default").digest()
+    assert Config.load("default", fusion__reasoner_weight=5.0).digest() != Config.load("default").digest()
+    shutil.copy(face_png, tmp_path / "b.png")
+    _, notes = _run(pipeline, [face_png, tmp_path / "b.png"], out, resume=True, faces="whole")
+    assert any("1 record(s) were made with another faces (this run: faces whole)" in n for n in notes), notes
+    assert [r["provenance"]["faces"] for r in _strict_records(out)] == ["detect", "whole"]
+    _run(pipeline, [face_png], tmp_path / "o2.jsonl", faces=None)
+    _, again = _run(pipeline, [face_png], tmp_path / "o2.jsonl", faces=None, resume=True)
+    assert not any("were made with another" in n for n in again)  # same settings: nothing to say
+    other = cem_pipeline_with(fusion__reasoner_weight=5.0)
+    try:
+        summary = annotate(other, [str(face_png)], tmp_path / "o2.jsonl", resume=True, progress=False,
+                           echo=(msgs := []).append)
+    finally:
+        other.close()
+    assert summary.skipped == 1 and any("another settings" in n for n in msgs), msgs
+
+
+def cem_pipeline_with(**overrides):
+    import cem
+
+    return cem.Pipeline.from_config("default", **overrides)
