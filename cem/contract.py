@@ -49,7 +49,7 @@ __all__ = [
     "error_record", "video_summary_record",
     "moment_record", "face_rows", "cue_rows", "frame_row", "frame_columns", "column_groups", "order_columns",
     "FRAME_INPUT_COLUMNS", "face_table_columns",
-    "CUE_COLUMNS", "IMAGE_COLUMNS", "POSE_COLUMNS", "QUALITY_COLUMNS", "DISTRIBUTION_TOLERANCE",
+    "CUE_COLUMNS", "IMAGE_COLUMNS", "POSE_COLUMNS", "QUALITY_COLUMNS", "DISTRIBUTION_TOLERANCE", "MAX_CONTEXT_CHARS",
 ]
 
 # ---------------------------------------------------------------------------------------------- registries
@@ -81,6 +81,10 @@ AU_DESCRIPTIONS: dict[str, str] = {
 
 AU_KEY_PATTERN = r"^AU[0-9]{2}$"
 DISTRIBUTION_TOLERANCE = 1e-3  # a written distribution sums to 1 within this (rounding to 1e-5 per label)
+# The longest context an image may have, in characters: what a prompt carries in full (about 1,000 tokens,
+# beside LLaVA-1.5's 576 image tokens in a 4,096-token window). Longer ones are refused where they come in
+# (a manifest row's error, a ValueError in Python), never cut short in the prompt unseen.
+MAX_CONTEXT_CHARS = 4000
 
 CueSource = Literal["face", "scene", "body", "text"]
 Grounding = Literal["supported", "contradicted", "unverifiable"]

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
+from cem.contract import MAX_CONTEXT_CHARS  # contexts longer than this are refused per row
+
 if TYPE_CHECKING:
     import PIL.Image
 
@@ -33,8 +35,6 @@ IMAGE_EXTENSIONS = frozenset(
 # decompression bomb). Large or elongated but legal images are analysed: the FER stage bounds every
 # region it hands to OpenCV and MediaPipe itself (cem.fer.detect), so no side reaches OpenCV's SHRT_MAX.
 MAX_SIDE = 65_535
-# Contexts longer than this are refused per row (a prompt cannot use more; 20k characters is ~5k tokens).
-MAX_CONTEXT_CHARS = 20_000
 # CSV fields may be this large (the csv module's default is 128 KiB); larger ones are an error for that file.
 CSV_FIELD_LIMIT = 16 * 1024 * 1024
 

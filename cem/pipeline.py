@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 import cem
 from cem.config import Config, check_faces_mode
-from cem.contract import FaceEvidence, FaceResult, ImageResult, Provenance
+from cem.contract import MAX_CONTEXT_CHARS, FaceEvidence, FaceResult, ImageResult, Provenance
 from cem.fuse import downweight_contradicted, explain, ground_cues, pool
 from cem.io import ImageInput, ImageLoadError, load_image
 
@@ -38,6 +38,9 @@ def _check_contexts(contexts: Sequence[Any]) -> None:
     for c in contexts:
         if c is not None and not isinstance(c, str):
             raise TypeError(f"a context must be a string or None, not {type(c).__name__} ({c!r:.60})")
+        if c is not None and len(c) > MAX_CONTEXT_CHARS:
+            raise ValueError(f"a context has {len(c)} characters, more than the limit of {MAX_CONTEXT_CHARS} (what "
+                             f"a prompt carries in full); shorten it")
 
 
 _REASON_FAILED = re.compile(r"^reasoner failed \(([^)]+)\)")
@@ -133,7 +136,7 @@ class Pipeline:
         r = self.reasoner
         return Provenance(cem_version=cem.__version__, config=self.config.name, reasoner=r.backend,
                           model=r.model_id, template=r.template_id, timings_ms=dict(timings or {}),
-                          sampling=r.sampling, context_used=bool(context) and r.uses_context,
+                          sampling=r.sampling, context_used=bool(context and context.strip()) and r.uses_context,
                           settings=self.config.digest())
 
     def baseline(self, images: Sequence[ImageInput], faces: str | None = None, neutral: bool = False,

@@ -16,13 +16,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from cem.contract import FaceEvidence
+from cem.contract import MAX_CONTEXT_CHARS, FaceEvidence
 from cem.fer.aus import AU_NAMES
 from cem.resources import prompts_dir
 
 DEFAULT_TEMPLATE = "context"
 _MARKERS = ("<<<CONTEXT", "CONTEXT>>>")
-MAX_CONTEXT_CHARS = 4000
 
 
 @dataclass
@@ -78,7 +77,9 @@ def template_id(name: str) -> str:
 
 
 def sanitize_context(text: str | None) -> str | None:
-    """User context as inert data: markers defanged, control characters dropped, length bounded."""
+    """User context as inert data: markers defanged, control characters dropped; longer than
+    :data:`cem.contract.MAX_CONTEXT_CHARS` is a ValueError (the pipeline and the input readers refuse such
+    contexts before any prompt is made, so nothing is cut short unseen)."""
     if text is None or not str(text).strip():
         return None
     s = "".join(ch for ch in str(text) if ch in "\n\t" or ch.isprintable())
@@ -86,7 +87,7 @@ def sanitize_context(text: str | None) -> str | None:
         s = s.replace(m, m.replace("CONTEXT", "C0NTEXT"))
     s = s.replace("<<<", "‹‹‹").replace(">>>", "›››")
     if len(s) > MAX_CONTEXT_CHARS:
-        s = s[:MAX_CONTEXT_CHARS] + " [truncated]"
+        raise ValueError(f"a context of {len(s)} characters, more than the limit of {MAX_CONTEXT_CHARS}")
     return s.strip()
 
 

@@ -338,7 +338,7 @@ def test_manifest_bom_contexts_duplicates_long_fields_and_colliding_columns(pipe
     assert a3["meta"] == {"track_id": "9", "faces": "z"}
     assert empty["image"] == f"{man}:5" and empty["error"] == f"{man}:5: empty 'image' cell"
     assert b["image"] == str(tmp_path / "b.png") and b["faces"] == [] and b["context"] is None
-    assert f"context in {man}:6 has 200000 characters, more than the limit of 20000" in b["error"]
+    assert f"context in {man}:6 has 200000 characters, more than the limit of 4000" in b["error"]
     assert any(f"{man}:7" in n and f"repeats {man}:2" in n for n in summary.notes)
     again, _ = _run(pipeline, [man], out, resume=True)  # keyed by (image, context, meta): nothing redone
     assert again.images == 0 and again.skipped == 5 and len(_strict_records(out)) == 5

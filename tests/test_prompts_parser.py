@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -80,8 +81,30 @@ def test_few_shot_attaches_exemplars_before_the_photo():
 
 
 def test_sanitize_context():
+    from cem.contract import MAX_CONTEXT_CHARS
+
     assert sanitize_context("   ") is None and sanitize_context(None) is None
-    assert len(sanitize_context("x" * 10000)) < 4100
+    assert sanitize_context("x" * MAX_CONTEXT_CHARS) == "x" * MAX_CONTEXT_CHARS
+    # never cut short unseen: the readers and the pipeline refuse longer contexts before a prompt is made
+    with pytest.raises(ValueError, match="more than the limit of 4000"):
+        sanitize_context("x" * (MAX_CONTEXT_CHARS + 1))
+
+
+def test_one_context_limit_for_inputs_and_python(pipeline, tmp_path, monkeypatch):
+    """The manifest limit was 20,000 characters and the prompt kept 4,000 of them silently; a whitespace-only
+    context is no context (context_used stayed true for a model reasoner)."""
+    from cem.contract import MAX_CONTEXT_CHARS
+    from cem.io import collect_inputs
+
+    man = tmp_path / "m.csv"
+    man.write_text(f"image,context\na.png,{'y' * (MAX_CONTEXT_CHARS + 1)}\nb.png,{'y' * MAX_CONTEXT_CHARS}\n")
+    a, b = collect_inputs([man]).items
+    assert "more than the limit of 4000" in (a.error or "") and b.error is None
+    with pytest.raises(ValueError, match="more than the limit of 4000"):
+        pipeline.analyze(np.zeros((64, 64, 3), np.uint8), context="z" * (MAX_CONTEXT_CHARS + 1))
+    monkeypatch.setattr(pipeline.reasoner, "uses_context", True, raising=False)  # as a model reasoner
+    assert pipeline.provenance(context="a wedding").context_used is True
+    assert pipeline.provenance(context="   ").context_used is False
 
 
 @settings(max_examples=300, deadline=None)
