@@ -62,6 +62,40 @@ MAX_CONFIG_BYTES = 1_000_000
 MAX_CONFIG_VALUES = 100_000  # after YAML aliases are expanded: 700 bytes of nested aliases reach 10**9
 
 
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load``, except that a key given twice in one mapping is an error: PyYAML keeps the last one
+    silently, so the first setting a user wrote was ignored without a word."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: Any, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then an override is allowed
+                continue
+            key = loader.construct_object(key_node, deep=True)
+            try:
+                repeated = key in seen
+            except TypeError:  # an unhashable key: the loader itself says what is wrong with it
+                continue
+            if not repeated:
+                seen[key] = key_node.start_mark.line + 1
+            else:
+                first = seen[key]
+                raise _RepeatedKey(f"line {key_node.start_mark.line + 1}: the key {key!r} is given again (first on "
+                                   f"line {first}); YAML would keep only the last one: give it once")
+        return loader.construct_mapping(node, deep=deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _expanded_size(data: Any, limit: int) -> int:
     """How many values ``data`` holds with every alias counted where it is used; stops counting past ``limit``."""
     count, stack = 0, [data]
@@ -364,7 +398,7 @@ class Config:
                                 "./%s for it", text, p, local, text)
                 return p
         known = sorted(q.stem for q in shipped.glob("*.yaml"))
-        stem = text[:-5] if text.endswith(".yaml") else text
+        stem = text[:-5] if text.lower().endswith(".yaml") else text
         if "/" not in text and "\\" not in text:
             # shipped names are lower case: a name that differs only in case ("Default", "SmolVLM") is
             # unambiguous, so it is taken rather than refused
@@ -393,9 +427,11 @@ class Config:
         except UnicodeDecodeError as e:
             raise ConfigError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 YAML") from None
         try:
-            data = yaml.safe_load(text) or {}
+            data = _load_yaml(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: invalid YAML ({e})") from None
+        except _RepeatedKey as e:
+            raise ConfigError(f"{p}: {e}") from None
         if _expanded_size(data, MAX_CONFIG_VALUES) > MAX_CONFIG_VALUES:
             raise ConfigError(f"{p}: its YAML expands to more than {MAX_CONFIG_VALUES} values (aliases that repeat "
                               f"aliases?); a config is a few dozen settings")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -123,12 +124,19 @@ class Pipeline:
         return self._fer
 
     @classmethod
-    def from_config(cls, name_or_path: str | Path = "default", **overrides: Any) -> Pipeline:
-        """Load a config by shipped name (``configs/NAME.yaml``) or path, apply overrides, build the models.
+    def from_config(cls, name_or_path: str | Path | Config = "default", **overrides: Any) -> Pipeline:
+        """Load a config by shipped name (``configs/NAME.yaml``) or path, apply overrides, build the models. A
+        :class:`~cem.config.Config` already loaded (and perhaps edited) is used as it is, with the overrides
+        applied to a copy.
 
         Overrides: ``reasoner``, ``model``, ``template``, ``faces`` (detect|whole), ``device``, or any
         ``section__field`` (see :mod:`cem.config`).
         """
+        if isinstance(name_or_path, Config):
+            return cls(copy.deepcopy(name_or_path).apply(**overrides))
+        if not isinstance(name_or_path, (str, os.PathLike)):
+            raise TypeError(f"Pipeline.from_config takes a config name, a YAML path or a Config, not "
+                            f"{type(name_or_path).__name__}")
         return cls(Config.load(name_or_path, **overrides))
 
     def provenance(self, timings: dict[str, float] | None = None, context: str | None = None) -> Provenance:

@@ -352,3 +352,35 @@ def test_a_config_file_that_is_not_utf8_yaml_or_expands_without_end_is_a_clear_e
     with pytest.raises(ConfigError) as e:
         Config.load(long_value)
     assert len(str(e.value)) < 600  # the value is shown shortened
+
+
+def test_a_key_given_twice_is_an_error_and_names_differ_only_in_case_and_suffix(tmp_path):
+    """PyYAML keeps the last of two equal keys silently (the first setting was ignored); `default.YAML` was
+    refused where `DEFAULT` was taken; a Config object can be passed to from_config."""
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("name: mine\nfaces:\n  min_score: 0.5\n  min_score: 0.9\n")
+    with pytest.raises(ConfigError, match=r"line 4: the key 'min_score' is given again \(first on line 3\)"):
+        Config.load(dup)
+    dup.write_text("name: mine\nfaces: {min_score: 0.5, min_score: 0.9}\n")
+    with pytest.raises(ConfigError, match="given again"):
+        Config.load(dup)
+    merged = tmp_path / "merge.yaml"  # a YAML merge key and an override of one of its keys is not a repeat
+    merged.write_text("name: mine\nfaces: {<<: {min_score: 0.5, max_faces: 4}, max_faces: 6}\n")
+    loaded = Config.load(merged)
+    assert loaded.faces.min_score == 0.5 and loaded.faces.max_faces == 6
+    for typed in ("default.YAML", "Default.yaml", "DEFAULT"):
+        assert Config.load(typed).name == "default", typed
+
+
+def test_pipeline_from_config_takes_a_loaded_config(monkeypatch):
+    import cem.pipeline
+
+    built = []
+    monkeypatch.setattr(cem.pipeline.Pipeline, "__init__", lambda self, cfg, **kw: built.append(cfg))
+    cfg = Config.load("default")
+    cfg.faces.max_faces = 3
+    cem.Pipeline.from_config(cfg, faces="whole")
+    assert built[0].faces.max_faces == 3 and built[0].faces.mode == "whole"
+    assert cfg.faces.mode == "detect"  # the caller's config is left as it was
+    with pytest.raises(TypeError, match="takes a config name, a YAML path or a Config, not NoneType"):
+        cem.Pipeline.from_config(None)
