@@ -104,7 +104,8 @@ def _check_openai(config: Config, report: PreflightReport, image: Any) -> None:
     try:
         names = reasoner.check_server(timeout_s=3.0)
     except ReasonerFailure as e:
-        report.problems.append(f"server unreachable at {where}: {e.detail}. Start one (e.g. `vllm serve "
+        said = e.detail if reasoner.base_url in e.detail else f"{where}: {e.detail}"  # not the address twice
+        report.problems.append(f"server unreachable: {said}. Start one (e.g. `vllm serve "
                                f"{reasoner.model_id} --port 8000`) or point --base-url / $OPENAI_BASE_URL at it")
         return
     if names and reasoner.model_id not in names:

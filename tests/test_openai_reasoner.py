@@ -389,6 +389,7 @@ def test_preflight_reaches_the_server_and_names_the_url_source(server, monkeypat
     t = time.monotonic()
     bad = preflight(Config.load("vllm", model="test-model"))
     assert time.monotonic() - t < 10
-    assert not bad.ok and f"server unreachable at {dead} (from $OPENAI_BASE_URL)" in bad.text
+    assert not bad.ok and f"server unreachable: cannot connect to {dead} (from $OPENAI_BASE_URL)" in bad.text
+    assert bad.text.count(dead) == 1  # the address once, not twice
     assert "vllm serve" in bad.text
     assert preflight(Config.load("default")).ok
