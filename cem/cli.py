@@ -121,7 +121,8 @@ def _annotate_ray(config, inputs: tuple[str, ...], output: Path, contexts: Conte
               help="Videos: per-frame table (one row per face per processed frame); .csv or .parquet.")
 @click.option("--every", type=click.IntRange(min=1), default=None, help="Videos: process every Nth frame.")
 @click.option("--fps", type=click.FloatRange(min=0.01), default=None, help="Videos: sample at this frame rate.")
-@click.option("--limit", type=click.IntRange(min=0), default=None, help="Process at most this many images.")
+@click.option("--limit", type=click.IntRange(min=0), default=None,
+              help="Process at most this many images (videos named as inputs are not counted).")
 @click.option("--dry-run", is_flag=True, help="List the images that would be processed, and stop.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @_ray_options

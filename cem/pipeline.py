@@ -386,7 +386,8 @@ class Pipeline:
 
     def analyze_video(self, path: str | os.PathLike, context: str | None = None, every: int | None = None,
                       fps: float | None = None, options: Any = None,
-                      meta: Mapping[str, Any] | None = None, stats: Any = None) -> Iterator[Any]:
+                      meta: Mapping[str, Any] | None = None, stats: Any = None,
+                      landmarks: bool = False) -> Iterator[Any]:
         """Stream a video: yields a :class:`cem.video.VideoFrame` per processed frame (tracked, smoothed
         faces; ``moments`` holds the contract records of the key moments reasoned on that frame).
 
@@ -394,7 +395,8 @@ class Pipeline:
         :class:`cem.video.VideoOptions` for tracking, smoothing and key-moment settings; ``meta``: the
         manifest columns written in each key moment's record; ``stats``: a :class:`cem.video.DecodeStats`
         that is filled in with the frames the file declares and the frames decoded (``stats.cut_short`` after
-        the last frame: the file ended early, cut or damaged).
+        the last frame: the file ended early, cut or damaged); ``landmarks``: each key moment's face carries
+        its 478-point mesh, as image records do with ``--landmarks``.
         """
         from cem.contract import moment_record
         from cem.video import VideoOptions, track_video
@@ -428,7 +430,7 @@ class Pipeline:
                 for face, tf in zip(result.faces, keys):
                     vf.moments.append(moment_record(
                         result, face, video=name, frame=vf.frame, time=vf.time, track_id=tf.track_id,
-                        t_start=tf.t_start, key_reason=tf.key_reason or "", meta=meta))
+                        t_start=tf.t_start, key_reason=tf.key_reason or "", meta=meta, landmarks=landmarks))
             vf.rgb = None  # do not hold decoded frames beyond this step
             yield vf
 

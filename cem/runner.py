@@ -369,7 +369,8 @@ class Runner:
         summary.videos += 1
         stats = DecodeStats()
         try:
-            for vf in pipe.analyze_video(it.path, it.context, every=every, fps=fps, meta=meta, stats=stats):
+            for vf in pipe.analyze_video(it.path, it.context, every=every, fps=fps, meta=meta, stats=stats,
+                                         landmarks=self.landmarks):
                 n_frames += 1
                 size = (vf.width, vf.height)
                 if bar is not None:

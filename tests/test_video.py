@@ -333,3 +333,17 @@ def test_resume_with_a_new_frame_table_says_why_it_stays_empty(pipeline, video, 
     annotate(pipeline, [str(video)], out, progress=False, every=3, frames=tmp_path / "a.csv", resume=True,
              echo=notes.append)
     assert not any("was finished in an earlier run" in n for n in notes)  # its rows are in a.csv already
+
+
+def test_landmarks_reach_key_moment_records_too(pipeline, video, tmp_path):
+    """--landmarks filled image records only; a key moment is an image record of its frame."""
+    from cem.runner import annotate
+
+    out = tmp_path / "m.jsonl"
+    annotate(pipeline, [str(video)], out, progress=False, every=10, landmarks=True)
+    moments = [r for r in map(json.loads, out.read_text().splitlines()) if "frame" in r]
+    assert moments and all(len(m["faces"][0]["landmarks"]) == 478 for m in moments)
+    plain = tmp_path / "p.jsonl"
+    annotate(pipeline, [str(video)], plain, progress=False, every=10)
+    assert all("landmarks" not in m["faces"][0] for m in map(json.loads, plain.read_text().splitlines())
+               if "frame" in m)
