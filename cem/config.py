@@ -484,7 +484,17 @@ class Config:
                 _set(getattr(self, sec), f, value, f"{where}: {sec}")
             else:
                 raise ConfigError(f"unknown override {key!r}")
-        self.validate()
+        given = [k for k, v in overrides.items() if v is not None]
+        if not given:
+            self.validate()
+            return self
+        source = self.source
+        # a problem the overrides made is theirs, not the file's: "default.yaml with model=...: ..."
+        self.source = f"{source} with {', '.join(f'{k}={_shown(overrides[k])}' for k in given)}"
+        try:
+            self.validate()
+        finally:
+            self.source = source
         return self
 
     def validate(self) -> None:
