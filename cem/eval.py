@@ -372,11 +372,13 @@ class _RecordIndex:
 
     def find(self, row: LabelRow, labels_dir: str, labels_path: str) -> tuple[Line | None, bool]:
         """The record for ``row`` and whether only its base name matched; errors for ambiguity."""
-        found = self.exact.get(row.image) or _unique(
-            ln for p in _resolutions(row.image, labels_dir) for ln in self.resolved.get(p, []))
+        # a labels file written on Windows (photos\a.jpg) names the same file as photos/a.jpg here
+        spellings = list(dict.fromkeys([row.image, row.image.replace("\\", "/") if os.sep == "/" else row.image]))
+        found = next((self.exact[s] for s in spellings if s in self.exact), None) or _unique(
+            ln for s in spellings for p in _resolutions(s, labels_dir) for ln in self.resolved.get(p, []))
         by_name = False
         if not found:
-            found, by_name = self.names.get(os.path.basename(row.image), []), True
+            found, by_name = self.names.get(os.path.basename(spellings[-1]), []), True
             images = list(dict.fromkeys(ln.record["image"] for ln in found))
             if len(images) > 1:
                 raise EvalError(f"{labels_path}:{row.line}: {row.image!r} matches no record by path, and its base "

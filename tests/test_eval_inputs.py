@@ -161,6 +161,17 @@ def test_paths_match_before_base_names(tmp_path, monkeypatch):
                               "as in the results")
 
 
+def test_a_labels_file_written_on_windows_matches_by_path_and_by_name(tmp_path, monkeypatch):
+    """`photos\\a.jpg` matched nothing here, not even by its base name."""
+    monkeypatch.chdir(tmp_path)
+    results = write_jsonl(tmp_path / "r.jsonl", rec("photos/a.jpg", face(happiness=1.0)),
+                          rec("/elsewhere/b.jpg", face(sadness=1.0)))
+    labels = write_csv(tmp_path / "l.csv", "image,label\nphotos\\a.jpg,happiness\nC:\\data\\b.jpg,sadness\n")
+    res, out = run_eval(results, labels)
+    assert res.exit_code == 0, res.output
+    assert out["emotion"]["n"] == 2 and out["emotion"]["accuracy"] == 1.0 and out["matched_by_name"] == 1
+
+
 def test_base_name_fallback_only_when_unambiguous(tmp_path):
     results = write_jsonl(tmp_path / "r.jsonl", rec("/elsewhere/run/y.jpg", face(happiness=1.0)))
     labels = write_csv(tmp_path / "l.csv", "image,label\ny.jpg,happiness\n")
