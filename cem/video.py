@@ -93,9 +93,11 @@ class DecodeStats:
 
 
 def iter_frames(path: str, every: int | None = None, fps: float | None = None,
-                stats: DecodeStats | None = None) -> Iterator[tuple[int, float, Any]]:
+                stats: DecodeStats | None = None, max_pixels: int | None = None,
+                max_side: int | None = None) -> Iterator[tuple[int, float, Any]]:
     """(frame index, time in s, RGB frame) for the sampled frames, decoded one at a time; ``stats`` (optional)
-    is filled in with the frames declared and decoded."""
+    is filled in with the frames declared and decoded. ``max_pixels``/``max_side``: the image limits
+    (``image.max_pixels``, ``image.max_side``), applied to the frame size before any frame is decoded."""
     import cv2
 
     if not Path(path).is_file():
@@ -103,6 +105,16 @@ def iter_frames(path: str, every: int | None = None, fps: float | None = None,
     cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
         raise VideoError(f"{path}: OpenCV cannot open this video")
+    if max_pixels is not None or max_side is not None:
+        from cem.io import MAX_SIDE, ImageLoadError, check_geometry
+
+        width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH) or 0), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0)
+        if width > 0 and height > 0:  # a container that does not say is checked frame by frame by OpenCV
+            try:
+                check_geometry(f"{path}: frames", width, height, max_pixels or width * height, max_side or MAX_SIDE)
+            except ImageLoadError as e:
+                cap.release()
+                raise VideoError(str(e)) from None
     if stats is not None:
         declared = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         stats.declared, stats.decoded = (declared if declared > 0 else None), 0
@@ -254,7 +266,9 @@ def track_video(stage: Any, path: str, labels: list[str], opts: VideoOptions,
     tracker = FaceTracker(opts)
     last_t: float | None = None
     processed = 0
-    for frame_idx, t, rgb in iter_frames(path, opts.every, opts.fps, stats):
+    limits = getattr(getattr(stage, "config", None), "image", None)  # the image limits hold for frames too
+    for frame_idx, t, rgb in iter_frames(path, opts.every, opts.fps, stats,
+                                         getattr(limits, "max_pixels", None), getattr(limits, "max_side", None)):
         h, w = rgb.shape[:2]
         dt = 0.0 if last_t is None else t - last_t
         live = tracker.live(t, max(dt, 1e-3) * 1.5)

@@ -347,3 +347,19 @@ def test_landmarks_reach_key_moment_records_too(pipeline, video, tmp_path):
     annotate(pipeline, [str(video)], plain, progress=False, every=10)
     assert all("landmarks" not in m["faces"][0] for m in map(json.loads, plain.read_text().splitlines())
                if "frame" in m)
+
+
+def test_the_image_size_limits_hold_for_video_frames(pipeline, tmp_path, monkeypatch):
+    """image.max_pixels refused a photo while frames of the same size were processed."""
+    from cem.runner import annotate
+    from cem.video import VideoError, iter_frames
+
+    path = write_video(tmp_path / "v.mp4", [np.zeros((48, 64, 3), np.uint8)] * 3)
+    with pytest.raises(VideoError, match=r"frames: image too large: 64x48 = 3072 pixels exceeds the limit of 1000"):
+        next(iter_frames(str(path), max_pixels=1000))
+    assert len(list(iter_frames(str(path), max_pixels=3072))) == 3
+    monkeypatch.setattr(pipeline.fer.config.image, "max_pixels", 1000)
+    out = tmp_path / "o.jsonl"
+    annotate(pipeline, [str(path)], out, progress=False)
+    (rec,) = [json.loads(x) for x in out.read_text().splitlines()]
+    assert "exceeds the limit of 1000" in rec["error"] and rec["video"] == str(path)
