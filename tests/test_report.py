@@ -199,6 +199,21 @@ def test_video_tracks_get_a_timeline_plot():
     assert ys[1] < ys[0] and ys[1] < ys[2]  # the peak of happiness is at t = 2 s (SVG y grows downwards)
 
 
+def test_the_report_summary_counts_images_key_moments_and_videos_apart(tmp_path):
+    """`cem report` on a video run said "3 images" for one photo and two key moments."""
+    labels = ["neutral", "happiness"]
+    image = {"image": "a.jpg", "width": 10, "height": 10, "error": None, "faces": [
+        {"index": 0, "bbox": [0, 0, 5, 5], "emotion": {"neutral": 0.3, "happiness": 0.7}, "top_emotion": "happiness"}]}
+    summary = {"image": "v.mp4", "video": "v.mp4", "width": 10, "height": 10, "faces": [], "error": None,
+               "video_summary": {"frames": 20, "moments": 2, "complete": True}}
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in
+                            (image, _moment(0.0, [0.8, 0.2], labels), _moment(2.0, [0.2, 0.8], labels), summary)))
+    res = CliRunner().invoke(main, ["report", str(path), "-o", str(tmp_path / "r.html")])
+    assert res.exit_code == 0, res.output
+    assert "report of 1 images, 2 key moments of 1 videos, 3 faces" in res.stderr
+
+
 def test_manifest_track_id_column_neither_breaks_nor_fakes_a_timeline():
     labels = ["neutral", "happiness"]
     image = {"image": "a.jpg", "track_id": "abc", "video": "clip-7", "faces": [

@@ -72,10 +72,12 @@ class ReportError(ValueError):
 class ReportSummary:
     """What :func:`write_report` wrote: counts, and every line it skipped with the reason."""
 
-    images: int
+    images: int  # records shown, key moments and video summaries included (see ``moments``, ``videos``)
     faces: int
     non_finite: int
     problems: list[Problem] = field(default_factory=list)
+    moments: int = 0  # video key-moment records among them
+    videos: int = 0  # video summary records among them
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -386,4 +388,6 @@ def write_report(jsonl: str | os.PathLike[str], out: str | os.PathLike[str], tit
     finally:
         if tmp.exists():  # only when writing failed half-way
             tmp.unlink()
-    return ReportSummary(len(rep.cards), sum(len(c["faces"]) for c in rep.cards), rep.non_finite, rep.problems)
+    videos = sum(1 for ln in lines if "video_summary" in ln.record)  # shown as cards, when they are valid
+    return ReportSummary(len(rep.cards), sum(len(c["faces"]) for c in rep.cards), rep.non_finite, rep.problems,
+                         moments=len(rep.moments), videos=videos)
