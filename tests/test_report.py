@@ -211,7 +211,7 @@ def test_the_report_summary_counts_images_key_moments_and_videos_apart(tmp_path)
                             (image, _moment(0.0, [0.8, 0.2], labels), _moment(2.0, [0.2, 0.8], labels), summary)))
     res = CliRunner().invoke(main, ["report", str(path), "-o", str(tmp_path / "r.html")])
     assert res.exit_code == 0, res.output
-    assert "report of 1 images, 2 key moments of 1 videos, 3 faces" in res.stderr
+    assert "report of 1 images, 2 key moments, 1 videos, 3 faces" in res.stderr
 
 
 def test_manifest_track_id_column_neither_breaks_nor_fakes_a_timeline():
@@ -361,7 +361,8 @@ def test_hostile_report_via_cli(hostile, tmp_path):
     for where, reason in skips[:20]:  # each skipped line is named on stderr with its reason (the first 20)
         assert any(line.startswith(f"cem: {where}") and reason in line for line in stderr), (where, reason)
     assert f"and {len(skips) - 20} more skipped lines" in res.stderr
-    assert f"report of {len(valid)} images, {n_faces} faces, {len(skips)} lines skipped" in res.stderr
+    summary = f"report of {len(valid) - 2} images, 2 key moments, {n_faces} faces, {len(skips)} lines skipped"
+    assert summary in res.stderr
     page = out.read_text(encoding="utf-8")
     assert "<title>cem report: __DATA__.jsonl</title>" in page
     assert page.count('<svg class="timeline"') == 1 and "__TIMELINES__&lt;svg onload=" in page
