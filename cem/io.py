@@ -383,7 +383,9 @@ SUBJECT_COLUMN, NEUTRAL_COLUMN = "subject", "neutral"
 MANIFEST_COLUMNS = frozenset({"image", "context", SUBJECT_COLUMN, NEUTRAL_COLUMN})
 
 
-def _context_problem(context: str | None, where: str) -> str | None:
+def _context_problem(context: Any, where: str) -> str | None:
+    if context is not None and not isinstance(context, str):
+        return f"context in {where} is {type(context).__name__}, not text"
     if context is not None and len(context) > MAX_CONTEXT_CHARS:
         return f"context in {where} has {len(context)} characters, more than the limit of {MAX_CONTEXT_CHARS}"
     return None
@@ -473,7 +475,12 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], contexts: ContextTable |
     problem = _context_problem(context, "--context")
     if problem:
         raise InputError(problem)
-    table = contexts if isinstance(contexts, ContextTable) else ContextTable(dict(contexts or {}), {})
+    if isinstance(contexts, ContextTable):
+        table = contexts
+    else:  # a mapping from Python: checked as a context file's rows are (an over-long one is that image's error)
+        given = dict(contexts or {})
+        errors = {k: p for k, v in given.items() if (p := _context_problem(v, f"contexts[{k!r}]")) is not None}
+        table = ContextTable({k: v for k, v in given.items() if k not in errors}, errors)
     for it in items:
         if it.context is None and it.error is None:
             ctx, err = table.lookup(it.path)

@@ -1166,3 +1166,20 @@ def cem_pipeline_with(**overrides):
     import cem
 
     return cem.Pipeline.from_config("default", **overrides)
+
+
+def test_contexts_given_as_a_mapping_are_checked_per_image(pipeline, face_png, tmp_path):
+    """An over-long context in annotate(contexts={...}) escaped the check and crashed the run after the old
+    output had been replaced (its batch-mate's record was lost too): now it is that image's error record."""
+    from cem.contract import MAX_CONTEXT_CHARS
+
+    shutil.copy(face_png, tmp_path / "a.png")
+    shutil.copy(face_png, tmp_path / "b.png")
+    out = tmp_path / "o.jsonl"
+    _run(pipeline, [tmp_path / "a.png", tmp_path / "b.png"], out,
+         contexts={"b.png": "x" * (MAX_CONTEXT_CHARS + 1), "a.png": "at work"})
+    a, b = _strict_records(out)
+    assert a["error"] is None and a["context"] == "at work" and len(a["faces"]) == 1
+    assert "more than the limit of 4000" in b["error"] and b["image"] == str(tmp_path / "b.png")
+    _run(pipeline, [tmp_path / "a.png"], tmp_path / "p.jsonl", contexts={"a.png": 7})
+    assert "is int, not text" in _strict_records(tmp_path / "p.jsonl")[0]["error"]
