@@ -362,7 +362,7 @@ def report(results: str, output: str, title: str | None) -> None:
         click.echo(f"cem: ... and {len(done.problems) - shown} more skipped lines (listed in the report)", err=True)
     skipped = f", {len(done.problems)} lines skipped" if done.problems else ""
     nan = f", {done.non_finite} records with NaN/Infinity shown as n/a" if done.non_finite else ""
-    parts = [f"{done.images - done.moments - done.videos} images"]
+    parts = [f"{done.images} images"]
     parts += [f"{done.moments} key moments"] if done.moments else []
     parts += [f"{done.videos} videos"] if done.videos else []
     click.echo(f"cem: report of {', '.join(parts)}, {done.faces} faces{skipped}{nan} -> {output}", err=True)

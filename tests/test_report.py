@@ -212,6 +212,8 @@ def test_the_report_summary_counts_images_key_moments_and_videos_apart(tmp_path)
     res = CliRunner().invoke(main, ["report", str(path), "-o", str(tmp_path / "r.html")])
     assert res.exit_code == 0, res.output
     assert "report of 1 images, 2 key moments, 1 videos, 3 faces" in res.stderr
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")  # the page's own summary line says the same
+    assert '<div id="summary">1 images, 2 key moments, 1 videos, 3 faces, 0 errors' in page
 
 
 def test_manifest_track_id_column_neither_breaks_nor_fakes_a_timeline():
@@ -222,7 +224,7 @@ def test_manifest_track_id_column_neither_breaks_nor_fakes_a_timeline():
     moments = [_moment(t, [1 - t / 4, t / 4], labels, track_id="manifest-x") for t in (0.0, 2.0, 4.0)]
     page = build_report([image, *moments])
     data = _data(page)
-    assert data["summary"]["images"] == 4 and data["summary"]["skipped"] == 0
+    assert (data["summary"]["images"], data["summary"]["moments"], data["summary"]["skipped"]) == (1, 3, 0)
     assert ["track_id", "abc"] in data["cards"][0]["extra"] and data["cards"][0]["moment"] is None
     assert page.count('<svg class="timeline"') == 1 and "track 3" in page  # the face's track, not the column
 
@@ -367,7 +369,8 @@ def test_hostile_report_via_cli(hostile, tmp_path):
     assert "<title>cem report: __DATA__.jsonl</title>" in page
     assert page.count('<svg class="timeline"') == 1 and "__TIMELINES__&lt;svg onload=" in page
     data = _data(page)
-    assert data["summary"]["images"] == len(valid) and data["summary"]["skipped"] == len(skips)
+    assert data["summary"]["images"] + data["summary"]["moments"] == len(valid)
+    assert data["summary"]["moments"] == 2 and data["summary"]["skipped"] == len(skips)
     assert data["summary"]["non_finite"] == 1
     assert [c["image"] for c in data["cards"]] == [_shown(v) for v in valid]
     listed = re.findall(r"<li>(.*?)</li>", re.search(r'<details id="skipped">(.*?)</details>', page, re.S).group(1))

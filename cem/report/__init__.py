@@ -72,12 +72,12 @@ class ReportError(ValueError):
 class ReportSummary:
     """What :func:`write_report` wrote: counts, and every line it skipped with the reason."""
 
-    images: int  # records shown, key moments and video summaries included (see ``moments``, ``videos``)
+    images: int  # photos (records that are not a video's)
     faces: int
     non_finite: int
     problems: list[Problem] = field(default_factory=list)
-    moments: int = 0  # video key-moment records among them
-    videos: int = 0  # video summary records among them
+    moments: int = 0  # video key moments
+    videos: int = 0  # videos: their summary records, or their error records when they could not be read
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -235,6 +235,9 @@ def _card(line: Line, thumbs: _Thumbnails) -> tuple[dict[str, Any], _Moment | No
                   if k not in (_KNOWN if moment is None else _KNOWN_MOMENT)][:MAX_EXTRA],
         "notes": notes, "faces": [_face(f, i, scale) for i, f in enumerate(faces[:MAX_FACES])],
         "n_faces": len(faces),  # all of the record's faces, shown or not (the page's summary counts them)
+        # what the record is, for the summary's counts: a photo, a key moment, or a video's summary or error
+        "kind": "moment" if moment is not None else (
+            "video" if isinstance(rec.get("video"), str) and ("video_summary" in rec or error) else "image"),
     }
     return card, moment
 
@@ -307,8 +310,10 @@ class _Collected:
 
     def summary(self) -> dict[str, Any]:
         faces = [f for c in self.cards for f in c["faces"]]
+        kinds = Counter(c["kind"] for c in self.cards)
         return {
-            "images": len(self.cards), "faces": sum(c["n_faces"] for c in self.cards), "skipped": len(self.problems),
+            "images": kinds["image"], "moments": kinds["moment"], "videos": kinds["video"],
+            "faces": sum(c["n_faces"] for c in self.cards), "skipped": len(self.problems),
             "non_finite": self.non_finite,
             "errors": sum(1 for c in self.cards if c["error"]) + sum(1 for f in faces if f["error"]),
             "top_emotions": [[k, n] for k, n in Counter(f["top"] for f in faces if f["top"]).most_common(MAX_KEYS)],
@@ -388,6 +393,6 @@ def write_report(jsonl: str | os.PathLike[str], out: str | os.PathLike[str], tit
     finally:
         if tmp.exists():  # only when writing failed half-way
             tmp.unlink()
-    videos = sum(1 for ln in lines if "video_summary" in ln.record)  # shown as cards, when they are valid
-    return ReportSummary(len(rep.cards), sum(len(c["faces"]) for c in rep.cards), rep.non_finite, rep.problems,
-                         moments=len(rep.moments), videos=videos)
+    counts = rep.summary()
+    return ReportSummary(counts["images"], counts["faces"], rep.non_finite, rep.problems,
+                         moments=counts["moments"], videos=counts["videos"])
