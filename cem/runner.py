@@ -215,6 +215,20 @@ class Runner:
                 self._baselines[subject] = (base, base.describe(subject, len(use)))
         return self._baselines[subject]
 
+    def baseline_changes(self, existing: Any) -> list[str]:
+        """Notes for subjects whose baseline in this run differs from the one their photos done in an earlier run
+        (resume) were measured against: a photo added, fixed or retried since (--retry-errors) changes it."""
+        notes = []
+        for subject, (_, text) in self._baselines.items():
+            done = [it for it in self.subjects.get(subject, [])
+                    if input_key(it.path, it.context, it.extra) in existing.keys]
+            if done and text not in existing.baselines:
+                notes.append(f"subject {subject!r}: {len(done)} photo(s) done in an earlier run were measured against "
+                             f"another baseline than this run's ({text}); their records are kept as they are (each "
+                             f"says which in provenance.baseline); to measure all against one, run the subject's "
+                             f"photos into a new output")
+        return notes
+
     def build(self, need_fer: bool) -> Any:
         if self.pipeline is None:
             from cem.pipeline import Pipeline
@@ -611,6 +625,7 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
         if todo:
             runner.run_images(todo, sink, summary)
             summary.notes.extend(runner.notes)
+            summary.notes.extend(runner.baseline_changes(sink.existing))
         if videos:
             runner.run_videos(videos, sink, summary, Path(frames) if frames is not None else None, every, fps,
                               resume)

@@ -234,6 +234,7 @@ class ExistingOutput:
     retried: int = 0  # error records left out, to be done again (--retry-errors)
     # how the records that are not errors were made: MADE_WITH fields of their provenance -> how many
     made_with: dict[tuple[Any, ...], int] = field(default_factory=dict)
+    baselines: set[str] = field(default_factory=set)  # provenance.baseline of the records (subject baselines)
 
 
 MADE_WITH = ("config", "settings", "faces", "reasoner", "model", "template")
@@ -303,6 +304,8 @@ def scan(path: Path, retry: Container[RecordKey] = frozenset()) -> tuple[Existin
         if not rec.get("error") and isinstance(rec.get("provenance"), dict):
             made = tuple(rec["provenance"].get(k) for k in MADE_WITH)
             found.made_with[made] = found.made_with.get(made, 0) + 1
+            if isinstance(rec["provenance"].get("baseline"), str):
+                found.baselines.add(rec["provenance"]["baseline"])
         if "video" in rec and "frame" in rec:  # a key moment
             found.moments.add((rec["video"], rec.get("context"), rec.get("frame"), rec.get("track_id"),
                                meta_key(rec.get("meta"))))

@@ -1183,3 +1183,26 @@ def test_contexts_given_as_a_mapping_are_checked_per_image(pipeline, face_png, t
     assert "more than the limit of 4000" in b["error"] and b["image"] == str(tmp_path / "b.png")
     _run(pipeline, [tmp_path / "a.png"], tmp_path / "p.jsonl", contexts={"a.png": 7})
     assert "is int, not text" in _strict_records(tmp_path / "p.jsonl")[0]["error"]
+
+
+def test_a_resume_that_changes_a_subjects_baseline_says_so(pipeline, astronaut, tmp_path):
+    """c.png was missing in the first run, so s1's median came from 2 of 3 photos; once it is there,
+    --retry-errors measures it against a median of 3 while a and b keep the old one: the run says so."""
+    for k, name in enumerate(("a.png", "b.png", "c.png")):
+        Image.fromarray(astronaut[10 * k:, 10 * k:]).save(tmp_path / f"src-{name}")
+    shutil.copy(tmp_path / "src-a.png", tmp_path / "a.png")
+    shutil.copy(tmp_path / "src-b.png", tmp_path / "b.png")
+    man = tmp_path / "m.csv"
+    man.write_text("image,subject\na.png,s1\nb.png,s1\nc.png,s1\n")
+    out = tmp_path / "o.jsonl"
+    _run(pipeline, [man], out, faces=None)
+    assert {r["provenance"].get("baseline") for r in _strict_records(out) if not r["error"]} == {
+        "s1: median of 2 of 3 photos"}
+    again, _ = _run(pipeline, [man], out, faces=None, resume=True)
+    assert not any("another baseline" in n for n in again.notes)  # nothing new: the same baseline
+    shutil.copy(tmp_path / "src-c.png", tmp_path / "c.png")
+    summary, _ = _run(pipeline, [man], out, faces=None, resume=True, retry_errors=True)
+    assert any("subject 's1': 2 photo(s) done in an earlier run were measured against another baseline than this "
+               "run's (s1: median of 3 photos)" in n for n in summary.notes), summary.notes
+    assert [r["provenance"].get("baseline") for r in _strict_records(out)] == [
+        "s1: median of 2 of 3 photos", "s1: median of 2 of 3 photos", "s1: median of 3 photos"]
