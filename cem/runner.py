@@ -80,6 +80,7 @@ class RunSummary:
     moments: int = 0
     frames: int = 0
     notes: list[str] = field(default_factory=list)  # inputs that gave nothing, skipped duplicate rows, ...
+    retried: int = 0  # error records removed to be done again (--retry-errors)
     elapsed_s: float = 0.0
     table: Path | None = None
     exit_code: int = 0
@@ -581,9 +582,11 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
         sink = JsonlSink(out, resume=resume, retry=retry)
     except OutputError as e:
         raise RunError(str(e)) from None
-    if sink.existing.retried:
-        summary.notes.append(f"--retry-errors: {sink.existing.retried} error record(s) removed from "
-                             f"{safe_text(os.fspath(out))}; their inputs are done again")
+    summary.retried = sink.existing.retried
+    if sink.existing.retried:  # said now, not in the summary: a run stopped half-way must have said it too
+        runner.echo(f"cem: note: --retry-errors: {sink.existing.retried} error record(s) are removed from "
+                    f"{safe_text(os.fspath(out))} and their inputs done again (a run stopped before the end leaves "
+                    f"those not yet done without a record: --resume again)")
     if not resume and out.is_file() and out.stat().st_size > 0:
         runner.echo(f"cem: note: {safe_text(os.fspath(out))} exists and is replaced by this run (--resume continues "
                     f"it instead)")

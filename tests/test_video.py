@@ -133,6 +133,14 @@ def test_cli_video_outputs(video, tmp_path):
     assert "AU12_rel" in rows[0] and "expression_happiness" in rows[0]
 
 
+def test_how_short_a_video_may_end_before_it_is_cut():
+    from cem.video import DecodeStats
+
+    assert DecodeStats(24, 22).cut_short and not DecodeStats(24, 23).cut_short  # one frame: an estimate's error
+    assert DecodeStats(108_000, 107_800).cut_short and not DecodeStats(108_000, 107_900).cut_short  # 0.1 %
+    assert not DecodeStats(None, 5).cut_short and not DecodeStats(5, 24).cut_short
+
+
 def test_a_cut_video_is_processed_as_far_as_it_goes_and_says_it_is_not_complete(pipeline, face_crop, tmp_path):
     """A file that ends before the frames its header declares (a copy cut short, a damaged disk) gives its key
     moments and frame rows up to the cut, then a summary with complete: false and a run note (it said true)."""
