@@ -224,8 +224,10 @@ def _reasoner_availability(cfg) -> str:
     if backend == "rules":
         return "ready (offline)"
     if backend == "openai":
-        url = (cfg.reasoner.options or {}).get("base_url") or os.environ.get("OPENAI_BASE_URL") or "?"
-        return f"server {url}, model {model} (not contacted)"
+        from cem.reasoning.openai_backend import resolve_base_url
+
+        url, source = resolve_base_url(cfg.reasoner.options or {})  # as a run picks it
+        return f"server {url or '?'}{f' (from {source})' if source else ''}, model {model} (not contacted)"
     if model and Path(model).is_dir():
         return f"local folder {model}"
     try:

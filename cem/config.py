@@ -446,13 +446,19 @@ class Config:
         cfg.apply(**overrides)
         return cfg
 
-    def digest(self) -> str:
+    def digest(self, resolved: dict[str, Any] | None = None) -> str:
         """12 hex digits of the SHA-256 of every setting (sections and labels; not the name or the file), as
-        records carry it in ``provenance.settings``: two runs with one digest used the same settings."""
+        records carry it in ``provenance.settings``: two runs with one digest used the same settings.
+        ``resolved``: settings as the run resolved them where the config is not the last word (the openai
+        server: ``--base-url`` > ``$OPENAI_BASE_URL`` > the config's ``base_url``), in place of the config's."""
         import hashlib
         import json
 
         data = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("name", "source")}
+        if resolved:
+            options = {k: v for k, v in data["reasoner"]["options"].items()
+                       if k not in ("base_url", "base_url_override")}
+            data["reasoner"] = {**data["reasoner"], "options": {**options, **resolved}}
         text = json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 

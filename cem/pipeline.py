@@ -142,10 +142,11 @@ class Pipeline:
     def provenance(self, timings: dict[str, float] | None = None, context: str | None = None) -> Provenance:
         """Provenance of records made by this pipeline (also for error records written by the runner)."""
         r = self.reasoner
+        server = getattr(r, "base_url", None)  # the openai reasoner's, as it resolved it (the env may beat the config)
         return Provenance(cem_version=cem.__version__, config=self.config.name, reasoner=r.backend,
                           model=r.model_id, template=r.template_id, timings_ms=dict(timings or {}),
                           sampling=r.sampling, context_used=bool(context and context.strip()) and r.uses_context,
-                          settings=self.config.digest())
+                          settings=self.config.digest({"base_url": server} if server else None))
 
     def baseline(self, images: Sequence[ImageInput], faces: str | None = None, neutral: bool = False,
                  unreadable: list[str] | None = None) -> Any:

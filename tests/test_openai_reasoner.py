@@ -393,3 +393,24 @@ def test_preflight_reaches_the_server_and_names_the_url_source(server, monkeypat
     assert bad.text.count(dead) == 1  # the address once, not twice
     assert "vllm serve" in bad.text
     assert preflight(Config.load("default")).ok
+
+
+def test_provenance_settings_follow_the_server_a_run_actually_uses(monkeypatch):
+    """$OPENAI_BASE_URL beats the config's base_url, so it must change provenance.settings (it did not), and
+    --base-url and $OPENAI_BASE_URL naming one server give one digest."""
+    from cem.config import Config
+    from cem.pipeline import Pipeline
+
+    def settings(**env_and_override):
+        override = env_and_override.pop("override", None)
+        for k, v in env_and_override.items():
+            monkeypatch.setenv(k, v)
+        cfg = Config.load("vllm", model="test-model")
+        if override:
+            cfg.reasoner.options = {**cfg.reasoner.options, "base_url_override": override}
+        return Pipeline(cfg, load_fer=False).provenance().settings
+
+    a = settings(OPENAI_BASE_URL="http://box-a:8000/v1")
+    b = settings(OPENAI_BASE_URL="http://box-b:8000/v1")
+    monkeypatch.delenv("OPENAI_BASE_URL")
+    assert a != b and settings(override="http://box-a:8000/v1") == a
