@@ -76,6 +76,10 @@ def _load_yaml(text: str) -> Any:
 
     def mapping(loader: Any, node: Any, deep: bool = False) -> Any:
         seen: dict[Any, int] = {}
+        merges = [k for k, _ in node.value if k.tag == "tag:yaml.org,2002:merge"]
+        if len(merges) > 1:  # the first would be dropped as silently: several bases go in one list
+            raise _RepeatedKey(f"line {merges[1].start_mark.line + 1}: the merge key '<<' is given again (first on "
+                               f"line {merges[0].start_mark.line + 1}); merge several mappings with <<: [*a, *b]")
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then an override is allowed
                 continue

@@ -232,8 +232,13 @@ class InputSet:
         return not any(it.found for it in self.items)
 
     def problem(self) -> str:
-        missing = [f"{it.path}: file not found" for it in self.items if not it.found]
-        return "no input found: " + "; ".join(self.notes + missing)
+        """Why nothing was found: the first few reasons and how many more (400 missing files made one line of
+        13 KB), or that no input was given at all."""
+        reasons = self.notes + [f"{it.path}: file not found" for it in self.items if not it.found]
+        if not reasons:
+            return "no input given: name image files, folders, globs or CSV manifests"
+        shown = "; ".join(reasons[:5])
+        return f"no input found: {shown}" + (f"; and {len(reasons) - 5} more" if len(reasons) > 5 else "")
 
 
 def _lexists(path: str) -> bool:
@@ -370,6 +375,10 @@ def _read_csv_rows(path: str | os.PathLike, required: set[str]) -> Iterator[tupl
                 # cells without a column would be dropped unseen: the row's record says so instead
                 problem = (f"{len(row)} cells, but the header has {len(header)} columns"
                            if any(c.strip() for c in row[len(header):]) else None)
+                unnamed = [i + 1 for i, (h, c) in enumerate(zip(header, row)) if not h and c.strip()]
+                if unnamed and problem is None:  # the same for a value under a header cell left empty
+                    problem = (f"a value in column {unnamed[0]}, whose header cell is empty (name the column, or "
+                               f"leave its cells empty)")
                 yield reader.line_num, {k: cells.get(k, "") for k in header if k}, problem
         except UnicodeDecodeError as e:
             raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None

@@ -327,6 +327,11 @@ def frame_rows(vf: VideoFrame, labels: list[str], au_codes: list[str], video: st
             for f in vf.faces]
 
 
+def _names(columns: list[str]) -> str:
+    """Column names for a message, quoted where a name holds a comma or a quote (a manifest's header may)."""
+    return ", ".join(repr(c) if any(ch in c for ch in ",'\"") else c for c in columns)
+
+
 class FrameTableWriter:
     """Per-frame table: CSV (streamed) or Parquet (``.parquet``; written in row groups, needs pyarrow).
 
@@ -384,8 +389,8 @@ class FrameTableWriter:
             return
         missing = [c for c in self.columns if c not in found]
         extra = [c for c in found if c not in self.columns]
-        why = "; ".join(part for part in (f"this run also writes {', '.join(missing)}" if missing else "",
-                                          f"the table also has {', '.join(extra)}" if extra else "") if part)
+        why = "; ".join(part for part in (f"this run also writes {_names(missing)}" if missing else "",
+                                          f"the table also has {_names(extra)}" if extra else "") if part)
         raise VideoError(f"{self.path}: its columns differ from this run's ({why or 'another order'}: a table of "
                          f"another cem version or of a manifest with other columns); cannot resume into it: "
                          f"give --frames a new file")

@@ -370,6 +370,9 @@ def test_a_key_given_twice_is_an_error_and_names_differ_only_in_case_and_suffix(
     merged.write_text("name: mine\nfaces: {<<: {min_score: 0.5, max_faces: 4}, max_faces: 6}\n")
     loaded = Config.load(merged)
     assert loaded.faces.min_score == 0.5 and loaded.faces.max_faces == 6
+    merged.write_text("name: mine\nfusion: {<<: {temperature: 2}, <<: {temperature: 3}}\n")
+    with pytest.raises(ConfigError, match=r"the merge key '<<' is given again"):
+        Config.load(merged)
     for typed in ("default.YAML", "Default.yaml", "DEFAULT"):
         assert Config.load(typed).name == "default", typed
 

@@ -1206,3 +1206,23 @@ def test_a_resume_that_changes_a_subjects_baseline_says_so(pipeline, astronaut, 
                "run's (s1: median of 3 photos)" in n for n in summary.notes), summary.notes
     assert [r["provenance"].get("baseline") for r in _strict_records(out)] == [
         "s1: median of 2 of 3 photos", "s1: median of 2 of 3 photos", "s1: median of 3 photos"]
+
+
+def test_manifest_cells_nobody_named_and_inputs_nobody_found_are_said_clearly(pipeline, face_png, tmp_path):
+    """A value under an empty header cell was dropped unseen; 400 missing files made one 13 KB error line,
+    and no input at all said "no input found: " and nothing after it."""
+    from cem.io import read_manifest
+
+    shutil.copy(face_png, tmp_path / "a.png")
+    man = tmp_path / "m.csv"
+    man.write_text("image,,rater\na.png,IMPORTANT,r1\na.png,,r2\n")
+    first, second = read_manifest(man)
+    assert "a value in column 2, whose header cell is empty" in (first.error or "")
+    assert second.error is None and second.extra == {"rater": "r2"}
+    many = tmp_path / "many.csv"
+    many.write_text("image\n" + "".join(f"missing/{k}.jpg\n" for k in range(400)))
+    with pytest.raises(RunError) as e:
+        _run(pipeline, [many], tmp_path / "o.jsonl")
+    assert str(e.value).endswith("; and 395 more") and len(str(e.value)) < 1000
+    with pytest.raises(RunError, match="no input given"):
+        _run(pipeline, [], tmp_path / "o.jsonl")
