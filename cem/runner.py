@@ -551,6 +551,9 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
         {"the output": out, "--csv": csv, "--frames": frames})
     summary = RunSummary(out, notes=found.notes + found.duplicates)
     videos = [it for it in found.items if it.error is None and is_video(it.path)]
+    if any((it.extra.get(SUBJECT_COLUMN) or "").strip() for it in videos):
+        summary.notes.append("a video's 'subject' column is carried under meta only: subject baselines are built "
+                             "from photos; in a video each tracked face is measured against its own neutral frames")
     images = [it for it in found.items if not (it.error is None and is_video(it.path))]
     if frames is not None and not videos:
         raise RunError("--frames applies to video inputs, and none was given (videos in folders are not searched "

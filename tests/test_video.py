@@ -278,12 +278,17 @@ def test_frame_table_tells_one_video_under_two_contexts_apart_and_resumes_both(p
     one, two = tmp_path / "a.csv", tmp_path / "b.csv"
     one.write_text(f"image,context,rater\n{video},a talk,r1\n")
     two.write_text(f"image,context,rater\n{video},a talk,r1\n{video},a debate,r1\n")
-    annotate(pipeline, [str(one)], out, progress=False, every=5, frames=frames)
+    summary = annotate(pipeline, [str(one)], out, progress=False, every=5, frames=frames)
+    assert not any("subject" in n for n in summary.notes)
     first = list(csv.DictReader(frames.open(encoding="utf-8")))
     assert first and {(r["video"], r["context"], r["meta.rater"]) for r in first} == {(str(video), "a talk", "r1")}
     assert list(first[0])[:4] == ["video", "context", "meta.rater", "time"]
     annotate(pipeline, [str(two)], out, progress=False, every=5, frames=frames, resume=True)
     rows = list(csv.DictReader(frames.open(encoding="utf-8")))
+    subj = tmp_path / "s.csv"  # a subject column means nothing for a video: said, not silently carried
+    subj.write_text(f"image,subject\n{video},P1\n")
+    said = annotate(pipeline, [str(subj)], tmp_path / "s.jsonl", progress=False, every=30).notes
+    assert any("a video's 'subject' column is carried under meta only" in n for n in said)
     by_context = {c: [(r["frame"], r["track_id"]) for r in rows if r["context"] == c] for c in ("a talk", "a debate")}
     assert by_context["a talk"] == [(r["frame"], r["track_id"]) for r in first]  # kept once, not repeated
     assert by_context["a debate"] == by_context["a talk"]
