@@ -77,6 +77,7 @@ class RunSummary:
     rejected: int = 0  # lines of the output moved to OUT.rejected (--resume)
     repaired: bool = False  # a half-written last record was completed or moved away
     videos: int = 0
+    videos_only: bool = False  # the run's inputs were videos alone (no image line to give, done or skipped)
     moments: int = 0
     frames: int = 0
     notes: list[str] = field(default_factory=list)  # inputs that gave nothing, skipped duplicate rows, ...
@@ -98,7 +99,7 @@ class RunSummary:
         if self.skipped:
             out.append(f"cem: {self.skipped} input(s) already in {self.output} were skipped (--resume)")
         rate = self.images / max(self.elapsed_s, 1e-9)
-        if self.images or not self.videos:  # a run of videos alone has no image line to give
+        if self.images or not (self.videos or self.videos_only):  # a run of videos alone has no image line
             out.append(f"cem: {self.images} images, {self.faces} faces, {self.n_errors} errors in "
                        f"{self.elapsed_s:.1f} s ({rate:.1f} images/s) -> {self.output}")
         elif self.n_errors:
@@ -340,8 +341,7 @@ class Runner:
         from cem.video import FrameTableWriter, VideoError
 
         table = None
-        # a manifest's other columns tell the rows of one video under two rows apart (two raters, conditions)
-        meta_columns = list(dict.fromkeys(k for it in items for k in it.extra))
+        meta_columns = self.frame_meta_columns(items)
         if frames is not None:
             try:
                 table = FrameTableWriter(frames, frame_columns(self.config.labels, list(AU_NAMES), meta_columns),
@@ -363,6 +363,12 @@ class Runner:
         finally:
             if table is not None:
                 table.close()
+
+    @staticmethod
+    def frame_meta_columns(videos: list[InputItem]) -> list[str]:
+        """The manifest columns of the frame table: they tell the rows of one video under two manifest rows
+        apart (two raters, two conditions)."""
+        return list(dict.fromkeys(k for it in videos for k in it.extra))
 
     def _run_video(self, it: InputItem, sink: JsonlSink, summary: RunSummary, table: Any, every: int | None,
                    fps: float | None, meta_columns: list[str]) -> None:
@@ -555,6 +561,7 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
         summary.notes.append("a video's 'subject' column is carried under meta only: subject baselines are built "
                              "from photos; in a video each tracked face is measured against its own neutral frames")
     images = [it for it in found.items if not (it.error is None and is_video(it.path))]
+    summary.videos_only = bool(videos) and not images
     if frames is not None and not videos:
         raise RunError("--frames applies to video inputs, and none was given (videos in folders are not searched "
                        "for: name them)")
@@ -581,6 +588,16 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
         summary.planned = [safe_text(it.path) for it in (todo[:limit] if limit is not None else todo) + videos]
         return summary
 
+    if frames is not None and videos and resume:  # a table that cannot be resumed into stops the run now
+        from cem.contract import frame_columns
+        from cem.fer.aus import AU_NAMES
+        from cem.video import FrameTableWriter, VideoError
+
+        try:
+            FrameTableWriter.check_resume(Path(frames), frame_columns(config.labels, list(AU_NAMES),
+                                                                Runner.frame_meta_columns(videos)))
+        except VideoError as e:
+            raise RunError(f"--frames {frames}: {e}") from None
     try:
         sink = JsonlSink(out, resume=resume, retry=retry)
     except OutputError as e:

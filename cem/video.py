@@ -332,6 +332,19 @@ def _names(columns: list[str]) -> str:
     return ", ".join(repr(c) if any(ch in c for ch in ",'\"") else c for c in columns)
 
 
+def _check_table_columns(path: Path, found: list[str], columns: list[str]) -> None:
+    """A frame table to resume into has this run's columns (VideoError naming what differs otherwise)."""
+    if list(found) == columns:
+        return
+    missing = [c for c in columns if c not in found]
+    extra = [c for c in found if c not in columns]
+    why = "; ".join(part for part in (f"this run also writes {_names(missing)}" if missing else "",
+                                      f"the table also has {_names(extra)}" if extra else "") if part)
+    raise VideoError(f"{path}: its columns differ from this run's ({why or 'another order'}: a table of "
+                     f"another cem version or of a manifest with other columns); cannot resume into it: "
+                     f"give --frames a new file")
+
+
 class FrameTableWriter:
     """Per-frame table: CSV (streamed) or Parquet (``.parquet``; written in row groups, needs pyarrow).
 
@@ -384,16 +397,30 @@ class FrameTableWriter:
             if not resuming:
                 self._w.writeheader()
 
-    def _check_columns(self, found: list[str]) -> None:
-        if list(found) == self.columns:
+    @staticmethod
+    def check_resume(path: str | Path, columns: list[str]) -> None:
+        """Before anything is written: a table at ``path`` that ``--resume`` would append to has ``columns``
+        (VideoError otherwise; the run stops before its JSONL output is opened)."""
+        path = Path(path)
+        if not (path.is_file() and path.stat().st_size > 0):
             return
-        missing = [c for c in self.columns if c not in found]
-        extra = [c for c in found if c not in self.columns]
-        why = "; ".join(part for part in (f"this run also writes {_names(missing)}" if missing else "",
-                                          f"the table also has {_names(extra)}" if extra else "") if part)
-        raise VideoError(f"{self.path}: its columns differ from this run's ({why or 'another order'}: a table of "
-                         f"another cem version or of a manifest with other columns); cannot resume into it: "
-                         f"give --frames a new file")
+        if path.suffix.lower() == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+
+                found = list(pq.read_schema(path).names)
+            except Exception:  # not installed, or a cut file: opening the writer says which, as it always did
+                return
+        else:
+            import csv
+
+            with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+                found = next(csv.reader(fh), [])
+        _check_table_columns(path, found, columns)
+
+    def _check_columns(self, found: list[str]) -> None:
+        _check_table_columns(self.path, found, self.columns)
+
 
     def _input_key(self, row: dict[str, Any]) -> tuple[str, ...]:
         # a CSV reads an empty cell as "", Parquet as None: both are "no value"

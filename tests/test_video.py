@@ -299,6 +299,7 @@ def test_frame_table_tells_one_video_under_two_contexts_apart_and_resumes_both(p
 
     with pytest.raises(RunError, match=r"columns differ.*this run also writes meta\.condition.*give --frames a new"):
         annotate(pipeline, [str(three)], tmp_path / "n.jsonl", progress=False, every=5, frames=frames, resume=True)
+    assert not (tmp_path / "n.jsonl").exists()  # refused before the JSONL output was opened
 
 
 def test_video_options_that_would_do_nothing_are_refused(video, face_crop, tmp_path):
@@ -339,8 +340,9 @@ def test_resume_with_a_new_frame_table_says_why_it_stays_empty(pipeline, video, 
     first = annotate(pipeline, [str(video)], out, progress=False, every=3, frames=tmp_path / "a.csv")
     assert not any("images" in line for line in first.lines())
     assert any("video(s)" in x and x.endswith(f"-> {out}") for x in first.lines())
-    annotate(pipeline, [str(video)], out, progress=False, every=3, frames=tmp_path / "b.csv", resume=True,
-             echo=notes.append)
+    again = annotate(pipeline, [str(video)], out, progress=False, every=3, frames=tmp_path / "b.csv", resume=True,
+                     echo=notes.append)
+    assert not any("images" in line for line in again.lines())  # a resume of videos alone: no "0 images" either
     assert any("was finished in an earlier run" in n and "b.csv" in n for n in notes)
     notes.clear()
     annotate(pipeline, [str(video)], out, progress=False, every=3, frames=tmp_path / "a.csv", resume=True,
