@@ -413,11 +413,11 @@ def prompt_render(image: str, template: str | None, context: str | None, config_
             from transformers import AutoProcessor
         except ImportError as e:
             _fail(f"--model renders the model's chat template and needs transformers: pip install 'cem[llm]' ({e})")
-        from cem.reasoning.transformers_backend import hub_unreachable
+        from cem.reasoning.transformers_backend import hub_unreachable, missing_model_folder
 
         where = ("download it once with `hf download " + model + "` or point --model at a local folder saved with "
                  "save_pretrained")
-        if (model.startswith((".", "/", "~")) or "\\" in model) and not Path(model).expanduser().is_dir():
+        if missing_model_folder(model):
             _fail(f"--model {model}: no such folder; point --model at a folder saved with save_pretrained, or at "
                   f"a Hugging Face model id")
         unreachable = hub_unreachable(model)

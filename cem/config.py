@@ -111,6 +111,8 @@ def _expanded_size(data: Any, limit: int) -> int:
         elif isinstance(item, (list, tuple)):
             stack.extend(item)
     return count
+
+
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 8, 8, 120, 120
 
@@ -495,22 +497,16 @@ class Config:
             else:
                 raise ConfigError(f"unknown override {key!r}")
         given = [k for k, v in overrides.items() if v is not None]
-        if not given:
-            self.validate()
-            return self
-        source = self.source
         # a problem the overrides made is theirs, not the file's: "default.yaml with model=...: ..."
-        self.source = f"{source} with {', '.join(f'{k}={_shown(overrides[k])}' for k in given)}"
-        try:
-            self.validate()
-        finally:
-            self.source = source
+        self.validate(f"{self.source} with {', '.join(f'{k}={_shown(overrides[k])}' for k in given)}" if given
+                      else None)
         return self
 
-    def validate(self) -> None:
+    def validate(self, where: str | None = None) -> None:
         """Check every field (types, ranges, finite numbers, the backend and its options); normalise
-        ``reasoner.options``. Errors name the file, the field and the problem."""
-        src = self.source
+        ``reasoner.options``. Errors name the file (or ``where``: the file and the overrides applied to it),
+        the field and the problem."""
+        src = where or self.source
         if isinstance(self.name, bool):  # YAML 1.1 reads a bare off, on, no, yes, false, true as a boolean
             raise ConfigError(f"{src}: name: YAML reads this name as the boolean {self.name}; put it in quotes "
                               f"(for example name: \"off\")")
@@ -532,15 +528,13 @@ class Config:
             hint = _closest(b, list(BACKENDS))
             raise ConfigError(f"{src}: reasoner.backend: unknown backend {b!r}"
                               + (f" (did you mean {hint!r}?)" if hint else "") + f"; known: {', '.join(BACKENDS)}")
-        if b == "rules" and self.reasoner.model is not None:  # it would be recorded, and silently unused
-            raise ConfigError(f"{src}: reasoner.model {self.reasoner.model!r}: the rules reasoner uses no model; "
-                              f"give a config of a model reasoner (cem models lists them) or --reasoner transformers")
-        for unused in ("template", "device"):  # the same for a prompt template and a model's device
+        # a model, prompt or device given to the rules reasoner would be recorded, and silently unused
+        for unused, what in (("model", "no model"), ("template", "no prompt and no model"),
+                             ("device", "no prompt and no model")):
             value = getattr(self.reasoner, unused)
             if b == "rules" and value is not None:
-                raise ConfigError(f"{src}: reasoner.{unused} {_shown(value)}: the rules reasoner uses no prompt and "
-                                  f"no model; give a config of a model reasoner (cem models lists them) or "
-                                  f"--reasoner transformers")
+                raise ConfigError(f"{src}: reasoner.{unused} {_shown(value)}: the rules reasoner uses {what}; give a "
+                                  f"config of a model reasoner (cem models lists them) or --reasoner transformers")
         opts = parse_options(b, self.reasoner.options, f"{src}: reasoner.options")
         self.reasoner.options = _options_dict(opts)
         bad = {k: v for k, v in self.fusion.label_map.items() if k not in self.labels}

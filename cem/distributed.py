@@ -48,8 +48,6 @@ PART_GLOB = "part-*.jsonl"
 PART_NAME = re.compile(r"part-\d{8}T\d{6}-\d+-\d{5}\.jsonl")
 
 
-def _parts(shards: Path) -> list[Path]:
-    return sorted(p for p in shards.glob(PART_GLOB) if PART_NAME.fullmatch(p.name)) if shards.is_dir() else []
 MAX_BLOCKS = 10_000
 ACTOR_START_TIMEOUT_S = 900  # loading MediaPipe and the CNN takes seconds; a model on a GPU, minutes
 
@@ -165,6 +163,10 @@ def _read_records(path: Path) -> Iterator[dict[str, Any]]:
                 yield json.loads(text)
         return
     yield from iter_records(path)
+
+
+def _parts(shards: Path) -> list[Path]:
+    return sorted(p for p in shards.glob(PART_GLOB) if PART_NAME.fullmatch(p.name)) if shards.is_dir() else []
 
 
 def _sources(merged: Path, shards: Path, resume: bool) -> list[Path]:

@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import ValidationError
 
 import cem
-from cem.config import Config, check_faces_mode
+from cem.config import FACE_MODES, Config, check_faces_mode
 from cem.contract import MAX_CONTEXT_CHARS, FaceEvidence, FaceResult, ImageResult, Provenance
 from cem.fuse import downweight_contradicted, explain, ground_cues, pool
 from cem.io import ImageInput, ImageLoadError, load_image
@@ -235,7 +235,7 @@ class Pipeline:
         result = self._fuse(m, answers, reason_error, context)
         result.provenance.baseline = m.baseline
         result.provenance.faces_skipped = m.faces_skipped or None
-        if m.error is None and m.faces in ("detect", "whole"):
+        if m.error is None and m.faces in FACE_MODES:
             result.provenance.faces = cast(Literal["detect", "whole"], m.faces)
         return result
 
@@ -400,24 +400,14 @@ class Pipeline:
         its 478-point mesh, as image records do with ``--landmarks``.
         """
         from cem.contract import moment_record
-        from cem.video import VideoOptions, track_video
+        from cem.video import VideoOptions, check_sampling, track_video
 
         opts = dataclasses.replace(options or VideoOptions())  # the caller's options are never changed
         if every is not None:
             opts.every = every
         if fps is not None:
             opts.fps = fps
-        # as the CLI checks them: every=0 or fps=-1 processed every frame, and every frame with both given
-        if opts.every is not None and (isinstance(opts.every, bool) or not isinstance(opts.every, int)
-                                       or opts.every < 1):
-            raise ValueError(f"analyze_video: every must be a whole number >= 1 (process every Nth frame), got "
-                             f"{opts.every!r}")
-        if opts.fps is not None and (isinstance(opts.fps, bool) or not isinstance(opts.fps, (int, float))
-                                     or not math.isfinite(opts.fps) or opts.fps <= 0):
-            raise ValueError(f"analyze_video: fps must be a number > 0 (frames per second to sample), got "
-                             f"{opts.fps!r}")
-        if opts.every is not None and opts.fps is not None:
-            raise ValueError("analyze_video: every and fps both choose the frames of a video; give one of them")
+        check_sampling(opts.every, opts.fps)
         name = os.fspath(path)
         for vf in track_video(self.fer, name, self.config.labels, opts, stats):
             keys = [f for f in vf.faces if f.key]

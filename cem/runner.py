@@ -50,7 +50,7 @@ from cem.io import (
     collect_inputs,
     read_context_csv,
 )
-from cem.sinks import JsonlSink, OutputError, input_key, meta_key, safe_text, table_format
+from cem.sinks import JsonlSink, OutputError, input_key, moment_key, safe_text, table_format
 
 PROGRESS_MIN_IMAGES = 5
 _TRUE, _FALSE = frozenset({"1", "true", "yes", "y"}), frozenset({"", "0", "false", "no", "n"})
@@ -336,16 +336,13 @@ class Runner:
     # ---- videos -------------------------------------------------------------------------------------
     def run_videos(self, items: list[InputItem], sink: JsonlSink, summary: RunSummary, frames: Path | None,
                    every: int | None, fps: float | None, resume: bool) -> None:
-        from cem.contract import frame_columns
-        from cem.fer.aus import AU_NAMES
         from cem.video import FrameTableWriter, VideoError
 
         table = None
-        meta_columns = self.frame_meta_columns(items)
+        meta_columns, columns = self.frame_table_columns(items)
         if frames is not None:
             try:
-                table = FrameTableWriter(frames, frame_columns(self.config.labels, list(AU_NAMES), meta_columns),
-                                         resume=resume)
+                table = FrameTableWriter(frames, columns, resume=resume)
             except (VideoError, OSError) as e:
                 raise RunError(f"--frames {frames}: {e}") from None
         try:
@@ -364,11 +361,13 @@ class Runner:
             if table is not None:
                 table.close()
 
-    @staticmethod
-    def frame_meta_columns(videos: list[InputItem]) -> list[str]:
-        """The manifest columns of the frame table: they tell the rows of one video under two manifest rows
-        apart (two raters, two conditions)."""
-        return list(dict.fromkeys(k for it in videos for k in it.extra))
+    def frame_table_columns(self, videos: list[InputItem]) -> tuple[list[str], list[str]]:
+        """(the manifest columns of the frame table, all its columns). The manifest columns tell the rows of one
+        video under two manifest rows apart (two raters, two conditions)."""
+        from cem.contract import AU_NAMES, frame_columns
+
+        meta_columns = list(dict.fromkeys(k for it in videos for k in it.extra))
+        return meta_columns, frame_columns(self.config.labels, list(AU_NAMES), meta_columns)
 
     def _run_video(self, it: InputItem, sink: JsonlSink, summary: RunSummary, table: Any, every: int | None,
                    fps: float | None, meta_columns: list[str]) -> None:
@@ -403,7 +402,7 @@ class Runner:
                                            meta_columns=meta_columns))
                 for rec in vf.moments:
                     n_moments += 1
-                    key = (shown, it.context, rec["frame"], rec["track_id"], meta_key(it.extra))
+                    key = moment_key(shown, it.context, rec["frame"], rec["track_id"], it.extra)
                     if key in sink.existing.moments:  # written before an interruption
                         continue
                     written = sink.write(rec)
@@ -543,7 +542,7 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
          context_file: str | os.PathLike | None, limit: int | None, dry_run: bool,
          frames: str | os.PathLike | None, every: int | None, fps: float | None,
          retry_errors: bool = False) -> RunSummary:
-    from cem.video import is_video
+    from cem.video import check_sampling, is_video
 
     config, workers = runner.config, runner.workers
     if not dry_run and not preflight(config):  # an unusable model or server stops the run before anything else
@@ -567,13 +566,10 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
                        "for: name them)")
     if (every is not None or fps is not None) and not videos:
         raise RunError(f"{'--every' if every is not None else '--fps'} applies to video inputs, and none was given")
-    if every is not None and fps is not None:
-        raise RunError("--every and --fps both choose the frames of a video: give one of them")
-    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-        raise RunError(f"--every must be a whole number >= 1, got {every!r}")
-    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0
-                            or fps == float("inf")):
-        raise RunError(f"--fps must be a number > 0, got {fps!r}")
+    try:
+        check_sampling(every, fps, ("--every", "--fps"))
+    except ValueError as e:
+        raise RunError(str(e)) from None
     if videos and (runner.faces or runner.config.faces.mode) == "whole":
         raise RunError("--faces whole does not apply to videos (their faces are detected and tracked); run the "
                        "videos without it")
@@ -589,13 +585,10 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
         return summary
 
     if frames is not None and videos and resume:  # a table that cannot be resumed into stops the run now
-        from cem.contract import frame_columns
-        from cem.fer.aus import AU_NAMES
         from cem.video import FrameTableWriter, VideoError
 
         try:
-            FrameTableWriter.check_resume(Path(frames), frame_columns(config.labels, list(AU_NAMES),
-                                                                Runner.frame_meta_columns(videos)))
+            FrameTableWriter.check_resume(Path(frames), runner.frame_table_columns(videos)[1])
         except VideoError as e:
             raise RunError(f"--frames {frames}: {e}") from None
     try:
@@ -613,11 +606,10 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
     try:
         runner.build(need_fer=workers == 1 or bool(videos))
         if sink.existing.made_with:
-            from cem.sinks import settings_differ
+            from cem.sinks import MADE_WITH, settings_differ
 
-            p = runner.pipeline.provenance()
-            current = (p.config, p.settings, runner.faces or config.faces.mode, p.reasoner, p.model, p.template)
-            differ = settings_differ(sink.existing.made_with, current)
+            made = {**runner.pipeline.provenance().to_dict(), "faces": runner.faces or config.faces.mode}
+            differ = settings_differ(sink.existing.made_with, tuple(made.get(k) for k in MADE_WITH))
             if differ:  # the records are kept as they are; each says how it was made
                 runner.echo(f"cem: note: {safe_text(os.fspath(out))}: {differ}; they are kept as they are and their "
                             f"inputs are not redone (provenance says how each record was made; a new output "

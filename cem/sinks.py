@@ -101,6 +101,12 @@ def input_key(path: str, context: str | None, extra: dict[str, str] | None = Non
     return (fields.get("image_bytes") or fields["image"], context, meta_key(extra))
 
 
+def moment_key(video: str, context: str | None, frame: Any, track_id: Any, meta: dict[str, Any] | None
+               ) -> tuple[Any, ...]:
+    """A key moment's identity for ``--resume``: its video as named, context, frame, track and manifest columns."""
+    return (video, context, frame, track_id, meta_key(meta))
+
+
 def record_key(record: dict[str, Any]) -> RecordKey:
     return (record.get("image_bytes") or record.get("image"), record.get("context"), meta_key(record.get("meta")))
 
@@ -226,7 +232,7 @@ class ExistingOutput:
     """What an output file holds before a resumed run."""
 
     keys: set[RecordKey] = field(default_factory=set)  # (image, context, meta) of every image record
-    moments: set[tuple[Any, ...]] = field(default_factory=set)  # (video, context, frame, track_id, meta)
+    moments: set[tuple[Any, ...]] = field(default_factory=set)  # moment_key of every key moment
     videos_done: set[RecordKey] = field(default_factory=set)  # videos with a summary or an error record
     rejected: list[bytes] = field(default_factory=list)  # lines moved to OUT.rejected
     repaired_tail: bool = False  # the last record lacked its newline
@@ -260,6 +266,15 @@ def _is_record(obj: Any) -> bool:
     return isinstance(obj, dict) and isinstance(obj.get("image"), str)
 
 
+def _parse(line: bytes) -> Any:
+    """A JSONL line's value, or None for one that is not JSON (not UTF-8, a huge number, nesting beyond the
+    stack)."""
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+
+
 def iter_records(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
     """The records of a JSONL output, streamed and as written, without validating them (merging and resuming
     keep records as they are); lines that are not records (a half-written last line) are skipped."""
@@ -267,10 +282,7 @@ def iter_records(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
         for line in fh:
             if not line.strip():
                 continue
-            try:
-                rec = json.loads(line)
-            except (ValueError, RecursionError):  # not JSON, not UTF-8, a huge number, nesting beyond the stack
-                continue
+            rec = _parse(line)
             if _is_record(rec):
                 yield rec
 
@@ -285,10 +297,7 @@ def scan(path: Path, retry: Container[RecordKey] = frozenset()) -> tuple[Existin
     for line in data.splitlines(keepends=True):
         if not line.strip():
             continue
-        try:
-            rec = json.loads(line)
-        except (ValueError, RecursionError):  # not JSON, not UTF-8, a huge number, nesting beyond the stack
-            rec = None
+        rec = _parse(line)
         if not _is_record(rec):
             found.torn_tail = not line.endswith(b"\n")
             found.rejected.append(line if line.endswith(b"\n") else line + b"\n")
@@ -307,8 +316,8 @@ def scan(path: Path, retry: Container[RecordKey] = frozenset()) -> tuple[Existin
             if isinstance(rec["provenance"].get("baseline"), str):
                 found.baselines.add(rec["provenance"]["baseline"])
         if "video" in rec and "frame" in rec:  # a key moment
-            found.moments.add((rec["video"], rec.get("context"), rec.get("frame"), rec.get("track_id"),
-                               meta_key(rec.get("meta"))))
+            found.moments.add(moment_key(rec["video"], rec.get("context"), rec.get("frame"), rec.get("track_id"),
+                                         rec.get("meta")))
         elif "video" in rec:  # a video's summary (written when it was finished) or its error record
             found.videos_done.add(key)
         else:

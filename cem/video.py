@@ -49,6 +49,19 @@ class VideoError(ValueError):
     """A video that cannot be opened or decoded."""
 
 
+def check_sampling(every: Any, fps: Any, names: tuple[str, str] = ("every", "fps")) -> None:
+    """The frames a video run samples: ``every`` a whole number >= 1, ``fps`` a finite number > 0, not both
+    (ValueError naming them as ``names``, the Python arguments or the CLI's options). Unchecked, every=0 or
+    fps=-1 processed every frame, and so did both at once."""
+    if every is not None and fps is not None:
+        raise ValueError(f"{names[0]} and {names[1]} both choose the frames of a video: give one of them")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ValueError(f"{names[0]} must be a whole number >= 1 (process every Nth frame), got {every!r}")
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps)
+                            or fps <= 0):
+        raise ValueError(f"{names[1]} must be a number > 0 (frames per second to sample), got {fps!r}")
+
+
 def is_video(path: str) -> bool:
     return Path(path).suffix.lower() in VIDEO_EXTENSIONS
 
@@ -378,7 +391,7 @@ class FrameTableWriter:
                                      f"a run killed while writing it leaves it cut: move it away and resume (the "
                                      f"records in the JSONL are kept), or use a .csv table, which resumes "
                                      f"after a kill") from None
-                self._check_columns(old.column_names)
+                _check_table_columns(self.path, old.column_names, columns)
                 rows = old.to_pylist()
                 self._existing = {self._key(r) for r in rows}
                 self.path = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
@@ -390,7 +403,7 @@ class FrameTableWriter:
                 with open(self.path, newline="", encoding="utf-8") as fh:
                     reader = csv.reader(fh)
                     header = next(reader, [])
-                    self._check_columns(header)
+                    _check_table_columns(self.path, header, columns)
                     self._existing = {self._key(dict(zip(header, r))) for r in reader}
             self._fh = open(self.path, "a" if resuming else "w", newline="", encoding="utf-8")  # noqa: SIM115
             self._w = csv.DictWriter(self._fh, fieldnames=columns)
@@ -417,10 +430,6 @@ class FrameTableWriter:
             with open(path, newline="", encoding="utf-8", errors="replace") as fh:
                 found = next(csv.reader(fh), [])
         _check_table_columns(path, found, columns)
-
-    def _check_columns(self, found: list[str]) -> None:
-        _check_table_columns(self.path, found, self.columns)
-
 
     def _input_key(self, row: dict[str, Any]) -> tuple[str, ...]:
         # a CSV reads an empty cell as "", Parquet as None: both are "no value"

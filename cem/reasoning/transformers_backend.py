@@ -93,6 +93,12 @@ def hub_unreachable(model_id: str, revision: str | None = None, local_files_only
     return None
 
 
+def missing_model_folder(model_id: str) -> bool:
+    """``model_id`` is written as a path (./, /, ~, a backslash) but no such folder exists: it is no hub id
+    either, so the hub's own message ("Repo id must be in the form ...") would only confuse."""
+    return (model_id.startswith((".", "/", "~")) or "\\" in model_id) and not Path(model_id).expanduser().is_dir()
+
+
 def load_model(model_id: str, opts: dict[str, Any], device: str | None) -> tuple[Any, Any]:
     """(model, processor), or :class:`ModelUnavailableError` with what to do about it."""
     try:
@@ -107,7 +113,7 @@ def load_model(model_id: str, opts: dict[str, Any], device: str | None) -> tuple
     if dtype not in _DTYPES:
         raise ValueError(f"reasoner.options.dtype must be one of {sorted(_DTYPES)}, not {dtype!r}")
     kwargs["dtype"] = dtype if dtype == "auto" else getattr(torch, dtype)
-    if (model_id.startswith((".", "/", "~")) or "\\" in model_id) and not Path(model_id).expanduser().is_dir():
+    if missing_model_folder(model_id):
         raise ModelUnavailableError(f"model folder {model_id!r} does not exist. Point --model at a folder "
                                     "saved with save_pretrained, or at a Hugging Face model id.")
     revision = opts.get("revision")
