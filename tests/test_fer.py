@@ -507,6 +507,45 @@ def test_mtcnn_finds_small_blurred_and_cut_faces_in_a_large_photo(face_crop, mon
         det.close()
 
 
+def test_mtcnn_faces_are_confirmed_and_boxed_by_mediapipe(face_crop, monkeypatch):
+    """An MTCNN face is kept only where MediaPipe, shown a crop around it, finds a face too; it then carries
+    MediaPipe's box and eye keypoints (the framing the stage was measured with) and MTCNN's score and source.
+    An MTCNN 'face' on textured background (which MTCNN scores high and a mesh may fit) is dropped."""
+    import cv2
+
+    from cem.fer.detect import Detection, FaceDetector, box_iou
+
+    rng = np.random.default_rng(0)
+    canvas = np.full((800, 1200, 3), 120, np.uint8)
+    canvas[100:300, 700:900] = rng.integers(0, 255, (200, 200, 3), dtype=np.uint8)  # texture, no face
+    face = cv2.resize(face_crop, (120, 120), interpolation=cv2.INTER_AREA)
+    canvas[340:460, 240:360] = face
+    plain = FaceDetector("auto", small_faces="off")
+    try:
+        (truth,) = plain.detect(cv2.copyMakeBorder(face, 60, 60, 60, 60, cv2.BORDER_REPLICATE))
+    finally:
+        plain.close()
+    tx, ty, tw, th = truth.bbox
+    truth_box = (tx - 60 + 240, ty - 60 + 340, tw, th)  # MediaPipe's box on that face, in canvas pixels
+    # an MTCNN-style box: tighter and lower than MediaPipe's, but on the face (IoU >= 0.3)
+    on_face = (truth_box[0] + 6, truth_box[1] + 8, truth_box[2] - 10, truth_box[3] - 6)
+    assert 0.3 < box_iou(on_face, truth_box) < 0.9
+    mtcnn = [Detection(bbox=on_face, score=0.93, keypoints=np.zeros((5, 2)), source="mtcnn"),
+             Detection(bbox=(760.0, 160.0, 60.0, 60.0), score=0.99, keypoints=np.zeros((5, 2)), source="mtcnn")]
+    det = FaceDetector("auto", small_faces="mtcnn")
+    monkeypatch.setattr(det, "_mtcnn_detect", lambda rgb: list(mtcnn))
+    try:
+        found = det.detect(canvas)
+    finally:
+        det.close()
+    assert len(found) == 1, [d.bbox for d in found]
+    (kept,) = found
+    assert kept.source == "mtcnn" and kept.score == 0.93
+    assert box_iou(kept.bbox, truth_box) > 0.8 and box_iou(kept.bbox, truth_box) > box_iou(on_face, truth_box)
+    right_eye, left_eye = kept.eyes
+    assert right_eye[0] < left_eye[0] and truth_box[0] < right_eye[0] < truth_box[0] + truth_box[2]
+
+
 def test_small_faces_setting_is_checked():
     from cem.config import Config, ConfigError
     from cem.fer.detect import FaceDetector

@@ -167,9 +167,19 @@ CLOSEUP_FACE_FRACTION = 0.3
 SMALL_FACE_MIN_SIDE = 2 * PYRAMID_MIN_TILE
 MTCNN_MAX_SIDE = 1600
 MTCNN_MIN_FACE = 24
-# MTCNN's last-stage threshold for the small-face search (the authors' 0.7 let through patterned background;
-# every face MTCNN found on the group scenes scored >= 0.87, the false positives 0.71-0.87)
+# MTCNN's thresholds for the small-face search: proposal and refinement networks below the authors' 0.6 and
+# 0.7, so that blurred faces and faces cut by the frame reach the last network; the last network's above the
+# authors' 0.7, which let through patterned background
+MTCNN_THRESHOLDS = (0.3, 0.3)
 MTCNN_MIN_SCORE = 0.85
+# Every MTCNN face is confirmed by MediaPipe on a crop of CONFIRM_CONTEXT box sides around it, where the face
+# is large enough for MediaPipe's detectors; the MediaPipe face that overlaps it most (IoU >= CONFIRM_IOU)
+# gives the box and keypoints. Chosen on five seeds of the group scenes (docs/action-units.md): without the
+# confirmation the lower thresholds had 11-17 false positives per 40 scenes (patterned background, blurred
+# bystanders and badly sized boxes, which MTCNN scores up to 0.99 and on which a face mesh still fits).
+CONFIRM_CONTEXT = 2.5
+CONFIRM_IOU = 0.5
+CONFIRM_SIDE = 256  # the crop is downscaled to this first (the detectors see 128 or 192 px)
 # an MTCNN face on which no face mesh fits is kept only from this score (cem.fer.stage; MediaPipe's need
 # faces.min_score_unmeshed): the faces it recovers are profiles and faces cut by the frame, where the mesh
 # fails; on the group scenes this found 2 + 4 more faces of seeds 0 and 1 with no new false positive
@@ -268,8 +278,10 @@ class FaceDetector:
             # the stage was measured with) is kept; MTCNN's compete by score with MediaPipe's unsure ones,
             # which are often a poorly placed box on a small face
             sure = sorted((d for d in found if d.score >= MEDIAPIPE_SURE), key=lambda d: -d.score)
-            found = sure + sorted([d for d in found if d.score < MEDIAPIPE_SURE] + self._mtcnn_detect(rgb),
-                                  key=lambda d: -d.score)
+            candidates = [d for d in self._mtcnn_detect(rgb)
+                          if not any(box_iou(d.bbox, k.bbox) >= self.nms_iou for k in sure)]
+            small = [c for c in (self._confirmed(rgb, d) for d in candidates) if c is not None]
+            found = sure + sorted([d for d in found if d.score < MEDIAPIPE_SURE] + small, key=lambda d: -d.score)
         else:
             found = sorted(found, key=lambda d: -d.score)
         kept: list[Detection] = []
@@ -278,12 +290,38 @@ class FaceDetector:
                 kept.append(d)
         return sorted(kept, key=lambda d: d.bbox[0] + d.bbox[2] / 2)
 
+    def _confirmed(self, rgb: np.ndarray, det: Detection) -> Detection | None:
+        """``det`` (an MTCNN face) as MediaPipe sees it in a square crop of ``CONFIRM_CONTEXT`` box sides around
+        it, where the face is large enough for its detectors: MTCNN's score and source with the box and
+        keypoints of the MediaPipe face that overlaps it most (the framing the rest of the stage was measured
+        with); None when MediaPipe finds no face there. The crop is zero-filled past the image edge, as
+        MTCNN's are."""
+        x, y, w, h = det.bbox
+        side = max(1, int(round(CONFIRM_CONTEXT * max(w, h))))
+        x0, y0 = int(round(x + w / 2 - side / 2)), int(round(y + h / 2 - side / 2))
+        ih, iw = rgb.shape[:2]
+        sx0, sy0, sx1, sy1 = max(0, x0), max(0, y0), min(iw, x0 + side), min(ih, y0 + side)
+        if sx1 <= sx0 or sy1 <= sy0:
+            return None
+        crop = np.zeros((side, side, 3), np.uint8)
+        crop[sy0 - y0: sy1 - y0, sx0 - x0: sx1 - x0] = rgb[sy0:sy1, sx0:sx1]
+        crop, s = _resize_max(crop, CONFIRM_SIDE)
+        csize = crop.shape[0]
+        best, best_iou = None, CONFIRM_IOU
+        for d in self._detect_region(crop, 0, 0, csize, csize):
+            box = (d.bbox[0] / s + x0, d.bbox[1] / s + y0, d.bbox[2] / s, d.bbox[3] / s)
+            iou = box_iou(box, det.bbox)
+            if iou >= best_iou:
+                best, best_iou = Detection(bbox=box, score=det.score, keypoints=d.keypoints / s + (x0, y0),
+                                           source=det.source), iou
+        return best
+
     def _mtcnn_detect(self, rgb: np.ndarray) -> list[Detection]:
         """MTCNN's faces in ``rgb`` (searched on a copy of at most ``MTCNN_MAX_SIDE`` px), in ``rgb``'s pixels."""
         if self._mtcnn is None:
             from cem.fer.mtcnn import MTCNN
 
-            self._mtcnn = MTCNN(min_face=MTCNN_MIN_FACE, thresholds=(0.6, 0.7, MTCNN_MIN_SCORE))
+            self._mtcnn = MTCNN(min_face=MTCNN_MIN_FACE, thresholds=(*MTCNN_THRESHOLDS, MTCNN_MIN_SCORE))
         small, s = _resize_max(rgb, MTCNN_MAX_SIDE)
         with torch_threads(self.torch_threads):
             boxes, scores, points = self._mtcnn.detect(np.ascontiguousarray(small))

@@ -143,12 +143,15 @@ def _crops(rgb: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
 
     h, w = rgb.shape[:2]
     out = np.zeros((len(boxes), size, size, 3), np.float32)
-    for k, (x1, y1, x2, y2) in enumerate(np.round(boxes[:, :4]).astype(np.int64)):
+    for k, (x1, y1, x2, y2) in enumerate(np.round(boxes[:, :4]).astype(np.int64).tolist()):
         bw, bh = max(1, x2 - x1), max(1, y2 - y1)
-        patch = np.zeros((bh, bw, 3), np.uint8)
-        sx0, sy0, sx1, sy1 = max(0, x1), max(0, y1), min(w, x2), min(h, y2)
-        if sx1 > sx0 and sy1 > sy0:
-            patch[sy0 - y1: sy1 - y1, sx0 - x1: sx1 - x1] = rgb[sy0:sy1, sx0:sx1]
+        if x1 >= 0 and y1 >= 0 and x1 + bw <= w and y1 + bh <= h:
+            patch = rgb[y1: y1 + bh, x1: x1 + bw]  # inside the image: a view, no copy
+        else:
+            patch = np.zeros((bh, bw, 3), np.uint8)
+            sx0, sy0, sx1, sy1 = max(0, x1), max(0, y1), min(w, x2), min(h, y2)
+            if sx1 > sx0 and sy1 > sy0:
+                patch[sy0 - y1: sy1 - y1, sx0 - x1: sx1 - x1] = rgb[sy0:sy1, sx0:sx1]
         out[k] = cv2.resize(patch, (size, size), interpolation=cv2.INTER_AREA if bw > size else cv2.INTER_LINEAR)
     return out
 
