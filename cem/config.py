@@ -388,7 +388,8 @@ class Config:
 
     @classmethod
     def resolve(cls, name_or_path: str | Path) -> Path:
-        """The YAML file of a shipped config name (as typed, dots allowed, ``.yaml`` optional) or a path."""
+        """The YAML file of a shipped config name (as typed, dots allowed, ``.yaml`` or ``.yml`` optional, any
+        case) or a path."""
         shipped = configs_dir()
         text = str(name_or_path)
         candidates = [Path(name_or_path)]
@@ -404,7 +405,8 @@ class Config:
                                 "./%s for it", text, p, local, text)
                 return p
         known = sorted(q.stem for q in shipped.glob("*.yaml"))
-        stem = text[:-5] if text.lower().endswith(".yaml") else text
+        lowered = text.lower()
+        stem = text[:-5] if lowered.endswith(".yaml") else text[:-4] if lowered.endswith(".yml") else text
         if "/" not in text and "\\" not in text:
             # shipped names are lower case: a name that differs only in case ("Default", "SmolVLM") is
             # unambiguous, so it is taken rather than refused

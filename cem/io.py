@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import glob
 import os
+import re
 import stat
 import struct
 import warnings
@@ -70,6 +71,16 @@ def _file_kind(mode: int) -> str:
     return "not a file"
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def check_not_url(name: str) -> None:
+    """Refuse a URL with a message that says so (it read "file not found"): cem never downloads inputs."""
+    if _URL.match(name):
+        raise ImageLoadError(f"{name}: a URL; cem reads local files only (it never downloads): download it "
+                             f"first and pass the file's path")
+
+
 def check_geometry(name: str, width: int, height: int, max_pixels: int, max_side: int = MAX_SIDE) -> None:
     """Refuse sizes the FER stage cannot take, before any pixel is decoded or reaches OpenCV."""
     if width <= 0 or height <= 0:
@@ -109,6 +120,7 @@ def load_image(source: ImageInput, max_pixels: int = 50_000_000, max_side: int =
     name = os.fspath(source)
     if isinstance(name, bytes):
         name = os.fsdecode(name)
+    check_not_url(name)
     try:
         st = os.stat(name)
     except OSError as e:

@@ -31,7 +31,9 @@ def _describe(image: ImageInput) -> str:
         name = os.fspath(image)
         return os.fsdecode(name) if isinstance(name, bytes) else name
     if isinstance(image, np.ndarray):
-        return f"<array {image.shape[1] if image.ndim > 1 else '?'}x{image.shape[0]}>"
+        if image.ndim < 2:  # not an image; load_image says why
+            return f"<array of shape {image.shape}>"
+        return f"<array {image.shape[1]}x{image.shape[0]}>"
     return f"<{type(image).__name__}>"
 
 
@@ -358,7 +360,9 @@ class Pipeline:
         size = batch_size or self.batch_size
         chunk: list[MeasuredImage] = []
         chunk_ctx: list[str | None] = []
+        n_images = 0
         for i, image in enumerate(images):
+            n_images = i + 1
             ctx: str | None = None
             if isinstance(contexts, Mapping):
                 key = _describe(image)
@@ -372,6 +376,9 @@ class Pipeline:
             if len(chunk) >= size:
                 yield from self.reason_many(chunk, chunk_ctx)
                 chunk, chunk_ctx = [], []
+        if isinstance(contexts, Sequence) and n_images < len(contexts):
+            # images from an iterator ran out first: the contexts were not aligned with them
+            raise ValueError(f"analyze_many: {n_images} images but {len(contexts)} contexts")
         if chunk:
             yield from self.reason_many(chunk, chunk_ctx)
 
@@ -408,6 +415,9 @@ class Pipeline:
         if fps is not None:
             opts.fps = fps
         check_sampling(opts.every, opts.fps)
+        opts.every = None if opts.every is None else int(opts.every)
+        opts.fps = None if opts.fps is None else float(opts.fps)
+        _check_contexts([context])  # before the first frame, as analyze does (it failed at the first key moment)
         name = os.fspath(path)
         for vf in track_video(self.fer, name, self.config.labels, opts, stats):
             keys = [f for f in vf.faces if f.key]

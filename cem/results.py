@@ -66,7 +66,7 @@ class ReadReport:
 def read_records(path: str | os.PathLike, report: ReadReport | None = None) -> Iterator[dict[str, Any]]:
     """Valid records of a JSONL file, as written (dicts). Lines that are not JSON objects or do not satisfy
     the contract are skipped and listed in ``report`` (blank lines are ignored)."""
-    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as fh:
         for n, line in enumerate(fh, start=1):
             if not line.strip():
                 continue

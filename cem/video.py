@@ -29,6 +29,7 @@ with a summary of the track's AU and expression timeline since the last key mome
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections import deque
 from collections.abc import Iterator
@@ -55,10 +56,12 @@ def check_sampling(every: Any, fps: Any, names: tuple[str, str] = ("every", "fps
     fps=-1 processed every frame, and so did both at once."""
     if every is not None and fps is not None:
         raise ValueError(f"{names[0]} and {names[1]} both choose the frames of a video: give one of them")
-    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+    # numbers.Integral / Real: numpy's numbers (a DataFrame's values) are whole numbers and numbers too
+    if every is not None and (isinstance(every, (bool, np.bool_)) or not isinstance(every, numbers.Integral)
+                              or every < 1):
         raise ValueError(f"{names[0]} must be a whole number >= 1 (process every Nth frame), got {every!r}")
-    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps)
-                            or fps <= 0):
+    if fps is not None and (isinstance(fps, (bool, np.bool_)) or not isinstance(fps, numbers.Real)
+                            or not math.isfinite(fps) or fps <= 0):
         raise ValueError(f"{names[1]} must be a number > 0 (frames per second to sample), got {fps!r}")
 
 
@@ -114,6 +117,12 @@ def iter_frames(path: str, every: int | None = None, fps: float | None = None,
     (``image.max_pixels``, ``image.max_side``), applied to the frame size before any frame is decoded."""
     import cv2
 
+    from cem.io import ImageLoadError, check_not_url
+
+    try:
+        check_not_url(str(path))
+    except ImageLoadError as e:
+        raise VideoError(str(e)) from None
     if not Path(path).is_file():
         raise VideoError(f"{path}: file not found")
     cap = cv2.VideoCapture(str(path))
@@ -163,6 +172,7 @@ class Track:
     score: float
     last_seen: float
     last_frame: int
+    mesh_extent: float | None = None  # the scale of the face's mesh where ``bbox`` was measured
     au: dict[str, float] = field(default_factory=dict)  # smoothed intensities
     expression: np.ndarray | None = None  # smoothed distribution
     neutral_samples: deque = field(default_factory=lambda: deque(maxlen=BASELINE_MAX))
@@ -277,6 +287,8 @@ def track_video(stage: Any, path: str, labels: list[str], opts: VideoOptions,
                 stats: DecodeStats | None = None) -> Iterator[VideoFrame]:
     """Run the FER stage over a video with tracking, smoothing, baselines and key-moment flags (``stats``: see
     :func:`iter_frames`)."""
+    from cem.fer.stage import mesh_extent
+
     tracker = FaceTracker(opts)
     last_t: float | None = None
     processed = 0
@@ -289,13 +301,15 @@ def track_video(stage: Any, path: str, labels: list[str], opts: VideoOptions,
         if processed % max(1, opts.detect_every) == 0 or not live:
             evidence = stage.measure(rgb, "detect")
         else:
-            evidence = stage.measure(rgb, "detect", boxes=[(tr.bbox, tr.score) for tr in live])
+            evidence = stage.measure(rgb, "detect", boxes=[(tr.bbox, tr.score) for tr in live],
+                                     box_extents=[tr.mesh_extent for tr in live])
             if len(evidence) < len(live):  # a tracked face was lost: look again with the detector
                 evidence = stage.measure(rgb, "detect")
         ids = tracker.assign([e.bbox for e in evidence], [e.detection_score for e in evidence], t, frame_idx)
         faces = []
         for ev, tid in zip(evidence, ids):
             tr = tracker.tracks[tid]
+            tr.mesh_extent = None if ev.landmarks is None else mesh_extent(ev.landmarks)
             a = 1.0 if tr.expression is None else 1.0 - math.exp(-max(dt, 0.0) / opts.smooth_tau_s)
             raw_expr = np.array([ev.expression[k] for k in labels])
             tr.expression = raw_expr if tr.expression is None else (1 - a) * tr.expression + a * raw_expr

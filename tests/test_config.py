@@ -373,7 +373,7 @@ def test_a_key_given_twice_is_an_error_and_names_differ_only_in_case_and_suffix(
     merged.write_text("name: mine\nfusion: {<<: {temperature: 2}, <<: {temperature: 3}}\n")
     with pytest.raises(ConfigError, match=r"the merge key '<<' is given again"):
         Config.load(merged)
-    for typed in ("default.YAML", "Default.yaml", "DEFAULT"):
+    for typed in ("default.YAML", "Default.yaml", "DEFAULT", "default.yml", "Default.YML"):
         assert Config.load(typed).name == "default", typed
 
 

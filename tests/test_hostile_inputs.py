@@ -1226,3 +1226,29 @@ def test_manifest_cells_nobody_named_and_inputs_nobody_found_are_said_clearly(pi
     assert str(e.value).endswith("; and 395 more") and len(str(e.value)) < 1000
     with pytest.raises(RunError, match="no input given"):
         _run(pipeline, [], tmp_path / "o.jsonl")
+
+
+def test_odd_python_inputs_get_a_result_or_a_clear_error(pipeline, face_png):
+    """A 0-d array is an error result (it raised IndexError); a URL is said to be one (it read "file not
+    found"); contexts left over when an iterator of images runs out are an error, as with a list (they were
+    dropped, so images and contexts could be out of step unnoticed)."""
+    res = pipeline.analyze(np.array(5))
+    assert res.error and "shape ()" in res.error and not res.faces
+    res = pipeline.analyze("https://example.org/face.jpg")
+    assert res.error == ("https://example.org/face.jpg: a URL; cem reads local files only (it never downloads): "
+                         "download it first and pass the file's path")
+    with pytest.raises(ValueError, match="2 images but 3 contexts"):
+        list(pipeline.analyze_many((p for p in [face_png, face_png]), contexts=["a", "b", "c"]))
+    got = list(pipeline.analyze_many((p for p in [face_png, face_png]), contexts=["a", "b"]))
+    assert [r.context for r in got] == ["a", "b"]
+
+
+def test_a_results_file_saved_with_a_byte_order_mark_keeps_its_first_record(pipeline, face_png, tmp_path):
+    """Editors on Windows save UTF-8 with a BOM; the first record of such a file was skipped as not JSON."""
+    import cem
+
+    out = tmp_path / "out.jsonl"
+    pipeline.annotate([str(face_png)], out)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + out.read_bytes())
+    assert len(cem.read_results(bom)) == len(cem.read_results(out)) == 1

@@ -378,3 +378,38 @@ def test_the_image_size_limits_hold_for_video_frames(pipeline, tmp_path, monkeyp
     annotate(pipeline, [str(path)], out, progress=False)
     (rec,) = [json.loads(x) for x in out.read_text().splitlines()]
     assert "exceeds the limit of 1000" in rec["error"] and rec["video"] == str(path)
+
+
+def test_a_still_face_keeps_its_box_between_detections(pipeline, face_crop, tmp_path):
+    """On tracked frames the box follows the mesh's scale from the last detection: a face that does not move
+    keeps the detector's box (it shrank by about 2 % a frame, 17 % in nine, and jumped back at each
+    detection, which moved quality.face_px and the AUs with it)."""
+    import cv2
+
+    canvas = np.full((360, 640, 3), 90, np.uint8)
+    canvas[40:300, 220:480] = cv2.resize(face_crop, (260, 260))
+    path = write_video(tmp_path / "still.mp4", [canvas] * 25)
+    frames = list(pipeline.analyze_video(path, options=VideoOptions(reason=False)))
+    sides = [vf.faces[0].evidence.bbox[2] for vf in frames]
+    assert len(sides) == 25
+    detected = sides[0]  # frame 0 is a detection frame, then 9 tracked frames
+    assert max(abs(s - detected) for s in sides) < 0.03 * detected, [round(s, 1) for s in sides]
+    face_px = [vf.faces[0].raw.quality.face_px for vf in frames]
+    assert max(face_px) - min(face_px) <= 0.03 * max(face_px)
+
+
+def test_video_arguments_checked_before_the_first_frame_and_numpy_numbers_taken(pipeline, video, tmp_path):
+    """A context that analyze refuses is refused by analyze_video before any frame (it failed at the first
+    key moment, after the frames so far had been measured); numpy numbers (a DataFrame's values) are valid
+    every/fps; a URL is said to be one."""
+    from cem.video import VideoError
+
+    for bad in (5, "x" * 5000):
+        gen = pipeline.analyze_video(video, context=bad)  # type: ignore[arg-type]
+        with pytest.raises((TypeError, ValueError), match="context"):
+            next(gen)
+    frames = list(pipeline.analyze_video(video, every=np.int64(30), options=VideoOptions(reason=False)))
+    assert [vf.frame for vf in frames] == [0, 30, 60]
+    assert len(list(pipeline.analyze_video(video, fps=np.float32(1), options=VideoOptions(reason=False)))) == 3
+    with pytest.raises(VideoError, match="a URL; cem reads local files only"):
+        next(pipeline.analyze_video("https://example.org/clip.mp4"))

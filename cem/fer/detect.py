@@ -179,6 +179,7 @@ MTCNN_MIN_SCORE = 0.85
 # bystanders and badly sized boxes, which MTCNN scores up to 0.99 and on which a face mesh still fits).
 CONFIRM_CONTEXT = 2.5
 CONFIRM_IOU = 0.5
+CONFIRM_MIN_SCORE = 0.5  # MediaPipe's score on the crop (its detectors report from faces.min_score)
 CONFIRM_SIDE = 256  # the crop is downscaled to this first (the detectors see 128 or 192 px)
 # an MTCNN face on which no face mesh fits is kept only from this score (cem.fer.stage; MediaPipe's need
 # faces.min_score_unmeshed): the faces it recovers are profiles and faces cut by the frame, where the mesh
@@ -280,8 +281,8 @@ class FaceDetector:
             sure = sorted((d for d in found if d.score >= MEDIAPIPE_SURE), key=lambda d: -d.score)
             candidates = [d for d in self._mtcnn_detect(rgb)
                           if not any(box_iou(d.bbox, k.bbox) >= self.nms_iou for k in sure)]
-            small = [c for c in (self._confirmed(rgb, d) for d in candidates) if c is not None]
-            found = sure + sorted([d for d in found if d.score < MEDIAPIPE_SURE] + small, key=lambda d: -d.score)
+            confirmed = [c for c in (self._confirmed(rgb, d) for d in candidates) if c is not None]
+            found = sure + sorted([d for d in found if d.score < MEDIAPIPE_SURE] + confirmed, key=lambda d: -d.score)
         else:
             found = sorted(found, key=lambda d: -d.score)
         kept: list[Detection] = []
@@ -309,6 +310,8 @@ class FaceDetector:
         csize = crop.shape[0]
         best, best_iou = None, CONFIRM_IOU
         for d in self._detect_region(crop, 0, 0, csize, csize):
+            if d.score < CONFIRM_MIN_SCORE:
+                continue
             box = (d.bbox[0] / s + x0, d.bbox[1] / s + y0, d.bbox[2] / s, d.bbox[3] / s)
             iou = box_iou(box, det.bbox)
             if iou >= best_iou:

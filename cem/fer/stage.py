@@ -29,11 +29,23 @@ def _position(cx: float, width: int) -> str:
     return "left" if r < 1 / 3 else "right" if r > 2 / 3 else "center"
 
 
-def _box_from_mesh(tight: tuple[float, float, float, float],
-                   previous: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
-    """A detector-like square box centred on the mesh, sized like the previous box (so it does not drift)."""
+def mesh_extent(mesh: np.ndarray) -> float:
+    """The larger side of a face mesh's bounding box, in pixels: its scale, for boxes on tracked frames."""
+    return float(max(np.ptp(mesh[:, 0]), np.ptp(mesh[:, 1])))
+
+
+def _box_from_mesh(tight: tuple[float, float, float, float], previous: tuple[float, float, float, float],
+                   previous_extent: float | None = None) -> tuple[float, float, float, float]:
+    """A detector-like square box centred on the mesh. With ``previous_extent`` (the mesh extent on the frame
+    that gave ``previous``) it is the previous box scaled as the mesh scaled, so a still face keeps its box;
+    without, the previous size is pulled towards 0.85 mesh extents (which, for a face whose detector box is
+    not 0.85 of its mesh, shrank or grew the box frame after frame until the next detection)."""
     cx, cy = tight[0] + tight[2] / 2, tight[1] + tight[3] / 2
-    side = 0.5 * previous[2] + 0.5 * max(tight[2], tight[3]) * 0.85
+    extent = max(tight[2], tight[3])
+    if previous_extent is not None and previous_extent > 0 and extent > 0:
+        side = previous[2] * extent / previous_extent
+    else:
+        side = 0.5 * previous[2] + 0.5 * extent * 0.85
     return (cx - side / 2, cy - side / 2, side, side)
 
 
@@ -110,9 +122,12 @@ class FERStage:
 
     def measure(self, rgb: np.ndarray, faces: str | None = None,
                 boxes: list[tuple[tuple[float, float, float, float], float]] | None = None,
-                baseline: SubjectBaseline | None = None) -> list[FaceEvidence]:
+                baseline: SubjectBaseline | None = None,
+                box_extents: list[float | None] | None = None) -> list[FaceEvidence]:
         """Faces of one RGB image. ``boxes`` ((x, y, w, h), score) skips detection and meshes those boxes
         (video tracking); a box on which no mesh fits is dropped, since the tracker will re-detect.
+        ``box_extents``: for each box, the :func:`mesh_extent` of the face it was measured on (the box then
+        follows the mesh's scale; see ``_box_from_mesh``).
         ``baseline`` (from :meth:`baseline`): AUs, and expressions where it was built from neutral photos, are
         measured against that person's own neutral face (use it for images of one subject: every face of the
         image is measured against it)."""
@@ -135,14 +150,17 @@ class FERStage:
                               if min(h, w) > CROP_SIZE else cv2.INTER_LINEAR)
             items.append(((0.0, 0.0, float(w), float(h)), 1.0, mesh, crop))
         elif boxes is not None:
-            for bbox, score in boxes:
+            if box_extents is not None and len(box_extents) != len(boxes):
+                raise ValueError(f"{len(boxes)} boxes but {len(box_extents)} box_extents")
+            for k, (bbox, score) in enumerate(boxes):
                 mesh = self.mesher.mesh_in_box(rgb, bbox)
                 if mesh is None:
                     continue
                 r_eye, l_eye = eye_centers(mesh)
                 x0, y0 = mesh[:, 0].min(), mesh[:, 1].min()
                 tight = (float(x0), float(y0), float(mesh[:, 0].max() - x0), float(mesh[:, 1].max() - y0))
-                items.append((_box_from_mesh(tight, bbox), score, mesh,
+                extent = None if box_extents is None else box_extents[k]
+                items.append((_box_from_mesh(tight, bbox, extent), score, mesh,
                               aligned_crop(gray, r_eye, l_eye, self.ref, CROP_SIZE)))
         else:
             if self.detector is None:
