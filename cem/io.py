@@ -205,15 +205,20 @@ def _array_to_rgb(a: np.ndarray) -> np.ndarray:
         raise ImageLoadError(f"array of shape {a.shape} is not an (H, W[, 1|3|4]) image")
     if a.shape[2] == 1:
         a = np.repeat(a, 3, axis=2)
-    if a.shape[2] == 4:
-        a = a[:, :, :3]
+    # the same rules as for files and PIL images (_pil_to_rgb), so one picture gives one result however it
+    # is passed: 16-bit values are scaled down only when they use the 16-bit range, and transparent pixels
+    # are composited on white (the alpha channel used to be dropped, so a transparent face was found in an
+    # array and not in the same PIL image)
     if a.dtype != np.uint8:
         if np.issubdtype(a.dtype, np.floating) and a.max() <= 1.0:
             a = a * 255.0
-        elif a.dtype == np.uint16:
+        elif a.dtype == np.uint16 and a.max() > 255:
             a = a / 257.0
-        a = np.clip(a, 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(a)
+        a = np.clip(a, 0, 255)
+    if a.shape[2] == 4:
+        alpha = a[:, :, 3:4] / 255.0
+        a = np.rint(a[:, :, :3] * alpha + 255.0 * (1.0 - alpha))
+    return np.ascontiguousarray(a.astype(np.uint8))
 
 
 

@@ -106,3 +106,18 @@ def test_long_manifest_fields_read_without_raising_the_process_wide_csv_limit(tm
     assert csv.field_size_limit() == before
     with open(man, encoding="utf-8") as fh, pytest.raises(csv.Error):
         list(csv.reader(fh))
+
+
+def test_an_array_and_the_same_pil_image_load_alike(astronaut):
+    """Transparency and 16-bit values follow one rule for arrays and PIL images: a transparent RGBA array is
+    white (its alpha was dropped, so a transparent face was found in the array and not in the PIL image),
+    and 16-bit values within 0-255 are 8-bit values in both (the array was divided by 257, to black)."""
+    rgba = np.dstack([astronaut, np.zeros(astronaut.shape[:2], np.uint8)])
+    assert (load_image(rgba) == 255).all()
+    assert (load_image(rgba) == load_image(Image.fromarray(rgba))).all()
+    half = np.dstack([astronaut, np.full(astronaut.shape[:2], 128, np.uint8)])
+    assert np.abs(load_image(half).astype(int) - load_image(Image.fromarray(half)).astype(int)).max() <= 1
+    low16 = np.asarray(Image.fromarray(astronaut).convert("L"), dtype=np.uint16)  # values 0-255 in 16 bits
+    assert (load_image(low16) == load_image(Image.fromarray(low16))).all() and load_image(low16).mean() > 20
+    full16 = low16 * 257
+    assert (load_image(full16) == load_image(Image.fromarray(full16))).all()
