@@ -80,7 +80,7 @@ class ScriptedStage:
     def __init__(self, labels):
         self.labels = labels
 
-    def measure(self, rgb, faces=None, boxes=None):
+    def measure(self, rgb, faces=None, boxes=None, baseline=None, box_extents=None):  # FERStage.measure's signature
         frame_no = int(rgb[0, 0, 0])  # the frame number, decoded from the frame's top-left block
         expr = np.full(len(self.labels), 0.01)
         expr[self.labels.index("happiness" if frame_no < 30 else "sadness")] = 1.0
@@ -99,10 +99,10 @@ def test_key_moment_emitted_at_the_expression_change(tmp_path):
     path = write_video(tmp_path / "s.mp4", frames)
 
     class Stage(ScriptedStage):
-        def measure(self, rgb, faces=None, boxes=None):
+        def measure(self, rgb, faces=None, boxes=None, baseline=None, box_extents=None):
             rgb = rgb.copy()
             rgb[0, 0, 0] = int(round(rgb[:8, :8, 0].mean() / 4))
-            return super().measure(rgb, faces, boxes)
+            return super().measure(rgb, faces, boxes, baseline, box_extents)
 
     opts = VideoOptions(key_interval_s=10.0, change_threshold=0.2, smooth_tau_s=0.05)
     out = list(track_video(Stage(labels), str(path), labels, opts))
