@@ -168,7 +168,10 @@ class WorkerPool:
                         idx, path = w.job
                         done[idx] = MeasuredImage(path, None, [], {}, f"{path}: {_describe_failure(failure, w, self)}")
                     elif not w.ready:
-                        raise WorkerStartError(f"a worker process died while starting ({_exit_text(w.proc.exitcode)})")
+                        raise WorkerStartError(
+                            f"a worker process died while starting ({_exit_text(w.proc.exitcode)}); from a "
+                            f"script, start the run under 'if __name__ == \"__main__\":' (workers are spawned "
+                            f"processes that import the script, and its top level would start the run again)")
                     self.workers[i] = self._spawn()
                 while next_out in done or next_out in released:
                     if next_out in done:

@@ -1252,3 +1252,17 @@ def test_a_results_file_saved_with_a_byte_order_mark_keeps_its_first_record(pipe
     bom = tmp_path / "bom.jsonl"
     bom.write_bytes(b"\xef\xbb\xbf" + out.read_bytes())
     assert len(cem.read_results(bom)) == len(cem.read_results(out)) == 1
+
+
+def test_workers_from_a_script_without_a_main_guard_say_what_to_do(face_png, tmp_path):
+    """Worker processes are spawned and import the script: without the main guard its top level starts the run
+    again in each worker, which dies. The error says how to write the script (it said only that a worker could
+    not start)."""
+    images = [str(face_png), str(shutil.copy(face_png, tmp_path / "second.png"))]
+    script = tmp_path / "run.py"
+    script.write_text("import cem\n"
+                      f"cem.Pipeline.from_config('default').annotate({images!r}, {str(tmp_path / 'o.jsonl')!r},"
+                      " workers=2)\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode != 0
+    assert "a worker could not start" in r.stderr and "if __name__ == \"__main__\":" in r.stderr, r.stderr[-2000:]
