@@ -74,11 +74,13 @@ def _file_kind(mode: int) -> str:
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-def check_not_url(name: str) -> None:
-    """Refuse a URL with a message that says so (it read "file not found"): cem never downloads inputs."""
+def url_problem(name: str) -> str | None:
+    """What is wrong with ``name`` when it is a URL (it read "file not found"): cem never downloads inputs.
+    Images and videos raise their own error with it."""
     if _URL.match(name):
-        raise ImageLoadError(f"{name}: a URL; cem reads local files only (it never downloads): download it "
-                             f"first and pass the file's path")
+        return f"{name}: a URL; cem reads local files only (it never downloads): download it first and pass the " \
+               f"file's path"
+    return None
 
 
 def check_geometry(name: str, width: int, height: int, max_pixels: int, max_side: int = MAX_SIDE) -> None:
@@ -120,7 +122,8 @@ def load_image(source: ImageInput, max_pixels: int = 50_000_000, max_side: int =
     name = os.fspath(source)
     if isinstance(name, bytes):
         name = os.fsdecode(name)
-    check_not_url(name)
+    if (problem := url_problem(name)) is not None:
+        raise ImageLoadError(problem)
     try:
         st = os.stat(name)
     except OSError as e:

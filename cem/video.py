@@ -117,12 +117,10 @@ def iter_frames(path: str, every: int | None = None, fps: float | None = None,
     (``image.max_pixels``, ``image.max_side``), applied to the frame size before any frame is decoded."""
     import cv2
 
-    from cem.io import ImageLoadError, check_not_url
+    from cem.io import url_problem
 
-    try:
-        check_not_url(str(path))
-    except ImageLoadError as e:
-        raise VideoError(str(e)) from None
+    if (problem := url_problem(str(path))) is not None:
+        raise VideoError(problem)
     if not Path(path).is_file():
         raise VideoError(f"{path}: file not found")
     cap = cv2.VideoCapture(str(path))
