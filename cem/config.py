@@ -276,7 +276,7 @@ class OpenAIOptions(LLMOptions):
     max_cues: int = _num(24, ge=0)
     guided: bool = True  # send the answer's JSON schema as response_format
     distribution: Literal["verbalized", "likelihood"] = "verbalized"
-    max_tokens: int = _num(512, ge=1)
+    max_tokens: int | None = _num(None, ge=1)  # None: 256 + 512 per face (OpenAIReasoner.answer_tokens)
     temperature: float = _num(0.0, ge=0.0)
 
 

@@ -87,6 +87,22 @@ class MeasuredImage:
     faces: str | None = None  # how faces were found: "detect" or "whole" (provenance.faces)
 
 
+def _failure_message(e: Exception) -> str:
+    """A reasoner exception as a face error: a ReasonerFailure already reads "reasoner failed (<cause>):
+    ..."; anything else is a model error."""
+    from cem.reasoning.llm import ReasonerFailure
+
+    return str(e) if isinstance(e, ReasonerFailure) else f"reasoner failed (model-error): {type(e).__name__}: {e}"
+
+
+def _shared_failure(e: Exception) -> bool:
+    """Whether ``e`` concerns every image of a batch alike (the server is unreachable, times out or refuses),
+    as opposed to one image's prompt or answer."""
+    from cem.reasoning.llm import ReasonerFailure
+
+    return isinstance(e, ReasonerFailure) and (e.cause in ("timeout", "unreachable") or e.cause.startswith("http-"))
+
+
 class Pipeline:
     """Faces, action units and blended emotions for images, with the configured reasoner.
 
@@ -295,19 +311,22 @@ class Pipeline:
                         "(provenance.context_used = false) but does not change the emotions",
                         self.reasoner.backend)
         t = time.perf_counter()
+        jobs = [Job(px, batch[i].evidence, contexts[i]) for px, i in zip(pixels, live)]
         try:
-            answers = self.reasoner.reason_batch([Job(px, batch[i].evidence, contexts[i])
-                                                  for px, i in zip(pixels, live)])
-            for i, a in zip(live, answers):
+            for i, a in zip(live, self.reasoner.reason_batch(jobs)):
                 out[i] = (a, None)
-        except Exception as e:  # reported on every face of these images; the run goes on
-            from cem.reasoning.llm import ReasonerFailure
-
-            # a ReasonerFailure already reads "reasoner failed (<cause>): ..."; anything else is a model error
-            msg = str(e) if isinstance(e, ReasonerFailure) else \
-                f"reasoner failed (model-error): {type(e).__name__}: {e}"
-            for i in live:
-                out[i] = ([], msg)
+        except Exception as e:
+            if len(jobs) > 1 and not _shared_failure(e):
+                # one image's problem (its prompt, its reply) must not cost the others their answers: each
+                # image again on its own, so the error lands on the image that caused it
+                for i, job in zip(live, jobs):
+                    try:
+                        out[i] = (self.reasoner.reason_batch([job])[0], None)
+                    except Exception as e_one:  # reported on this image's faces; the run goes on
+                        out[i] = ([], _failure_message(e_one))
+            else:  # the server or model is down for every image alike: no point asking each again
+                for i in live:
+                    out[i] = ([], _failure_message(e))
         elapsed = (time.perf_counter() - t) * 1000
         stats = self.reasoner.last_stats
         for i in live:

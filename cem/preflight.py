@@ -104,10 +104,15 @@ def _check_openai(config: Config, report: PreflightReport, image: Any) -> None:
     try:
         names = reasoner.check_server(timeout_s=3.0)
     except ReasonerFailure as e:
-        said = e.detail if reasoner.base_url in e.detail else f"{where}: {e.detail}"  # not the address twice
-        report.problems.append(f"server unreachable: {said}. Start one (e.g. `vllm serve "
-                               f"{reasoner.model_id} --port 8000`) or point --base-url / $OPENAI_BASE_URL at it")
-        return
+        if e.cause in ("http-404", "http-405"):  # a gateway without /models: the chat request below decides
+            names = []
+            report.notes.append(f"{where} has no /models listing (HTTP {e.cause[5:]}); the model name is not "
+                                "checked against it")
+        else:
+            said = e.detail if reasoner.base_url in e.detail else f"{where}: {e.detail}"  # not the address twice
+            report.problems.append(f"server unreachable: {said}. Start one (e.g. `vllm serve "
+                                   f"{reasoner.model_id} --port 8000`) or point --base-url / $OPENAI_BASE_URL at it")
+            return
     if names and reasoner.model_id not in names:
         report.problems.append(f"the server at {where} does not serve {reasoner.model_id!r} (it lists: "
                                f"{', '.join(names[:5])}); pass --model with one of those")

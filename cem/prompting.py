@@ -4,13 +4,15 @@ Templates render in Jinja2's sandboxed environment with ``StrictUndefined`` (a m
 error, not an empty string). User text is passed as a *value*: Jinja never evaluates values as template
 code, so ``{{ 7*7 }}`` in a context stays those characters. It is delimited by markers that the template
 declares to be data, and any marker inside the user text is defanged, so the context cannot close its
-own block. ``provenance.template`` is ``<name>@<first 12 hex of the template file's SHA-256>``.
+own block; text that a tokenizer would read as a special token (``</s>``, ``<|im_end|>``, ``<image>``,
+``[INST]``) is written with lookalike brackets, so it cannot end the user's turn or add an image slot. ``provenance.template`` is ``<name>@<first 12 hex of the template file's SHA-256>``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -22,6 +24,9 @@ from cem.resources import prompts_dir
 
 DEFAULT_TEMPLATE = "context"
 _MARKERS = ("<<<CONTEXT", "CONTEXT>>>")
+# what tokenizers write special tokens as: <s>, </s>, <image>, <|im_start|>, <|eot_id|>, <row_1_col_1>, ...
+_SPECIAL_ANGLE = re.compile(r"<(/?\|?[A-Za-z_][\w.:-]{0,48}\|?)>")
+_SPECIAL_SQUARE = re.compile(r"\[(/?[A-Z][A-Z_]{1,30})\]")  # [INST], [/INST], [IMG], [IMG_BREAK], ...
 
 
 @dataclass
@@ -86,6 +91,11 @@ def sanitize_context(text: str | None) -> str | None:
     for m in _MARKERS:
         s = s.replace(m, m.replace("CONTEXT", "C0NTEXT"))
     s = s.replace("<<<", "‹‹‹").replace(">>>", "›››")
+    # chat and special tokens (<|im_end|>, </s>, <image>, <end_of_turn>, [INST], ...) would be parsed as the
+    # real tokens by the model's tokenizer (here or on a vLLM server): written with lookalike brackets, the
+    # context can neither end its turn nor add an image slot
+    s = _SPECIAL_ANGLE.sub(lambda m: "‹" + m.group(1) + "›", s)
+    s = _SPECIAL_SQUARE.sub(lambda m: "⟦" + m.group(1) + "⟧", s)
     if len(s) > MAX_CONTEXT_CHARS:
         raise ValueError(f"a context of {len(s)} characters, more than the limit of {MAX_CONTEXT_CHARS}")
     return s.strip()

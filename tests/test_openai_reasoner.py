@@ -28,6 +28,7 @@ class FakeServer:
         self.lock = threading.Lock()
         self.failures_left = 0
         self.answer = ""
+        self.finish_reason: str | None = None
         self.stop = threading.Event()
         self.times: list[float] = []
         server = self
@@ -133,7 +134,10 @@ class FakeServer:
                                 "weight": 0.4}],
                       "rationale": "Smiling at a launch."} for i in range(n)]
             content = "Here you go:\n```json\n" + json.dumps({"faces": faces}) + "\n```"
-        return {"choices": [{"message": {"role": "assistant", "content": content}}]}
+        choice = {"message": {"role": "assistant", "content": content}}
+        if self.finish_reason:
+            choice["finish_reason"] = self.finish_reason
+        return {"choices": [choice]}
 
     def close(self) -> None:
         self.stop.set()
@@ -414,3 +418,30 @@ def test_provenance_settings_follow_the_server_a_run_actually_uses(monkeypatch):
     b = settings(OPENAI_BASE_URL="http://box-b:8000/v1")
     monkeypatch.delenv("OPENAI_BASE_URL")
     assert a != b and settings(override="http://box-a:8000/v1") == a
+
+
+def test_an_answer_cut_at_max_tokens_is_an_error_not_a_partial_distribution(server, astronaut, evidence):
+    # the server stopped at the token limit; what arrived happens to parse
+    server.mode, server.finish_reason = "answer", "length"
+    server.answer = _answer({"neutral": 0.4, "happiness": 0.6})
+    f = _run(_reasoner(server, retries=0, max_tokens=50), astronaut, evidence)[0][0]
+    assert f.distribution is None and f.error.startswith("reasoner failed (invalid-answer): ")
+    assert "max_tokens (50)" in f.error
+    assert server.requests[0]["body"]["max_tokens"] == 50
+
+
+def test_max_tokens_grows_with_the_faces_unless_set(server, astronaut, evidence):
+    from cem.reasoning.openai_backend import ANSWER_TOKENS_BASE, ANSWER_TOKENS_PER_FACE
+
+    _run(_reasoner(server), astronaut, evidence)
+    assert server.requests[0]["body"]["max_tokens"] == ANSWER_TOKENS_BASE + ANSWER_TOKENS_PER_FACE
+
+
+def test_content_given_as_text_parts_is_read(server, astronaut, evidence):
+    server.mode = "answer"
+    server.answer = _answer({"happiness": 0.9, "neutral": 0.1})
+    real = server.reply
+    server.reply = lambda body: {"choices": [{"message": {"content": [
+        {"type": "text", "text": real(body)["choices"][0]["message"]["content"]}]}}]}
+    f = _run(_reasoner(server), astronaut, evidence)[0][0]
+    assert f.error is None and f.distribution["happiness"] == pytest.approx(0.9)

@@ -158,3 +158,20 @@ def test_array_input_and_grayscale(pipeline, astronaut):
     gray = np.asarray(Image.fromarray(astronaut).convert("L"))
     r = pipeline.analyze(gray)
     assert r.error is None and len(r.faces) == 1
+
+
+def test_a_reasoner_exception_on_one_image_leaves_the_others_answered(pipeline, astronaut, monkeypatch):
+    """Whatever a backend raises for one image of a batch, the pipeline asks each image alone, so the
+    error lands on the image that caused it."""
+    real = pipeline.reasoner.reason_batch
+
+    def reason_batch(jobs):
+        if any(j.context == "poison" for j in jobs):
+            raise KeyError("a malformed reply for this image")
+        return real(jobs)
+
+    monkeypatch.setattr(pipeline.reasoner, "reason_batch", reason_batch)
+    recs = [r.to_dict() for r in pipeline.analyze_many([astronaut] * 3, ["ok", "poison", "ok"], batch_size=3)]
+    assert [("error" in r["faces"][0]) for r in recs] == [False, True, False]
+    assert recs[1]["faces"][0]["error"].startswith("reasoner failed (model-error): KeyError")
+    assert recs[1]["faces"][0]["expression"]  # its own measurements are kept

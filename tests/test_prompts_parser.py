@@ -135,9 +135,50 @@ def test_lenient_forms():
     text = "```json\n{'faces': [{'index': 1, 'distribution': {'Happiness': '60%', 'neutral': 40,}, }]}\n```"
     parsed, err = parse_answer(text, LABELS, 1)
     assert err is None and parsed[0]["distribution"]["happiness"] == pytest.approx(0.6 / 40.6)
-    truncated = '{"faces":[{"index":1,"distribution":{"sadness":0.9,"neutral":0.1},"cues":[]'
-    parsed, _ = parse_answer(truncated, LABELS, 1)
-    assert parsed[0]["distribution"]["sadness"] == pytest.approx(0.9)
+
+
+def test_an_answer_cut_off_by_the_token_limit_is_an_error_not_a_partial_distribution():
+    # the model was writing anger 0.85 when the limit cut it: closing the JSON would report happiness
+    cut = '{"faces":[{"index":1,"distribution":{"neutral":0.05,"happiness":0.1,"an'
+    parsed, err = parse_answer(cut, LABELS, 1)
+    assert parsed == {} and "cut off" in err
+    parsed, err = parse_answer(cut.replace(',"an', '},"cues":[],"rationale":"She is fur'), LABELS, 1)
+    assert parsed == {} and "cut off" in err
+
+
+def test_the_last_complete_answer_wins_over_drafts_and_preambles():
+    draft = json.dumps({"faces": [{"index": 1, "distribution": {"happiness": 1}}]})
+    final = json.dumps({"faces": [{"index": 1, "distribution": {"anger": 1}}]})
+    parsed, err = parse_answer(f"Draft: {draft}\nOn reflection: {final}", LABELS, 1)
+    assert err is None and parsed[0]["distribution"]["anger"] == 1
+    parsed, err = parse_answer('{"note": "thinking"} ' + final, LABELS, 1)
+    assert err is None and parsed[0]["distribution"]["anger"] == 1
+
+
+def test_faces_numbered_from_zero_keep_their_own_answers():
+    two = {"faces": [{"index": 0, "distribution": {"happiness": 1}}, {"index": 1, "distribution": {"anger": 1}}]}
+    parsed, err = parse_answer(json.dumps(two), LABELS, 2)
+    assert err is None and parsed[0]["distribution"]["happiness"] == 1 and parsed[1]["distribution"]["anger"] == 1
+    # a 0 beside a 2 is no numbering: that face is dropped, not put on face 1
+    two["faces"][1]["index"] = 2
+    parsed, err = parse_answer(json.dumps(two), LABELS, 2)
+    assert list(parsed) == [1] and parsed[1]["distribution"]["anger"] == 1 and "[1]" in err
+
+
+@pytest.mark.parametrize("dist", [[["joy", 0.95], ["neutral", 0.05]], [{"label": "happiness", "p": -1}],
+                                  [["happiness", "inf"]], [["happiness", 0.5], "oops"]])
+def test_list_distributions_get_the_same_strict_checks(dist):
+    ans = json.dumps({"faces": [{"index": 1, "distribution": dist, "cues": []}]})
+    parsed, err = parse_answer(ans, LABELS, 1, max_cues=4)
+    assert parsed == {} and "face 1:" in err
+
+
+def test_a_degenerate_reply_is_parsed_in_bounded_time():
+    import time
+
+    t = time.perf_counter()
+    parsed, err = parse_answer("{a}" * 600_000, LABELS, 1)
+    assert parsed == {} and "no JSON" in err and time.perf_counter() - t < 5
 
 
 def test_grammar_is_bounded():

@@ -12,7 +12,14 @@ tokens.
 
 The parser is lenient and never raises: JSON inside prose or code fences, trailing commas, single quotes,
 numbers as strings or percentages, distributions that sum to 100 or to anything positive; unknown labels
-are dropped. It returns per-face answers or a clear error.
+are dropped. It returns per-face answers or a clear error. What it does not accept:
+
+- an answer cut off before its JSON closes (a token limit): it is an error, not a partial distribution, since
+  the labels that were never written may be the model's real answer;
+- where the reply holds several JSON values (a draft, an echoed example), it reads the *last* one with a
+  ``faces`` list (the final answer), not the first;
+- faces numbered from 0 are read as such only when the numbers are exactly 0..n-1; any other out-of-range
+  number drops that face rather than putting its answer on another person.
 """
 
 from __future__ import annotations
@@ -101,12 +108,13 @@ def max_answer_chars(labels: list[str], n_faces: int, au_codes: list[str], max_c
 
 # ------------------------------------------------------------------------------------------------ parsing
 
+MAX_CANDIDATES = 16  # JSON spans parsed from each end of a reply
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S)
 
 
-def _candidates(text: str) -> list[str]:
-    """Code-fenced blocks, every balanced top-level {...}/[...] span, and a truncated tail closed with the
-    brackets it still needs (a reply cut off by a token limit), then the text itself."""
+def _candidates(text: str) -> tuple[list[str], bool]:
+    """(code-fenced blocks, every balanced top-level {...}/[...] span, then the text itself; whether a
+    top-level JSON value is left open at the end: a reply cut off by a token limit)."""
     out = [m.group(1) for m in _FENCE.finditer(text)]
     pairs = {"{": "}", "[": "]"}
     stack: list[str] = []
@@ -130,11 +138,10 @@ def _candidates(text: str) -> list[str]:
             stack.pop()
             if not stack and start is not None:
                 out.append(text[start : i + 1])
-    if stack and start is not None:
-        tail = text[start:] + ('"' if in_str else "")
-        out.append(tail + "".join(reversed(stack)))
+    if len(out) > 2 * MAX_CANDIDATES:  # a degenerate reply ({a}{a}...): parsing each span costs CPU
+        out = out[:MAX_CANDIDATES] + out[-MAX_CANDIDATES:]
     out.append(text)
-    return out
+    return out, bool(stack)
 
 
 def _loads(s: str) -> Any:
@@ -170,16 +177,25 @@ def _number(v: Any) -> float | None:
     return f if math.isfinite(f) and f >= 0 else None
 
 
+def _as_mapping(raw: Any) -> Any:
+    """A distribution given as a list ([{"label": .., "p": ..}] or [["happiness", 0.9]]) as a dict; other
+    values unchanged. Every form then goes through the same checks."""
+    if not isinstance(raw, list):
+        return raw
+    pairs: dict[str, Any] = {}
+    for item in raw:
+        if isinstance(item, dict) and len(item) >= 2:
+            first, second = list(item.values())[:2]
+            pairs[str(first)] = second
+        elif isinstance(item, (list, tuple)) and len(item) == 2:
+            pairs[str(item[0])] = item[1]
+        else:
+            pairs[f"unreadable item {str(item)[:30]}"] = None
+    return pairs
+
+
 def _distribution(raw: Any, labels: list[str]) -> dict[str, float] | None:
-    if isinstance(raw, list):  # [{"label": .., "p": ..}] or [["happiness", 0.9]]
-        pairs: dict[str, Any] = {}
-        for item in raw:
-            if isinstance(item, dict) and len(item) >= 2:
-                first, second = list(item.values())[:2]
-                pairs[str(first)] = second
-            elif isinstance(item, (list, tuple)) and len(item) == 2:
-                pairs[str(item[0])] = item[1]
-        raw = pairs
+    raw = _as_mapping(raw)
     if not isinstance(raw, dict):
         return None
     lower = {str(k).strip().lower(): v for k, v in raw.items()}
@@ -204,7 +220,7 @@ def parse_answer(text: Any, labels: list[str], n_faces: int,
 
 
 def _strict_problem(f: dict[str, Any], labels: list[str], max_cues: int) -> str | None:
-    raw = f.get("distribution", f.get("emotions"))
+    raw = _as_mapping(f.get("distribution", f.get("emotions")))
     if isinstance(raw, dict):
         for k, v in raw.items():
             if str(k).strip().lower() not in labels:
@@ -230,12 +246,15 @@ def _parse(text: Any, labels: list[str], n_faces: int,
            max_cues: int | None = None) -> tuple[dict[int, dict[str, Any]], str | None]:
     if not isinstance(text, str):
         return {}, f"answer is not text ({type(text).__name__})"
-    data = None
-    for cand in _candidates(text):
-        data = _loads(cand)
-        if isinstance(data, (dict, list)):
-            break
+    candidates, cut = _candidates(text)
+    parsed = [d for d in map(_loads, candidates) if isinstance(d, (dict, list))]
+    with_faces = [d for d in parsed if isinstance(d, dict) and isinstance(d.get("faces"), list)]
+    # the last complete answer wins (a draft or an echoed example may come first)
+    data = with_faces[-1] if with_faces else (parsed[0] if parsed else None)
     if data is None:
+        if cut:
+            return {}, ("the answer is cut off: its JSON never closes (the model reached its token limit?), "
+                        "so the labels it did not write are unknown")
         snippet = text.strip().replace("\n", " ")[:80]
         return {}, f"no JSON found in the answer: {snippet!r}"
     faces = data.get("faces") if isinstance(data, dict) else data
@@ -245,11 +264,16 @@ def _parse(text: Any, labels: list[str], n_faces: int,
         return {}, "answer has no 'faces' list"
     out: dict[int, dict[str, Any]] = {}
     problems: dict[int, str] = {}
+    numbers = []
+    for f in faces:
+        raw_number = _number(f.get("index", f.get("face"))) if isinstance(f, dict) else None
+        numbers.append(int(raw_number) if raw_number is not None and float(raw_number).is_integer() else None)
+    # faces numbered from 0 (as in 0-based code) only when the numbers are exactly 0..n-1
+    offset = 0 if sorted(k for k in numbers if k is not None) == list(range(n_faces)) and n_faces > 1 else 1
     for pos, f in enumerate(faces):
         if not isinstance(f, dict):
             continue
-        idx_raw = _number(f.get("index", f.get("face")))
-        idx = int(idx_raw) - 1 if idx_raw is not None and float(idx_raw).is_integer() else pos
+        idx = numbers[pos] - offset if numbers[pos] is not None else pos
         if n_faces == 1:
             idx = 0
         if not 0 <= idx < n_faces or idx in out:

@@ -23,7 +23,7 @@ __all__ = ["Job", "LLMReasonerBase", "ModelUnavailableError", "ReasonerFailure",
 class ReasonerFailure(RuntimeError):
     """A reasoner request that failed for a stated cause. ``str()`` is the face error the record carries:
     ``reasoner failed (<cause>): <detail>``, where cause is a short stable word (timeout, unreachable,
-    http-<code>, invalid-answer, reply-too-large, model-error) that run summaries count by."""
+    http-<code>, invalid-answer, reply-too-large, prompt-error, model-error) that run summaries count by."""
 
     def __init__(self, cause: str, detail: str) -> None:
         self.cause, self.detail = cause, detail
@@ -77,7 +77,14 @@ class LLMReasonerBase:
         self.template = name
 
     def build_prompt(self, job: Job) -> Prompt:
-        return render_prompt(self.template, job.faces, self.labels, job.context, job.image, self.exemplars)
+        """The job's prompt; a template that fails for this image (``prompt-error``) fails this image only."""
+        try:
+            return render_prompt(self.template, job.faces, self.labels, job.context, job.image, self.exemplars)
+        except (FileNotFoundError, ValueError, ReasonerFailure):
+            raise  # a missing template or a context cem refuses: as before, the caller's error
+        except Exception as e:
+            raise ReasonerFailure("prompt-error", f"the prompt template {self.template!r} failed for this image: "
+                                  f"{type(e).__name__}: {e}") from None
 
     def to_results(self, job: Job, answer_text: str | None, likelihood: dict[int, dict[str, float]] | None,
                    transport_error: str | None = None, strict: bool = False) -> tuple[list[FaceReasoning], str | None]:

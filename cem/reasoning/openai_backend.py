@@ -15,7 +15,8 @@ Config (``reasoner.model`` and ``reasoner.options``):
 - ``max_reply_bytes`` (2,000,000): a longer reply is cut there and is an error (``reply-too-large``);
 - ``max_cues`` (24): an answer with more cues for a face, with a label outside the configured ones or
   with a number that is not finite or not in [0, 100] is rejected for that face (``invalid-answer``);
-- ``max_tokens`` (512), ``temperature`` (0), ``seed``, ``guided`` (send the answer's JSON schema as
+- ``max_tokens`` (default: 256 + 512 per face in the image; a reply the server cuts at this limit is an
+  ``invalid-answer`` error, never a partial distribution), ``temperature`` (0), ``seed``, ``guided`` (send the answer's JSON schema as
   ``response_format``, so vLLM/SGLang decode under it; default true), ``distribution`` (``verbalized`` or
   ``likelihood``).
 
@@ -54,6 +55,8 @@ from cem.reasoning.base import FaceReasoning
 from cem.reasoning.llm import Job, LLMReasonerBase, ReasonerFailure, options
 
 OPENAI_MAX_CUES = 24
+ANSWER_TOKENS_BASE = 256
+ANSWER_TOKENS_PER_FACE = 512
 
 
 class _Retryable(ReasonerFailure):
@@ -130,7 +133,8 @@ class OpenAIReasoner(LLMReasonerBase):
         self.retry_after_max = float(o.get("retry_after_max_s", 30))
         self.max_reply_bytes = int(o.get("max_reply_bytes", 2_000_000))
         self.max_cues = int(o.get("max_cues", OPENAI_MAX_CUES))
-        self.max_tokens = int(o.get("max_tokens", 512))
+        # None: sized to the faces (answer_token_budget); a set value is used as it is
+        self.max_tokens = int(o["max_tokens"]) if o.get("max_tokens") is not None else None
         self.temperature = float(o.get("temperature", 0.0))
         self.seed = o.get("seed")
         self.guided = bool(o.get("guided", True))
@@ -256,9 +260,9 @@ class OpenAIReasoner(LLMReasonerBase):
             raise ReasonerFailure(f"http-{status}", f"GET {self.base_url}/models answered HTTP {status}")
         try:
             listed = json.loads(data.decode("utf-8", "replace")).get("data") or []
-            return [str(m.get("id")) for m in listed if isinstance(m, dict)]
-        except (json.JSONDecodeError, AttributeError):
+        except (json.JSONDecodeError, AttributeError, RecursionError):
             return []
+        return [str(m.get("id")) for m in listed if isinstance(m, dict)] if isinstance(listed, list) else []
 
     def _messages(self, job: Job, text: str) -> list[dict[str, Any]]:
         content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": data_url(im)}}
@@ -266,9 +270,15 @@ class OpenAIReasoner(LLMReasonerBase):
         content.append({"type": "text", "text": text})
         return [{"role": "user", "content": content}]
 
+    def answer_tokens(self, n_faces: int) -> int:
+        """``max_tokens`` of a request about ``n_faces`` faces: the configured value, or else
+        ``ANSWER_TOKENS_BASE + ANSWER_TOKENS_PER_FACE`` per face (a face's distribution, a few cues and a
+        rationale take about 150-400 tokens; a reply cut at the limit is an error, not a partial answer)."""
+        return self.max_tokens or ANSWER_TOKENS_BASE + ANSWER_TOKENS_PER_FACE * max(1, n_faces)
+
     def request_body(self, job: Job) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model_id, "messages": self._messages(job, job.built_prompt.text),
-                                "max_tokens": self.max_tokens, "temperature": self.temperature}
+                                "max_tokens": self.answer_tokens(len(job.faces)), "temperature": self.temperature}
         if self.seed is not None:
             body["seed"] = int(self.seed)
         if self.guided:
@@ -290,14 +300,20 @@ class OpenAIReasoner(LLMReasonerBase):
             except (KeyError, IndexError, TypeError):
                 raise ReasonerFailure("invalid-answer", "the server returned no logprobs; use distribution: "
                                       "verbalized") from None
+            if not isinstance(tops, list) or not all(isinstance(t, dict) for t in tops):
+                raise ReasonerFailure("invalid-answer", "top_logprobs is not a list of {token, logprob} objects")
             mass = dict.fromkeys(self.labels, 0.0)
             for t in tops:
                 tok = str(t.get("token", "")).strip().lower()
                 owners = [lab for lab in self.labels if tok and lab.startswith(tok)]
                 for lab in owners:
-                    lp = float(t["logprob"])
-                    if not math.isfinite(lp) and lp != float("-inf"):
-                        raise ReasonerFailure("invalid-answer", f"logprob {t['logprob']!r} is not a number")
+                    try:
+                        lp = float(t["logprob"])
+                    except (KeyError, TypeError, ValueError):
+                        raise ReasonerFailure("invalid-answer", f"logprob {t.get('logprob')!r} is not a "
+                                              "number") from None
+                    if not (math.isfinite(lp) or lp == float("-inf")) or lp > 1e-6:
+                        raise ReasonerFailure("invalid-answer", f"logprob {t['logprob']!r} is not a number <= 0")
                     mass[lab] += math.exp(min(lp, 0.0)) / len(owners)
             total = sum(mass.values())
             if total <= 0:
@@ -306,18 +322,28 @@ class OpenAIReasoner(LLMReasonerBase):
         return out
 
     @staticmethod
-    def _content(reply: dict[str, Any]) -> str:
+    def _content(reply: dict[str, Any], max_tokens: int | None = None) -> str:
+        """The answer text of a reply; a reply the server cut at ``max_tokens`` is an error (its missing
+        labels may be the model's real answer), as is one without text."""
         try:
-            text = reply["choices"][0]["message"]["content"]
+            choice = reply["choices"][0]
+            text = choice["message"]["content"]
         except (KeyError, IndexError, TypeError):
             raise ReasonerFailure("invalid-answer", "server reply has no choices[0].message.content") from None
+        if isinstance(text, list):  # content as a list of parts: [{"type": "text", "text": ...}, ...]
+            parts = [p.get("text") for p in text if isinstance(p, dict) and p.get("type") == "text"]
+            text = "".join(p for p in parts if isinstance(p, str)) if parts else text
         if not isinstance(text, str):
             raise ReasonerFailure("invalid-answer", f"message content is {type(text).__name__}, not text")
-        return text
+        if isinstance(choice, dict) and choice.get("finish_reason") == "length":
+            raise ReasonerFailure("invalid-answer", f"the server cut the answer at max_tokens ({max_tokens}) "
+                                  "before it was complete; raise reasoner.options.max_tokens")
+        return text.lstrip("\ufeff")
 
     def _one(self, job: Job) -> list[FaceReasoning]:
         try:
-            text = self._content(self._post(self.request_body(job)))
+            body = self.request_body(job)
+            text = self._content(self._post(body), body["max_tokens"])
         except ReasonerFailure as e:
             return self.to_results(job, None, None, transport_error=str(e))[0]
         like = None
@@ -327,15 +353,16 @@ class OpenAIReasoner(LLMReasonerBase):
                 like = self._likelihood(job)
             except ReasonerFailure as e:
                 like_err = str(e)
-            except (RuntimeError, KeyError, TypeError, ValueError) as e:
-                like_err = str(ReasonerFailure("invalid-answer", f"likelihood: {e}"))
+            except Exception as e:  # a malformed reply for this image is this image's error only
+                like_err = str(ReasonerFailure("invalid-answer", f"likelihood: {type(e).__name__}: {e}"))
         res, err = self.to_results(job, text, like, strict=True)
         if err and any(r.distribution is None for r in res):  # retry once with the parser's complaint
             retry = dict(self.request_body(job))
             retry["messages"] = self._messages(job, job.built_prompt.text + f"\nYour previous answer was invalid "
                                                f"({err}). Answer again with JSON only.")
             try:
-                res, err = self.to_results(job, self._content(self._post(retry)), like, strict=True)
+                res, err = self.to_results(job, self._content(self._post(retry), retry["max_tokens"]), like,
+                                           strict=True)
             except ReasonerFailure as e:
                 res, _ = self.to_results(job, None, None, transport_error=str(e))
         if like_err:
@@ -345,11 +372,23 @@ class OpenAIReasoner(LLMReasonerBase):
         return res
 
     def reason_batch(self, jobs: list[Job]) -> list[list[FaceReasoning]]:
-        for j in jobs:
+        prompt_errors: dict[int, str] = {}
+        for k, j in enumerate(jobs):
             if j.faces:
-                j.prompt = self.build_prompt(j)
+                try:
+                    j.prompt = self.build_prompt(j)
+                except ReasonerFailure as e:  # this image's template failure: its faces' error
+                    prompt_errors[k] = str(e)
+
+        def one(k: int, j: Job) -> list[FaceReasoning]:
+            if not j.faces:
+                return []
+            if k in prompt_errors:
+                return self.to_results(j, None, None, transport_error=prompt_errors[k])[0]
+            return self._one(j)
+
         t = time.perf_counter()
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            results = list(pool.map(lambda j: self._one(j) if j.faces else [], jobs))
+            results = list(pool.map(one, range(len(jobs)), jobs))
         self.last_stats = {"model_ms": (time.perf_counter() - t) * 1000}
         return results

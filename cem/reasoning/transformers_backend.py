@@ -336,22 +336,48 @@ class TransformersReasoner(LLMReasonerBase):
     def reason_batch(self, jobs: list[Job]) -> list[list[FaceReasoning]]:
         self.last_stats = {}
         results: list[list[FaceReasoning]] = [[] for _ in jobs]
-        todo = [i for i, j in enumerate(jobs) if j.faces]
-        for i in todo:
-            jobs[i].prompt = self.build_prompt(jobs[i])
+        todo = []
+        for i, j in enumerate(jobs):
+            if not j.faces:
+                continue
+            try:
+                j.prompt = self.build_prompt(j)
+                todo.append(i)
+            except ReasonerFailure as e:  # this image's template failure: its faces' error
+                results[i] = self.to_results(j, None, None, transport_error=str(e))[0]
         t_model = 0.0
+
+        def answer(idx: list[int]) -> tuple[list[str], list[Any]]:
+            texts = self.generate([jobs[i] for i in idx])
+            return texts, [self.label_likelihoods(jobs[i]) if self.mode == "likelihood" else None for i in idx]
+
+        def failed(i: int, e: Exception) -> None:
+            failure = e if isinstance(e, ReasonerFailure) else ReasonerFailure(
+                "model-error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            results[i] = self.to_results(jobs[i], None, None, transport_error=str(failure))[0]
+
         for start in range(0, len(todo), max(1, self.batch_size)):
             idx = todo[start : start + self.batch_size]
             t = time.perf_counter()
             try:
-                texts = self.generate([jobs[i] for i in idx])
-                likes = [self.label_likelihoods(jobs[i]) if self.mode == "likelihood" else None for i in idx]
-            except (RuntimeError, ValueError) as e:  # out of memory, a NaN score ...: these images' faces fail
-                failure = e if isinstance(e, ReasonerFailure) else ReasonerFailure(
-                    "model-error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                texts, likes = answer(idx)
+            except (RuntimeError, ValueError) as e:  # out of memory, a NaN score ...
+                if len(idx) == 1:
+                    failed(idx[0], e)
+                    continue
+                # one image's problem must not cost the others their answers: each one alone
+                done = []
+                texts, likes = [], []
                 for i in idx:
-                    results[i] = self.to_results(jobs[i], None, None, transport_error=str(failure))[0]
-                continue
+                    try:
+                        text_i, like_i = answer([i])
+                    except (RuntimeError, ValueError) as e_one:
+                        failed(i, e_one)
+                        continue
+                    done.append(i)
+                    texts += text_i
+                    likes += like_i
+                idx = done
             finally:
                 t_model += time.perf_counter() - t
             for i, text, like in zip(idx, texts, likes):
