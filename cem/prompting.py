@@ -5,7 +5,8 @@ error, not an empty string). User text is passed as a *value*: Jinja never evalu
 code, so ``{{ 7*7 }}`` in a context stays those characters. It is delimited by markers that the template
 declares to be data, and any marker inside the user text is defanged, so the context cannot close its
 own block; text that a tokenizer would read as a special token (``</s>``, ``<|im_end|>``, ``<image>``,
-``[INST]``) is written with lookalike brackets, so it cannot end the user's turn or add an image slot. ``provenance.template`` is ``<name>@<first 12 hex of the template file's SHA-256>``.
+``[INST]``) is written with lookalike brackets, so it cannot end the user's turn or add an image slot.
+``provenance.template`` is ``<name>@<first 12 hex of the template file's SHA-256>``.
 """
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ Config (``reasoner.model`` and ``reasoner.options``):
 - ``max_cues`` (24): an answer with more cues for a face, with a label outside the configured ones or
   with a number that is not finite or not in [0, 100] is rejected for that face (``invalid-answer``);
 - ``max_tokens`` (default: 256 + 512 per face in the image; a reply the server cuts at this limit is an
-  ``invalid-answer`` error, never a partial distribution), ``temperature`` (0), ``seed``, ``guided`` (send the answer's JSON schema as
-  ``response_format``, so vLLM/SGLang decode under it; default true), ``distribution`` (``verbalized`` or
-  ``likelihood``).
+  ``invalid-answer`` error, never a partial distribution), ``temperature`` (0), ``seed``, ``guided`` (send
+  the answer's JSON schema as ``response_format``, so vLLM/SGLang decode under it; default true),
+  ``distribution`` (``verbalized`` or ``likelihood``).
 
 ``distribution: likelihood`` asks, per face, for a one-token answer with ``logprobs``/``top_logprobs`` and
 spreads each returned token's probability over the labels it begins (so multi-token labels count by
