@@ -312,6 +312,15 @@ def backend(name: str) -> Backend:
     return BACKENDS[name]
 
 
+def check_label_overlap(labels: list[str], model_labels: list[str], where: str) -> None:
+    """A ConfigError when no configured label is one of the expression model's: every face's expression
+    distribution would be empty (``fusion.label_map`` can only map to configured labels)."""
+    if not any(lab in model_labels for lab in labels):
+        raise ConfigError(f"{where}: labels: none of {labels} is a label of the expression model "
+                          f"({', '.join(model_labels)}), so no face would have an expression distribution; keep "
+                          f"some of its labels (your own ones can take a share of them through fusion.label_map)")
+
+
 def parse_options(backend_name: str, raw: dict[str, Any] | None, where: str = "reasoner.options") -> BackendOptions:
     """``reasoner.options`` checked against the backend's typed options (aliases resolved)."""
     cls = backend(backend_name).options
@@ -520,6 +529,13 @@ class Config:
                 or not all(isinstance(x, str) and x for x in self.labels)):
             raise ConfigError(f"{src}: labels: expected a non-empty list of label names, got {_shown(self.labels)}")
         self.labels = list(self.labels)
+        for lab in self.labels:
+            # models' answers are read in lower case, and labels go into prompts, grammars and JSON keys
+            if lab != lab.lower() or lab != lab.strip() or len(lab) > 40 or any(
+                    ch in '"\\' or not ch.isprintable() for ch in lab):
+                raise ConfigError(f"{src}: labels: {lab!r} is not a label name: labels are lower case, at most 40 "
+                                  f"characters, without quotes, backslashes or control characters"
+                                  + (f" (did you mean {lab.strip().lower()!r}?)" if lab.strip().lower() != lab else ""))
         if len(set(self.labels)) != len(self.labels):
             dup = sorted({x for x in self.labels if self.labels.count(x) > 1})
             raise ConfigError(f"{src}: labels: duplicate label(s) {dup}")
@@ -548,6 +564,8 @@ class Config:
         if nowhere:
             raise ConfigError(f"{src}: fusion.label_map: {_shown(nowhere)} map to labels that are not among labels "
                               f"{self.labels}")
+        if self.expression.weights is None:  # the packaged model's labels are known here; other weights: FERStage
+            check_label_overlap(self.labels, list(FERPLUS_LABELS), src)
 
     def backend_options(self) -> BackendOptions:
         """The typed options of the configured backend."""

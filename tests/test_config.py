@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -389,3 +390,27 @@ def test_pipeline_from_config_takes_a_loaded_config(monkeypatch):
     assert cfg.faces.mode == "detect"  # the caller's config is left as it was
     with pytest.raises(TypeError, match="takes a config name, a YAML path or a Config, not NoneType"):
         cem.Pipeline.from_config(None)
+
+
+@pytest.mark.parametrize("labels, why", [
+    (["NEUTRAL", "HAPPINESS"], "did you mean 'neutral'"),
+    (["neutral", 'say "hi"'], "quotes"),
+    (["neutral", "a\\b"], "backslashes"),
+    (["positive", "negative"], "none of ['positive', 'negative'] is a label of the expression model"),
+])
+def test_labels_the_models_cannot_use_are_refused_at_load(labels, why, tmp_path):
+    from cem.config import Config, ConfigError
+
+    path = tmp_path / "mine.yaml"
+    path.write_text(json.dumps({"name": "mine", "labels": labels}))  # JSON is YAML
+    with pytest.raises(ConfigError, match=re.escape(why)):
+        Config.load(str(path))
+
+
+def test_own_labels_mapped_to_the_models_load(tmp_path):
+    from cem.config import Config
+
+    path = tmp_path / "mine.yaml"
+    path.write_text(json.dumps({"name": "mine", "labels": ["pride", "happiness", "neutral"],
+                                "fusion": {"label_map": {"pride": "happiness"}}}))
+    assert Config.load(str(path)).labels == ["pride", "happiness", "neutral"]

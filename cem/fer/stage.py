@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from cem.config import Config, check_faces_mode
+from cem.config import Config, check_faces_mode, check_label_overlap
 from cem.contract import FaceEvidence, Pose
 from cem.fer.aus import SubjectBaseline, estimate_aus
 from cem.fer.detect import MTCNN_MIN_SCORE_UNMESHED
@@ -74,6 +74,8 @@ class FERStage:
                                                           config.expression.test_time_flip)
         # the expression model's labels are fixed by its training; configured labels it lacks get 0 and are
         # pooled through fusion.label_map (cem.fuse.expression_over), so they are not an error here
+        check_label_overlap(config.labels, list(self.expression.labels),
+                            f"{config.source}: expression.weights {config.expression.weights}")
         unmapped = [k for k in config.labels if k not in self.expression.labels and k not in config.fusion.label_map]
         if unmapped:
             logging.getLogger(__name__).warning(
