@@ -152,6 +152,32 @@ def _run_one(config: Config, reasoner: Any, image: Any, report: PreflightReport)
         report.notes.append(f"one image through the reasoner: {len(answers)} face(s) answered")
 
 
+def _check_template(config: Config, report: PreflightReport) -> None:
+    """Render the configured prompt template once, as a model reasoner will, for two made-up faces (one
+    measured, one small without a mesh) with and without a context: a template error (an undefined
+    variable, a filter that fails on a missing context, few_shot without exemplars) shows here, not on
+    every face of the run."""
+    from cem.contract import ActionUnit, FaceEvidence, Pose, Quality
+    from cem.prompting import render_prompt
+    from cem.reasoning.llm import exemplars_from
+
+    labels = list(config.labels)
+    expression = {lab: 1.0 / len(labels) for lab in labels}
+    faces = [FaceEvidence(index=0, bbox=(10, 20, 100, 100), detection_score=0.9, pose=Pose(-3.0, 4.0, 1.0),
+                          quality=Quality(100, 0.1, False), aus={"AU12": ActionUnit(2.0, True)},
+                          expression=expression, position="left"),
+             FaceEvidence(index=1, bbox=(300, 20, 30, 30), detection_score=0.7, pose=None,
+                          quality=Quality(30, 0.8, False, too_small=True, mesh_failed=True), aus={},
+                          expression=expression, position="right")]
+    name = config.reasoner.template or "context"
+    try:
+        exemplars = exemplars_from(config)
+        for context in (None, "a test context"):
+            render_prompt(name, faces, labels, context, None, exemplars)
+    except Exception as e:  # reported, not raised: the check lists every problem it finds
+        report.problems.append(f"prompt template {name!r} cannot be rendered: {type(e).__name__}: {e}")
+
+
 def _check_expression(config: Config, report: PreflightReport) -> None:
     """The FER stage's expression model loads with the config's weights and device (a missing folder, a
     device torch does not know or does not see): ``cem check`` said ready for configs that annotate refused."""
@@ -170,6 +196,8 @@ def preflight(config: Config, image: Any = None) -> PreflightReport:
     report = PreflightReport(ok=True)
     _check_expression(config, report)
     backend = config.reasoner.backend
+    if backend != "rules":
+        _check_template(config, report)
     if backend == "transformers":
         _check_transformers(config, report, image)
     elif backend == "openai":

@@ -68,13 +68,21 @@ def _load(path: str) -> tuple[Any, str]:
 
 @lru_cache(maxsize=32)
 def _compile(path: str, mtime_ns: int, size: int) -> tuple[Any, str]:
-    from jinja2 import StrictUndefined
+    from jinja2 import StrictUndefined, TemplateSyntaxError
     from jinja2.sandbox import SandboxedEnvironment
 
+    from cem.config import ConfigError
+
     env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False)
-    source = Path(path).read_text(encoding="utf-8")
+    try:
+        source = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"prompt template {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     digest = hashlib.sha256(source.encode("utf-8")).hexdigest()[:12]
-    return env.from_string(source), digest
+    try:
+        return env.from_string(source), digest
+    except TemplateSyntaxError as e:  # a configuration error: the run cannot make any prompt
+        raise ConfigError(f"prompt template {path}, line {e.lineno}: {e.message}") from None
 
 
 def template_id(name: str) -> str:

@@ -445,3 +445,21 @@ def test_content_given_as_text_parts_is_read(server, astronaut, evidence):
         {"type": "text", "text": real(body)["choices"][0]["message"]["content"]}]}}]}
     f = _run(_reasoner(server), astronaut, evidence)[0][0]
     assert f.error is None and f.distribution["happiness"] == pytest.approx(0.9)
+
+
+def test_provenance_names_the_template_as_edited_between_runs(server, astronaut, tmp_path):
+    """A notebook edits its template between runs: each record names the text its prompt was made from."""
+    tpl = tmp_path / "mine.j2"
+    body = "{% for f in faces %}{{ f.line }}{% endfor %} Labels: {{ labels | join(', ') }}. {{ schema_hint }}"
+    tpl.write_text("First version. " + body)
+    pipe = cem.Pipeline.from_config(
+        "vllm", model="test-model", template=str(tpl),
+        reasoner__options={"base_url": server.url, "timeout_s": 2.0, "retries": 0})
+    first = pipe.analyze(astronaut).provenance.template
+    tpl.write_text("Second, longer version. " + body)
+    second = pipe.analyze(astronaut).provenance.template
+    pipe.close()
+    from cem.prompting import template_id
+
+    assert first != second and second == template_id(str(tpl))
+    assert server.requests[-1]["body"]["messages"][0]["content"][-1]["text"].startswith("Second")

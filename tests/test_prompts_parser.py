@@ -213,3 +213,37 @@ def test_an_edited_template_is_read_again(tmp_path):
     second = render_prompt(str(t), _faces(), LABELS)
     assert second.text == "Faces: 2\n"
     assert second.template_id != first.template_id and second.template_id == template_id(str(t))
+
+
+def _openai_config(tmp_path, template):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(json.dumps({"name": "t", "reasoner": {"backend": "openai", "model": "m", "template": str(template),
+                                                          "options": {"base_url": "http://127.0.0.1:9/v1"}}}))
+    return path
+
+
+def test_the_check_renders_the_template_before_any_image(tmp_path):
+    from cem.config import Config
+    from cem.preflight import preflight
+
+    tpl = tmp_path / "len.j2"
+    tpl.write_text("{{ context | length }} {% for f in faces %}{{ f.line }}{% endfor %}")
+    report = preflight(Config.load(str(_openai_config(tmp_path, tpl))))
+    assert not report.ok
+    assert any("len.j2' cannot be rendered: TypeError" in p for p in report.problems), report.problems
+
+
+def test_a_template_syntax_error_is_a_configuration_error_with_its_line(tmp_path):
+    import subprocess
+    import sys
+
+    tpl = tmp_path / "broken.j2"
+    tpl.write_text("Faces:\n{% for f in faces %}{{ f.line }{% endfor %}")
+    from PIL import Image
+    from skimage import data
+
+    Image.fromarray(data.astronaut()).save(tmp_path / "a.jpg")
+    r = subprocess.run([sys.executable, "-m", "cem.cli", "prompt", "render", str(tmp_path / "a.jpg"),
+                        "--config", str(_openai_config(tmp_path, tpl))],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "broken.j2, line 2: unexpected '}'" in r.stderr and "Traceback" not in r.stderr

@@ -58,7 +58,7 @@ class LLMReasonerBase:
         self.config = config
         self.labels = list(config.labels)
         self.template = config.reasoner.template or "context"
-        self.template_id = template_id(self.template)
+        self._template_id = template_id(self.template)  # a missing template fails here, at start
         self.exemplars = exemplars_from(config)
         opts = options(config)
         self.batch_size = int(opts.get("batch_size", 4))
@@ -71,9 +71,20 @@ class LLMReasonerBase:
         if opts.get("do_sample") or float(opts.get("temperature", 0) or 0) > 0:
             self.sampling = {k: opts[k] for k in ("do_sample", "temperature", "seed") if k in opts}
 
+    @property
+    def template_id(self) -> str:
+        """``<name>@<digest>`` of the template as it is on disk now: prompts are rendered from the file as it
+        is (a notebook may edit it between runs), so provenance must follow it (a cached stat, no re-read
+        unless the file changed)."""
+        try:
+            self._template_id = template_id(self.template)
+        except OSError:  # removed or unreadable since: the prompts then failed too; keep what was last read
+            pass
+        return self._template_id
+
     def use_template(self, name: str) -> None:
         """Switch the prompt template without reloading the model (prompt experiments)."""
-        self.template_id = template_id(name)
+        self._template_id = template_id(name)
         self.template = name
 
     def build_prompt(self, job: Job) -> Prompt:
