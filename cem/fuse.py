@@ -252,6 +252,36 @@ def explain(face: FaceEvidence, emotion: dict[str, float], cues: list[Cue], p_re
                 f"{who[0].upper() + who[1:]} alone favoured {own} ({p_reasoner[own]:.2f}); pooled with the expression "
                 f"model (weights {fusion.expression_weight:g} and {fusion.reasoner_weight:g}), which gives {top} "
                 f"{p_expr[top]:.2f} and {own} {p_expr.get(own, 0.0):.2f}, the answer is {top}.")
-    if reasoner_rationale.strip():
-        parts.append(f"{who[0].upper() + who[1:]} said: \"{reasoner_rationale.strip()}\"")
+    said = reasoner_rationale.strip()
+    if said and p_reasoner is not None:  # a rejected answer's words are not quoted as if they stood
+        own = max(p_reasoner, key=p_reasoner.__getitem__)
+        named = labels_named(said, labels)
+        if named and own not in named:
+            # the model's words argue for another label than its own numbers: quoting them would give the
+            # record two answers
+            parts.append(f"{who[0].upper() + who[1:]}'s own rationale argued for {_join(named)}, not for its "
+                         f"answer ({own}), and is left out.")
+        else:
+            parts.append(f"{who[0].upper() + who[1:]} said: \"{said}\"")
     return " ".join(parts)
+
+
+# the word forms by which a rationale names the FER+ labels (any other label: its own name)
+LABEL_WORDS: dict[str, tuple[str, ...]] = {
+    "neutral": ("neutral",), "happiness": ("happiness", "happy", "joy", "joyful"),
+    "surprise": ("surprise", "surprised"), "sadness": ("sadness", "sad"),
+    "anger": ("anger", "angry", "furious", "rage"), "disgust": ("disgust", "disgusted"),
+    "fear": ("fear", "afraid", "fearful", "scared", "frightened"), "contempt": ("contempt", "contemptuous"),
+}
+
+
+def labels_named(text: str, labels: list[str]) -> list[str]:
+    """The labels that ``text`` names (whole words, any case; the FER+ labels also by the adjectives in
+    :data:`LABEL_WORDS`), ignoring those it negates right before ("not angry", "no fear")."""
+    out = []
+    for lab in labels:
+        words = LABEL_WORDS.get(lab, (lab,))
+        pattern = r"\b(?<!not )(?<!no )(?<!n't )(" + "|".join(re.escape(w) for w in words) + r")\b"
+        if re.search(pattern, text, re.I):
+            out.append(lab)
+    return out

@@ -276,7 +276,8 @@ class Pipeline:
                 # the measured evidence and the expression model's emotion still stand
                 err, dist = "reasoner failed (invalid-answer): its distribution has NaN, infinite or negative " \
                     "values", None
-            cues = ground_cues(a.cues, ev) if a else []
+            # a rejected answer's cues do not stand either (they would ground the rationale)
+            cues = ground_cues(a.cues, ev) if a and dist is not None else []
             if dist is not None:
                 dist = downweight_contradicted(dist, cues, self.config.fusion.contradicted_penalty)
             # with no reasoner distribution the emotion is the expression model's, and `error` says so

@@ -463,3 +463,25 @@ def test_provenance_names_the_template_as_edited_between_runs(server, astronaut,
 
     assert first != second and second == template_id(str(tpl))
     assert server.requests[-1]["body"]["messages"][0]["content"][-1]["text"].startswith("Second")
+
+
+def test_a_model_rationale_that_argues_for_another_label_is_not_quoted(server, astronaut):
+    server.mode = "answer"
+    server.answer = json.dumps({"faces": [{"index": 1, "distribution": {"happiness": 0.9, "neutral": 0.1},
+                                           "cues": [], "rationale": "Clearly furious; the answer is anger."}]})
+    f = _pipe(server).analyze(astronaut).faces[0]
+    assert f.error is None and "furious" not in f.rationale
+    assert "rationale argued for anger, not for its answer (happiness), and is left out" in f.rationale
+    server.answer = server.answer.replace("Clearly furious; the answer is anger.", "A broad, happy smile.")
+    assert 'The model said: "A broad, happy smile."' in _pipe(server).analyze(astronaut).faces[0].rationale
+
+
+def test_a_rejected_answer_is_neither_quoted_nor_cited(server, astronaut):
+    server.mode = "answer"
+    server.answer = json.dumps({"faces": [{"index": 1, "distribution": {"joy": 1.0},
+                                           "cues": [{"cue": "big grin", "source": "face", "au": "AU12",
+                                                     "supports": "happiness", "weight": 0.9}],
+                                           "rationale": "A big grin."}]})
+    f = _pipe(server, retries=0).analyze(astronaut).faces[0]
+    assert f.error.startswith("reasoner failed (invalid-answer)") and "big grin" not in f.rationale.lower()
+    assert f.cues == [] and "gave no answer" in f.rationale

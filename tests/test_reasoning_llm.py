@@ -233,3 +233,19 @@ def test_a_generation_failure_in_a_batch_costs_only_its_image(llm_pipeline, astr
     recs = [r.to_dict() for r in llm_pipeline.analyze_many([astronaut] * 3, ["ok", "poison", "ok"], batch_size=3)]
     assert [("error" in r["faces"][0]) for r in recs] == [False, True, False]
     assert recs[1]["faces"][0]["error"].startswith("reasoner failed (model-error): ValueError")
+
+
+def test_a_model_whose_image_token_is_not_in_its_vocabulary_fails_at_load(tiny_llava, tmp_path):
+    import shutil
+
+    from cem.reasoning.llm import ModelUnavailableError
+    from cem.reasoning.transformers_backend import load_model
+
+    folder = tmp_path / "noimgtok"
+    shutil.copytree(tiny_llava, folder)
+    for name in ("processor_config.json", "tokenizer_config.json"):  # the processor reads it from either
+        cfg = json.loads((folder / name).read_text())
+        cfg["image_token"] = "<img_not_in_vocab>"
+        (folder / name).write_text(json.dumps(cfg))
+    with pytest.raises(ModelUnavailableError, match="'<img_not_in_vocab>' .* is not the token the model takes"):
+        load_model(str(folder), {"local_files_only": True}, None)

@@ -153,13 +153,30 @@ def load_model(model_id: str, opts: dict[str, Any], device: str | None) -> tuple
         processor = load_processor(model_id, family, **common)
         model = AutoModelForImageTextToText.from_pretrained(model_id, **kwargs).eval()
     except (OSError, ValueError) as e:  # ValueError: a malformed repo id
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if Path(model_id).is_dir():  # a local folder: nothing to download, something in it is missing or broken
+            raise ModelUnavailableError(
+                f"model folder {model_id!r} cannot be loaded ({first}). It needs what save_pretrained writes for "
+                "a vision-language model: config.json, the weights, the tokenizer and the image processor "
+                "(processor.save_pretrained). To run without a model: --reasoner rules.") from None
         raise ModelUnavailableError(
-            f"model {model_id!r} is not available here ({str(e).splitlines()[0]}). Download it once with "
+            f"model {model_id!r} is not available here ({first}). Download it once with "
             f"`hf download {model_id}` (or point --model at a local folder); offline runs need it in the "
             "Hugging Face cache, with HF_HUB_OFFLINE=1. To run without a model: --reasoner rules."
         ) from None
     if getattr(processor, "chat_template", None) is None:
         raise ModelUnavailableError(f"{model_id}: the processor has no chat template; cem needs one")
+    image_token = getattr(processor, "image_token", None)
+    if isinstance(image_token, str):
+        token_id = processor.tokenizer.convert_tokens_to_ids(image_token)
+        model_id_of_image = next((v for v in (getattr(model.config, k, None) for k in ("image_token_id",
+                                  "image_token_index")) if isinstance(v, int)), None)
+        if token_id in (None, processor.tokenizer.unk_token_id) or (
+                model_id_of_image is not None and token_id != model_id_of_image):
+            raise ModelUnavailableError(
+                f"{model_id}: the processor's image token {image_token!r} (token id {token_id}) is not the token "
+                f"the model takes images at (id {model_id_of_image}), so no image can reach the model; the "
+                "processor and the model do not belong together")
     apply_image_settings(processor, family, {"max_pixels": opts.get("max_pixels"),
                                              "image_splitting": opts.get("image_splitting")})
     tok = processor.tokenizer
