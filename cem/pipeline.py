@@ -456,8 +456,11 @@ class Pipeline:
             yield vf
 
     def close(self) -> None:
+        """Release the FER stage's detectors and mesher. Closing twice is harmless, and a closed pipeline
+        that is used again (or an ``analyze_many`` iterator read after ``close``) loads them anew."""
         if self._fer is not None:
             self._fer.close()
+            self._fer = None
 
     def __enter__(self) -> Pipeline:
         return self

@@ -175,3 +175,12 @@ def test_a_reasoner_exception_on_one_image_leaves_the_others_answered(pipeline, 
     assert [("error" in r["faces"][0]) for r in recs] == [False, True, False]
     assert recs[1]["faces"][0]["error"].startswith("reasoner failed (model-error): KeyError")
     assert recs[1]["faces"][0]["expression"]  # its own measurements are kept
+
+
+def test_a_closed_pipeline_used_again_loads_its_stage_anew(astronaut):
+    p = cem.Pipeline.from_config("default")
+    lazy = p.analyze_many([astronaut])  # an iterator: read after close, as a notebook might
+    p.close()
+    p.close()
+    assert len(next(iter(lazy)).faces) == 1 and len(p.analyze(astronaut).faces) == 1
+    p.close()

@@ -178,6 +178,11 @@ MTCNN_MIN_SCORE = 0.85
 # confirmation the lower thresholds had 11-17 false positives per 40 scenes (patterned background, blurred
 # bystanders and badly sized boxes, which MTCNN scores up to 0.99 and on which a face mesh still fits).
 CONFIRM_CONTEXT = 2.5
+# where MediaPipe finds no face in that crop, it looks once more in a wider one (4 box sides: a face cut by
+# the frame or blurred keeps more of its surroundings, and MediaPipe sees it smaller): on the five seeds this
+# found 0-1 % more faces per seed with the same false positives; a tighter second crop (1.7) found more but
+# also more false positives (docs/action-units.md)
+CONFIRM_CONTEXT_RETRY = 4.0
 CONFIRM_IOU = 0.5
 CONFIRM_MIN_SCORE = 0.5  # MediaPipe's score on the crop (its detectors report from faces.min_score)
 CONFIRM_SIDE = 256  # the crop is downscaled to this first (the detectors see 128 or 192 px)
@@ -293,12 +298,20 @@ class FaceDetector:
 
     def _confirmed(self, rgb: np.ndarray, det: Detection) -> Detection | None:
         """``det`` (an MTCNN face) as MediaPipe sees it in a square crop of ``CONFIRM_CONTEXT`` box sides around
-        it, where the face is large enough for its detectors: MTCNN's score and source with the box and
-        keypoints of the MediaPipe face that overlaps it most (the framing the rest of the stage was measured
-        with); None when MediaPipe finds no face there. The crop is zero-filled past the image edge, as
-        MTCNN's are."""
+        it, where the face is large enough for its detectors, or else in one of ``CONFIRM_CONTEXT_RETRY``: MTCNN's
+        score and source with the box and keypoints of the MediaPipe face that overlaps it most (the framing
+        the rest of the stage was measured with); None when MediaPipe finds no face there. The crops are
+        zero-filled past the image edge, as MTCNN's are."""
+        for context in (CONFIRM_CONTEXT, CONFIRM_CONTEXT_RETRY):
+            found = self._confirmed_in(rgb, det, context)
+            if found is not None:
+                return found
+        return None
+
+    def _confirmed_in(self, rgb: np.ndarray, det: Detection, context: float) -> Detection | None:
+        """:meth:`_confirmed` with a crop of ``context`` box sides."""
         x, y, w, h = det.bbox
-        side = max(1, int(round(CONFIRM_CONTEXT * max(w, h))))
+        side = max(1, int(round(context * max(w, h))))
         x0, y0 = int(round(x + w / 2 - side / 2)), int(round(y + h / 2 - side / 2))
         ih, iw = rgb.shape[:2]
         sx0, sy0, sx1, sy1 = max(0, x0), max(0, y0), min(iw, x0 + side), min(ih, y0 + side)
