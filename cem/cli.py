@@ -17,6 +17,15 @@ if TYPE_CHECKING:
     from cem.io import ContextTable
 
 
+def _say(message: str) -> None:
+    """A note on stderr, best effort: a closed stderr or a reader that went away (``| head``) must not stop
+    a run whose records are being written."""
+    try:
+        click.echo(message, err=True)
+    except (OSError, ValueError):
+        pass
+
+
 def _fail(message: str) -> NoReturn:
     click.echo(f"cem: error: {message}", err=True)
     sys.exit(2)
@@ -106,6 +115,8 @@ def _annotate_ray(config, inputs: tuple[str, ...], output: Path, contexts: Conte
 @click.option("--context-file", type=click.Path(dir_okay=False), default=None,
               help="CSV with columns image,context.")
 @click.option("--resume", is_flag=True, help="Skip inputs already in OUTPUT and append the rest.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it already holds records (without it, or "
+              "--resume, such a run is refused).")
 @click.option("--retry-errors", is_flag=True,
               help="With --resume: do again the inputs whose record in OUTPUT is an error (a timeout, a missing or "
                    "unreadable file), replacing those error records.")
@@ -128,8 +139,8 @@ def _annotate_ray(config, inputs: tuple[str, ...], output: Path, contexts: Conte
 @_ray_options
 def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: str | None, model: str | None,
              base_url: str | None, faces: str | None, context: str | None, context_file: str | None, resume: bool,
-             retry_errors: bool, csv_path: Path | None, workers: int, landmarks: bool, image_timeout_s: float | None,
-             frames_path: Path | None,
+             overwrite: bool, retry_errors: bool, csv_path: Path | None, workers: int, landmarks: bool,
+             image_timeout_s: float | None, frames_path: Path | None,
              every: int | None, fps: float | None, limit: int | None, dry_run: bool, no_progress: bool,
              **engine: object) -> None:
     """Annotate images into OUTPUT, one JSON record per image.
@@ -170,7 +181,7 @@ def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: 
         summary = run(config, inputs, output, resume=resume, workers=workers, csv=csv_path, context=context,
                       context_file=context_file, landmarks=landmarks, progress=not no_progress, limit=limit,
                       dry_run=dry_run, frames=frames_path, every=every, fps=fps, image_timeout_s=image_timeout_s,
-                      retry_errors=retry_errors, echo=lambda s: click.echo(s, err=True))
+                      retry_errors=retry_errors, overwrite=overwrite, echo=_say)
     except RunError as e:
         _fail(safe_text(str(e)))
     except (ValueError, OSError) as e:  # context file unreadable (the local runner reports its own)
@@ -185,7 +196,7 @@ def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: 
         click.echo(f"{len(summary.planned)} inputs to process ({summary.skipped} already done)", err=True)
         return
     for line in summary.lines():
-        click.echo(safe_text(line), err=True)
+        _say(safe_text(line))
     sys.exit(summary.exit_code)
 
 

@@ -151,6 +151,36 @@ def preflight(config: Config) -> bool:
     return True
 
 
+
+class BestEffortStream:
+    """stderr for progress bars and notes, written on a best-effort basis: when stderr is closed or its
+    reader has gone (``2>&1 | head``, a quit pager, a killed ``tee``), writing stops quietly and the run
+    goes on; the records are what matters."""
+
+    def __init__(self) -> None:
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                sys.stderr.write(text)
+            except (OSError, ValueError, AttributeError):  # closed, broken pipe, or no stderr at all
+                self.broken = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                sys.stderr.flush()
+            except (OSError, ValueError, AttributeError):
+                self.broken = True
+
+    def isatty(self) -> bool:
+        try:
+            return not self.broken and sys.stderr.isatty()
+        except (OSError, ValueError, AttributeError):
+            return False
+
 class Runner:
     """One run's state; :func:`annotate` is the entry point."""
 
@@ -298,7 +328,7 @@ class Runner:
         if self.progress and len(items) > PROGRESS_MIN_IMAGES:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(items), unit="img", file=sys.stderr, dynamic_ncols=True)
+            bar = tqdm(total=len(items), unit="img", file=BestEffortStream(), dynamic_ncols=True)
         size = pipe.batch_size
         chunk: list[tuple[InputItem, Any]] = []
 
@@ -384,7 +414,7 @@ class Runner:
         if self.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=frame_count(it.path), unit="frame", file=sys.stderr, dynamic_ncols=True,
+            bar = tqdm(total=frame_count(it.path), unit="frame", file=BestEffortStream(), dynamic_ncols=True,
                        desc=Path(shown).name)
         summary.videos += 1
         stats = DecodeStats()
@@ -465,7 +495,7 @@ def annotate(pipeline_or_config: Any, inputs: str | os.PathLike | Iterable[str |
              faces: str | None = None, limit: int | None = None, dry_run: bool = False,
              frames: str | os.PathLike | None = None, every: int | None = None, fps: float | None = None,
              engine: str = "local", image_timeout_s: float | None = None, retry_errors: bool = False,
-             echo: Callable[[str], None] | None = None) -> RunSummary:
+             overwrite: bool = False, echo: Callable[[str], None] | None = None) -> RunSummary:
     """Annotate ``inputs`` into the JSONL file ``out``; returns a :class:`RunSummary` (its ``exit_code``
     is 0 or 3). Raises :class:`RunError` (exit status 2) before writing anything when the inputs, the
     configuration or the output cannot be used.
@@ -476,6 +506,7 @@ def annotate(pipeline_or_config: Any, inputs: str | os.PathLike | Iterable[str |
     extra columns -> ``meta``).
     ``contexts``/``context_file``: contexts by image path or file name; ``context``: for every other image.
     ``resume``: skip inputs already in ``out`` (by image, context and manifest columns), append the rest;
+    ``overwrite``: replace an ``out`` that holds records (without it, or ``resume``, such a run is refused);
     ``retry_errors`` (with ``resume``): the inputs of this run whose record in ``out`` is an error (a timeout, a
     file that was missing or unreadable, a worker that crashed) are done again, and those error records removed.
     ``workers``: FER processes (each with ``cores // workers`` torch threads); reasoning stays in this process, batched.
@@ -495,6 +526,8 @@ def annotate(pipeline_or_config: Any, inputs: str | os.PathLike | Iterable[str |
     else:
         config, pipeline = pipeline_or_config.config, pipeline_or_config
     out = Path(out)
+    if resume and overwrite:
+        raise RunError("--resume continues OUTPUT and --overwrite replaces it: give one of them")
     if retry_errors and not resume:
         raise RunError("--retry-errors applies to --resume (a new run does every input anyway): add --resume")
     for flag, other in (("--csv", csv), ("--frames", frames)):
@@ -513,7 +546,7 @@ def annotate(pipeline_or_config: Any, inputs: str | os.PathLike | Iterable[str |
     try:
         return _run(runner, inputs, out, resume=resume, csv=csv, contexts=contexts, context=context,
                     context_file=context_file, limit=limit, dry_run=dry_run, frames=frames, every=every, fps=fps,
-                    retry_errors=retry_errors)
+                    retry_errors=retry_errors, overwrite=overwrite)
     finally:
         runner.close()
 
@@ -541,7 +574,7 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
          csv: str | os.PathLike | None, contexts: Mapping[str, str] | None, context: str | None,
          context_file: str | os.PathLike | None, limit: int | None, dry_run: bool,
          frames: str | os.PathLike | None, every: int | None, fps: float | None,
-         retry_errors: bool = False) -> RunSummary:
+         retry_errors: bool = False, overwrite: bool = False) -> RunSummary:
     from cem.video import check_sampling, is_video
 
     config, workers = runner.config, runner.workers
@@ -592,7 +625,7 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
         except VideoError as e:
             raise RunError(f"--frames {frames}: {e}") from None
     try:
-        sink = JsonlSink(out, resume=resume, retry=retry)
+        sink = JsonlSink(out, resume=resume, retry=retry, overwrite=overwrite)
     except OutputError as e:
         raise RunError(str(e)) from None
     summary.retried = sink.existing.retried
@@ -601,8 +634,8 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
                     f"{safe_text(os.fspath(out))} and their inputs done again (a run stopped before the end leaves "
                     f"those not yet done without a record: --resume again)")
     if not resume and out.is_file() and out.stat().st_size > 0:
-        runner.echo(f"cem: note: {safe_text(os.fspath(out))} exists and is replaced by this run (--resume continues "
-                    f"it instead)")
+        runner.echo(f"cem: note: {safe_text(os.fspath(out))} held an earlier run's records and is replaced "
+                    f"(--overwrite)")
     try:
         runner.build(need_fer=workers == 1 or bool(videos))
         if sink.existing.made_with:

@@ -19,8 +19,11 @@ Decisions (documented here because every writer and reader of cem output relies 
   a half-written last line) are moved to ``OUT.rejected`` beside the output (appended, never overwritten)
   and reported; the other records stay, in order. Records are keyed by (image, context, manifest columns under
   ``meta``), so two manifest rows for one image with different contexts (or subjects) are two records.
-- **One writer.** ``OUT.lock`` beside the output is held with an exclusive ``flock`` for the whole run; a
-  second run on the same output is refused at once with a message naming the output (exit status 2).
+- **One writer.** ``OUT.lock`` beside the output (its real path, symlinks resolved) is held with an exclusive
+  ``flock`` for the whole run; a second run on the same output is refused at once with a message naming the
+  output (exit status 2). (Two *hard* links to one file are two names the lock cannot tell apart.)
+- **Nothing replaced by accident.** An output that already holds records is continued with ``resume`` or
+  replaced with ``overwrite``; without either the run is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -328,11 +331,12 @@ def scan(path: Path, retry: Container[RecordKey] = frozenset()) -> tuple[Existin
 class JsonlSink:
     """The JSONL output of a run: locked, repaired on resume, one flushed line per record."""
 
-    def __init__(self, path: str | os.PathLike, resume: bool = False, retry: Container[RecordKey] = frozenset()
-                 ) -> None:
+    def __init__(self, path: str | os.PathLike, resume: bool = False, retry: Container[RecordKey] = frozenset(),
+                 overwrite: bool = False) -> None:
         """Check the place and take the lock (nothing is written yet: see :meth:`open`); with ``resume``,
         read what the output already holds (``existing``), less the error records of the inputs in ``retry``,
-        which :meth:`open` removes from the file."""
+        which :meth:`open` removes from the file. An output that already holds something is replaced only
+        with ``overwrite`` (a forgotten ``--resume`` must not empty a finished run's file)."""
         self.path = Path(path)
         self.resume = resume
         self._fh: IO[bytes] | None = None
@@ -340,11 +344,15 @@ class JsonlSink:
             raise OutputError(f"{self.path}: is a folder; give a file name for the output")
         if self.path.exists() and not self.path.is_file():  # a FIFO or device would block or not resume
             raise OutputError(f"{self.path}: not a regular file; give a file name for the output")
+        if not resume and not overwrite and self.path.is_file() and self.path.stat().st_size > 0:
+            raise OutputError(f"{self.path} already holds the records of an earlier run; --resume continues it "
+                              f"(skips what is done), --overwrite replaces it, or write to another file")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OutputError(f"{self.path}: cannot create its folder {self.path.parent} ({os_reason(e)})") from None
-        self.lock = OutputLock(self.path)
+        # locked by its real path: a second run writing through a symlink to the same file is refused too
+        self.lock = OutputLock(self.path.resolve())
         self.existing = ExistingOutput()
         self._good: list[bytes] = []
         self.written = 0

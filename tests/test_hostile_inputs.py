@@ -1025,8 +1025,13 @@ def test_table_paths_are_checked_before_the_run_and_replacing_an_output_is_said(
     notes: list[str] = []
     _run(pipeline, [face_png], out, csv=tmp_path / "new" / "t.csv")
     assert (tmp_path / "new" / "t.csv").is_file() and len(_strict_records(out)) == 1
-    summary = annotate(pipeline, [face_png], out, progress=False, echo=notes.append)
-    assert summary.images == 1 and any("exists and is replaced by this run" in n for n in notes)
+    with pytest.raises(RunError, match="already holds the records of an earlier run; --resume continues it"):
+        annotate(pipeline, [face_png], out, progress=False, echo=notes.append)  # a forgotten --resume
+    assert len(_strict_records(out)) == 1  # nothing emptied
+    summary = annotate(pipeline, [face_png], out, progress=False, echo=notes.append, overwrite=True)
+    assert summary.images == 1 and any("is replaced (--overwrite)" in n for n in notes)
+    with pytest.raises(RunError, match="give one of them"):
+        annotate(pipeline, [face_png], out, progress=False, resume=True, overwrite=True)
     with pytest.raises(ConfigError, match="the rules reasoner uses no model"):
         Config.load("default", model="llava-hf/llava-1.5-7b-hf")
 
@@ -1266,3 +1271,31 @@ def test_workers_from_a_script_without_a_main_guard_say_what_to_do(face_png, tmp
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode != 0
     assert "a worker could not start" in r.stderr and "if __name__ == \"__main__\":" in r.stderr, r.stderr[-2000:]
+
+
+def test_a_second_run_through_a_symlink_to_the_output_is_refused(tmp_path):
+    from cem.sinks import JsonlSink, OutputError
+
+    out = tmp_path / "o.jsonl"
+    (tmp_path / "link.jsonl").symlink_to(out)
+    with JsonlSink(out):
+        with pytest.raises(OutputError, match="being written by another cem run"):
+            JsonlSink(tmp_path / "link.jsonl", overwrite=True)
+
+
+def test_a_closed_or_broken_stderr_does_not_stop_a_run(face_png, tmp_path):
+    """Progress bars and notes go to stderr best effort: `2>&-` or a reader that went away (`| head`) must not
+    cost the records."""
+    import shutil
+    import subprocess
+    import sys
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(7):  # more than PROGRESS_MIN_IMAGES: the progress bar is drawn
+        shutil.copy(face_png, folder / f"f{i}.png")
+    out = tmp_path / "o.jsonl"
+    r = subprocess.run([sys.executable, "-m", "cem.cli", "annotate", str(folder), "-o", str(out)],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300,
+                       preexec_fn=lambda: os.close(2))
+    assert r.returncode == 0 and len(_strict_records(out)) == 7
