@@ -27,6 +27,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -297,6 +298,9 @@ def train_expression(
 
     ckpt_path = out / "checkpoint.pt"
     start_epoch, history = 0, []
+    check_resumable(out, cfg)
+    if not ckpt_path.exists():  # what a resumed run must match (check_resumable)
+        (out / "train_settings.json").write_text(json.dumps(_settings(cfg), indent=1))
     if ckpt_path.exists():
         # tensors and plain containers only: a checkpoint is never a way to run code
         ckpt = torch.load(ckpt_path, weights_only=True, map_location=device)
@@ -446,12 +450,63 @@ def main(argv: list[str] | None = None) -> int:
                           max_steps=a.max_steps, lr=a.lr, device=a.device, augment=a.augment,
                           class_balance=a.class_balance, teachers=tuple(a.teacher),
                           distill_weight=a.distill_weight, mixup=a.mixup, bf16=not a.no_bf16)
+        check_device(cfg.device)
+        for t in cfg.teachers:
+            missing = [n for n in ("config.json", "model.safetensors") if not (Path(t) / n).is_file()]
+            if missing:
+                raise ValueError(f"--teacher {t}: not a trained model folder (no {' or '.join(missing)})")
+        check_resumable(Path(a.out), cfg)
         train, valid = load_ferplus("train", a.data_dir), load_ferplus("valid", a.data_dir)
     except (FileNotFoundError, ValueError) as e:
         print(f"cem train-expression: {e}", file=sys.stderr)
         return 2
     train_expression(train, valid, a.out, cfg)
     return 0
+
+
+def check_device(device: str) -> None:
+    """A ValueError unless torch can train on ``device`` here (a CUDA device on a CPU build of torch, a
+    misspelt name), rather than a linker message or a silent run on the CPU."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device}: not a device torch knows ({str(e).splitlines()[0]})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: torch sees no CUDA device here (torch {torch.__version__}"
+                             f"{', a CPU build' if torch.version.cuda is None else ''}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: torch sees no MPS device here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {device}: cem trains on cpu, cuda or mps")
+
+
+# the settings a checkpoint must share with the run that resumes it (device and threads may change)
+RESUME_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "width", "dropout", "seed", "augment",
+                   "class_balance", "teachers", "distill_weight", "mixup")
+
+
+def _settings(cfg: TrainConfig) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()
+            if k in RESUME_SETTINGS}
+
+
+def check_resumable(out: Path, cfg: TrainConfig) -> None:
+    """A ValueError when ``out`` holds the checkpoint of a run with other settings: resuming it would
+    continue that run under the new name, or fail on a shape mismatch deep in torch."""
+    ckpt, saved = out / "checkpoint.pt", out / "train_settings.json"
+    if not ckpt.exists() or not saved.is_file():
+        return
+    before = json.loads(saved.read_text())
+    now = _settings(cfg)
+    differ = [f"{k} {before.get(k)!r} -> {now[k]!r}" for k in RESUME_SETTINGS if before.get(k) != now[k]]
+    if differ:
+        raise ValueError(f"--out {out} holds the checkpoint of a run with other settings ({'; '.join(differ)}); "
+                         f"give the same settings to resume it, or another --out to start a new run")
 
 
 if __name__ == "__main__":

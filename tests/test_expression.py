@@ -93,6 +93,12 @@ def test_training_command_runs_one_tiny_step(tmp_path):
     assert out["temperature"] > 0 and len(out["history"]) == 1
     m = ExpressionModel.from_pretrained(tmp_path)
     assert m.predict(data.pixels[:2]).shape == (2, 8)
+    # the checkpoint resumes only the run it belongs to: other settings are refused, not continued or crashed on
+    from cem.training import check_resumable
+
+    with pytest.raises(ValueError, match="other settings \\(width 4 -> 8\\)"):
+        check_resumable(tmp_path, TrainConfig(epochs=1, batch_size=8, width=8, max_steps=1, threads=1, bf16=False))
+    check_resumable(tmp_path, TrainConfig(epochs=1, batch_size=8, width=4, max_steps=1, threads=2, bf16=False))
 
 
 @pytest.mark.parametrize("args, words", [
@@ -102,6 +108,10 @@ def test_training_command_runs_one_tiny_step(tmp_path):
     (["--lr", "nan"], "--lr must be a number > 0"),
     (["--mixup", "1.5"], "--mixup must be a number >= 0 and <= 1"),
     (["--max-steps", "0"], "--max-steps must be a whole number >= 1"),
+    (["--device", "cuda:99"] if __import__("torch").cuda.is_available() else ["--device", "cuda"],
+     "--device cuda"),
+    (["--device", "tpu"], "--device tpu"),
+    (["--teacher", "/nonexistent/teacher"], "--teacher /nonexistent/teacher: not a trained model folder"),
 ])
 def test_training_options_out_of_range_exit_2_before_anything_is_written(tmp_path, capsys, args, words):
     """``--epochs -1`` trained nothing and still wrote a model (exit 0); every number is checked first."""
