@@ -597,6 +597,10 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
     if frames is not None and not videos:
         raise RunError("--frames applies to video inputs, and none was given (videos in folders are not searched "
                        "for: name them)")
+    cores = os.cpu_count() or 1
+    if workers > cores and not dry_run:
+        runner.echo(f"cem: note: --workers {workers} on {cores} CPU core(s): each worker holds its own models (a few "
+                    f"hundred MB) and they share the cores, so more workers than cores is slower, not faster")
     if (every is not None or fps is not None) and not videos:
         raise RunError(f"{'--every' if every is not None else '--fps'} applies to video inputs, and none was given")
     try:
@@ -663,6 +667,14 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
                 runner.echo(f"cem: note: {again} input(s) have records in {safe_text(os.fspath(out))} with other "
                             f"manifest columns (meta); the input is keyed by its image, context and columns, so "
                             f"they are annotated again and both records kept")
+            done_images = {k[0] for k in sink.existing.keys}
+            other_context = sum(1 for it in todo if input_key(it.path, it.context)[:2] not in done_without_meta
+                                and input_key(it.path, it.context)[0] in done_images)
+            if other_context:
+                runner.echo(f"cem: note: {other_context} input(s) have records in {safe_text(os.fspath(out))} "
+                            f"under another context; the input is keyed by its image and context, so they are "
+                            f"annotated again and both records kept (for a new context alone, write another "
+                            f"output)")
         if limit is not None:
             todo = todo[:limit]
         uses_context = getattr(runner.pipeline.reasoner, "uses_context", config.reasoner.backend != "rules")

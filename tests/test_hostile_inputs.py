@@ -1299,3 +1299,12 @@ def test_a_closed_or_broken_stderr_does_not_stop_a_run(face_png, tmp_path):
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300,
                        preexec_fn=lambda: os.close(2))
     assert r.returncode == 0 and len(_strict_records(out)) == 7
+
+
+def test_resuming_with_a_new_context_says_that_the_images_are_done_again(pipeline, face_png, tmp_path):
+    out = tmp_path / "o.jsonl"
+    annotate(pipeline, [face_png], out, progress=False, context="at a party")
+    notes: list[str] = []
+    annotate(pipeline, [face_png], out, progress=False, context="at a funeral", resume=True, echo=notes.append)
+    assert [r["context"] for r in _strict_records(out)] == ["at a party", "at a funeral"]
+    assert any("1 input(s) have records in" in n and "under another context" in n for n in notes), notes
