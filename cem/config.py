@@ -422,10 +422,14 @@ class Config:
             same = [k for k in known if k.lower() == stem.lower()]
             if len(same) == 1:
                 return shipped / f"{same[0]}.yaml"
-        hint = _closest(Path(stem).name.lower(), known)
+        short = Path(stem).name.lower()
+        # a model family typed as a name ("qwen", "llava"): the shipped configs that start with it
+        starting = [k for k in known if short and k.startswith(short)]
+        hint = " or ".join(repr(k) for k in starting) if starting else (
+            repr(h) if (h := _closest(short, known)) else None)
         where = "no such file" if ("/" in text or "\\" in text) else "not a shipped config name nor a YAML file"
         raise ConfigError(f"config {text!r} not found: {where}"
-                          + (f"; did you mean {hint!r}?" if hint else "") + f" (shipped: {', '.join(known)})")
+                          + (f"; did you mean {hint}?" if hint else "") + f" (shipped: {', '.join(known)})")
 
     @classmethod
     def load(cls, name_or_path: str | Path = "default", **overrides: Any) -> Config:

@@ -247,3 +247,24 @@ def test_a_template_syntax_error_is_a_configuration_error_with_its_line(tmp_path
                         "--config", str(_openai_config(tmp_path, tpl))],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "broken.j2, line 2: unexpected '}'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_an_exemplar_label_outside_the_labels_is_refused(tmp_path):
+    from cem.config import Config
+    from cem.reasoning.llm import exemplars_from
+
+    path = tmp_path / "fs.yaml"
+    options = {"exemplars": [{"image": "a.jpg", "label": "joy"}]}
+    path.write_text(json.dumps({"name": "fs", "reasoner": {"backend": "openai", "model": "m", "template": "few_shot",
+                                                           "options": options}}))
+    with pytest.raises(ValueError, match="label 'joy' of a.jpg is not among the labels"):
+        exemplars_from(Config.load(str(path)))
+
+
+@pytest.mark.parametrize("typed, hint", [("qwen", "'qwen2.5-vl-7b'"),
+                                         ("llava", "'llava-1.5-7b-4bit' or 'llava-onevision")])
+def test_a_model_family_typed_as_a_config_name_gets_the_shipped_configs(typed, hint):
+    from cem.config import Config, ConfigError
+
+    with pytest.raises(ConfigError, match=f"did you mean {hint}"):
+        Config.load(typed)

@@ -43,6 +43,9 @@ def exemplars_from(config: Config) -> list[Exemplar]:
     for e in options(config).get("exemplars") or []:
         if not isinstance(e, dict) or "image" not in e or "label" not in e:
             raise ValueError("reasoner.options.exemplars: each item needs 'image' and 'label'")
+        if str(e["label"]) not in config.labels:  # the model would learn to answer a label cem then rejects
+            raise ValueError(f"reasoner.options.exemplars: label {str(e['label'])!r} of {e['image']} is not among "
+                             f"the labels {list(config.labels)}")
         out.append(Exemplar(image=load_image(e["image"]), label=str(e["label"]), note=str(e.get("note", ""))))
     return out
 
