@@ -282,10 +282,19 @@ def _is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _walk(folder: str) -> list[InputItem]:
+# photos in formats cem does not read (Pillow has no decoder for them without plug-ins): a folder walk says
+# how many it passed over instead of passing them over silently
+UNREAD_PHOTO_EXTENSIONS = frozenset({".heic", ".heif", ".avif", ".jxl", ".cr2", ".cr3", ".nef", ".arw", ".dng",
+                                     ".raw", ".orf", ".rw2", ".psd", ".svg"})
+
+
+def _walk(folder: str, passed_over: dict[str, int] | None = None) -> list[InputItem]:
     """Image files under ``folder`` (recursive; symbolic links to folders are not followed, so no loop),
     sorted. A folder that cannot be listed, and anything with an image name that is a folder, become
-    items carrying that error, so that they get a record instead of vanishing."""
+    items carrying that error, so that they get a record instead of vanishing. ``passed_over`` counts, by
+    extension, the videos and unreadable photo formats that were left out."""
+    from cem.video import VIDEO_EXTENSIONS
+
     out: list[InputItem] = []
     stack = [folder]
     while stack:
@@ -308,8 +317,30 @@ def _walk(folder: str) -> list[InputItem]:
                     out.append(InputItem(entry.path, error=f"{entry.path}: is a folder, not an image"))
             elif image_name:  # regular files, links (even looping ones) and special files: loading judges them
                 out.append(InputItem(entry.path))
+            elif passed_over is not None:
+                ext = os.path.splitext(entry.name)[1].lower()
+                if ext in VIDEO_EXTENSIONS or ext in UNREAD_PHOTO_EXTENSIONS:
+                    passed_over[ext] = passed_over.get(ext, 0) + 1
     out.sort(key=lambda it: Path(it.path).parts)
     return out
+
+
+def _passed_over_text(counts: dict[str, int]) -> str:
+    from cem.video import VIDEO_EXTENSIONS
+
+    def listed(exts: list[str]) -> str:
+        return ", ".join(f"{counts[e]} {e}" for e in sorted(exts))
+
+    parts = []
+    videos = [e for e in counts if e in VIDEO_EXTENSIONS]
+    photos = [e for e in counts if e not in VIDEO_EXTENSIONS]
+    if videos:
+        parts.append(f"left out {listed(videos)} video file(s) (a folder gives its images; name a video as an "
+                     f"input to annotate it)")
+    if photos:
+        parts.append(f"left out {listed(photos)} photo(s) in formats cem does not read (convert them to JPEG or "
+                     f"PNG)")
+    return "; ".join(parts)
 
 
 def _expand_one(s: str, out: list[InputItem], notes: list[str]) -> None:
@@ -318,9 +349,12 @@ def _expand_one(s: str, out: list[InputItem], notes: list[str]) -> None:
         return
     if _lexists(s):
         if _is_dir(s):
-            found = _walk(s)
+            passed_over: dict[str, int] = {}
+            found = _walk(s, passed_over)
             if not found:
                 notes.append(f"{s}: no image files in this folder")
+            if passed_over:
+                notes.append(f"{s}: {_passed_over_text(passed_over)}")
             out.extend(found)
         else:
             out.append(InputItem(s))

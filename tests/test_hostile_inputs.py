@@ -1308,3 +1308,17 @@ def test_resuming_with_a_new_context_says_that_the_images_are_done_again(pipelin
     annotate(pipeline, [face_png], out, progress=False, context="at a funeral", resume=True, echo=notes.append)
     assert [r["context"] for r in _strict_records(out)] == ["at a party", "at a funeral"]
     assert any("1 input(s) have records in" in n and "under another context" in n for n in notes), notes
+
+
+def test_a_folder_says_which_videos_and_unread_photo_formats_it_left_out(face_png, tmp_path):
+    import shutil
+
+    from cem.io import collect_inputs
+
+    shutil.copy(face_png, tmp_path / "face.png")
+    for name in ("a.heic", "b.HEIC", "c.mp4"):
+        (tmp_path / name).write_bytes(b"\0")
+    found = collect_inputs([str(tmp_path)])
+    notes = " ".join(found.notes)
+    assert [Path(it.path).name for it in found.items] == ["face.png"]
+    assert "left out 1 .mp4 video file(s)" in notes and "2 .heic photo(s) in formats cem does not read" in notes
