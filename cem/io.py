@@ -470,6 +470,11 @@ def read_manifest(path: str | os.PathLike) -> list[InputItem]:
         p = img if os.path.isabs(img) else str(base / img)
         context = row.get("context") or None
         problem = f"{where}: {row_problem}" if row_problem else _context_problem(context, where)
+        if not problem and not _lexists(p) and not os.path.isabs(img) and _lexists(img) and base != Path("."):
+            # the most common manifest mistake: paths written relative to where the command runs
+            problem = (f"{where}: file not found; relative paths in a manifest are relative to its folder "
+                       f"({base}), and {img} exists relative to the current folder: write it relative to the "
+                       f"manifest, or as an absolute path")
         items.append(InputItem(p, None if problem else context, extra, error=f"{p}: {problem}" if problem else None,
                                found=_lexists(p), row=where))
     return items

@@ -1322,3 +1322,18 @@ def test_a_folder_says_which_videos_and_unread_photo_formats_it_left_out(face_pn
     notes = " ".join(found.notes)
     assert [Path(it.path).name for it in found.items] == ["face.png"]
     assert "left out 1 .mp4 video file(s)" in notes and "2 .heic photo(s) in formats cem does not read" in notes
+
+
+def test_a_manifest_path_written_relative_to_the_current_folder_gets_a_hint(face_png, tmp_path, monkeypatch):
+    import shutil
+
+    from cem.io import read_manifest
+
+    (tmp_path / "proj" / "photos").mkdir(parents=True)
+    shutil.copy(face_png, tmp_path / "proj" / "photos" / "a.png")
+    manifest = tmp_path / "proj" / "m.csv"
+    manifest.write_text("image\nproj/photos/a.png\nphotos/a.png\n")
+    monkeypatch.chdir(tmp_path)
+    wrong, right = read_manifest("proj/m.csv")
+    assert "relative paths in a manifest are relative to its folder (proj)" in wrong.error
+    assert right.error is None and right.found
