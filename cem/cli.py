@@ -169,6 +169,15 @@ def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: 
         if given:
             _fail(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --engine ray; add --engine ray "
                   f"or leave {'it' if len(given) == 1 else 'them'} out")
+    import signal
+
+    stopped_by: list[int] = []
+
+    def terminated(signum: int, frame: object) -> None:  # kill, systemd stop, logout: as Ctrl-C, said the same way
+        stopped_by.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminated)
     try:
         if engine["engine"] == "ray":
             from cem.io import read_context_csv
@@ -187,9 +196,11 @@ def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: 
     except (ValueError, OSError) as e:  # context file unreadable (the local runner reports its own)
         _fail(safe_text(str(e)))
     except KeyboardInterrupt:
-        click.echo(f"cem: interrupted; every record written to {output} is kept: run again with --resume",
-                   err=True)
-        sys.exit(130)
+        _say(f"cem: {'stopped (SIGTERM)' if stopped_by else 'interrupted'}; every record written to {output} is "
+             f"kept: run again with --resume")
+        sys.exit(143 if stopped_by else 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if dry_run:
         for path in summary.planned:
             click.echo(path)

@@ -64,17 +64,18 @@ def _worker_main(conn: Any, config: Config, threads: int, faces: str | None, kee
     except Exception as e:
         conn.send(("start-error", f"{type(e).__name__}: {e}"))
         return
-    conn.send(("ready", None))
-    while True:
-        try:
+    try:
+        conn.send(("ready", None))
+        while True:
             job = conn.recv()
-        except EOFError:
-            break
-        if job is None:
-            break
-        idx, path = job
-        conn.send(("done", (idx, pipeline.measure(path, faces, keep_pixels=keep_pixels))))
-    pipeline.close()
+            if job is None:
+                break
+            idx, path = job
+            conn.send(("done", (idx, pipeline.measure(path, faces, keep_pixels=keep_pixels))))
+    except (EOFError, OSError):  # the parent has gone (stopped, killed): nothing to report to, nobody to tell
+        pass
+    finally:
+        pipeline.close()
 
 
 @dataclass

@@ -1337,3 +1337,28 @@ def test_a_manifest_path_written_relative_to_the_current_folder_gets_a_hint(face
     wrong, right = read_manifest("proj/m.csv")
     assert "relative paths in a manifest are relative to its folder (proj)" in wrong.error
     assert right.error is None and right.found
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(face_png, tmp_path):
+    """kill / systemd stop: the records so far are kept, the run says to --resume, exit 143, no traceback."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(400):
+        shutil.copy(face_png, folder / f"f{i:03d}.png")
+    out = tmp_path / "o.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "cem.cli", "annotate", str(folder), "-o", str(out),
+                             "--no-progress"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not out.exists() or out.stat().st_size == 0):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    records = _strict_records(out)
+    assert proc.returncode == 143 and "run again with --resume" in err and "Traceback" not in err, err
+    assert 0 < len(records) < 400
