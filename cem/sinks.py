@@ -344,15 +344,16 @@ class JsonlSink:
             raise OutputError(f"{self.path}: is a folder; give a file name for the output")
         if self.path.exists() and not self.path.is_file():  # a FIFO or device would block or not resume
             raise OutputError(f"{self.path}: not a regular file; give a file name for the output")
-        if not resume and not overwrite and self.path.is_file() and self.path.stat().st_size > 0:
-            raise OutputError(f"{self.path} already holds the records of an earlier run; --resume continues it "
-                              f"(skips what is done), --overwrite replaces it, or write to another file")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OutputError(f"{self.path}: cannot create its folder {self.path.parent} ({os_reason(e)})") from None
         # locked by its real path: a second run writing through a symlink to the same file is refused too
         self.lock = OutputLock(self.path.resolve())
+        if not resume and not overwrite and self.path.is_file() and self.path.stat().st_size > 0:
+            self.lock.release()  # checked under the lock: a run writing it now is named as such first
+            raise OutputError(f"{self.path} already holds the records of an earlier run; --resume continues it "
+                              f"(skips what is done), --overwrite replaces it, or write to another file")
         self.existing = ExistingOutput()
         self._good: list[bytes] = []
         self.written = 0
