@@ -421,7 +421,10 @@ def _read_csv_rows(path: str | os.PathLike, required: set[str]) -> Iterator[tupl
             missing = sorted(required - set(header))
             if missing:
                 need = ", ".join(repr(m) for m in sorted(required))
-                raise InputError(f"{path}: needs the column(s) {need}; the header is {header}")
+                joined = ",".join(header)
+                hint = next((f" (it looks separated by {sep!r}: save it comma-separated, as CSV)"
+                             for sep in (";", "\t", "|") if sep in joined), "")
+                raise InputError(f"{path}: needs the column(s) {need}; the header is {header}{hint}")
             for row in reader:
                 if not any(cell.strip() for cell in row):
                     continue
@@ -435,7 +438,8 @@ def _read_csv_rows(path: str | os.PathLike, required: set[str]) -> Iterator[tupl
                                f"leave its cells empty)")
                 yield reader.line_num, {k: cells.get(k, "") for k in header if k}, problem
         except UnicodeDecodeError as e:
-            raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as \"CSV UTF-8\" "
+                             f"(a spreadsheet's default may be Windows-1252 or Latin-1)") from None
         except csv.Error as e:
             raise InputError(f"{path}:{reader.line_num}: {e} (fields are limited to {CSV_FIELD_LIMIT} bytes)") from None
 

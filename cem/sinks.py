@@ -403,8 +403,12 @@ class JsonlSink:
             self.open()
         assert self._fh is not None
         rec = finalize(record)
-        self._fh.write(dumps(rec).encode("utf-8") + b"\n")
-        self._fh.flush()
+        try:
+            self._fh.write(dumps(rec).encode("utf-8") + b"\n")
+            self._fh.flush()
+        except OSError as e:  # a full disk or a lost mount: say which file, and that what is written stays
+            raise OSError(e.errno, f"{self.path}: cannot write ({os_reason(e)}); the records written before "
+                          f"are kept: make room and run again with --resume") from None
         self.written += 1
         return rec
 

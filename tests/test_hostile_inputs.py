@@ -365,6 +365,15 @@ def test_manifest_without_image_column_and_binary_manifest(tmp_path):
     (tmp_path / "b.csv").write_bytes(b"image\n\xff\xfe\x00junk\n")
     r = _cem("annotate", tmp_path / "b.csv", "-o", tmp_path / "o.jsonl")
     assert r.returncode == 2 and "b.csv: not UTF-8 text" in r.stderr and "Traceback" not in r.stderr
+    assert 'save it as "CSV UTF-8"' in r.stderr
+
+
+def test_a_semicolon_separated_manifest_is_named_as_such(tmp_path):
+    from cem.io import InputError, read_manifest
+
+    (tmp_path / "m.csv").write_text("image;context\nx.png;at work\n")
+    with pytest.raises(InputError, match="it looks separated by ';': save it comma-separated"):
+        read_manifest(tmp_path / "m.csv")
 
 
 # ---------------------------------------------------------------- what a reasoner sends back
@@ -1362,3 +1371,18 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(face_png, tmp_path):
     records = _strict_records(out)
     assert proc.returncode == 143 and "run again with --resume" in err and "Traceback" not in err, err
     assert 0 < len(records) < 400
+
+
+def test_a_full_disk_names_the_output_and_what_is_kept(tmp_path):
+    from cem.sinks import JsonlSink
+
+    sink = JsonlSink(tmp_path / "o.jsonl")
+    sink.open()
+    sink._fh.close()
+    sink._fh = open("/dev/full", "wb")  # every write: no space left on device
+    with pytest.raises(OSError, match=r"o.jsonl: cannot write \(no space left on device\); the records written "
+                                      r"before are kept"):
+        sink.write({"image": "x.png", "faces": [], "error": None})
+    sink._fh.close()
+    sink._fh = None
+    sink.close()
