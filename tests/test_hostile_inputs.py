@@ -1379,7 +1379,7 @@ def test_a_full_disk_names_the_output_and_what_is_kept(tmp_path):
     sink = JsonlSink(tmp_path / "o.jsonl")
     sink.open()
     sink._fh.close()
-    sink._fh = open("/dev/full", "wb")  # every write: no space left on device
+    sink._fh = open("/dev/full", "wb", buffering=0)  # every write: no space left on device
     with pytest.raises(OSError, match=r"o.jsonl: cannot write \(no space left on device\); the records written "
                                       r"before are kept"):
         sink.write({"image": "x.png", "faces": [], "error": None})
