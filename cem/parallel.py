@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -78,6 +79,22 @@ def _worker_main(conn: Any, config: Config, threads: int, faces: str | None, kee
         pipeline.close()
 
 
+def _on_continue(flags: list[int]) -> Any:
+    """Note SIGCONT (a stopped run continued: ``fg`` after Ctrl-Z) in ``flags`` while the pool runs; returns
+    the handler to put back, or None where no handler can be set (not the main thread, no SIGCONT)."""
+    if not hasattr(signal, "SIGCONT") or threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGCONT)
+
+    def continued(signum: int, frame: Any) -> None:
+        flags.append(signum)
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGCONT, continued)
+    return previous if previous is not None else signal.SIG_DFL
+
+
 @dataclass
 class _Worker:
     proc: Any
@@ -126,6 +143,8 @@ class WorkerPool:
         released: set[int] = set()  # yielded ahead of a slow image
         next_out = 0
         self.workers = [self._spawn() for _ in range(min(self.n, max(1, total)))]
+        continued: list[int] = []
+        previous_handler = _on_continue(continued)
         try:
             while next_out < total:
                 for w in self.workers:
@@ -142,6 +161,13 @@ class WorkerPool:
                     wait_s = min(wait_s, left)
                 ready = wait([w.conn for w in self.workers] + [w.proc.sentinel for w in self.workers],
                              timeout=max(0.0, wait_s))
+                if continued:
+                    # the run was stopped (Ctrl-Z stops the workers with it) and continued: the time it stood
+                    # still was no image's, so the images in progress start their time limit again
+                    continued.clear()
+                    for w in self.workers:
+                        if w.job is not None:
+                            w.started = time.monotonic()
                 for i, w in enumerate(list(self.workers)):
                     failure = None
                     if w.conn in ready:
@@ -186,6 +212,8 @@ class WorkerPool:
                         yield idx, done.pop(idx)
                         released.add(idx)
         finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGCONT, previous_handler)
             self.close()
 
     @staticmethod

@@ -1386,3 +1386,32 @@ def test_a_full_disk_names_the_output_and_what_is_kept(tmp_path):
     sink._fh.close()
     sink._fh = None
     sink.close()
+
+
+def test_a_run_stopped_with_ctrl_z_and_continued_times_no_image_out(face_png, tmp_path):
+    """Ctrl-Z stops the run and its workers; the time it stands still is no image's (it used to turn the
+    images in progress into timeout error records)."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(150):
+        shutil.copy(face_png, folder / f"f{i:03d}.png")
+    out = tmp_path / "o.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "cem.cli", "annotate", str(folder), "-o", str(out),
+                             "--no-progress", "--workers", "2", "--image-timeout", "3"],
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and (not out.exists() or out.stat().st_size == 0):
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGSTOP)  # as the shell's Ctrl-Z: the whole job
+    time.sleep(5)  # longer than the time limit
+    os.killpg(proc.pid, signal.SIGCONT)
+    _, err = proc.communicate(timeout=300)
+    records = _strict_records(out)
+    assert proc.returncode == 0 and len(records) == 150, err
+    assert not [r["error"] for r in records if r.get("error")], err
