@@ -37,6 +37,13 @@ def main() -> None:
     """cem: faces, action units and context-embedded emotion distributions for photos."""
     # MediaPipe's C++ logging prints info lines to stderr; in the CLI (not on import) keep only errors
     os.environ.setdefault("GLOG_minloglevel", "2")
+    try:
+        os.fstat(2)
+    except OSError:  # stderr closed (2>&-): fd 2 would be reused by the next file opened, and native code's
+        fd = os.open(os.devnull, os.O_WRONLY)  # log lines would land in it
+        if fd != 2:
+            os.dup2(fd, 2)
+            os.close(fd)
 
 
 def _load_config(config_name: str, base_url: str | None = None, **overrides: object):
@@ -177,7 +184,15 @@ def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: 
         stopped_by.append(signum)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, terminated)
+    import threading
+
+    # (cli.main may be called from a thread, where no signal handler can be set)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminated) if in_main else None
+    if (engine["engine"] == "ray" and not resume and not overwrite and not dry_run and output.is_file()
+            and output.stat().st_size > 0):  # as the local runner refuses it (cem.sinks.JsonlSink)
+        _fail(f"{output} already holds the records of an earlier run; --resume continues it (skips what is done), "
+              f"--overwrite replaces it, or write to another file")
     try:
         if engine["engine"] == "ray":
             from cem.io import read_context_csv
@@ -200,7 +215,8 @@ def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: 
              f"kept: run again with --resume")
         sys.exit(143 if stopped_by else 130)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     if dry_run:
         for path in summary.planned:
             click.echo(path)

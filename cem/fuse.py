@@ -214,12 +214,14 @@ def _evidence_sentence(label: str, face: FaceEvidence, cues: list[Cue], p_expr: 
 
 def explain(face: FaceEvidence, emotion: dict[str, float], cues: list[Cue], p_reasoner: dict[str, float] | None,
             fusion: FusionConfig, reasoner_rationale: str = "", who: str = "the reasoner",
-            reasoner_error: str | None = None) -> str:
+            reasoner_error: str | None = None, reasoner_answer: dict[str, float] | None = None) -> str:
     """The rationale of a face's final answer; sets each cue's ``role`` in place.
 
     ``emotion`` is the fused distribution, ``cues`` the grounded cues, ``p_reasoner`` the reasoner's own
     (contradiction-adjusted) distribution or None when it gave none, ``who`` names the reasoner in the
-    text ("the model", "the AU prototypes"). The reasoner's own rationale, if any, follows, quoted."""
+    text ("the model", "the AU prototypes"). The reasoner's own rationale, if any, follows, quoted, unless it
+    plainly names other labels than the reasoner's own answer (``reasoner_answer``: its distribution as given,
+    before any adjustment; default ``p_reasoner``)."""
     labels = list(emotion)
     ranked = sorted(labels, key=lambda k: -emotion[k])
     top = ranked[0]
@@ -254,34 +256,45 @@ def explain(face: FaceEvidence, emotion: dict[str, float], cues: list[Cue], p_re
                 f"{p_expr[top]:.2f} and {own} {p_expr.get(own, 0.0):.2f}, the answer is {top}.")
     said = reasoner_rationale.strip()
     if said and p_reasoner is not None:  # a rejected answer's words are not quoted as if they stood
-        own = max(p_reasoner, key=p_reasoner.__getitem__)
+        answer = reasoner_answer or p_reasoner
+        own = max(answer, key=answer.__getitem__)
         named = labels_named(said, labels)
-        if named and own not in named:
-            # the model's words argue for another label than its own numbers: quoting them would give the
-            # record two answers
-            parts.append(f"{who[0].upper() + who[1:]}'s own rationale argued for {_join(named)}, not for its "
-                         f"answer ({own}), and is left out.")
+        if named and own not in named and not NEGATION.search(said):
+            # the model's words name another label than its own numbers, with nothing that negates or
+            # contrasts it: quoting them would give the record two answers
+            parts.append(f"{who[0].upper() + who[1:]}'s own rationale names {_join(named)}, not its answer "
+                         f"({own}), and is left out.")
         else:
             parts.append(f"{who[0].upper() + who[1:]} said: \"{said}\"")
     return " ".join(parts)
 
 
+# words that negate or contrast a label a rationale names ("no sign of fear", "rather than angry"): such a
+# rationale may name other labels and still agree with its answer, so it is quoted
+NEGATION = re.compile(r"\b(no|not|n't|nor|without|rather than|instead of|never|lacks?|lacking|absence|absent|"
+                      r"free of|neither|unlike|except|but)\b|n't\b", re.I)
+
+
 # the word forms by which a rationale names the FER+ labels (any other label: its own name)
 LABEL_WORDS: dict[str, tuple[str, ...]] = {
-    "neutral": ("neutral",), "happiness": ("happiness", "happy", "joy", "joyful"),
-    "surprise": ("surprise", "surprised"), "sadness": ("sadness", "sad"),
-    "anger": ("anger", "angry", "furious", "rage"), "disgust": ("disgust", "disgusted"),
-    "fear": ("fear", "afraid", "fearful", "scared", "frightened"), "contempt": ("contempt", "contemptuous"),
+    "neutral": ("neutral", "calm", "relaxed", "expressionless", "blank"),
+    "happiness": ("happiness", "happy", "joy", "joyful", "smile", "smiles", "smiling", "pleased", "cheerful",
+                  "delighted", "laughing"),
+    "surprise": ("surprise", "surprised", "shocked", "astonished", "amazed", "startled"),
+    "sadness": ("sadness", "sad", "unhappy", "sorrow", "grief", "crying", "tearful", "upset"),
+    "anger": ("anger", "angry", "furious", "rage", "annoyed", "irritated", "frustrated", "mad"),
+    "disgust": ("disgust", "disgusted", "repulsed", "revolted"),
+    "fear": ("fear", "afraid", "fearful", "scared", "frightened", "terrified", "anxious", "worried", "panic"),
+    "contempt": ("contempt", "contemptuous", "scornful", "disdain", "sneer", "sneering"),
 }
 
 
 def labels_named(text: str, labels: list[str]) -> list[str]:
-    """The labels that ``text`` names (whole words, any case; the FER+ labels also by the adjectives in
-    :data:`LABEL_WORDS`), ignoring those it negates right before ("not angry", "no fear")."""
+    """The labels that ``text`` names (whole words, any case; the FER+ labels also by the words in
+    :data:`LABEL_WORDS`)."""
     out = []
     for lab in labels:
         words = LABEL_WORDS.get(lab, (lab,))
-        pattern = r"\b(?<!not )(?<!no )(?<!n't )(" + "|".join(re.escape(w) for w in words) + r")\b"
-        if re.search(pattern, text, re.I):
+        if re.search(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b", text, re.I):
             out.append(lab)
     return out

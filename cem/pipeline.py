@@ -285,7 +285,7 @@ class Pipeline:
             # the rationale explains the final (pooled) answer, whatever the reasoner
             who = "the AU prototypes" if self.reasoner.backend == "rules" else "the model"
             rationale = explain(ev, emotion, cues, dist, self.config.fusion, a.rationale if a else "", who,
-                                err if dist is None else None)
+                                err if dist is None else None, reasoner_answer=a.distribution if a else None)
             try:
                 results.append(FaceResult(evidence=ev, emotion=emotion, cues=cues,
                                           rationale=rationale, error=err if dist is None else None))

@@ -615,6 +615,10 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
     if dry_run:
         from cem.sinks import scan
 
+        if not resume and not overwrite and out.is_file() and out.stat().st_size > 0:
+            runner.echo(f"cem: note: {safe_text(os.fspath(out))} already holds records: the run would be refused "
+                        f"without --resume (continue it) or --overwrite (replace it)")
+
         done = scan(out, retry)[0] if resume and out.is_file() else None
         todo = [it for it in images if done is None or input_key(it.path, it.context, it.extra) not in done.keys]
         summary.skipped = len(images) - len(todo)

@@ -611,3 +611,23 @@ def test_beyond_max_faces_the_largest_are_measured_and_the_rest_counted(face_cro
     row = cem.contract.face_rows(capped.to_dict())[0]
     assert row["provenance_faces_skipped"] == 1
     assert cem.contract.face_rows(full.to_dict())[0]["provenance_faces_skipped"] is None
+
+
+def test_confirming_a_huge_face_downscales_before_padding(astronaut):
+    """A face of 750 px in a 4,000 px photo is confirmed on a 256 px crop made from the part of the image it
+    covers (a zero canvas of 3,000 x 3,000 px first would be 27 MB per crop, 400 MB for a 3,000 px face)."""
+    import cv2
+
+    from cem.fer.detect import Detection, FaceDetector, box_iou
+
+    scale = 4000 / 512
+    img = cv2.resize(astronaut, (4000, 4000))
+    box = (177 * scale, 82 * scale, 96 * scale, 96 * scale)
+    det = Detection(bbox=box, score=0.99, keypoints=np.zeros((5, 2)), source="mtcnn")
+    detector = FaceDetector("auto")
+    try:
+        found = detector._confirmed_in(img, det, 4.0)
+    finally:
+        detector.close()
+    assert found is not None and found.source == "mtcnn"
+    assert box_iou(found.bbox, box) > 0.6

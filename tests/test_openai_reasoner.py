@@ -471,7 +471,7 @@ def test_a_model_rationale_that_argues_for_another_label_is_not_quoted(server, a
                                            "cues": [], "rationale": "Clearly furious; the answer is anger."}]})
     f = _pipe(server).analyze(astronaut).faces[0]
     assert f.error is None and "furious" not in f.rationale
-    assert "rationale argued for anger, not for its answer (happiness), and is left out" in f.rationale
+    assert "rationale names anger, not its answer (happiness), and is left out" in f.rationale
     server.answer = server.answer.replace("Clearly furious; the answer is anger.", "A broad, happy smile.")
     assert 'The model said: "A broad, happy smile."' in _pipe(server).analyze(astronaut).faces[0].rationale
 

@@ -163,6 +163,10 @@ def test_faces_numbered_from_zero_keep_their_own_answers():
     two["faces"][1]["index"] = 2
     parsed, err = parse_answer(json.dumps(two), LABELS, 2)
     assert list(parsed) == [1] and parsed[1]["distribution"]["anger"] == 1 and "[1]" in err
+    # numbered from 0 with a face left out: still 0-based, nobody's answer moves onto another face
+    parsed, err = parse_answer(json.dumps({"faces": [{"index": 0, "distribution": {"anger": 1}},
+                                                     {"index": 1, "distribution": {"fear": 1}}]}), LABELS, 3)
+    assert parsed[0]["distribution"]["anger"] == 1 and parsed[1]["distribution"]["fear"] == 1 and "[3]" in err
 
 
 @pytest.mark.parametrize("dist", [[["joy", 0.95], ["neutral", 0.05]], [{"label": "happiness", "p": -1}],
@@ -268,3 +272,44 @@ def test_a_model_family_typed_as_a_config_name_gets_the_shipped_configs(typed, h
 
     with pytest.raises(ConfigError, match=f"did you mean {hint}"):
         Config.load(typed)
+
+
+@pytest.mark.parametrize("said", ["Broad smile, no sign of fear or anger.", "Smiling, not sad or angry.",
+                                  "He looks pleased, rather than angry."])
+def test_a_rationale_that_negates_other_labels_is_quoted(said):
+    from cem.config import FusionConfig
+    from cem.fuse import explain
+
+    face = _faces()[0]
+    p = dict.fromkeys(LABELS, 0.01) | {"happiness": 0.93}
+    text = explain(face, p, [], p, FusionConfig(), said, "the model")
+    assert f'The model said: "{said}"' in text
+
+
+def test_the_rationale_is_checked_against_the_answer_as_the_model_gave_it():
+    """Contradicted cues lower the model's distribution before pooling; its own answer is what it gave."""
+    from cem.config import FusionConfig
+    from cem.fuse import explain
+
+    face = _faces()[0]
+    given = dict.fromkeys(LABELS, 0.0) | {"anger": 0.55, "fear": 0.45}
+    adjusted = dict.fromkeys(LABELS, 0.0) | {"anger": 0.4, "fear": 0.6}
+    text = explain(face, adjusted, [], adjusted, FusionConfig(), "Anger in the brows.", "the model",
+                   reasoner_answer=given)
+    assert 'The model said: "Anger in the brows."' in text
+    text = explain(face, adjusted, [], adjusted, FusionConfig(), "Anger in the brows.", "the model")
+    assert "names anger, not its answer (fear), and is left out" in text
+
+
+def test_list_distribution_items_are_read_by_their_keys():
+    ans = {"faces": [{"index": 1, "distribution": [{"p": 0.1, "label": "fear"}, {"p": 0.9, "label": "anger"}]}]}
+    parsed, err = parse_answer(json.dumps(ans), LABELS, 1, max_cues=4)
+    assert err is None and parsed[0]["distribution"]["anger"] == pytest.approx(0.9)
+
+
+def test_a_cut_final_answer_after_a_complete_draft_is_an_error():
+    draft = json.dumps({"faces": [{"index": 1, "distribution": {"happiness": 1}}]})
+    parsed, err = parse_answer(f'Draft: {draft} Final: {{"faces":[{{"index":1,"distribution":{{"anger":0.6,"fe',
+                               LABELS, 1)
+    assert parsed == {} and "cut off" in err
+    assert "no JSON found" in parse_answer("I think [maybe happy", LABELS, 1)[1]  # prose, not a cut answer

@@ -317,9 +317,20 @@ class FaceDetector:
         sx0, sy0, sx1, sy1 = max(0, x0), max(0, y0), min(iw, x0 + side), min(ih, y0 + side)
         if sx1 <= sx0 or sy1 <= sy0:
             return None
-        crop = np.zeros((side, side, 3), np.uint8)
-        crop[sy0 - y0: sy1 - y0, sx0 - x0: sx1 - x0] = rgb[sy0:sy1, sx0:sx1]
-        crop, s = _resize_max(crop, CONFIRM_SIDE)
+        if side <= 2048:
+            crop = np.zeros((side, side, 3), np.uint8)
+            crop[sy0 - y0: sy1 - y0, sx0 - x0: sx1 - x0] = rgb[sy0:sy1, sx0:sx1]
+            crop, s = _resize_max(crop, CONFIRM_SIDE)
+        else:  # a huge face (a 3,000 px box makes a 12,000 px crop): downscale the part in the image, then pad
+            import cv2
+
+            s = CONFIRM_SIDE / side
+            crop = np.zeros((CONFIRM_SIDE, CONFIRM_SIDE, 3), np.uint8)
+            px0, py0 = int(round((sx0 - x0) * s)), int(round((sy0 - y0) * s))
+            pw = max(1, min(CONFIRM_SIDE - px0, int(round((sx1 - sx0) * s))))
+            ph = max(1, min(CONFIRM_SIDE - py0, int(round((sy1 - sy0) * s))))
+            crop[py0: py0 + ph, px0: px0 + pw] = cv2.resize(np.ascontiguousarray(rgb[sy0:sy1, sx0:sx1]), (pw, ph),
+                                                            interpolation=cv2.INTER_AREA)
         csize = crop.shape[0]
         best, best_iou = None, CONFIRM_IOU
         for d in self._detect_region(crop, 0, 0, csize, csize):

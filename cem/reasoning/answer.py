@@ -18,8 +18,8 @@ are dropped. It returns per-face answers or a clear error. What it does not acce
   the labels that were never written may be the model's real answer;
 - where the reply holds several JSON values (a draft, an echoed example), it reads the *last* one with a
   ``faces`` list (the final answer), not the first;
-- faces numbered from 0 are read as such only when the numbers are exactly 0..n-1; any other out-of-range
-  number drops that face rather than putting its answer on another person.
+- faces numbered from 0 are read as such when a 0 is among the numbers and none is beyond n-1; any other
+  out-of-range number drops that face rather than putting its answer on another person.
 """
 
 from __future__ import annotations
@@ -113,8 +113,9 @@ _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S)
 
 
 def _candidates(text: str) -> tuple[list[str], bool]:
-    """(code-fenced blocks, every balanced top-level {...}/[...] span, then the text itself; whether a
-    top-level JSON value is left open at the end: a reply cut off by a token limit)."""
+    """(code-fenced blocks, every balanced top-level {...}/[...] span, then the text itself; whether an
+    answer is left open at the end: a top-level value that never closes and has begun a "faces" or
+    "distribution" key, as a reply cut off by a token limit has)."""
     out = [m.group(1) for m in _FENCE.finditer(text)]
     pairs = {"{": "}", "[": "]"}
     stack: list[str] = []
@@ -141,7 +142,10 @@ def _candidates(text: str) -> tuple[list[str], bool]:
     if len(out) > 2 * MAX_CANDIDATES:  # a degenerate reply ({a}{a}...): parsing each span costs CPU
         out = out[:MAX_CANDIDATES] + out[-MAX_CANDIDATES:]
     out.append(text)
-    return out, bool(stack)
+    # an answer left open at the end (a token limit): what it began, so that a cut final answer is told apart
+    # from prose with a stray bracket
+    open_tail = text[start:] if stack and start is not None else ""
+    return out, bool(re.search(r'"(faces|distribution)"', open_tail))
 
 
 def _loads(s: str) -> Any:
@@ -185,7 +189,10 @@ def _as_mapping(raw: Any) -> Any:
     pairs: dict[str, Any] = {}
     for item in raw:
         if isinstance(item, dict) and len(item) >= 2:
-            first, second = list(item.values())[:2]
+            name_key = next((k for k in ("label", "emotion", "name") if k in item), None)
+            value_key = next((k for k in ("p", "prob", "probability", "score", "value", "weight") if k in item), None)
+            first, second = ((item[name_key], item[value_key]) if name_key and value_key
+                             else list(item.values())[:2])  # by position only when the keys say nothing
             pairs[str(first)] = second
         elif isinstance(item, (list, tuple)) and len(item) == 2:
             pairs[str(item[0])] = item[1]
@@ -247,14 +254,14 @@ def _parse(text: Any, labels: list[str], n_faces: int,
     if not isinstance(text, str):
         return {}, f"answer is not text ({type(text).__name__})"
     candidates, cut = _candidates(text)
+    if cut:  # the final answer was cut (a complete draft before it is not the answer)
+        return {}, ("the answer is cut off: its JSON never closes (the model reached its token limit?), "
+                    "so the labels it did not write are unknown")
     parsed = [d for d in map(_loads, candidates) if isinstance(d, (dict, list))]
     with_faces = [d for d in parsed if isinstance(d, dict) and isinstance(d.get("faces"), list)]
     # the last complete answer wins (a draft or an echoed example may come first)
     data = with_faces[-1] if with_faces else (parsed[0] if parsed else None)
     if data is None:
-        if cut:
-            return {}, ("the answer is cut off: its JSON never closes (the model reached its token limit?), "
-                        "so the labels it did not write are unknown")
         snippet = text.strip().replace("\n", " ")[:80]
         return {}, f"no JSON found in the answer: {snippet!r}"
     faces = data.get("faces") if isinstance(data, dict) else data
@@ -264,16 +271,18 @@ def _parse(text: Any, labels: list[str], n_faces: int,
         return {}, "answer has no 'faces' list"
     out: dict[int, dict[str, Any]] = {}
     problems: dict[int, str] = {}
-    numbers = []
+    numbers: list[int | None] = []
     for f in faces:
         raw_number = _number(f.get("index", f.get("face"))) if isinstance(f, dict) else None
         numbers.append(int(raw_number) if raw_number is not None and float(raw_number).is_integer() else None)
-    # faces numbered from 0 (as in 0-based code) only when the numbers are exactly 0..n-1
-    offset = 0 if sorted(k for k in numbers if k is not None) == list(range(n_faces)) and n_faces > 1 else 1
+    given = [k for k in numbers if k is not None]
+    # faces numbered from 0 (as in 0-based code): a 0 among the numbers, none beyond n-1
+    offset = 0 if given and min(given) == 0 and max(given) <= n_faces - 1 else 1
     for pos, f in enumerate(faces):
         if not isinstance(f, dict):
             continue
-        idx = numbers[pos] - offset if numbers[pos] is not None else pos
+        number = numbers[pos]
+        idx = number - offset if number is not None else pos
         if n_faces == 1:
             idx = 0
         if not 0 <= idx < n_faces or idx in out:

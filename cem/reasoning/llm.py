@@ -81,7 +81,7 @@ class LLMReasonerBase:
         unless the file changed)."""
         try:
             self._template_id = template_id(self.template)
-        except OSError:  # removed or unreadable since: the prompts then failed too; keep what was last read
+        except (OSError, ValueError):  # removed, unreadable or broken since: the prompts failed too; keep the last
             pass
         return self._template_id
 

@@ -15,7 +15,8 @@ Config (``reasoner.model`` and ``reasoner.options``):
 - ``max_reply_bytes`` (2,000,000): a longer reply is cut there and is an error (``reply-too-large``);
 - ``max_cues`` (24): an answer with more cues for a face, with a label outside the configured ones or
   with a number that is not finite or not in [0, 100] is rejected for that face (``invalid-answer``);
-- ``max_tokens`` (default: 256 + 512 per face in the image; a reply the server cuts at this limit is an
+- ``max_tokens`` (default: 256 + 512 per face in the image, at most 2,048, which a 4k-context model's
+  server accepts; a reply the server cuts at this limit is an
   ``invalid-answer`` error, never a partial distribution), ``temperature`` (0), ``seed``, ``guided`` (send
   the answer's JSON schema as ``response_format``, so vLLM/SGLang decode under it; default true),
   ``distribution`` (``verbalized`` or ``likelihood``).
@@ -57,6 +58,9 @@ from cem.reasoning.llm import Job, LLMReasonerBase, ReasonerFailure, options
 OPENAI_MAX_CUES = 24
 ANSWER_TOKENS_BASE = 256
 ANSWER_TOKENS_PER_FACE = 512
+# at most this by default: a server refuses (HTTP 400) a request whose prompt plus max_tokens exceeds the
+# model's context (4,096 tokens for LLaVA-1.5, with about 1,200 taken by the prompt and the image)
+ANSWER_TOKENS_MAX = 2048
 
 
 class _Retryable(ReasonerFailure):
@@ -272,9 +276,10 @@ class OpenAIReasoner(LLMReasonerBase):
 
     def answer_tokens(self, n_faces: int) -> int:
         """``max_tokens`` of a request about ``n_faces`` faces: the configured value, or else
-        ``ANSWER_TOKENS_BASE + ANSWER_TOKENS_PER_FACE`` per face (a face's distribution, a few cues and a
-        rationale take about 150-400 tokens; a reply cut at the limit is an error, not a partial answer)."""
-        return self.max_tokens or ANSWER_TOKENS_BASE + ANSWER_TOKENS_PER_FACE * max(1, n_faces)
+        ``ANSWER_TOKENS_BASE + ANSWER_TOKENS_PER_FACE`` per face, at most ``ANSWER_TOKENS_MAX`` (a face's
+        distribution, a few cues and a rationale take about 150-400 tokens; a reply cut at the limit is an
+        error, not a partial answer: a group photo may need a larger, configured value)."""
+        return self.max_tokens or min(ANSWER_TOKENS_MAX, ANSWER_TOKENS_BASE + ANSWER_TOKENS_PER_FACE * max(1, n_faces))
 
     def request_body(self, job: Job) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model_id, "messages": self._messages(job, job.built_prompt.text),
