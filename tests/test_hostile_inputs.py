@@ -1295,14 +1295,7 @@ def test_a_second_run_through_a_symlink_to_the_output_is_refused(tmp_path):
 def test_a_closed_or_broken_stderr_does_not_stop_a_run(face_png, tmp_path):
     """Progress bars and notes go to stderr best effort: `2>&-` or a reader that went away (`| head`) must not
     cost the records."""
-    import shutil
-    import subprocess
-    import sys
-
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(7):  # more than PROGRESS_MIN_IMAGES: the progress bar is drawn
-        shutil.copy(face_png, folder / f"f{i}.png")
+    folder = _copies(face_png, tmp_path / "in", 7)  # more than PROGRESS_MIN_IMAGES: the progress bar is drawn
     out = tmp_path / "o.jsonl"
     import shlex
 
@@ -1355,16 +1348,9 @@ def test_a_manifest_path_written_relative_to_the_current_folder_gets_a_hint(face
 
 def test_sigterm_stops_a_run_as_ctrl_c_does(face_png, tmp_path):
     """kill / systemd stop: the records so far are kept, the run says to --resume, exit 143, no traceback."""
-    import shutil
     import signal
-    import subprocess
-    import sys
-    import time
 
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(400):
-        shutil.copy(face_png, folder / f"f{i:03d}.png")
+    folder = _copies(face_png, tmp_path / "in", 400)
     out = tmp_path / "o.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "cem.cli", "annotate", str(folder), "-o", str(out),
                              "--no-progress"], stderr=subprocess.PIPE, text=True)
@@ -1396,16 +1382,9 @@ def test_a_full_disk_names_the_output_and_what_is_kept(tmp_path):
 def test_a_run_stopped_with_ctrl_z_and_continued_times_no_image_out(face_png, tmp_path):
     """Ctrl-Z stops the run and its workers; the time it stands still is no image's (it used to turn the
     images in progress into timeout error records)."""
-    import shutil
     import signal
-    import subprocess
-    import sys
-    import time
 
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(150):
-        shutil.copy(face_png, folder / f"f{i:03d}.png")
+    folder = _copies(face_png, tmp_path / "in", 150)
     out = tmp_path / "o.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "cem.cli", "annotate", str(folder), "-o", str(out),
                              "--no-progress", "--workers", "2", "--image-timeout", "3"],
@@ -1430,3 +1409,11 @@ def test_ray_and_dry_runs_treat_an_earlier_output_as_the_local_run_does(face_png
     r = _cem("annotate", face_png, "-o", out, "--dry-run")
     assert r.returncode == 0 and "the run would be refused without --resume" in r.stderr
     assert out.read_text().count("\n") == 1
+
+
+def _copies(face_png: Path, folder: Path, n: int) -> Path:
+    """``folder`` with ``n`` copies of the face (f000.png, ...)."""
+    folder.mkdir()
+    for i in range(n):
+        shutil.copy(face_png, folder / f"f{i:03d}.png")
+    return folder
