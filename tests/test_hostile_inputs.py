@@ -1417,3 +1417,11 @@ def _copies(face_png: Path, folder: Path, n: int) -> Path:
     for i in range(n):
         shutil.copy(face_png, folder / f"f{i:03d}.png")
     return folder
+
+
+def test_more_workers_than_cores_gets_a_note(pipeline, face_png, tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    notes: list[str] = []
+    summary = annotate(pipeline, [face_png], tmp_path / "o.jsonl", workers=2, progress=False, echo=notes.append)
+    assert summary.images == 1
+    assert any("--workers 2 on 1 CPU core(s)" in n and "slower, not faster" in n for n in notes), notes
