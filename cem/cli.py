@@ -83,7 +83,7 @@ def _ray_options(command):
 
 
 def _annotate_ray(config, inputs: tuple[str, ...], output: Path, contexts: ContextTable | None,
-                  context: str | None, resume: bool, limit: int | None, refused: dict[str, object],
+                  context: str | None, resume: bool, overwrite: bool, limit: int | None, refused: dict[str, object],
                   opts: dict[str, Any]) -> None:
     """``cem annotate --engine ray``: shards in OUTPUT's folder of the same name, merged into OUTPUT."""
     import importlib.util
@@ -97,7 +97,7 @@ def _annotate_ray(config, inputs: tuple[str, ...], output: Path, contexts: Conte
 
     try:
         summary = ray_annotate(list(inputs), config, output, contexts=contexts, context=context, resume=resume,
-                               limit=limit, address=opts["address"], fer_actors=opts["fer_actors"],
+                               overwrite=overwrite, limit=limit, address=opts["address"], fer_actors=opts["fer_actors"],
                                reason_actors=opts["reason_actors"], reason_gpus_per_actor=opts["reason_gpus"])
     except (ValueError, OSError) as e:
         _fail(str(e))
@@ -189,16 +189,12 @@ def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: 
     # (cli.main may be called from a thread, where no signal handler can be set)
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, terminated) if in_main else None
-    if (engine["engine"] == "ray" and not resume and not overwrite and not dry_run and output.is_file()
-            and output.stat().st_size > 0):  # as the local runner refuses it (cem.sinks.JsonlSink)
-        _fail(f"{output} already holds the records of an earlier run; --resume continues it (skips what is done), "
-              f"--overwrite replaces it, or write to another file")
     try:
         if engine["engine"] == "ray":
             from cem.io import read_context_csv
 
             contexts = read_context_csv(context_file) if context_file else None
-            return _annotate_ray(config, inputs, output, contexts, context, resume, limit, {
+            return _annotate_ray(config, inputs, output, contexts, context, resume, overwrite, limit, {
                 "--csv": csv_path, "--workers > 1": workers > 1, "--frames": frames_path, "--dry-run": dry_run,
                 "--landmarks": landmarks, "--image-timeout": image_timeout_s, "--retry-errors": retry_errors},
                 engine)

@@ -276,7 +276,7 @@ def annotate(dataset_or_paths: Any, config: Config | str | os.PathLike = "defaul
              fer_actors: int = 1, fer_cpus_per_actor: float = 1.0, reason_actors: int | None = None,
              reason_cpus_per_actor: float = 1.0, reason_gpus_per_actor: float = 0.0, batch_size: int = 16,
              resume: bool = False, address: str | None = None, output_format: str | None = None,
-             shard_size: int = 10_000, limit: int | None = None) -> DistributedSummary:
+             shard_size: int = 10_000, limit: int | None = None, overwrite: bool = False) -> DistributedSummary:
     """Annotate images on Ray Data; returns a :class:`DistributedSummary` (``.text()`` prints it).
 
     Args:
@@ -297,7 +297,10 @@ def annotate(dataset_or_paths: Any, config: Config | str | os.PathLike = "defaul
         reason_cpus_per_actor, reason_gpus_per_actor: resources of each reasoning actor.
         batch_size: images per actor call (and per reasoning batch).
         resume: skip inputs whose records exist (key: image as named in the record, and context) in the
-            shards or the merged output; without it, old shards of ``out`` are removed first.
+            shards or the merged output.
+        overwrite: replace earlier records (the merged output and old shards of ``out``); without it, or
+            ``resume``, a run where such records exist is refused (a forgotten ``--resume`` must not delete
+            a stopped run's shards). The merged output is locked for the run, as the local runner's is.
         address: the cluster (``auto``, ``ray://host:10001``); default: the running Ray, else a local one.
         output_format: ``jsonl`` or ``parquet`` (default: from the suffix of ``out``).
         shard_size: records per shard file.
@@ -312,6 +315,33 @@ def annotate(dataset_or_paths: Any, config: Config | str | os.PathLike = "defaul
                      batch_size=batch_size)
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+    if resume and overwrite:
+        raise ValueError("resume continues the output and overwrite replaces it: give one of them")
+    from cem.sinks import OutputError, OutputLock
+
+    try:
+        merged.parent.mkdir(parents=True, exist_ok=True)
+        lock = OutputLock(Path(os.path.realpath(merged)))  # one writer, local or Ray
+    except (OutputError, OSError) as e:
+        raise ValueError(str(e)) from None
+    try:
+        earlier = [p for p in ([merged] if merged.is_file() else []) + (_parts(shards) if shards.is_dir() else [])
+                   if p.stat().st_size > 0]
+        if earlier and not resume and not overwrite:
+            raise ValueError(f"{merged} already has records of an earlier run ({len(earlier)} file(s), e.g. "
+                             f"{earlier[0]}); --resume continues it (skips what is done), --overwrite replaces it, "
+                             f"or write to another output")
+        return _annotate_locked(dataset_or_paths, cfg, merged, shards, fmt, plan, resume, contexts, context, limit,
+                                shard_size, address, image_column, context_column, name_column)
+    finally:
+        lock.release()
+
+
+def _annotate_locked(dataset_or_paths: Any, cfg: Config, merged: Path, shards: Path, fmt: str, plan: StagePlan,
+                     resume: bool, contexts: Any, context: str | None, limit: int | None, shard_size: int,
+                     address: str | None, image_column: str, context_column: str | None,
+                     name_column: str | None) -> DistributedSummary:
+    """:func:`annotate` once its output is checked and locked."""
     done = KeySet()
     for src in _sources(merged, shards, resume) if resume else []:
         for rec in _read_records(src):

@@ -161,12 +161,20 @@ def test_rerun_without_resume_replaces_old_output_and_a_bad_input_removes_nothin
     bad = tmp_path / "bad.csv"
     bad.write_text("path,context\nx.png,\n")
     with pytest.raises(ValueError, match="'image'"):
-        annotate([bad], "default", out)
+        annotate([bad], "default", out, overwrite=True)
     assert part.exists() and _read(out) == [old]
-    # nothing new to do (no inputs): with resume the old records stay; without, the output starts over
+    # nothing new to do (no inputs): with resume the old records stay; a forgotten resume is refused (it would
+    # delete the shards of a stopped run); with overwrite, the output starts over
     summary = annotate([], "default", out, resume=True)
     assert summary.images == 0 and summary.records == 1 and _read(out) == [old]
-    assert annotate([], "default", out).records == 0
+    with pytest.raises(ValueError, match="already has records of an earlier run"):
+        annotate([], "default", out)
+    assert part.exists() and _read(out) == [old]
+    out.unlink()  # a run stopped before merging: its records are in the shards alone
+    with pytest.raises(ValueError, match="already has records of an earlier run"):
+        annotate([], "default", out)
+    assert part.exists()
+    assert annotate([], "default", out, overwrite=True).records == 0
     assert _read(out) == [] and list(shards.iterdir()) == [mine] and mine.read_text() == "not cem's\n"
 
 
@@ -362,3 +370,17 @@ def test_inputs_without_context_have_none_not_the_text_nan(image_set, ray_runtim
     assert len(recs) == 3 and [r["context"] for r in recs] == [None, None, None]
     again = annotate([folder], "default", out, resume=True, batch_size=2)
     assert again.skipped == 3 and again.images == 0 and len(_read(out)) == 3
+
+
+def test_a_ray_run_is_refused_while_a_local_run_writes_the_output(tmp_path):
+    from cem.distributed import annotate
+    from cem.sinks import OutputLock
+
+    out = tmp_path / "o.jsonl"
+    lock = OutputLock(out)  # as a local run holds it
+    try:
+        with pytest.raises(ValueError, match="being written by another cem run"):
+            annotate([], "default", out, overwrite=True)
+    finally:
+        lock.release()
+    assert annotate([], "default", out).records == 0  # free again
