@@ -313,3 +313,29 @@ def test_a_cut_final_answer_after_a_complete_draft_is_an_error():
                                LABELS, 1)
     assert parsed == {} and "cut off" in err
     assert "no JSON found" in parse_answer("I think [maybe happy", LABELS, 1)[1]  # prose, not a cut answer
+
+
+def test_face_numbers_written_as_text_and_extra_entries_keep_answers_on_their_faces():
+    two = [{"index": "Face 2", "distribution": {"anger": 1}}, {"index": "face #1", "distribution": {"fear": 1}}]
+    parsed, err = parse_answer(json.dumps({"faces": two}), LABELS, 2)
+    assert err is None and parsed[0]["distribution"]["fear"] == 1 and parsed[1]["distribution"]["anger"] == 1
+    # faces 1..n plus an extra entry numbered 0: still 1-based
+    three = [{"index": 1, "distribution": {"anger": 1}}, {"index": 2, "distribution": {"fear": 1}},
+             {"index": 0, "distribution": {"happiness": 1}}]
+    parsed, err = parse_answer(json.dumps({"faces": three}), LABELS, 2)
+    assert err is None and parsed[0]["distribution"]["anger"] == 1 and parsed[1]["distribution"]["fear"] == 1
+    # an unnumbered entry beside numbered ones takes nobody's place
+    mixed = [{"index": "the left one", "distribution": {"anger": 1}}, {"index": 1, "distribution": {"fear": 1}}]
+    parsed, err = parse_answer(json.dumps({"faces": mixed}), LABELS, 2)
+    assert parsed[0]["distribution"]["fear"] == 1 and 1 not in parsed
+
+
+def test_an_unclosed_fence_is_parsed_in_linear_time_and_a_label_given_twice_is_refused():
+    import time
+
+    t = time.perf_counter()
+    assert "no JSON" in parse_answer("```json" + " \n" * 200_000, LABELS, 1)[1]
+    assert time.perf_counter() - t < 5
+    twice = {"faces": [{"index": 1, "distribution": [["happiness", 0.2], ["happiness", 0.8]]}]}
+    parsed, err = parse_answer(json.dumps(twice), LABELS, 1, max_cues=4)
+    assert parsed == {} and "given twice" in err

@@ -109,14 +109,28 @@ def max_answer_chars(labels: list[str], n_faces: int, au_codes: list[str], max_c
 # ------------------------------------------------------------------------------------------------ parsing
 
 MAX_CANDIDATES = 16  # JSON spans parsed from each end of a reply
-_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S)
+
+
+def _fenced(text: str) -> list[str]:
+    r"""The contents of closed ``` code fences (an optional ``json`` tag dropped), found with ``str.find`` in
+    linear time (a regex with ``\s*(.*?)`` took quadratic time on an unclosed fence followed by whitespace)."""
+    out = []
+    at = 0
+    while (start := text.find("```", at)) >= 0:
+        end = text.find("```", start + 3)
+        if end < 0:
+            break
+        body = text[start + 3: end]
+        out.append(body[4:] if body[:4].lower() == "json" else body)
+        at = end + 3
+    return [b.strip() for b in out]
 
 
 def _candidates(text: str) -> tuple[list[str], bool]:
     """(code-fenced blocks, every balanced top-level {...}/[...] span, then the text itself; whether an
     answer is left open at the end: a top-level value that never closes and has begun a "faces" or
     "distribution" key, as a reply cut off by a token limit has)."""
-    out = [m.group(1) for m in _FENCE.finditer(text)]
+    out = _fenced(text)
     pairs = {"{": "}", "[": "]"}
     stack: list[str] = []
     start, in_str, esc = None, False, False
@@ -181,6 +195,15 @@ def _number(v: Any) -> float | None:
     return f if math.isfinite(f) and f >= 0 else None
 
 
+def _face_number(v: Any) -> int | None:
+    """A face number as an answer gives it: 2, 2.0, "2", "Face 2", "face #2"; None otherwise."""
+    if isinstance(v, str):
+        m = re.fullmatch(r"\s*(?:face)?\s*#?\s*(\d{1,4})\s*", v, re.I)
+        return int(m.group(1)) if m else None
+    n = _number(v)
+    return int(n) if n is not None and float(n).is_integer() and n < 10_000 else None
+
+
 def _as_mapping(raw: Any) -> Any:
     """A distribution given as a list ([{"label": .., "p": ..}] or [["happiness", 0.9]]) as a dict; other
     values unchanged. Every form then goes through the same checks."""
@@ -193,9 +216,11 @@ def _as_mapping(raw: Any) -> Any:
             value_key = next((k for k in ("p", "prob", "probability", "score", "value", "weight") if k in item), None)
             first, second = ((item[name_key], item[value_key]) if name_key and value_key
                              else list(item.values())[:2])  # by position only when the keys say nothing
+            if str(first) in pairs:  # which of the two values is meant cannot be known
+                first = f"{first} (given twice)"
             pairs[str(first)] = second
         elif isinstance(item, (list, tuple)) and len(item) == 2:
-            pairs[str(item[0])] = item[1]
+            pairs[str(item[0]) + (" (given twice)" if str(item[0]) in pairs else "")] = item[1]
         else:
             pairs[f"unreadable item {str(item)[:30]}"] = None
     return pairs
@@ -271,17 +296,17 @@ def _parse(text: Any, labels: list[str], n_faces: int,
         return {}, "answer has no 'faces' list"
     out: dict[int, dict[str, Any]] = {}
     problems: dict[int, str] = {}
-    numbers: list[int | None] = []
-    for f in faces:
-        raw_number = _number(f.get("index", f.get("face"))) if isinstance(f, dict) else None
-        numbers.append(int(raw_number) if raw_number is not None and float(raw_number).is_integer() else None)
-    given = [k for k in numbers if k is not None]
-    # faces numbered from 0 (as in 0-based code): a 0 among the numbers, none beyond n-1
-    offset = 0 if given and min(given) == 0 and max(given) <= n_faces - 1 else 1
+    numbers = [_face_number(f.get("index", f.get("face"))) if isinstance(f, dict) else None for f in faces]
+    given = {k for k in numbers if k is not None}
+    # faces numbered from 0 (as in 0-based code): a 0 among the numbers, none beyond n-1, and not every face
+    # numbered 1..n (then a 0 is an extra entry, not a numbering)
+    offset = 0 if 0 in given and max(given) <= n_faces - 1 and not set(range(1, n_faces + 1)) <= given else 1
     for pos, f in enumerate(faces):
         if not isinstance(f, dict):
             continue
         number = numbers[pos]
+        if number is None and given:  # unnumbered beside numbered entries: whose it is cannot be known
+            continue
         idx = number - offset if number is not None else pos
         if n_faces == 1:
             idx = 0
