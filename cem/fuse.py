@@ -259,9 +259,9 @@ def explain(face: FaceEvidence, emotion: dict[str, float], cues: list[Cue], p_re
         answer = reasoner_answer or p_reasoner
         own = max(answer, key=answer.__getitem__)
         named = labels_named(said, labels)
-        if named and own not in named and not NEGATION.search(said):
-            # the model's words name another label than its own numbers, with nothing that negates or
-            # contrasts it: quoting them would give the record two answers
+        if named and own not in named:
+            # the model's words affirm other labels than its own numbers do: quoting them would give the
+            # record two answers ("no sign of fear" affirms nothing and is quoted)
             parts.append(f"{who[0].upper() + who[1:]}'s own rationale names {_join(named)}, not its answer "
                          f"({own}), and is left out.")
         else:
@@ -269,32 +269,36 @@ def explain(face: FaceEvidence, emotion: dict[str, float], cues: list[Cue], p_re
     return " ".join(parts)
 
 
-# words that negate or contrast a label a rationale names ("no sign of fear", "rather than angry"): such a
-# rationale may name other labels and still agree with its answer, so it is quoted
-NEGATION = re.compile(r"\b(no|not|n't|nor|without|rather than|instead of|never|lacks?|lacking|absence|absent|"
-                      r"free of|neither|unlike|except|but)\b|n't\b", re.I)
+# a label word preceded in its clause by one of these is negated or contrasted, not affirmed
+NEGATION = re.compile(r"\b(no|not|nor|without|never|lacks?|lacking|absence|absent|neither|free|rather|instead|"
+                      r"unlike|except|hardly)\b|n't\b", re.I)
+CLAUSE_BREAK = re.compile(r"[,;:.!?()]|\bbut\b|\bhowever\b|\bthough\b", re.I)
 
 
 # the word forms by which a rationale names the FER+ labels (any other label: its own name)
-LABEL_WORDS: dict[str, tuple[str, ...]] = {
-    "neutral": ("neutral", "calm", "relaxed", "expressionless", "blank"),
+LABEL_WORDS: dict[str, tuple[str, ...]] = {  # unambiguous words only ("calm", "upset", "mad" are not)
+    "neutral": ("neutral", "expressionless"),
     "happiness": ("happiness", "happy", "joy", "joyful", "smile", "smiles", "smiling", "pleased", "cheerful",
-                  "delighted", "laughing"),
+                  "delighted", "laugh", "laughs", "laughing", "grin", "grins", "grinning", "beaming"),
     "surprise": ("surprise", "surprised", "shocked", "astonished", "amazed", "startled"),
-    "sadness": ("sadness", "sad", "unhappy", "sorrow", "grief", "crying", "tearful", "upset"),
-    "anger": ("anger", "angry", "furious", "rage", "annoyed", "irritated", "frustrated", "mad"),
+    "sadness": ("sadness", "sad", "unhappy", "sorrow", "grief", "crying", "tearful", "tears"),
+    "anger": ("anger", "angry", "furious", "rage", "annoyed", "irritated"),
     "disgust": ("disgust", "disgusted", "repulsed", "revolted"),
-    "fear": ("fear", "afraid", "fearful", "scared", "frightened", "terrified", "anxious", "worried", "panic"),
+    "fear": ("fear", "afraid", "fearful", "scared", "frightened", "terrified"),
     "contempt": ("contempt", "contemptuous", "scornful", "disdain", "sneer", "sneering"),
 }
 
 
 def labels_named(text: str, labels: list[str]) -> list[str]:
-    """The labels that ``text`` names (whole words, any case; the FER+ labels also by the words in
-    :data:`LABEL_WORDS`)."""
+    """The labels that ``text`` affirms: names (whole words, any case; the FER+ labels also by the words in
+    :data:`LABEL_WORDS`) at least once without a negation or contrast before it in the same clause ("no sign
+    of fear or anger", "rather than angry" do not affirm them; "not happy, clearly angry" affirms anger)."""
     out = []
     for lab in labels:
         words = LABEL_WORDS.get(lab, (lab,))
-        if re.search(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b", text, re.I):
-            out.append(lab)
+        for m in re.finditer(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b", text, re.I):
+            clause = CLAUSE_BREAK.split(text[: m.start()])[-1]  # the words before it in its own clause
+            if not NEGATION.search(clause):
+                out.append(lab)
+                break
     return out

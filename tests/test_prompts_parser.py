@@ -275,7 +275,8 @@ def test_a_model_family_typed_as_a_config_name_gets_the_shipped_configs(typed, h
 
 
 @pytest.mark.parametrize("said", ["Broad smile, no sign of fear or anger.", "Smiling, not sad or angry.",
-                                  "He looks pleased, rather than angry."])
+                                  "He looks pleased, rather than angry.", "Broad grin with relaxed eyes.",
+                                  "Grinning at a surprise party.", "No fear or anger at all."])
 def test_a_rationale_that_negates_other_labels_is_quoted(said):
     from cem.config import FusionConfig
     from cem.fuse import explain
@@ -339,3 +340,15 @@ def test_an_unclosed_fence_is_parsed_in_linear_time_and_a_label_given_twice_is_r
     twice = {"faces": [{"index": 1, "distribution": [["happiness", 0.2], ["happiness", 0.8]]}]}
     parsed, err = parse_answer(json.dumps(twice), LABELS, 1, max_cues=4)
     assert parsed == {} and "given twice" in err
+
+
+@pytest.mark.parametrize("said, named", [("Not happy, clearly angry.", "anger"),
+                                         ("Clearly furious and there is no doubt.", "anger"),
+                                         ("Tears in her eyes, but not from joy.", "sadness")])
+def test_a_rationale_that_affirms_another_label_is_left_out(said, named):
+    from cem.config import FusionConfig
+    from cem.fuse import explain
+
+    p = dict.fromkeys(LABELS, 0.01) | {"happiness": 0.93}
+    text = explain(_faces()[0], p, [], p, FusionConfig(), said, "the model")
+    assert f"rationale names {named}, not its answer (happiness), and is left out" in text and said not in text
