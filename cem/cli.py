@@ -27,7 +27,7 @@ def _say(message: str) -> None:
 
 
 def _fail(message: str) -> NoReturn:
-    click.echo(f"cem: error: {message}", err=True)
+    _say(f"cem: error: {message}")  # exit 2 even when stderr cannot take the message
     sys.exit(2)
 
 

@@ -26,8 +26,9 @@ from cem.resources import prompts_dir
 DEFAULT_TEMPLATE = "context"
 _MARKERS = ("<<<CONTEXT", "CONTEXT>>>")
 # what tokenizers write special tokens as: <s>, </s>, <image>, <|im_start|>, <|eot_id|>, <row_1_col_1>, ...
-_SPECIAL_ANGLE = re.compile(r"<(/?\|?[A-Za-z_][\w.:-]{0,48}\|?)>")
-_SPECIAL_SQUARE = re.compile(r"\[(/?[A-Z][A-Z_]{1,30})\]")  # [INST], [/INST], [IMG], [IMG_BREAK], ...
+_SPECIAL_ANGLE = re.compile(r"<(/?\|?/?[A-Za-z_][\w.:-]{0,48}\|?)>")  # also Phi-4's <|/tool|>
+_SPECIAL_SQUARE = re.compile(r"\[(/?[A-Za-z][A-Za-z0-9_]{1,30})\]")  # [INST], [IMG_BREAK], [gMASK], [control_8]
+_SPECIAL_FULLWIDTH = re.compile(r"<(\uff5c[^<>\uff5c]{1,60}\uff5c)>")  # DeepSeek's <｜begin▁of▁sentence｜>
 
 
 @dataclass
@@ -105,6 +106,7 @@ def sanitize_context(text: str | None) -> str | None:
     # context can neither end its turn nor add an image slot
     s = _SPECIAL_ANGLE.sub(lambda m: "‹" + m.group(1) + "›", s)
     s = _SPECIAL_SQUARE.sub(lambda m: "⟦" + m.group(1) + "⟧", s)
+    s = _SPECIAL_FULLWIDTH.sub(lambda m: "‹" + m.group(1) + "›", s)
     if len(s) > MAX_CONTEXT_CHARS:
         raise ValueError(f"a context of {len(s)} characters, more than the limit of {MAX_CONTEXT_CHARS}")
     return s.strip()

@@ -50,7 +50,7 @@ from cem.io import (
     collect_inputs,
     read_context_csv,
 )
-from cem.sinks import JsonlSink, OutputError, input_key, moment_key, safe_text, table_format
+from cem.sinks import JsonlSink, OutputError, holds_something, input_key, moment_key, safe_text, table_format
 
 PROGRESS_MIN_IMAGES = 5
 _TRUE, _FALSE = frozenset({"1", "true", "yes", "y"}), frozenset({"", "0", "false", "no", "n"})
@@ -348,6 +348,12 @@ class Runner:
                     flush()
             if chunk:
                 flush()
+        except KeyboardInterrupt:
+            # Ctrl-C or SIGTERM: images measured and waiting for their reasoning batch are written when that
+            # costs nothing (the rules reasoner), not lost; a model reasoner's batch would make the stop wait
+            if chunk and self.config.reasoner.backend == "rules":
+                flush()
+            raise
         finally:
             if bar is not None:
                 bar.close()
@@ -615,7 +621,7 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
     if dry_run:
         from cem.sinks import scan
 
-        if not resume and not overwrite and out.is_file() and out.stat().st_size > 0:
+        if not resume and not overwrite and holds_something(out):
             runner.echo(f"cem: note: {safe_text(os.fspath(out))} already holds records: the run would be refused "
                         f"without --resume (continue it) or --overwrite (replace it)")
 
@@ -625,6 +631,9 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
         summary.planned = [safe_text(it.path) for it in (todo[:limit] if limit is not None else todo) + videos]
         return summary
 
+    if frames is not None and videos and not resume and not overwrite and holds_something(Path(frames)):
+        raise RunError(f"--frames {frames} already holds an earlier run's frame table (it cannot be rebuilt from "
+                       f"the records); --resume continues it, --overwrite replaces it, or give another file")
     if frames is not None and videos and resume:  # a table that cannot be resumed into stops the run now
         from cem.video import FrameTableWriter, VideoError
 
@@ -641,7 +650,7 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
         runner.echo(f"cem: note: --retry-errors: {sink.existing.retried} error record(s) are removed from "
                     f"{safe_text(os.fspath(out))} and their inputs done again (a run stopped before the end leaves "
                     f"those not yet done without a record: --resume again)")
-    if not resume and out.is_file() and out.stat().st_size > 0:
+    if not resume and holds_something(out):
         runner.echo(f"cem: note: {safe_text(os.fspath(out))} held an earlier run's records and is replaced "
                     f"(--overwrite)")
     try:

@@ -328,6 +328,20 @@ def scan(path: Path, retry: Container[RecordKey] = frozenset()) -> tuple[Existin
     return found, good
 
 
+def holds_something(path: Path) -> bool:
+    """Whether ``path`` is a file with anything but whitespace in it (read until the first such byte)."""
+    try:
+        if not path.is_file() or path.stat().st_size == 0:
+            return False
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 16):
+                if chunk.strip():
+                    return True
+    except OSError:
+        return True  # unreadable: let the caller's own open report it rather than replace it unseen
+    return False
+
+
 class JsonlSink:
     """The JSONL output of a run: locked, repaired on resume, one flushed line per record."""
 
@@ -349,8 +363,9 @@ class JsonlSink:
         except OSError as e:
             raise OutputError(f"{self.path}: cannot create its folder {self.path.parent} ({os_reason(e)})") from None
         # locked by its real path: a second run writing through a symlink to the same file is refused too
-        self.lock = OutputLock(self.path.resolve())
-        if not resume and not overwrite and self.path.is_file() and self.path.stat().st_size > 0:
+        # os.path.realpath, unlike Path.resolve, does not raise on a symlink loop (the open below reports it)
+        self.lock = OutputLock(Path(os.path.realpath(self.path)))
+        if not resume and not overwrite and holds_something(self.path):
             self.lock.release()  # checked under the lock: a run writing it now is named as such first
             raise OutputError(f"{self.path} already holds the records of an earlier run; --resume continues it "
                               f"(skips what is done), --overwrite replaces it, or write to another file")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -303,9 +304,14 @@ def train_expression(
         (out / "train_settings.json").write_text(json.dumps(_settings(cfg), indent=1))
     if ckpt_path.exists():
         # tensors and plain containers only: a checkpoint is never a way to run code
-        ckpt = torch.load(ckpt_path, weights_only=True, map_location=device)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["opt"])
+        try:
+            ckpt = torch.load(ckpt_path, weights_only=True, map_location=device)
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["opt"])
+        except Exception as e:
+            raise ValueError(f"{ckpt_path}: not a checkpoint this run can resume ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); remove it (and train_settings.json) to "
+                             f"start a new run") from None
         gen.set_state(ckpt["gen"].cpu() if device.type == "cpu" else ckpt["gen"].cpu())
         perm_gen.set_state(ckpt["perm_gen"].cpu())
         start_epoch, history = int(ckpt["epoch"]), json.loads(ckpt["history"])
@@ -455,12 +461,17 @@ def main(argv: list[str] | None = None) -> int:
             missing = [n for n in ("config.json", "model.safetensors") if not (Path(t) / n).is_file()]
             if missing:
                 raise ValueError(f"--teacher {t}: not a trained model folder (no {' or '.join(missing)})")
+            try:
+                load_model_folder(t)
+            except Exception as e:  # a broken folder: its own message, not a traceback from inside torch
+                raise ValueError(f"--teacher {t}: cannot be loaded ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''})") from None
         check_resumable(Path(a.out), cfg)
         train, valid = load_ferplus("train", a.data_dir), load_ferplus("valid", a.data_dir)
+        train_expression(train, valid, a.out, cfg)
     except (FileNotFoundError, ValueError) as e:
         print(f"cem train-expression: {e}", file=sys.stderr)
         return 2
-    train_expression(train, valid, a.out, cfg)
     return 0
 
 
@@ -491,8 +502,9 @@ RESUME_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "width", "dropo
 
 
 def _settings(cfg: TrainConfig) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()
-            if k in RESUME_SETTINGS}
+    out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items() if k in RESUME_SETTINGS}
+    out["teachers"] = [os.path.realpath(t) for t in cfg.teachers]  # ./t, t/ and /abs/t are one teacher
+    return out
 
 
 def check_resumable(out: Path, cfg: TrainConfig) -> None:
@@ -501,7 +513,13 @@ def check_resumable(out: Path, cfg: TrainConfig) -> None:
     ckpt, saved = out / "checkpoint.pt", out / "train_settings.json"
     if not ckpt.exists() or not saved.is_file():
         return
-    before = json.loads(saved.read_text())
+    try:
+        before = json.loads(saved.read_text())
+        if not isinstance(before, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{saved}: cannot be read ({e}); it records the settings of the checkpoint beside it: "
+                         f"remove both to start a new run in --out {out}") from None
     now = _settings(cfg)
     differ = [f"{k} {before.get(k)!r} -> {now[k]!r}" for k in RESUME_SETTINGS if before.get(k) != now[k]]
     if differ:

@@ -99,6 +99,9 @@ def test_training_command_runs_one_tiny_step(tmp_path):
     with pytest.raises(ValueError, match="other settings \\(width 4 -> 8\\)"):
         check_resumable(tmp_path, TrainConfig(epochs=1, batch_size=8, width=8, max_steps=1, threads=1, bf16=False))
     check_resumable(tmp_path, TrainConfig(epochs=1, batch_size=8, width=4, max_steps=1, threads=2, bf16=False))
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="checkpoint.pt: not a checkpoint this run can resume"):
+        train_expression(data, data, tmp_path, cfg, log=lambda *_: None)
 
 
 @pytest.mark.parametrize("args, words", [

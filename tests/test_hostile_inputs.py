@@ -1425,3 +1425,19 @@ def test_more_workers_than_cores_gets_a_note(pipeline, face_png, tmp_path, monke
     summary = annotate(pipeline, [face_png], tmp_path / "o.jsonl", workers=2, progress=False, echo=notes.append)
     assert summary.images == 1
     assert any("--workers 2 on 1 CPU core(s)" in n and "slower, not faster" in n for n in notes), notes
+
+
+def test_odd_output_paths_get_clear_answers(face_png, tmp_path):
+    """A symlink loop as the output is refused with a message (not a traceback); a file holding only
+    whitespace is no earlier run; a refusal exits 2 even when stderr cannot take the message."""
+    loop = tmp_path / "loop.jsonl"
+    loop.symlink_to(loop)
+    r = _cem("annotate", face_png, "-o", loop)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n  \n")
+    r = _cem("annotate", face_png, "-o", blank)
+    assert r.returncode == 0 and len(_strict_records(blank)) == 1, r.stderr
+    r = subprocess.run(["sh", "-c", f"{sys.executable} -m cem.cli annotate {face_png} -o {blank} 2>/dev/full"],
+                       timeout=300)
+    assert r.returncode == 2  # refused (it holds a record now), said or not

@@ -80,6 +80,11 @@ def test_few_shot_attaches_exemplars_before_the_photo():
     assert "Example 1: happiness (smiling student)" in p.text and "Example 2: sadness" in p.text
 
 
+def test_special_tokens_of_other_families_are_defanged_too():
+    s = sanitize_context("a <|/tool|> [gMASK] [control_8] <\uff5cbegin\u2581of\u2581sentence\uff5c> b")
+    assert "<|" not in s and "[gMASK]" not in s and "[control_8]" not in s and "<\uff5c" not in s
+
+
 def test_sanitize_context():
     from cem.contract import MAX_CONTEXT_CHARS
 

@@ -285,6 +285,12 @@ def test_frame_table_tells_one_video_under_two_contexts_apart_and_resumes_both(p
     assert list(first[0])[:4] == ["video", "context", "meta.rater", "time"]
     annotate(pipeline, [str(two)], out, progress=False, every=5, frames=frames, resume=True)
     rows = list(csv.DictReader(frames.open(encoding="utf-8")))
+    from cem.runner import RunError
+
+    # a new run's records go elsewhere, but this frame table cannot be rebuilt: it is not replaced unasked
+    with pytest.raises(RunError, match=r"--frames .*frames.csv already holds an earlier run's frame table"):
+        annotate(pipeline, [str(one)], tmp_path / "elsewhere.jsonl", progress=False, every=5, frames=frames)
+    assert list(csv.DictReader(frames.open(encoding="utf-8"))) == rows
     subj = tmp_path / "s.csv"  # a subject column means nothing for a video: said, not silently carried
     subj.write_text(f"image,subject\n{video},P1\n")
     said = annotate(pipeline, [str(subj)], tmp_path / "s.jsonl", progress=False, every=30).notes
@@ -295,8 +301,6 @@ def test_frame_table_tells_one_video_under_two_contexts_apart_and_resumes_both(p
     # a table written without these columns (another cem version, other manifest columns) is not resumed into
     three = tmp_path / "c.csv"
     three.write_text(f"image,context,condition\n{video},a talk,x\n")
-    from cem.runner import RunError
-
     with pytest.raises(RunError, match=r"columns differ.*this run also writes meta\.condition.*give --frames a new"):
         annotate(pipeline, [str(three)], tmp_path / "n.jsonl", progress=False, every=5, frames=frames, resume=True)
     assert not (tmp_path / "n.jsonl").exists()  # refused before the JSONL output was opened
