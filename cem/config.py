@@ -318,7 +318,9 @@ def check_label_overlap(labels: list[str], model_labels: list[str], where: str) 
     if not any(lab in model_labels for lab in labels):
         raise ConfigError(f"{where}: labels: none of {labels} is a label of the expression model "
                           f"({', '.join(model_labels)}), so no face would have an expression distribution; keep "
-                          f"some of its labels (your own ones can take a share of them through fusion.label_map)")
+                          f"its label names (happiness, not happy), and a label of your own can take the share of "
+                          f"one of them through fusion.label_map (labels: [happiness, pride, ...], fusion: "
+                          f"{{label_map: {{pride: happiness}}}})")
 
 
 def parse_options(backend_name: str, raw: dict[str, Any] | None, where: str = "reasoner.options") -> BackendOptions:

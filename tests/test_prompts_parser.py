@@ -357,3 +357,24 @@ def test_a_rationale_that_affirms_another_label_is_left_out(said, named):
     p = dict.fromkeys(LABELS, 0.01) | {"happiness": 0.93}
     text = explain(_faces()[0], p, [], p, FusionConfig(), said, "the model")
     assert f"rationale names {named}, not its answer (happiness), and is left out" in text and said not in text
+
+
+def test_more_ways_answers_go_wrong_are_read_right():
+    answer = json.dumps({"faces": [{"index": 1, "distribution": {"anger": 1}}]})
+    # a stray opener in the prose before a complete answer
+    parsed, err = parse_answer("Faces [see above) " + answer, LABELS, 1)
+    assert err is None and parsed[0]["distribution"]["anger"] == 1
+    # a draft, then a final answer in single quotes cut off: the cut answer is what counts
+    assert "cut off" in parse_answer(answer + " final: {'faces': [{'index': 1, 'distribution': {'fear': 0.6", LABELS,
+                                     1)[1]
+    # the answer, then the schema example echoed with zeros
+    echo = json.dumps({"faces": [{"index": 1, "distribution": dict.fromkeys(LABELS, 0)}]})
+    parsed, err = parse_answer(f"{answer} (format: {echo})", LABELS, 1)
+    assert err is None and parsed[0]["distribution"]["anger"] == 1
+    # one face: the entry numbered 1 is its answer, not the first entry
+    two = json.dumps({"faces": [{"index": 2, "distribution": {"fear": 1}}, {"index": 1, "distribution": {"anger": 1}}]})
+    assert parse_answer(two, LABELS, 1)[0][0]["distribution"]["anger"] == 1
+    # a 400-digit number is one bad value, not a failed answer
+    huge = json.dumps({"faces": [{"index": 1, "distribution": {"anger": 1, "fear": 10**400}}]})
+    assert parse_answer(huge, LABELS, 1)[0][0]["distribution"]["anger"] == 1
+    assert "out of range" in parse_answer(huge, LABELS, 1, max_cues=4)[1]

@@ -126,11 +126,12 @@ def _fenced(text: str) -> list[str]:
     return [b.strip() for b in out]
 
 
-def _candidates(text: str) -> tuple[list[str], bool]:
+def _candidates(text: str, nested: bool = False) -> tuple[list[str], bool]:
     """(code-fenced blocks, every balanced top-level {...}/[...] span, then the text itself; whether an
-    answer is left open at the end: a top-level value that never closes and has begun a "faces" or
-    "distribution" key, as a reply cut off by a token limit has)."""
-    out = _fenced(text)
+    answer is left open at the end: a top-level value that never closes, has begun a faces or distribution
+    key and holds no complete answer, as a reply cut off by a token limit has). A stray opener in prose
+    ("[see above) {...}") leaves the complete answer after it a candidate: the open part is scanned once more."""
+    out = [] if nested else _fenced(text)
     pairs = {"{": "}", "[": "]"}
     stack: list[str] = []
     start, in_str, esc = None, False, False
@@ -153,13 +154,25 @@ def _candidates(text: str) -> tuple[list[str], bool]:
             stack.pop()
             if not stack and start is not None:
                 out.append(text[start : i + 1])
+    open_tail = text[start:] if stack and start is not None else ""
+    cut = False
+    if open_tail and not nested:
+        inner, _ = _candidates(open_tail[1:], nested=True)
+        complete = [c for c in inner if _has_faces(_loads(c))]
+        out += complete
+        cut = not complete and bool(_ANSWER_KEY.search(open_tail))
     if len(out) > 2 * MAX_CANDIDATES:  # a degenerate reply ({a}{a}...): parsing each span costs CPU
         out = out[:MAX_CANDIDATES] + out[-MAX_CANDIDATES:]
-    out.append(text)
-    # an answer left open at the end (a token limit): what it began, so that a cut final answer is told apart
-    # from prose with a stray bracket
-    open_tail = text[start:] if stack and start is not None else ""
-    return out, bool(re.search(r'"(faces|distribution)"', open_tail))
+    if not nested:
+        out.append(text)
+    return out, cut
+
+
+_ANSWER_KEY = re.compile(r"""["']?\b(faces|distribution)\b["']?\s*:""", re.I)
+
+
+def _has_faces(data: Any) -> bool:
+    return isinstance(data, dict) and isinstance(data.get("faces"), list)
 
 
 def _loads(s: str) -> Any:
@@ -184,7 +197,10 @@ def _number(v: Any) -> float | None:
     if isinstance(v, bool):
         return None
     if isinstance(v, (int, float)):
-        f = float(v)
+        try:
+            f = float(v)
+        except OverflowError:  # a 400-digit integer: no usable number, not a failed answer
+            return None
     elif isinstance(v, str):
         m = re.fullmatch(r"\s*([-+]?\d+(?:\.\d*)?|[-+]?\.\d+)\s*(%?)\s*", v)
         if not m:
@@ -193,6 +209,7 @@ def _number(v: Any) -> float | None:
     else:
         return None
     return f if math.isfinite(f) and f >= 0 else None
+
 
 
 def _face_number(v: Any) -> int | None:
@@ -259,8 +276,8 @@ def _strict_problem(f: dict[str, Any], labels: list[str], max_cues: int) -> str 
                 return f"unknown label {str(k)[:40]!r} in the distribution"
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 return f"distribution value for {str(k)[:40]!r} is not a number"
-            if not math.isfinite(v) or not 0 <= v <= 100:
-                return f"distribution value for {str(k)[:40]!r} is out of range ({v!r})"
+            if not 0 <= v <= 100 or not math.isfinite(v):  # (a huge integer fails the range first)
+                return f"distribution value for {str(k)[:40]!r} is out of range ({repr(v)[:24]})"
     cues = f.get("cues") or []
     if not isinstance(cues, list):
         return "cues is not a list"
@@ -274,26 +291,9 @@ def _clean(s: str, limit: int) -> str:
     return s[:limit].encode("utf-8", "replace").decode("utf-8")
 
 
-def _parse(text: Any, labels: list[str], n_faces: int,
-           max_cues: int | None = None) -> tuple[dict[int, dict[str, Any]], str | None]:
-    if not isinstance(text, str):
-        return {}, f"answer is not text ({type(text).__name__})"
-    candidates, cut = _candidates(text)
-    if cut:  # the final answer was cut (a complete draft before it is not the answer)
-        return {}, ("the answer is cut off: its JSON never closes (the model reached its token limit?), "
-                    "so the labels it did not write are unknown")
-    parsed = [d for d in map(_loads, candidates) if isinstance(d, (dict, list))]
-    with_faces = [d for d in parsed if isinstance(d, dict) and isinstance(d.get("faces"), list)]
-    # the last complete answer wins (a draft or an echoed example may come first)
-    data = with_faces[-1] if with_faces else (parsed[0] if parsed else None)
-    if data is None:
-        snippet = text.strip().replace("\n", " ")[:80]
-        return {}, f"no JSON found in the answer: {snippet!r}"
-    faces = data.get("faces") if isinstance(data, dict) else data
-    if isinstance(data, dict) and faces is None and "distribution" in data:
-        faces = [data]
-    if not isinstance(faces, list):
-        return {}, "answer has no 'faces' list"
+def _read_faces(faces: list[Any], labels: list[str], n_faces: int, max_cues: int | None
+                ) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+    """The per-face answers of one ``faces`` list and the problems of the faces it gives none for."""
     out: dict[int, dict[str, Any]] = {}
     problems: dict[int, str] = {}
     numbers = [_face_number(f.get("index", f.get("face"))) if isinstance(f, dict) else None for f in faces]
@@ -308,7 +308,7 @@ def _parse(text: Any, labels: list[str], n_faces: int,
         if number is None and given:  # unnumbered beside numbered entries: whose it is cannot be known
             continue
         idx = number - offset if number is not None else pos
-        if n_faces == 1:
+        if n_faces == 1 and not given & {0, 1}:  # one face, numbered oddly: it is that face
             idx = 0
         if not 0 <= idx < n_faces or idx in out:
             continue
@@ -334,6 +334,38 @@ def _parse(text: Any, labels: list[str], n_faces: int,
         out[idx] = {"distribution": dist, "cues": [c for c in cues if c.supports],
                     "rationale": _clean(rationale, 500) if isinstance(rationale, str) else ""}
         problems.pop(idx, None)
+    return out, problems
+
+
+def _parse(text: Any, labels: list[str], n_faces: int,
+           max_cues: int | None = None) -> tuple[dict[int, dict[str, Any]], str | None]:
+    if not isinstance(text, str):
+        return {}, f"answer is not text ({type(text).__name__})"
+    candidates, cut = _candidates(text)
+    if cut:  # the final answer was cut (a complete draft before it is not the answer)
+        return {}, ("the answer is cut off: its JSON never closes (the model reached its token limit?), "
+                    "so the labels it did not write are unknown")
+    parsed = [d for d in map(_loads, candidates) if isinstance(d, (dict, list))]
+    with_faces = [d for d in parsed if _has_faces(d)]
+    if not parsed:
+        snippet = text.strip().replace("\n", " ")[:80]
+        return {}, f"no JSON found in the answer: {snippet!r}"
+    # the last complete answer that gives a face a valid answer wins (a draft may come first, an echoed
+    # example with all-zero values after it); else the last one, for its error
+    best: tuple[dict[int, dict[str, Any]], dict[int, str]] | None = None
+    for data in reversed(with_faces) if with_faces else parsed[:1]:
+        faces = data.get("faces") if isinstance(data, dict) else data
+        if isinstance(data, dict) and faces is None and "distribution" in data:
+            faces = [data]
+        if not isinstance(faces, list):
+            return {}, "answer has no 'faces' list"
+        found = _read_faces(faces, labels, n_faces, max_cues)
+        if best is None or (found[0] and not best[0]):
+            best = found
+        if found[0]:
+            break
+    assert best is not None
+    out, problems = best
     missing = [i + 1 for i in range(n_faces) if i not in out]
     err = None
     if missing:
