@@ -593,6 +593,10 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
         [os.fspath(p) for p in inputs if os.path.isfile(p)] + [it.path for it in found.items]
         + ([os.fspath(context_file)] if context_file is not None else []),
         {"the output": out, "--csv": csv, "--frames": frames})
+    if csv is not None and not resume and not overwrite and not dry_run and holds_something(Path(csv)):
+        # a file that is not this output's table (a user's keep.csv) must not be replaced unseen
+        raise RunError(f"--csv {csv} already exists; --overwrite replaces it (the table is rebuilt from the JSONL "
+                       f"output), or give another file")
     summary = RunSummary(out, notes=found.notes + found.duplicates)
     videos = [it for it in found.items if it.error is None and is_video(it.path)]
     if any((it.extra.get(SUBJECT_COLUMN) or "").strip() for it in videos):

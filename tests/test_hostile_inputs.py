@@ -1441,3 +1441,14 @@ def test_odd_output_paths_get_clear_answers(face_png, tmp_path):
     r = subprocess.run(["sh", "-c", f"{sys.executable} -m cem.cli annotate {face_png} -o {blank} 2>/dev/full"],
                        timeout=300)
     assert r.returncode == 2  # refused (it holds a record now), said or not
+
+
+def test_an_existing_table_is_not_replaced_unasked(pipeline, face_png, tmp_path):
+    keep = tmp_path / "keep.csv"
+    keep.write_text("my,own\n1,2\n")
+    with pytest.raises(RunError, match="--csv .*keep.csv already exists; --overwrite replaces it"):
+        annotate(pipeline, [face_png], tmp_path / "o.jsonl", csv=keep, progress=False)
+    assert keep.read_text() == "my,own\n1,2\n" and not (tmp_path / "o.jsonl").exists()
+    annotate(pipeline, [face_png], tmp_path / "o.jsonl", csv=keep, progress=False, overwrite=True)
+    annotate(pipeline, [face_png], tmp_path / "o.jsonl", csv=keep, progress=False, resume=True)  # rebuilt
+    assert keep.read_text().startswith("image,")
