@@ -317,16 +317,15 @@ def annotate(dataset_or_paths: Any, config: Config | str | os.PathLike = "defaul
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
     if resume and overwrite:
         raise ValueError("resume continues the output and overwrite replaces it: give one of them")
-    from cem.sinks import OutputError, OutputLock
+    from cem.sinks import OutputError, OutputLock, holds_something
 
     try:
         merged.parent.mkdir(parents=True, exist_ok=True)
-        lock = OutputLock(Path(os.path.realpath(merged)))  # one writer, local or Ray
+        lock = OutputLock(merged)  # one writer, local or Ray
     except (OutputError, OSError) as e:
         raise ValueError(str(e)) from None
     try:
-        earlier = [p for p in ([merged] if merged.is_file() else []) + (_parts(shards) if shards.is_dir() else [])
-                   if p.stat().st_size > 0]
+        earlier = [p for p in [merged, *(_parts(shards) if shards.is_dir() else [])] if holds_something(p)]
         if earlier and not resume and not overwrite:
             raise ValueError(f"{merged} already has records of an earlier run ({len(earlier)} file(s), e.g. "
                              f"{earlier[0]}); --resume continues it (skips what is done), --overwrite replaces it, "

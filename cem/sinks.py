@@ -196,7 +196,10 @@ class OutputLock:
     def __init__(self, output: Path) -> None:
         import fcntl
 
-        self.path = output.with_name(output.name + ".lock")
+        # beside the real file (os.path.realpath follows symlinks, and unlike Path.resolve does not raise on a
+        # loop): a second run writing through a symlink to the same file takes the same lock
+        real = Path(os.path.realpath(output))
+        self.path = real.with_name(real.name + ".lock")
         self._fd: int | None = None
         while True:
             try:
@@ -362,9 +365,7 @@ class JsonlSink:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OutputError(f"{self.path}: cannot create its folder {self.path.parent} ({os_reason(e)})") from None
-        # locked by its real path: a second run writing through a symlink to the same file is refused too
-        # os.path.realpath, unlike Path.resolve, does not raise on a symlink loop (the open below reports it)
-        self.lock = OutputLock(Path(os.path.realpath(self.path)))
+        self.lock = OutputLock(self.path)
         if not resume and not overwrite and holds_something(self.path):
             self.lock.release()  # checked under the lock: a run writing it now is named as such first
             raise OutputError(f"{self.path} already holds the records of an earlier run; --resume continues it "
