@@ -184,35 +184,30 @@ def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: 
         stopped_by.append(signum)
         raise KeyboardInterrupt
 
-    import threading
+    from cem.signals import handling
 
-    # (cli.main may be called from a thread, where no signal handler can be set)
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, terminated) if in_main else None
-    try:
-        if engine["engine"] == "ray":
-            from cem.io import read_context_csv
+    with handling(signal.SIGTERM, terminated):
+        try:
+            if engine["engine"] == "ray":
+                from cem.io import read_context_csv
 
-            contexts = read_context_csv(context_file) if context_file else None
-            return _annotate_ray(config, inputs, output, contexts, context, resume, overwrite, limit, {
-                "--csv": csv_path, "--workers > 1": workers > 1, "--frames": frames_path, "--dry-run": dry_run,
-                "--landmarks": landmarks, "--image-timeout": image_timeout_s, "--retry-errors": retry_errors},
-                engine)
-        summary = run(config, inputs, output, resume=resume, workers=workers, csv=csv_path, context=context,
-                      context_file=context_file, landmarks=landmarks, progress=not no_progress, limit=limit,
-                      dry_run=dry_run, frames=frames_path, every=every, fps=fps, image_timeout_s=image_timeout_s,
-                      retry_errors=retry_errors, overwrite=overwrite, echo=_say)
-    except RunError as e:
-        _fail(safe_text(str(e)))
-    except (ValueError, OSError) as e:  # context file unreadable (the local runner reports its own)
-        _fail(safe_text(str(e)))
-    except KeyboardInterrupt:
-        _say(f"cem: {'stopped (SIGTERM)' if stopped_by else 'interrupted'}; every record written to {output} is "
-             f"kept: run again with --resume")
-        sys.exit(143 if stopped_by else 130)
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
+                contexts = read_context_csv(context_file) if context_file else None
+                return _annotate_ray(config, inputs, output, contexts, context, resume, overwrite, limit, {
+                    "--csv": csv_path, "--workers > 1": workers > 1, "--frames": frames_path, "--dry-run": dry_run,
+                    "--landmarks": landmarks, "--image-timeout": image_timeout_s, "--retry-errors": retry_errors},
+                    engine)
+            summary = run(config, inputs, output, resume=resume, workers=workers, csv=csv_path, context=context,
+                          context_file=context_file, landmarks=landmarks, progress=not no_progress, limit=limit,
+                          dry_run=dry_run, frames=frames_path, every=every, fps=fps, image_timeout_s=image_timeout_s,
+                          retry_errors=retry_errors, overwrite=overwrite, echo=_say)
+        except RunError as e:
+            _fail(safe_text(str(e)))
+        except (ValueError, OSError) as e:  # context file unreadable (the local runner reports its own)
+            _fail(safe_text(str(e)))
+        except KeyboardInterrupt:
+            _say(f"cem: {'stopped (SIGTERM)' if stopped_by else 'interrupted'}; every record written to {output} is "
+                 f"kept: run again with --resume")
+            sys.exit(143 if stopped_by else 130)
     if dry_run:
         for path in summary.planned:
             click.echo(path)

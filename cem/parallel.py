@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
 from cem.config import Config
+from cem.signals import handling
 
 DEFAULT_IMAGE_TIMEOUT_S = 600.0
 HOLD_BACK_S = 10.0  # an image running this long no longer holds back the results finished after it
@@ -77,22 +78,6 @@ def _worker_main(conn: Any, config: Config, threads: int, faces: str | None, kee
         pass
     finally:
         pipeline.close()
-
-
-def _on_continue(flags: list[int]) -> Any:
-    """Note SIGCONT (a stopped run continued: ``fg`` after Ctrl-Z) in ``flags`` while the pool runs; returns
-    the handler to put back, or None where no handler can be set (not the main thread, no SIGCONT)."""
-    if not hasattr(signal, "SIGCONT") or threading.current_thread() is not threading.main_thread():
-        return None
-    previous = signal.getsignal(signal.SIGCONT)
-
-    def continued(signum: int, frame: Any) -> None:
-        flags.append(signum)
-        if callable(previous):
-            previous(signum, frame)
-
-    signal.signal(signal.SIGCONT, continued)
-    return previous if previous is not None else signal.SIG_DFL
 
 
 @dataclass
@@ -144,8 +129,10 @@ class WorkerPool:
         next_out = 0
         self.workers = [self._spawn() for _ in range(min(self.n, max(1, total)))]
         continued: list[int] = []
-        previous_handler = _on_continue(continued)
-        try:
+        # SIGCONT (a stopped run continued: ``fg`` after Ctrl-Z) is noted while the pool runs; another handler
+        # of the program still gets it
+        with handling(getattr(signal, "SIGCONT", None), lambda num, frame: continued.append(num), chain=True), \
+                closing(self):
             while next_out < total:
                 for w in self.workers:
                     if w.ready and w.job is None and pending:
@@ -211,10 +198,6 @@ class WorkerPool:
                     for idx in sorted(done):  # a slow image: what is finished is not kept waiting for it
                         yield idx, done.pop(idx)
                         released.add(idx)
-        finally:
-            if previous_handler is not None:
-                signal.signal(signal.SIGCONT, previous_handler)
-            self.close()
 
     @staticmethod
     def _hold_back_left(idx: int, busy: list[_Worker]) -> float | None:

@@ -1401,6 +1401,44 @@ def test_a_run_stopped_with_ctrl_z_and_continued_times_no_image_out(face_png, tm
     assert not [r["error"] for r in records if r.get("error")], err
 
 
+def test_signal_handlers_are_put_back_chained_and_left_alone_outside_the_main_thread():
+    """The CLI's SIGTERM and the pool's SIGCONT handlers live only as long as their block; a chained handler
+    also calls the one that was there (another part of the program watching the same signal)."""
+    import signal
+    import threading
+
+    from cem.signals import handling
+
+    seen: list[str] = []
+    outer = signal.signal(signal.SIGUSR1, lambda num, frame: seen.append("outer"))
+    try:
+        with handling(signal.SIGUSR1, lambda num, frame: seen.append("inner"), chain=True) as installed:
+            assert installed
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.05)
+        assert seen == ["inner", "outer"]
+        with pytest.raises(RuntimeError), handling(signal.SIGUSR1, lambda num, frame: seen.append("replaced")):
+            raise RuntimeError("the block fails")
+        os.kill(os.getpid(), signal.SIGUSR1)  # the outer handler is back, even after the failed block
+        time.sleep(0.05)
+        assert seen == ["inner", "outer", "outer"]
+        results: list[bool] = []
+
+        def in_thread() -> None:
+            with handling(signal.SIGUSR1, lambda num, frame: None) as ok:
+                results.append(ok)
+
+        before = signal.getsignal(signal.SIGUSR1)
+        t = threading.Thread(target=in_thread)
+        t.start()
+        t.join()
+        assert results == [False] and signal.getsignal(signal.SIGUSR1) is before
+        with handling(None, lambda num, frame: None) as ok:  # a platform without the signal (SIGCONT on Windows)
+            assert not ok
+    finally:
+        signal.signal(signal.SIGUSR1, outer)
+
+
 def test_ray_and_dry_runs_treat_an_earlier_output_as_the_local_run_does(face_png, tmp_path):
     out = tmp_path / "o.jsonl"
     out.write_text('{"image": "kept.png", "faces": [], "error": null}\n')
