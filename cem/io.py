@@ -111,7 +111,13 @@ def load_image(source: ImageInput, max_pixels: int = 50_000_000, max_side: int =
     if isinstance(source, Image.Image):
         check_geometry(f"<{type(source).__name__} {source.width}x{source.height}>", source.width, source.height,
                        max_pixels, max_side)
-        return _pil_to_rgb(ImageOps.exif_transpose(source) or source)
+        try:  # a PIL image is only decoded now: a truncated file, a closed image or an odd mode fails here
+            return _pil_to_rgb(ImageOps.exif_transpose(source) or source)
+        except ImageLoadError:
+            raise
+        except (OSError, ValueError, AssertionError, SyntaxError, TypeError) as e:
+            raise ImageLoadError(f"<{type(source).__name__} {source.width}x{source.height} mode {source.mode}>: "
+                                 f"cannot be read ({type(e).__name__}: {e or 'closed or damaged'})") from None
     if isinstance(source, (bytes, bytearray, memoryview)) and not _plausible_path(source):
         raise ImageLoadError(f"<{len(source)} bytes>: encoded image data, not a path; pass "
                              f"PIL.Image.open(io.BytesIO(data)) or the file's path")

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -126,6 +127,7 @@ class Pipeline:
         self.config = config
         self.reasoner = make_reasoner(config)  # first: a bad backend fails before models load
         self._fer: Any = None
+        self._fer_lock = threading.Lock()
         self._context_warned = False  # a reasoner that cannot read context says so once per pipeline
         if load_fer:
             self._fer = self._make_fer()
@@ -137,9 +139,10 @@ class Pipeline:
 
     @property
     def fer(self) -> Any:
-        if self._fer is None:
-            self._fer = self._make_fer()
-        return self._fer
+        with self._fer_lock:  # two threads' first images load one stage, not two
+            if self._fer is None:
+                self._fer = self._make_fer()
+            return self._fer
 
     @classmethod
     def from_config(cls, name_or_path: str | Path | Config = "default", **overrides: Any) -> Pipeline:
@@ -231,17 +234,20 @@ class Pipeline:
         timings["load"] = (time.perf_counter() - t0) * 1000
         h, w = rgb.shape[:2]
         t1 = time.perf_counter()
-        try:
-            evidence = self.fer.measure(rgb, faces, baseline=baseline)
-        except Exception as e:  # a model failure on one image must not end a batch; it is reported
-            return MeasuredImage(name, None, [], timings, f"{name}: FER stage failed ({type(e).__name__}: {e})",
-                                 w, h)
-        timings["fer"] = (time.perf_counter() - t1) * 1000
-        timings.update(self.fer.last_timings)
+        fer = self.fer
+        with fer.lock:  # one image at a time per stage; its last_* attributes are this image's
+            try:
+                evidence = fer.measure(rgb, faces, baseline=baseline)
+            except Exception as e:  # a model failure on one image must not end a batch; it is reported
+                return MeasuredImage(name, None, [], timings, f"{name}: FER stage failed ({type(e).__name__}: {e})",
+                                     w, h)
+            timings["fer"] = (time.perf_counter() - t1) * 1000
+            timings.update(fer.last_timings)
+            skipped = fer.last_faces_skipped
         if baseline is not None and baseline_name is None:  # the record still says what it was measured against
             baseline_name = baseline.describe()
         return MeasuredImage(name, rgb if keep_pixels else None, evidence, timings, None, w, h, baseline_name,
-                             self.fer.last_faces_skipped, check_faces_mode(faces) or self.config.faces.mode)
+                             skipped, check_faces_mode(faces) or self.config.faces.mode)
 
     @property
     def needs_pixels(self) -> bool:
@@ -427,18 +433,23 @@ class Pipeline:
         its 478-point mesh, as image records do with ``--landmarks``.
         """
         from cem.contract import moment_record
-        from cem.video import VideoOptions, check_sampling, track_video
+        from cem.video import VideoOptions, track_video
 
         opts = dataclasses.replace(options or VideoOptions())  # the caller's options are never changed
         if every is not None:
             opts.every = every
         if fps is not None:
             opts.fps = fps
-        check_sampling(opts.every, opts.fps)
+        opts.check()
+        for key, value in (meta or {}).items():  # checked now: a bad one failed at the first key moment
+            if (not isinstance(key, str) or not isinstance(value, (str, int, float, bool))
+                    or (isinstance(value, float) and not math.isfinite(value))):
+                raise ValueError(f"meta {key!r}: {value!r} is not a value a record can hold (text, a whole or "
+                                 f"finite number, true/false)")
         opts.every = None if opts.every is None else int(opts.every)
         opts.fps = None if opts.fps is None else float(opts.fps)
         _check_contexts([context])  # before the first frame, as analyze does (it failed at the first key moment)
-        name = os.fspath(path)
+        name = os.fsdecode(os.fspath(path))
         for vf in track_video(self.fer, name, self.config.labels, opts, stats):
             keys = [f for f in vf.faces if f.key]
             if keys and opts.reason:
@@ -458,9 +469,10 @@ class Pipeline:
     def close(self) -> None:
         """Release the FER stage's detectors and mesher. Closing twice is harmless, and a closed pipeline
         that is used again (or an ``analyze_many`` iterator read after ``close``) loads them anew."""
-        if self._fer is not None:
-            self._fer.close()
-            self._fer = None
+        with self._fer_lock:
+            if self._fer is not None:
+                self._fer.close()
+                self._fer = None
 
     def __enter__(self) -> Pipeline:
         return self

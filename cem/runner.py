@@ -50,7 +50,16 @@ from cem.io import (
     collect_inputs,
     read_context_csv,
 )
-from cem.sinks import JsonlSink, OutputError, holds_something, input_key, moment_key, safe_text, table_format
+from cem.sinks import (
+    JsonlSink,
+    OutputError,
+    OutputLock,
+    holds_something,
+    input_key,
+    moment_key,
+    safe_text,
+    table_format,
+)
 
 PROGRESS_MIN_IMAGES = 5
 _TRUE, _FALSE = frozenset({"1", "true", "yes", "y"}), frozenset({"", "0", "false", "no", "n"})
@@ -536,6 +545,10 @@ def annotate(pipeline_or_config: Any, inputs: str | os.PathLike | Iterable[str |
         raise RunError("--resume continues OUTPUT and --overwrite replaces it: give one of them")
     if retry_errors and not resume:
         raise RunError("--retry-errors applies to --resume (a new run does every input anyway): add --resume")
+    if csv is not None and frames is not None and (
+            os.path.realpath(csv) == os.path.realpath(frames) or _same_file(csv, frames)):
+        raise RunError(f"--csv {csv} and --frames {frames} are the same file (the face table would replace the "
+                       f"frame table); give two files")
     for flag, other in (("--csv", csv), ("--frames", frames)):
         if other is None:
             continue
@@ -645,9 +658,19 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
             FrameTableWriter.check_resume(Path(frames), runner.frame_table_columns(videos)[1])
         except VideoError as e:
             raise RunError(f"--frames {frames}: {e}") from None
+    frames_lock = None
+    if frames is not None and videos:
+        # the frame table is streamed as the output is: a second run writing it at the same time would interleave
+        # its rows with this run's (or, as a new run, truncate it under this one)
+        try:
+            frames_lock = OutputLock(Path(frames))
+        except OutputError as e:
+            raise RunError(f"--frames {e}") from None
     try:
         sink = JsonlSink(out, resume=resume, retry=retry, overwrite=overwrite)
     except OutputError as e:
+        if frames_lock is not None:
+            frames_lock.release()
         raise RunError(str(e)) from None
     summary.retried = sink.existing.retried
     if sink.existing.retried:  # said now, not in the summary: a run stopped half-way must have said it too
@@ -708,6 +731,8 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
                               resume)
     finally:
         sink.close()
+        if frames_lock is not None:
+            frames_lock.release()
     if csv is not None:
         from cem.results import write_table  # the one table writer (also `cem table`): every record of `out`
 

@@ -28,11 +28,13 @@ with a summary of the track's AU and expression timeline since the last key mome
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import os
 from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,9 @@ import numpy as np
 
 from cem.contract import FRAME_INPUT_COLUMNS, ActionUnit, FaceEvidence, frame_row
 from cem.eval import js_divergence
+from cem.sinks import safe_text
+
+log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm"})
 BASELINE_MAX = 300
@@ -81,16 +86,61 @@ class VideoOptions:
     change_threshold: float = 0.2
     reason: bool = True
 
+    def check(self) -> None:
+        """ValueError naming the first setting that cannot work (before any frame is decoded: a zero time
+        constant or baseline size used to fail in the middle of a video)."""
+        check_sampling(self.every, self.fps)
+        for name, minimum in (("detect_every", 1), ("baseline_min", 1)):
+            v = getattr(self, name)
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral) or v < minimum:
+                raise ValueError(f"VideoOptions.{name} must be a whole number >= {minimum}, got {v!r}")
+        for name, positive in (("smooth_tau_s", True), ("max_gap_s", False), ("key_interval_s", False),
+                               ("change_threshold", False)):
+            v = getattr(self, name)
+            if (isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or not math.isfinite(v)
+                    or v < 0 or (positive and v == 0)):
+                raise ValueError(f"VideoOptions.{name} must be a number {'>' if positive else '>='} 0, got {v!r}")
 
-def frame_count(path: str) -> int | None:
-    """Frames the container says the video has (for progress bars; None when it does not say)."""
+
+@contextmanager
+def opencv_path(path: str | os.PathLike | bytes) -> Iterator[str]:
+    """A name under which OpenCV can open ``path``. OpenCV takes file names as UTF-8 text and crashes the
+    process (a segmentation fault, not an exception) on a name that is not valid UTF-8, which POSIX file systems
+    allow (Python carries such bytes as surrogates); such a file is opened through a symbolic link with a plain
+    name in a temporary folder."""
+    name = os.fsdecode(os.fspath(path))
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="cem-video-") as tmp:
+            link = os.path.join(tmp, "video" + Path(name).suffix.encode("ascii", "replace").decode())
+            try:
+                os.symlink(os.path.abspath(os.fsencode(name)), os.fsencode(link))
+            except OSError as e:
+                raise VideoError(f"{safe_text(name)}: its file name is not valid UTF-8, which OpenCV cannot "
+                                 f"open, and no link to it could be made ({e.strerror or e}); rename the "
+                                 f"file") from None
+            yield link
+        return
+    yield name
+
+
+def frame_count(path: str | os.PathLike) -> int | None:
+    """Frames the container says the video has (for progress bars; None when it does not say or cannot be
+    opened)."""
     import cv2
 
-    cap = cv2.VideoCapture(str(path))
     try:
-        n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-    finally:
-        cap.release()
+        with opencv_path(path) as name:
+            cap = cv2.VideoCapture(name)
+            try:
+                n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+            finally:
+                cap.release()
+    except VideoError:
+        return None
     return n if n > 0 else None
 
 
@@ -109,21 +159,31 @@ class DecodeStats:
         return self.declared is not None and self.decoded < self.declared - max(1.0, 0.001 * self.declared)
 
 
-def iter_frames(path: str, every: int | None = None, fps: float | None = None,
+def iter_frames(path: str | os.PathLike, every: int | None = None, fps: float | None = None,
                 stats: DecodeStats | None = None, max_pixels: int | None = None,
                 max_side: int | None = None) -> Iterator[tuple[int, float, Any]]:
     """(frame index, time in s, RGB frame) for the sampled frames, decoded one at a time; ``stats`` (optional)
     is filled in with the frames declared and decoded. ``max_pixels``/``max_side``: the image limits
     (``image.max_pixels``, ``image.max_side``), applied to the frame size before any frame is decoded."""
-    import cv2
-
     from cem.io import url_problem
 
-    if (problem := url_problem(str(path))) is not None:
+    path = os.fsdecode(os.fspath(path))
+    if (problem := url_problem(path)) is not None:
         raise VideoError(problem)
+    if not Path(path).exists():
+        raise VideoError(f"{safe_text(path)}: file not found")
     if not Path(path).is_file():
-        raise VideoError(f"{path}: file not found")
-    cap = cv2.VideoCapture(str(path))
+        raise VideoError(f"{safe_text(path)}: not a regular file (a folder, FIFO or device)")
+    with opencv_path(path) as name:
+        yield from _decode(name, safe_text(path), every, fps, stats, max_pixels, max_side)
+
+
+def _decode(name: str, path: str, every: int | None, fps: float | None, stats: DecodeStats | None,
+            max_pixels: int | None, max_side: int | None) -> Iterator[tuple[int, float, Any]]:
+    """:func:`iter_frames` on the file OpenCV opens as ``name``; ``path`` is the name messages give."""
+    import cv2
+
+    cap = cv2.VideoCapture(name)
     if not cap.isOpened():
         raise VideoError(f"{path}: OpenCV cannot open this video")
     if max_pixels is not None or max_side is not None:
@@ -412,15 +472,47 @@ class FrameTableWriter:
             import csv
 
             if resuming:
-                with open(self.path, newline="", encoding="utf-8") as fh:
-                    reader = csv.reader(fh)
-                    header = next(reader, [])
-                    _check_table_columns(self.path, header, columns)
-                    self._existing = {self._key(dict(zip(header, r))) for r in reader}
+                self._existing = self._complete_rows(columns)
             self._fh = open(self.path, "a" if resuming else "w", newline="", encoding="utf-8")  # noqa: SIM115
             self._w = csv.DictWriter(self._fh, fieldnames=columns)
             if not resuming:
                 self._w.writeheader()
+
+    def _complete_rows(self, columns: list[str]) -> set[tuple[str, ...]]:
+        """Keys of the rows of the CSV table being resumed. A last row cut by a run that stopped while writing
+        it (killed, disk full) is removed from the file, so that the rows appended after it start on a line of
+        their own, and is not counted: its frame is written again."""
+        import csv
+
+        pos, last = 0, b""
+
+        def lines() -> Iterator[str]:
+            nonlocal pos, last
+            for raw in fh:
+                pos, last = pos + len(raw), raw
+                yield raw.decode("utf-8")
+
+        keys: set[tuple[str, ...]] = set()
+        with open(self.path, "rb") as fh:
+            reader = csv.reader(lines())
+            header = next(reader, [])
+            _check_table_columns(self.path, header, columns)
+            good_end = pos
+            try:
+                for row in reader:
+                    if not last.endswith(b"\n") or len(row) != len(header):
+                        break  # only the end of the file can lack its newline: a cut row
+                    keys.add(self._key(dict(zip(header, row))))
+                    good_end = pos
+            except csv.Error:  # a quoted cell cut at the end of the file
+                pass
+            size = os.fstat(fh.fileno()).st_size
+        if good_end < size:
+            with open(self.path, "r+b") as cut:
+                cut.truncate(good_end)
+            log.warning("%s: its last row was cut (a run stopped while writing it); it is removed and its frame "
+                        "written again", safe_text(os.fspath(self._target)))
+        return keys
 
     @staticmethod
     def check_resume(path: str | Path, columns: list[str]) -> None:

@@ -1490,3 +1490,67 @@ def test_an_existing_table_is_not_replaced_unasked(pipeline, face_png, tmp_path)
     annotate(pipeline, [face_png], tmp_path / "o.jsonl", csv=keep, progress=False, overwrite=True)
     annotate(pipeline, [face_png], tmp_path / "o.jsonl", csv=keep, progress=False, resume=True)  # rebuilt
     assert keep.read_text().startswith("image,")
+
+
+def test_one_pipeline_used_from_two_threads_gives_what_one_thread_gives(pipeline, face_png, tmp_path):
+    """MediaPipe's graphs take one image at a time: two notebook threads sharing a Pipeline broke its graphs
+    for good (every image of both threads, and every later one, an error record)."""
+    Image.open(face_png).resize((320, 320)).save(tmp_path / "big.png")  # the detect path, not only the mesh
+    images = [str(face_png), str(tmp_path / "big.png")] * 4
+
+    def essence(result):
+        d = result.to_dict()
+        return d["error"], [(f["bbox"], f["expression"], f["emotion"]) for f in d["faces"]]
+
+    alone = [essence(pipeline.analyze(p)) for p in images]
+    got: dict[int, list] = {}
+
+    def work(k: int) -> None:
+        got[k] = [essence(pipeline.analyze(p)) for p in images]
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got[0] == alone and got[1] == alone
+    assert all(err is None and faces for err, faces in alone)
+
+
+def test_a_pil_image_that_cannot_be_decoded_is_an_error_record_not_an_exception(pipeline, face_png, tmp_path):
+    import io
+
+    buf = io.BytesIO()
+    Image.open(face_png).convert("RGB").save(buf, "JPEG")
+    data = buf.getvalue()
+    cut = Image.open(io.BytesIO(data[: len(data) // 2]))  # PIL decodes lazily: the cut shows only now
+    closed = Image.open(io.BytesIO(data))
+    closed.close()
+    results = list(pipeline.analyze_many([str(face_png), cut, closed, str(face_png)]))
+    assert [r.error is None for r in results] == [True, False, False, True]
+    assert "truncated" in results[1].error and "closed" in results[2].error
+    assert results[0].faces and results[3].faces
+
+
+def test_the_frame_table_is_locked_and_is_not_the_face_table(face_png, tmp_path):
+    from cem.runner import RunError
+
+    video = tmp_path / "v.mp4"
+    import cv2
+
+    vw = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 10, (96, 96))
+    for _ in range(5):
+        vw.write(cv2.cvtColor(np.asarray(Image.open(face_png).convert("RGB")), cv2.COLOR_RGB2BGR))
+    vw.release()
+    table = tmp_path / "t.csv"
+    r = _cem("annotate", video, "-o", tmp_path / "o.jsonl", "--frames", table, "--csv", f"{tmp_path}/./t.csv")
+    assert r.returncode == 2 and "are the same file" in r.stderr and not table.exists(), r.stderr
+    held = OutputLock(table)  # another run writing that frame table
+    try:
+        with pytest.raises(RunError, match="--frames .*t.csv is being written by another cem run"):
+            annotate(Config.load("default"), [video], tmp_path / "o2.jsonl", frames=table, progress=False)
+    finally:
+        held.release()
+    assert not (tmp_path / "o2.jsonl").exists()
+    annotate(Config.load("default"), [video], tmp_path / "o2.jsonl", frames=table, progress=False)
+    assert table.read_text().count("\n") == 6 and not Path(f"{table}.lock").exists()

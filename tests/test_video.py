@@ -417,3 +417,59 @@ def test_video_arguments_checked_before_the_first_frame_and_numpy_numbers_taken(
     assert len(list(pipeline.analyze_video(video, fps=np.float32(1), options=VideoOptions(reason=False)))) == 3
     with pytest.raises(VideoError, match="a URL; cem reads local files only"):
         next(pipeline.analyze_video("https://example.org/clip.mp4"))
+
+
+def test_a_frame_table_cut_mid_row_is_mended_on_resume(tmp_path):
+    """A run stopped while writing a row (killed, disk full) leaves half a row without its newline; the resumed
+    run used to append after it (a corrupt table) and count its frame as written (a lost row)."""
+    import csv
+
+    from cem.video import FrameTableWriter
+
+    cols = ["video", "context", "frame", "track_id", "x"]
+    row = lambda f: {"video": "v.mp4", "context": "a, \"quoted\"\nline", "frame": f, "track_id": 0,  # noqa: E731
+                     "x": float(f)}
+    path = tmp_path / "frames.csv"
+    w = FrameTableWriter(path, cols)
+    w.write([row(0), row(1), row(2)])
+    w.close()
+    data = path.read_bytes()
+    path.write_bytes(data[: data.rindex(b"v.mp4") + 9])  # the last row cut inside its quoted context
+    w = FrameTableWriter(path, cols, resume=True)
+    w.write([row(0), row(1), row(2), row(3)])
+    w.close()
+    rows = list(csv.DictReader(path.open(newline="")))
+    assert [int(r["frame"]) for r in rows] == [0, 1, 2, 3]
+    assert all(r["context"] == row(0)["context"] and len(r) == len(cols) for r in rows)
+
+
+def test_video_options_are_checked_before_the_first_frame(pipeline, video):
+    for bad, words in [({"smooth_tau_s": 0}, "smooth_tau_s must be a number > 0"),
+                       ({"baseline_min": 0}, "baseline_min must be a whole number >= 1"),
+                       ({"max_gap_s": -1}, "max_gap_s must be a number >= 0"),
+                       ({"detect_every": 2.5}, "detect_every must be a whole number"),
+                       ({"change_threshold": float("nan")}, "change_threshold")]:
+        with pytest.raises(ValueError, match=words):
+            next(pipeline.analyze_video(video, options=VideoOptions(reason=False, **bad)))
+    with pytest.raises(ValueError, match="not a value a record can hold"):
+        next(pipeline.analyze_video(video, meta={"n": float("nan")}))
+
+
+def test_a_video_whose_name_is_not_utf8_is_read(pipeline, video, tmp_path):
+    """OpenCV crashes the whole process (a segmentation fault) on such a name; cem opens it through a link."""
+    import os
+    import shutil
+
+    name = os.path.join(os.fsencode(tmp_path), b"clip\xff.mp4")
+    try:
+        shutil.copy(video, name)
+    except OSError:
+        pytest.skip("the file system refuses names that are not UTF-8")
+    frames = list(pipeline.analyze_video(os.fsdecode(name), every=30, options=VideoOptions(reason=False)))
+    assert [vf.frame for vf in frames] == [0, 30, 60] and all(vf.faces for vf in frames[:2])
+    out = tmp_path / "o.jsonl"
+    r = subprocess.run([sys.executable, "-m", "cem.cli", "annotate", os.fsdecode(name), "-o", str(out),
+                        "--every", "30", "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert records[-1]["video_summary"]["frames"] == 3 and records[-1]["image_bytes"]

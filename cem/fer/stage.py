@@ -7,6 +7,7 @@ image; the expression CNN sees all faces of an image in one batch.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import replace
@@ -60,6 +61,10 @@ class FERStage:
             raise ValueError(f"expression.threads must be a whole number >= 0 (0 = torch's own setting), "
                              f"not {threads!r}")
         self.config = config
+        # MediaPipe's graphs take one image at a time: two threads measuring with one stage broke its graphs for
+        # good (every later image an error); measure holds this lock (reentrant: a caller that also reads
+        # last_timings and last_faces_skipped holds it around both)
+        self.lock = threading.RLock()
         self.last_timings: dict[str, float] = {}
         # faces detected beyond faces.max_faces in the last image, not measured (provenance.faces_skipped)
         self.last_faces_skipped = 0
@@ -133,6 +138,12 @@ class FERStage:
         ``baseline`` (from :meth:`baseline`): AUs, and expressions where it was built from neutral photos, are
         measured against that person's own neutral face (use it for images of one subject: every face of the
         image is measured against it)."""
+        with self.lock:
+            return self._measure(rgb, faces, boxes, baseline, box_extents)
+
+    def _measure(self, rgb: np.ndarray, faces: str | None,
+                 boxes: list[tuple[tuple[float, float, float, float], float]] | None,
+                 baseline: SubjectBaseline | None, box_extents: list[float | None] | None) -> list[FaceEvidence]:
         import cv2
 
         if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 \
@@ -237,6 +248,7 @@ class FERStage:
                 else f for f in faces]
 
     def close(self) -> None:
-        if self.detector is not None:
-            self.detector.close()
-        self.mesher.close()
+        with self.lock:
+            if self.detector is not None:
+                self.detector.close()
+            self.mesher.close()
