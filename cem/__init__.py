@@ -35,4 +35,14 @@ def __getattr__(name: str) -> Any:
         from cem.results import read_results
 
         return read_results
+    if name in _SUBMODULES:  # `import cem` then `cem.contract.json_schema()`, as the docs write it
+        import importlib
+
+        return importlib.import_module(f"cem.{name}")
     raise AttributeError(f"module 'cem' has no attribute {name!r}")
+
+
+# the modules reachable as attributes of ``cem`` (imported on first use, like the names above)
+_SUBMODULES = frozenset({"config", "contract", "schema", "results", "io", "fuse", "eval", "video", "runner",
+                         "pipeline", "prompting", "reasoning", "training", "datasets", "sinks", "preflight",
+                         "report", "engines", "fer", "distributed", "resources", "testing", "parallel", "signals"})

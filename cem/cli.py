@@ -418,7 +418,9 @@ def prompt_render(image: str, template: str | None, context: str | None, config_
     from cem.io import ImageLoadError, load_image
 
     try:
-        config = Config.load(config_name, template=template, faces=faces)
+        # the template is rendered as given, not set on the config: the default (rules) config refuses a
+        # template, since its reasoner sends no prompt, yet rendering one is what a user tries first
+        config = Config.load(config_name, faces=faces)
     except ConfigError as e:
         _fail(str(e))
     from cem.fer.stage import FERStage
@@ -432,7 +434,7 @@ def prompt_render(image: str, template: str | None, context: str | None, config_
     stage = FERStage(config)
     try:
         evidence = stage.measure(rgb)
-        name = config.reasoner.template or "context"
+        name = template or config.reasoner.template or "context"
         p = render_prompt(name, evidence, config.labels, context, rgb, exemplars_from(config))
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))

@@ -29,8 +29,10 @@ class PreflightReport:
 
     @property
     def text(self) -> str:
-        head = "cem check: ready" if self.ok else f"cem check: {len(self.problems)} problem(s)"
-        return "\n".join([head, *(f"  - {p}" for p in self.problems), *(f"  {n}" for n in self.notes)])
+        # one cause can surface in two checks (a broken template: at model load and at the render check)
+        problems = list(dict.fromkeys(self.problems))
+        head = "cem check: ready" if self.ok else f"cem check: {len(problems)} problem(s)"
+        return "\n".join([head, *(f"  - {p}" for p in problems), *(f"  {n}" for n in self.notes)])
 
 
 def _missing_packages(names: list[str]) -> list[str]:

@@ -541,6 +541,11 @@ def annotate(pipeline_or_config: Any, inputs: str | os.PathLike | Iterable[str |
     else:
         config, pipeline = pipeline_or_config.config, pipeline_or_config
     out = Path(out)
+    if out.suffix.lower() in (".parquet", ".csv", ".tsv", ".xlsx"):
+        # the records are JSON lines: under a table's name a user's pandas.read_parquet fails on them later
+        raise RunError(f"{safe_text(os.fspath(out))}: the output holds the run's JSON-lines records; name it .jsonl "
+                       f"(a per-face table beside it: --csv faces.csv or faces.parquet; records as Parquet: "
+                       f"--engine ray)")
     if resume and overwrite:
         raise RunError("--resume continues OUTPUT and --overwrite replaces it: give one of them")
     if retry_errors and not resume:

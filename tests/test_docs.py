@@ -51,3 +51,29 @@ def test_the_readme_output_record_is_what_cem_writes_for_the_example(pipeline):
     assert face["cues"][0] in real["cues"]
     assert {k: v for k, v in shown["provenance"].items() if k != "timings_ms"} == {
         k: v for k, v in actual["provenance"].items() if k != "timings_ms"}
+
+
+def test_the_documented_face_columns_are_those_of_a_real_record(pipeline):
+    """docs/output.md's column list is generated from a hand-built record; it had lost two columns that every
+    real record has (provenance_faces, provenance_settings)."""
+    import re
+
+    from cem.contract import face_rows, order_columns
+
+    page = (ROOT / "docs" / "output.md").read_text(encoding="utf-8")
+    block = re.search(r"<!-- BEGIN generated: face-columns -->\n(.*?)<!-- END generated -->", page, re.S)
+    documented = [c for c in re.findall(r"`([^`]+)`", block.group(1)) if not c.startswith("meta.")]
+    record = pipeline.analyze(str(ROOT / "examples" / "astronaut.jpg")).to_dict()
+    assert documented == order_columns(face_rows(record)[0])
+
+
+def test_the_modules_the_docs_name_are_reached_from_a_plain_import_cem():
+    """`import cem` then `cem.contract.json_schema()` (docs/output.md) raised AttributeError in a fresh
+    interpreter: only the top-level names were loaded on demand."""
+    import subprocess
+    import sys
+
+    code = ("import sys, cem; cem.contract.json_schema('image'); cem.fuse.fit_fusion; cem.results.read_cues; "
+            "cem.config.Config; assert 'ray' not in sys.modules; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

@@ -1554,3 +1554,10 @@ def test_the_frame_table_is_locked_and_is_not_the_face_table(face_png, tmp_path)
     assert not (tmp_path / "o2.jsonl").exists()
     annotate(Config.load("default"), [video], tmp_path / "o2.jsonl", frames=table, progress=False)
     assert table.read_text().count("\n") == 6 and not Path(f"{table}.lock").exists()
+
+
+def test_an_output_named_as_a_table_is_refused_by_the_local_runner(face_png, tmp_path):
+    """`-o out.parquet` wrote JSON lines under a Parquet name (pandas.read_parquet then failed on it)."""
+    for name in ("o.parquet", "o.CSV"):
+        r = _cem("annotate", face_png, "-o", tmp_path / name)
+        assert r.returncode == 2 and "name it .jsonl" in r.stderr and not (tmp_path / name).exists(), r.stderr

@@ -206,6 +206,10 @@ def test_cli_prompt_render_prints_what_the_model_gets(tmp_path):
     assert "Face 1 (center); quality: ok" in r.stdout and "AU12 lip corner puller" in r.stdout
     assert "{{ 7*7 }} at a launch" in r.stdout and "49" not in r.stdout.split("<<<CONTEXT")[1].split("CONTEXT>>>")[0]
     assert "[template context@" in r.stderr
+    # a named template renders with the default (rules) config too (it refused: that reasoner uses no prompt)
+    r = subprocess.run([sys.executable, "-m", "cem.cli", "prompt", "render", str(root / "examples" / "astronaut.jpg"),
+                        "--template", "face_only"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "from the face" in r.stdout and "[template face_only@" in r.stderr, r.stderr
 
 
 def test_an_edited_template_is_read_again(tmp_path):
