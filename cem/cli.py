@@ -130,7 +130,8 @@ def _annotate_ray(config, inputs: tuple[str, ...], output: Path, contexts: Conte
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), default=None,
               help="After the run, the per-face table of every record in OUTPUT (.csv or .parquet).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="FER processes (each gets cores/N torch threads); reasoning stays batched in this process.")
+              help="FER processes (each runs the expression CNN on expression.threads torch threads, default 1); "
+                   "reasoning stays batched in this process.")
 @click.option("--landmarks", is_flag=True, help="Write each face's 478-point mesh into the image records.")
 @click.option("--image-timeout", "image_timeout_s", type=click.FloatRange(min=1), default=None,
               help="With --workers: seconds an image may take before it becomes a timeout error record "

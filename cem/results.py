@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -97,6 +98,24 @@ def _read_rows(path: str | os.PathLike, project: Callable[[dict[str, Any]], list
     return rows, report
 
 
+_INT_COLUMNS = frozenset({"width", "height", "face_index", "face_px", "provenance_faces_skipped"})
+_BOOL_COLUMNS = frozenset({"extreme_pose", "cut_by_frame", "too_small", "mesh_failed", "provenance_context_used"})
+_FLOAT_COLUMNS = frozenset({"x", "y", "w", "h", "detection_score", "yaw", "pitch", "roll", "blur"})
+
+
+def _dtype_without_values(col: str) -> str:
+    """The dtype of a column that no row fills (faces_skipped in an ordinary run, every face column of an output
+    without faces): the contract's type, so the column has the same dtype in every table."""
+    if col in _INT_COLUMNS:
+        return "Int64"
+    if col in _BOOL_COLUMNS or col.endswith("_present"):
+        return "boolean"
+    if (col in _FLOAT_COLUMNS or col.startswith(("expression_", "emotion_", "provenance_timings_ms_"))
+            or re.fullmatch(r"AU\d+", col)):
+        return "float64"
+    return "object"
+
+
 def _frame(rows: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
     """A DataFrame with nullable dtypes chosen from the values as read: bool -> boolean, int -> Int64,
     numbers -> float64, text -> object; so a column keeps its type when some rows (images without faces)
@@ -112,6 +131,8 @@ def _frame(rows: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
             dtype = "Int64"
         elif values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             dtype = "float64"
+        elif not values:
+            dtype = _dtype_without_values(col)
         data[col] = pd.Series(raw, dtype=dtype)
     return pd.DataFrame(data, columns=columns)
 

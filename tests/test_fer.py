@@ -546,6 +546,21 @@ def test_mtcnn_faces_are_confirmed_and_boxed_by_mediapipe(face_crop, monkeypatch
     assert right_eye[0] < left_eye[0] and truth_box[0] < right_eye[0] < truth_box[0] + truth_box[2]
 
 
+def test_only_mtcnns_surest_unconfirmed_faces_get_the_tight_crop(monkeypatch):
+    """The third, tight confirmation crop (1.7 box sides) is for faces MTCNN scores >= 0.98 that the first two
+    crops did not confirm: for every MTCNN face it added false positives on the group scenes."""
+    from cem.fer import detect as D
+
+    seen: list[float] = []
+    monkeypatch.setattr(D.FaceDetector, "_confirmed_in", lambda self, rgb, det, context: seen.append(context))
+    det = D.FaceDetector.__new__(D.FaceDetector)  # no MediaPipe needed: only the crop sequence is checked
+    rgb = np.zeros((10, 10, 3), np.uint8)
+    for score, crops in ((0.93, [2.5, 4.0]), (0.979, [2.5, 4.0]), (0.98, [2.5, 4.0, 1.7]), (0.999, [2.5, 4.0, 1.7])):
+        seen.clear()
+        assert det._confirmed(rgb, D.Detection(bbox=(1, 1, 5, 5), score=score, keypoints=np.zeros((5, 2)))) is None
+        assert seen == crops, score
+
+
 def test_small_faces_setting_is_checked():
     from cem.config import Config, ConfigError
     from cem.fer.detect import FaceDetector

@@ -121,3 +121,18 @@ def test_an_array_and_the_same_pil_image_load_alike(astronaut):
     assert (load_image(low16) == load_image(Image.fromarray(low16))).all() and load_image(low16).mean() > 20
     full16 = low16 * 257
     assert (load_image(full16) == load_image(Image.fromarray(full16))).all()
+
+
+def test_an_image_in_a_folder_and_a_manifest_row_is_one_input_and_a_note_says_so(tmp_path):
+    from cem.io import collect_inputs
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(folder / name)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"image,context,rater\n{folder / 'a.png'},,r1\n")
+    got = collect_inputs([str(folder), str(manifest)])
+    assert sorted((it.path.rsplit("/", 1)[-1], it.extra) for it in got.items) == [
+        ("a.png", {"rater": "r1"}), ("b.png", {})]
+    assert any("named both plainly" in n and n.startswith("1 image(s)") for n in got.notes), got.notes

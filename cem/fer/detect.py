@@ -183,6 +183,13 @@ CONFIRM_CONTEXT = 2.5
 # found 0-1 % more faces per seed with the same false positives; a tighter second crop (1.7) found more but
 # also more false positives (docs/action-units.md)
 CONFIRM_CONTEXT_RETRY = 4.0
+# a face MTCNN is very sure of, still unconfirmed, gets a third, tight crop (1.7 box sides: MediaPipe sees it
+# larger). Blurred faces (upscaled 48 px FER+ crops) are confirmed there. For every MTCNN face, this crop
+# added false positives; for MTCNN's surest faces it added none: group scenes seeds 0-4, recall from 45 px
+# 0.955/0.950/0.943/0.918/0.946 -> 0.964/0.968/0.943/0.927/0.950, false positives 9 -> 8; seeds 5-6 (not looked
+# at while choosing) 0.919/0.921 -> 0.932/0.939, false positives 4 -> 4 (docs/action-units.md)
+CONFIRM_CONTEXT_TIGHT = 1.7
+CONFIRM_TIGHT_MIN_SCORE = 0.98
 CONFIRM_IOU = 0.5
 CONFIRM_MIN_SCORE = 0.5  # MediaPipe's score on the crop (its detectors report from faces.min_score)
 CONFIRM_SIDE = 256  # the crop is downscaled to this first (the detectors see 128 or 192 px)
@@ -298,11 +305,15 @@ class FaceDetector:
 
     def _confirmed(self, rgb: np.ndarray, det: Detection) -> Detection | None:
         """``det`` (an MTCNN face) as MediaPipe sees it in a square crop of ``CONFIRM_CONTEXT`` box sides around
-        it, where the face is large enough for its detectors, or else in one of ``CONFIRM_CONTEXT_RETRY``: MTCNN's
+        it, where the face is large enough for its detectors, or else in one of ``CONFIRM_CONTEXT_RETRY`` (and, for
+        MTCNN's surest faces, one of ``CONFIRM_CONTEXT_TIGHT``): MTCNN's
         score and source with the box and keypoints of the MediaPipe face that overlaps it most (the framing
         the rest of the stage was measured with); None when MediaPipe finds no face there. The crops are
         zero-filled past the image edge, as MTCNN's are."""
-        for context in (CONFIRM_CONTEXT, CONFIRM_CONTEXT_RETRY):
+        contexts = [CONFIRM_CONTEXT, CONFIRM_CONTEXT_RETRY]
+        if det.score >= CONFIRM_TIGHT_MIN_SCORE:
+            contexts.append(CONFIRM_CONTEXT_TIGHT)
+        for context in contexts:
             found = self._confirmed_in(rgb, det, context)
             if found is not None:
                 return found
