@@ -139,7 +139,7 @@ def _annotate_ray(config, inputs: tuple[str, ...], output: Path, contexts: Conte
 @click.option("--frames", "frames_path", type=click.Path(path_type=Path), default=None,
               help="Videos: per-frame table (one row per face per processed frame); .csv or .parquet.")
 @click.option("--every", type=click.IntRange(min=1), default=None, help="Videos: process every Nth frame.")
-@click.option("--fps", type=click.FloatRange(min=0.01), default=None, help="Videos: sample at this frame rate.")
+@click.option("--fps", type=click.FloatRange(min=0.01), default=None, help="Videos: sample at this frame rate (the first frame of each 1/FPS interval).")
 @click.option("--limit", type=click.IntRange(min=0), default=None,
               help="Process at most this many images (videos named as inputs are not counted).")
 @click.option("--dry-run", is_flag=True, help="List the images that would be processed, and stop.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -378,6 +379,9 @@ class Pipeline:
         if isinstance(contexts, str):
             raise TypeError("analyze_many: contexts must be a list aligned with the images or a mapping from the "
                             "image's path to its context, not one string")
+        if contexts is not None and not isinstance(contexts, (Mapping, Sequence)):
+            # a pandas Series or NumPy array: by position, as a list (a Series indexes by label), and checked now
+            contexts = list(contexts)
         if isinstance(contexts, Sequence):
             if hasattr(images, "__len__") and len(contexts) != len(images):  # type: ignore[arg-type]
                 raise ValueError(f"analyze_many: {len(images)} images but {len(contexts)} contexts")  # type: ignore[arg-type]
@@ -387,7 +391,18 @@ class Pipeline:
         chunk: list[MeasuredImage] = []
         chunk_ctx: list[str | None] = []
         n_images = 0
-        for i, image in enumerate(images):
+        source = iter(images)
+        for i in itertools.count():
+            try:
+                image = next(source)
+            except StopIteration:
+                break
+            except BaseException:
+                # the caller's generator failed (or was interrupted): the images measured so far are still
+                # answered before the error goes on, not thrown away
+                if chunk:
+                    yield from self.reason_many(chunk, chunk_ctx)
+                raise
             n_images = i + 1
             ctx: str | None = None
             if isinstance(contexts, Mapping):

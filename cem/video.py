@@ -202,14 +202,13 @@ def _decode(name: str, path: str, every: int | None, fps: float | None, stats: D
     native = cap.get(cv2.CAP_PROP_FPS) or 0.0
     if native <= 0 or math.isnan(native):
         native = 30.0
-    step = max(1, int(every)) if every else (max(1, round(native / fps)) if fps else 1)
     i = 0
     try:
         while True:
             ok = cap.grab()
             if not ok:
                 break
-            if i % step == 0:
+            if _sampled(i, native, every, fps):
                 ok, bgr = cap.retrieve()
                 if not ok:
                     break
@@ -221,6 +220,18 @@ def _decode(name: str, path: str, every: int | None, fps: float | None, stats: D
         cap.release()
     if i == 0:
         raise VideoError(f"{path}: no frame could be decoded")
+
+
+def _sampled(i: int, native: float, every: int | None, fps: float | None) -> bool:
+    """Whether frame ``i`` of a video at ``native`` frames per second is processed: every ``every``-th frame,
+    or at ``fps`` the first frame of each 1/fps interval (so the rate is ``fps`` on average, ``--fps 7`` of a
+    30 fps clip 7 frames a second; a rounded frame step gave 7.5), or every frame."""
+    if every:
+        return i % int(every) == 0
+    if fps and fps < native:
+        # the interval a frame falls in, computed in whole frames' worth of 1/fps to avoid float drift
+        return i == 0 or math.floor(i * fps / native + 1e-9) > math.floor((i - 1) * fps / native + 1e-9)
+    return True
 
 
 @dataclass

@@ -1561,3 +1561,24 @@ def test_an_output_named_as_a_table_is_refused_by_the_local_runner(face_png, tmp
     for name in ("o.parquet", "o.CSV"):
         r = _cem("annotate", face_png, "-o", tmp_path / name)
         assert r.returncode == 2 and "name it .jsonl" in r.stderr and not (tmp_path / name).exists(), r.stderr
+
+
+def test_analyze_many_answers_what_it_measured_before_the_source_failed(pipeline, face_png):
+    import pandas as pd
+
+    def source():
+        yield str(face_png)
+        yield str(face_png)
+        raise RuntimeError("the caller's generator broke")
+
+    got = []
+    with pytest.raises(RuntimeError, match="generator broke"):
+        for result in pipeline.analyze_many(source(), faces="whole"):
+            got.append(result)
+    assert len(got) == 2 and all(r.faces for r in got)  # they were measured, then thrown away, before
+    # a pandas Series of contexts is taken by position (its index is not the images' order), and checked first
+    results = list(pipeline.analyze_many([str(face_png)] * 2, contexts=pd.Series(["a", "b"], index=[7, 3]),
+                                         faces="whole"))
+    assert [r.context for r in results] == ["a", "b"]
+    with pytest.raises(TypeError, match="not float"):
+        next(pipeline.analyze_many([str(face_png)] * 2, contexts=pd.Series(["a", float("nan")])))

@@ -72,6 +72,15 @@ def test_sampling_every_and_fps(pipeline, video):
     assert [vf.frame for vf in every] == list(range(0, 90, 3))
     fps = list(pipeline.analyze_video(video, fps=10, options=VideoOptions(reason=False)))
     assert [vf.frame for vf in fps] == list(range(0, 90, 3))
+    # rates that are no whole divisor of the clip's: the rate asked for, on average (a rounded frame step
+    # gave 7.5 for 7 and 15 for 12, 18 and 20)
+    fps7 = [vf.frame for vf in pipeline.analyze_video(video, fps=7, options=VideoOptions(reason=False))]
+    assert len(fps7) == 21 and fps7[:4] == [0, 5, 9, 13]
+    from cem.video import _sampled
+
+    for rate in (12, 18, 20, 24, 29):
+        assert sum(_sampled(i, 30.0, None, rate) for i in range(3000)) == rate * 100
+    assert all(_sampled(i, 30.0, None, 45) for i in range(100))  # above the clip's rate: every frame
 
 
 class ScriptedStage:
