@@ -139,7 +139,8 @@ def _annotate_ray(config, inputs: tuple[str, ...], output: Path, contexts: Conte
 @click.option("--frames", "frames_path", type=click.Path(path_type=Path), default=None,
               help="Videos: per-frame table (one row per face per processed frame); .csv or .parquet.")
 @click.option("--every", type=click.IntRange(min=1), default=None, help="Videos: process every Nth frame.")
-@click.option("--fps", type=click.FloatRange(min=0.01), default=None, help="Videos: sample at this frame rate (the first frame of each 1/FPS interval).")
+@click.option("--fps", type=click.FloatRange(min=0.01), default=None,
+              help="Videos: sample at this frame rate (the first frame of each 1/FPS interval).")
 @click.option("--limit", type=click.IntRange(min=0), default=None,
               help="Process at most this many images (videos named as inputs are not counted).")
 @click.option("--dry-run", is_flag=True, help="List the images that would be processed, and stop.")
@@ -156,7 +157,7 @@ def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: 
     INPUTS are files, folders (searched recursively for images), globs, and CSV manifests (a .csv with
     an 'image' column, optional 'context', and extra columns that are carried into each record's 'meta';
     a 'subject' column, with an optional boolean 'neutral', measures AUs against each subject's own baseline).
-    Videos (mp4, avi, mov, mkv) named as inputs are tracked frame by frame; OUTPUT gets one record per
+    Videos (mp4, avi, mov, mkv, m4v, webm) named as inputs are tracked frame by frame; OUTPUT gets one record per
     key moment and --frames the per-frame table.
 
     Exit status: 0 when the run finished (inputs that failed have error records); 2 for unusable

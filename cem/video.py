@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm"})
 BASELINE_MAX = 300
+# frame rates a video header may plausibly give (time-lapse to high-speed cameras); outside them, or missing,
+# the rate is unknown and ASSUMED_FPS is used for frame times (a header of 1e-6 fps made every frame a new track)
+PLAUSIBLE_FPS = (0.1, 10_000.0)
+ASSUMED_FPS = 30.0
 
 
 class VideoError(ValueError):
@@ -200,8 +204,9 @@ def _decode(name: str, path: str, every: int | None, fps: float | None, stats: D
         declared = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         stats.declared, stats.decoded = (declared if declared > 0 else None), 0
     native = cap.get(cv2.CAP_PROP_FPS) or 0.0
-    if native <= 0 or math.isnan(native):
-        native = 30.0
+    if not PLAUSIBLE_FPS[0] <= native <= PLAUSIBLE_FPS[1]:  # 0, NaN, or a broken header (1e-6, 2**31): unknown
+        log.warning("%s: the file says %s frames per second; %s are assumed", path, native, ASSUMED_FPS)
+        native = ASSUMED_FPS
     i = 0
     try:
         while True:
@@ -397,7 +402,7 @@ def track_video(stage: Any, path: str, labels: list[str], opts: VideoOptions,
                 key_reason = "first appearance"
             elif change > opts.change_threshold:
                 key_reason = f"expression change (JS {change:.2f} bits)"
-            elif t - tr.last_key_t >= opts.key_interval_s:
+            elif t - tr.last_key_t >= opts.key_interval_s - 1e-9:  # frame times are i / fps: 260/30 - 200/30 < 2
                 key_reason = "interval"
             t_start = tr.last_key_t if tr.last_key_t is not None else t
             smoothed = FaceEvidence(

@@ -122,6 +122,23 @@ def test_key_moment_emitted_at_the_expression_change(tmp_path):
     assert len(keys) <= 4
 
 
+def test_interval_key_moments_fall_on_whole_intervals(tmp_path):
+    """Frame times are i / fps: 260/30 - 200/30 falls a hair under 2.0, and the moment slipped to frame 261."""
+    labels = ["neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt"]
+    path = write_video(tmp_path / "still.mp4", [np.zeros((64, 64, 3), np.uint8)] * 300)
+    class LateStage(ScriptedStage):  # the face appears at frame 1: the moments fall on 1 + 60 k
+        calls = 0
+
+        def measure(self, rgb, faces=None, boxes=None, baseline=None, box_extents=None):
+            self.calls += 1
+            return [] if self.calls == 1 else super().measure(rgb, faces, boxes, baseline, box_extents)
+
+    out = list(track_video(LateStage(labels), str(path), labels,
+                           VideoOptions(key_interval_s=2.0, change_threshold=5.0)))
+    keys = [vf.frame for vf in out for f in vf.faces if f.key]
+    assert keys == [1, 61, 121, 181, 241]
+
+
 def test_cli_video_outputs(video, tmp_path):
     import csv
 
