@@ -50,6 +50,11 @@ class CorruptLinesWarning(UserWarning):
     """Lines of a results file that are not valid records (they were skipped)."""
 
 
+class MixedSettingsWarning(UserWarning):
+    """The records of a results file were made with different settings (``provenance_settings``): a resumed run
+    after a config change, or outputs concatenated. Their numbers are not comparable as one sample."""
+
+
 @dataclass
 class ReadReport:
     """What reading a results file skipped: (line number, why) per bad line."""
@@ -153,6 +158,13 @@ def read_results(path: str | os.PathLike) -> pd.DataFrame:
     df.attrs["source"] = os.fspath(path)
     df.attrs["skipped_lines"] = [n for n, _ in report.skipped]
     df.attrs["skipped_reasons"] = [why for _, why in report.skipped]
+    if "provenance_settings" in df:
+        made_with = df.groupby("provenance_settings", dropna=True)["image"].nunique()
+        if len(made_with) > 1:
+            counts = ", ".join(f"{k}: {v} image(s)" for k, v in made_with.items())
+            warnings.warn(f"{os.fspath(path)}: the records were made with {len(made_with)} different settings "
+                          f"({counts}); compare like with like by grouping on provenance_settings",
+                          MixedSettingsWarning, stacklevel=2)
     return df
 
 

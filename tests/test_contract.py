@@ -343,3 +343,21 @@ def test_import_cem_does_not_import_pandas():
     for c in (lazy, code):
         r = subprocess.run([sys.executable, "-c", c], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
+
+
+def test_records_made_with_different_settings_are_read_with_a_warning(pipeline, astronaut, two_faces, tmp_path):
+    """Outputs concatenated, or a run resumed after a config change: the table mixes settings, and says so."""
+    import warnings
+
+    from cem.results import MixedSettingsWarning, read_results
+
+    path, recs = _run_jsonl(pipeline, astronaut, two_faces, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_results(path)  # one run: no warning
+    other = pipeline.__class__.from_config("default", fusion__reasoner_weight=0.3).analyze(str(tmp_path / "one.jpg"))
+    with path.open("a") as fh:
+        fh.write(json.dumps(other.to_dict()) + "\n")
+    with pytest.warns(MixedSettingsWarning, match="2 different settings"):
+        df = read_results(path)
+    assert df["provenance_settings"].nunique() == 2
