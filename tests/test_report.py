@@ -199,6 +199,33 @@ def test_video_tracks_get_a_timeline_plot():
     assert ys[1] < ys[0] and ys[1] < ys[2]  # the peak of happiness is at t = 2 s (SVG y grows downwards)
 
 
+def test_one_video_under_two_contexts_gets_two_timelines_and_moments_show_their_frame(tmp_path):
+    """A manifest naming one video twice (a party, a funeral) got one chart with both series interleaved; key
+    moments had no picture, and the video's summary card said the video was "not an image file"."""
+    import cv2
+
+    labels = ["neutral", "happiness", "sadness"]
+    video = tmp_path / "v.mp4"
+    vw = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 10, (64, 48))
+    for i in range(20):
+        vw.write(np.full((48, 64, 3), i * 10, np.uint8))
+    vw.release()
+    records = [_moment(t, p, labels, video=str(video), frame=int(t * 10), context=ctx)
+               for ctx in ("at a party", "at a funeral")
+               for t, p in ((0.0, [0.8, 0.1, 0.1]), (1.0, [0.2, 0.7, 0.1]))]
+    records.append({"image": str(video), "video": str(video), "width": 64, "height": 48, "faces": [], "error": None,
+                    "video_summary": {"frames": 20, "moments": 4, "complete": True}})
+    page = build_report(records)
+    svg = re.search(r'<section id="timelines">(.*?)</section>', page, re.S).group(1)
+    assert "v.mp4 (at a party)" in svg and "v.mp4 (at a funeral)" in svg and svg.count("<polyline") == 6
+    data = _data(page)
+    cards = data["cards"] if isinstance(data, dict) else data
+    moments = [c for c in cards if c["moment"]]
+    assert len(moments) == 4 and all(c["thumb"] and c["thumb"].startswith("data:image/jpeg") for c in moments)
+    (summary,) = [c for c in cards if c["kind"] == "video"]
+    assert summary["thumb"] is None and not summary["notes"]
+
+
 def test_the_report_summary_counts_images_key_moments_and_videos_apart(tmp_path):
     """`cem report` on a video run said "3 images" for one photo and two key moments."""
     labels = ["neutral", "happiness"]

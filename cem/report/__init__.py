@@ -110,6 +110,8 @@ class _Moment:
     track: int
     t: float
     emotion: dict[str, float | None]
+    # which input the video was (one video may be a manifest's two rows, under two contexts): charts are per input
+    source: str = ""
 
 
 class _Thumbnails:
@@ -118,30 +120,32 @@ class _Thumbnails:
 
     def __init__(self, base_dirs: Sequence[Path], max_pixels: int) -> None:
         self.base_dirs, self.max_pixels = list(base_dirs), max_pixels
-        self.cache: dict[str, tuple[str | None, float, str | None]] = {}
+        self.cache: dict[tuple[str, int | None], tuple[str | None, float, str | None]] = {}
 
     def _find(self, image: str) -> str | None:
         candidates = [image] + ([] if os.path.isabs(image) else [str(d / image) for d in self.base_dirs])
         # isfile is False for what cannot be stat'ed, including names with NUL or too long for the system
         return next((c for c in candidates if os.path.isfile(c)), None)
 
-    def get(self, image: str) -> tuple[str | None, float, str | None]:
-        """(JPEG data URI or None, scale from original to thumbnail pixels, why there is none)."""
-        if image not in self.cache:
-            self.cache[image] = self._make(image)
-        return self.cache[image]
+    def get(self, image: str, frame: int | None = None) -> tuple[str | None, float, str | None]:
+        """(JPEG data URI or None, scale from original to thumbnail pixels, why there is none); ``frame``: that
+        frame of a video (a key moment's)."""
+        if (image, frame) not in self.cache:
+            self.cache[(image, frame)] = self._make(image, frame)
+        return self.cache[(image, frame)]
 
-    def _make(self, image: str) -> tuple[str | None, float, str | None]:
+    def _make(self, image: str, frame: int | None) -> tuple[str | None, float, str | None]:
         from PIL import Image
 
         from cem.io import load_image
 
         path = self._find(image)
         if path is None:
-            return None, 1.0, "no thumbnail: the image file is not found from here"
+            kind = "video" if frame is not None else "image"
+            return None, 1.0, f"no thumbnail: the {kind} file is not found from here"
         try:
-            rgb = load_image(path, self.max_pixels)
-        except (OSError, ValueError) as e:  # ImageLoadError is a ValueError
+            rgb = load_image(path, self.max_pixels) if frame is None else _video_frame(path, frame, self.max_pixels)
+        except (OSError, ValueError) as e:  # ImageLoadError and VideoError are ValueErrors
             return None, 1.0, f"no thumbnail: {_clip(str(e), 300)}"
         im = Image.fromarray(rgb)
         scale = min(1.0, THUMB_PX / max(im.size))
@@ -151,6 +155,27 @@ class _Thumbnails:
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=80)
         return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), scale, None
+
+
+def _video_frame(path: str, frame: int, max_pixels: int) -> Any:
+    """Frame ``frame`` of the video at ``path`` as RGB (VideoError when the file does not have it)."""
+    import cv2
+
+    from cem.video import VideoError, opencv_path
+
+    with opencv_path(path) as name:
+        cap = cv2.VideoCapture(name)
+        try:
+            w, h = cap.get(cv2.CAP_PROP_FRAME_WIDTH) or 0, cap.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0
+            if w * h > max_pixels:
+                raise VideoError(f"{path}: frames of {int(w)}x{int(h)} px are over the image size limit")
+            cap.set(cv2.CAP_PROP_POS_FRAMES, frame)
+            ok, bgr = cap.read()
+        finally:
+            cap.release()
+    if not ok:
+        raise VideoError(f"{path}: frame {frame} cannot be read")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def _pairs(dist: dict[str, float | None]) -> list[list[Any]]:
@@ -199,7 +224,10 @@ def _moment(rec: dict[str, Any], faces: list[dict[str, Any]]) -> _Moment | None:
     t = number(rec.get("t_end", rec.get("time")), "t_end", optional=True)
     if not isinstance(track, int) or isinstance(track, bool) or t is None:
         return None
-    return _Moment(rec["video"], track, t, distribution(faces[0], "emotion", "faces[0]", strict=False))
+    context, meta = rec.get("context"), rec.get("meta")
+    source = "; ".join(x for x in (context if isinstance(context, str) else None,
+                                   json.dumps(meta, sort_keys=True, default=str) if meta else None) if x)
+    return _Moment(rec["video"], track, t, distribution(faces[0], "emotion", "faces[0]", strict=False), source)
 
 
 def _card(line: Line, thumbs: _Thumbnails) -> tuple[dict[str, Any], _Moment | None]:
@@ -213,13 +241,16 @@ def _card(line: Line, thumbs: _Thumbnails) -> tuple[dict[str, Any], _Moment | No
     moment = _moment(rec, faces)
     notes = []
     uri, scale = None, 1.0
-    if moment is None and not error:
+    is_video = isinstance(rec.get("video"), str)
+    frame = rec.get("frame") if moment is not None else None
+    # a key moment shows its frame; a video's summary record has no single picture to show
+    if not error and (not is_video or (isinstance(frame, int) and not isinstance(frame, bool) and frame >= 0)):
         exact = rec.get("image_bytes")  # a name that is not UTF-8: its exact bytes find the file
         try:
             path = os.fsdecode(base64.b64decode(exact, validate=True)) if isinstance(exact, str) else image
         except (ValueError, TypeError):
             path = image
-        uri, scale, why = thumbs.get(path)
+        uri, scale, why = thumbs.get(path, frame if is_video else None)
         if why:
             notes.append(why)
     if line.non_finite:
@@ -248,11 +279,11 @@ def _card(line: Line, thumbs: _Thumbnails) -> tuple[dict[str, Any], _Moment | No
 
 def _timelines(moments: list[_Moment], width: int = 560, height: int = 140, pad: int = 28) -> list[dict[str, Any]]:
     """One chart per (video, track): for each label a polyline of its probability over time."""
-    series: dict[tuple[str, int], list[_Moment]] = {}
+    series: dict[tuple[str, str, int], list[_Moment]] = {}
     for m in moments:
-        series.setdefault((m.video, m.track), []).append(m)
+        series.setdefault((m.video, m.source, m.track), []).append(m)
     charts = []
-    for (video, track), ms in series.items():
+    for (video, source, track), ms in series.items():
         ms.sort(key=lambda m: m.t)
         t0, t1 = ms[0].t, ms[-1].t
         span = t1 - t0 if t1 > t0 else 1.0
@@ -267,7 +298,8 @@ def _timelines(moments: list[_Moment], width: int = 560, height: int = 140, pad:
                     y = height - pad - min(max(p, 0.0), 1.0) * (height - 2 * pad)
                     pts.append(f"{x:.1f},{y:.1f}")
             lines.append({"label": _clip(lab, 60), "color": _COLORS[i % len(_COLORS)], "points": " ".join(pts)})
-        charts.append({"name": _clip(Path(video).name, 200), "track_id": track, "t0": t0, "t1": t1,
+        name = Path(video).name + (f" ({source})" if source else "")
+        charts.append({"name": _clip(name, 200), "track_id": track, "t0": t0, "t1": t1,
                        "width": width, "height": height, "pad": pad, "lines": lines})
     return charts
 
