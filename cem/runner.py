@@ -541,11 +541,6 @@ def annotate(pipeline_or_config: Any, inputs: str | os.PathLike | Iterable[str |
     else:
         config, pipeline = pipeline_or_config.config, pipeline_or_config
     out = Path(out)
-    if out.suffix.lower() in (".parquet", ".csv", ".tsv", ".xlsx"):
-        # the records are JSON lines: under a table's name a user's pandas.read_parquet fails on them later
-        raise RunError(f"{safe_text(os.fspath(out))}: the output holds the run's JSON-lines records; name it .jsonl "
-                       f"(a per-face table beside it: --csv faces.csv or faces.parquet; records as Parquet: "
-                       f"--engine ray)")
     if resume and overwrite:
         raise RunError("--resume continues OUTPUT and --overwrite replaces it: give one of them")
     if retry_errors and not resume:
@@ -611,6 +606,12 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
         [os.fspath(p) for p in inputs if os.path.isfile(p)] + [it.path for it in found.items]
         + ([os.fspath(context_file)] if context_file is not None else []),
         {"the output": out, "--csv": csv, "--frames": frames})
+    if out.suffix.lower() in (".parquet", ".csv", ".tsv", ".xlsx"):
+        # the records are JSON lines: under a table's name a user's pandas.read_parquet fails on them later
+        # (checked after the inputs: `-o manifest.csv` is told it is an input, which says more)
+        raise RunError(f"{safe_text(os.fspath(out))}: the output holds the run's JSON-lines records; name it .jsonl "
+                       f"(a per-face table beside it: --csv faces.csv or faces.parquet; records as Parquet: "
+                       f"--engine ray)")
     if csv is not None and not resume and not overwrite and not dry_run and holds_something(Path(csv)):
         # a file that is not this output's table (a user's keep.csv) must not be replaced unseen
         raise RunError(f"--csv {csv} already exists; --overwrite replaces it (the table is rebuilt from the JSONL "
