@@ -425,6 +425,8 @@ def prompt_render(image: str, template: str | None, context: str | None, config_
         config = Config.load(config_name, faces=faces)
     except ConfigError as e:
         _fail(str(e))
+    import jinja2
+
     from cem.fer.stage import FERStage
     from cem.prompting import render_prompt, template_id
     from cem.reasoning.llm import exemplars_from
@@ -440,6 +442,8 @@ def prompt_render(image: str, template: str | None, context: str | None, config_
         p = render_prompt(name, evidence, config.labels, context, rgb, exemplars_from(config))
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
+    except jinja2.TemplateError as e:  # a template that fails as it renders (an undefined name, a bad filter)
+        _fail(f"prompt template {name!r} failed: {type(e).__name__}: {e}")
     text = p.text
     if model:
         try:

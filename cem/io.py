@@ -572,7 +572,7 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], contexts: ContextTable |
     unique: list[InputItem] = []
     seen: dict[tuple[str, str | None], list[int]] = {}  # (path, context) -> positions in unique
     duplicates = []
-    merged = 0
+    merged: set[str] = set()
     for it in items:
         key = (it.path, it.context)
         earlier = seen.setdefault(key, [])
@@ -585,14 +585,14 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], contexts: ContextTable |
         plain = [j for j in earlier if not unique[j].extra]
         if plain and it.extra:  # a manifest row for an image also named plainly (a folder): the row says more
             unique[plain[0]] = it
-            merged += 1
+            merged.add(it.path)
             continue
         if earlier and not it.extra:  # named plainly after a manifest row for it: that row covers it
-            merged += 1
+            merged.add(it.path)
             continue
         earlier.append(len(unique))  # rows that differ in other columns (two subjects) are two inputs
         unique.append(it)
     if merged:
-        notes.append(f"{merged} image(s) named both plainly (a file or folder) and in a manifest row with the same "
-                     f"context: one record each, with the row's columns")
+        notes.append(f"{len(merged)} image(s) named both plainly (a file or folder) and in a manifest row with the "
+                     f"same context: one record each, with the row's columns")
     return InputSet(unique, notes, duplicates)

@@ -1,8 +1,9 @@
 """``--workers N``: the FER stage in N worker processes; reasoning stays in the calling process.
 
-Each worker builds its own FER stage once and sets torch's intra-op threads to ``cores // N`` (set in the
-worker, when it starts: nothing is set at import), so N workers share the machine instead of each taking
-every core. Workers return :class:`~cem.pipeline.MeasuredImage` objects; the caller reasons over them in
+Each worker builds its own FER stage once and sets torch's process-wide intra-op threads to ``cores // N``
+(set in the worker, when it starts: nothing is set at import), so N workers share the machine instead of each
+taking every core; the FER stage's own CNN and MTCNN calls run on ``expression.threads`` (default 1, see
+:mod:`cem.fer.threads`). Workers return :class:`~cem.pipeline.MeasuredImage` objects; the caller reasons over them in
 batches, so a reasoner's ``batch_size`` and an openai server's ``concurrency`` apply with workers too.
 
 The pool is crash- and hang-aware: each worker has one image at a time, so when a worker dies (OpenCV

@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import logging
 import math
+import numbers
 import os
 import re
 import threading
@@ -103,6 +104,27 @@ def _shared_failure(e: Exception) -> bool:
     from cem.reasoning.llm import ReasonerFailure
 
     return isinstance(e, ReasonerFailure) and (e.cause in ("timeout", "unreachable") or e.cause.startswith("http-"))
+
+
+
+def _contexts_from_table(contexts: Any) -> Any:
+    """``analyze_many``'s contexts as a list or a mapping. A pandas Series with the default index (0, 1, ...)
+    is aligned with the images by position; one indexed by something else (``df.set_index("image")["context"]``)
+    maps that index (the image's path or file name) to its context; its missing cells (NaN) are no context. A
+    NumPy array is by position. Anything else that is neither a sequence nor a mapping (a set, an iterator) is
+    refused: its order, or its end, is not the images'."""
+    if contexts is None or isinstance(contexts, (str, Mapping, Sequence)):
+        return contexts
+    if isinstance(contexts, np.ndarray):
+        return contexts.tolist()
+    if hasattr(contexts, "index") and hasattr(contexts, "items") and hasattr(contexts, "isna"):  # pandas Series
+        values = [None if missing else v for v, missing in zip(contexts.tolist(), contexts.isna().tolist())]
+        index = list(contexts.index)
+        if index == list(range(len(index))):
+            return values
+        return {str(k): v for k, v in zip(index, values) if v is not None}
+    raise TypeError(f"analyze_many: contexts must be a list aligned with the images, a mapping from the image's "
+                    f"path to its context, or a pandas Series, not {type(contexts).__name__}")
 
 
 class Pipeline:
@@ -372,16 +394,16 @@ class Pipeline:
                      faces: str | None = None, batch_size: int | None = None) -> Iterator[ImageResult]:
         """Yield one result per image, in order. ``contexts``: a list aligned with ``images`` or a mapping
         from the image's path (as given, or its file name) to its context. Images are reasoned over in
-        batches of ``batch_size`` (default: the reasoner's), so an LLM backend can share model calls."""
+        batches of ``batch_size`` (default: the reasoner's), so an LLM backend can share model calls. A pandas
+        Series of contexts is taken by position when its index is 0, 1, ... and as a mapping from its index
+        otherwise. When ``images`` (a generator) raises, the images measured before are answered first."""
         if isinstance(images, (str, bytes, os.PathLike, np.ndarray)) or not isinstance(images, Iterable):
             raise TypeError(f"analyze_many takes an iterable of images (paths, PIL images or arrays), not one "
                             f"{type(images).__name__}; for one image use analyze")
         if isinstance(contexts, str):
             raise TypeError("analyze_many: contexts must be a list aligned with the images or a mapping from the "
                             "image's path to its context, not one string")
-        if contexts is not None and not isinstance(contexts, (Mapping, Sequence)):
-            # a pandas Series or NumPy array: by position, as a list (a Series indexes by label), and checked now
-            contexts = list(contexts)
+        contexts = _contexts_from_table(contexts)
         if isinstance(contexts, Sequence):
             if hasattr(images, "__len__") and len(contexts) != len(images):  # type: ignore[arg-type]
                 raise ValueError(f"analyze_many: {len(images)} images but {len(contexts)} contexts")  # type: ignore[arg-type]
@@ -397,9 +419,9 @@ class Pipeline:
                 image = next(source)
             except StopIteration:
                 break
-            except BaseException:
-                # the caller's generator failed (or was interrupted): the images measured so far are still
-                # answered before the error goes on, not thrown away
+            except Exception:
+                # the caller's generator failed: the images measured so far are still answered before the error
+                # goes on, not thrown away (an interrupt, Ctrl-C, goes on at once)
                 if chunk:
                     yield from self.reason_many(chunk, chunk_ctx)
                 raise
@@ -457,8 +479,9 @@ class Pipeline:
             opts.fps = fps
         opts.check()
         for key, value in (meta or {}).items():  # checked now: a bad one failed at the first key moment
-            if (not isinstance(key, str) or not isinstance(value, (str, int, float, bool))
-                    or (isinstance(value, float) and not math.isfinite(value))):
+            # NumPy scalars (a DataFrame row's cells) are numbers too; the record converts them
+            if (not isinstance(key, str) or not isinstance(value, (str, numbers.Real, bool, np.bool_))
+                    or (isinstance(value, numbers.Real) and not math.isfinite(value))):
                 raise ValueError(f"meta {key!r}: {value!r} is not a value a record can hold (text, a whole or "
                                  f"finite number, true/false)")
         opts.every = None if opts.every is None else int(opts.every)

@@ -103,9 +103,12 @@ def _read_rows(path: str | os.PathLike, project: Callable[[dict[str, Any]], list
     return rows, report
 
 
-_INT_COLUMNS = frozenset({"width", "height", "face_index", "face_px", "provenance_faces_skipped"})
-_BOOL_COLUMNS = frozenset({"extreme_pose", "cut_by_frame", "too_small", "mesh_failed", "provenance_context_used"})
-_FLOAT_COLUMNS = frozenset({"x", "y", "w", "h", "detection_score", "yaw", "pitch", "roll", "blur"})
+_INT_COLUMNS = frozenset({"width", "height", "face_index", "face_px", "provenance_faces_skipped",
+                          "video_summary_frames", "video_summary_moments", "video_summary_frames_decoded",
+                          "video_summary_frames_declared"})
+_BOOL_COLUMNS = frozenset({"extreme_pose", "cut_by_frame", "too_small", "mesh_failed", "provenance_context_used",
+                           "video_summary_complete"})
+_FLOAT_COLUMNS = frozenset({"x", "y", "w", "h", "detection_score", "yaw", "pitch", "roll", "blur", "weight"})
 
 
 def _dtype_without_values(col: str) -> str:

@@ -62,6 +62,8 @@ from cem.sinks import (
 )
 
 PROGRESS_MIN_IMAGES = 5
+# names of tables, not of JSON lines: refused as the records' output
+TABLE_SUFFIXES = frozenset({".parquet", ".pq", ".csv", ".tsv", ".xlsx", ".xls", ".feather", ".arrow"})
 _TRUE, _FALSE = frozenset({"1", "true", "yes", "y"}), frozenset({"", "0", "false", "no", "n"})
 
 
@@ -549,6 +551,13 @@ def annotate(pipeline_or_config: Any, inputs: str | os.PathLike | Iterable[str |
             os.path.realpath(csv) == os.path.realpath(frames) or _same_file(csv, frames)):
         raise RunError(f"--csv {csv} and --frames {frames} are the same file (the face table would replace the "
                        f"frame table); give two files")
+    # each streamed output is locked through OUT.lock beside it, removed at the end: no output may be one of them
+    locks = {os.path.realpath(p) + ".lock": flag for flag, p in (("the output", out), ("--frames", frames))
+             if p is not None}
+    for flag, path in (("-o", out), ("--csv", csv), ("--frames", frames)):
+        if path is not None and os.path.realpath(path) in locks:
+            raise RunError(f"{flag} {safe_text(os.fspath(path))} is the lock file of {locks[os.path.realpath(path)]} "
+                           f"(removed when the run ends); give another file")
     for flag, other in (("--csv", csv), ("--frames", frames)):
         if other is None:
             continue
@@ -606,12 +615,12 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
         [os.fspath(p) for p in inputs if os.path.isfile(p)] + [it.path for it in found.items]
         + ([os.fspath(context_file)] if context_file is not None else []),
         {"the output": out, "--csv": csv, "--frames": frames})
-    if out.suffix.lower() in (".parquet", ".csv", ".tsv", ".xlsx"):
+    if {x.lower() for x in out.suffixes[-2:]} & TABLE_SUFFIXES:
         # the records are JSON lines: under a table's name a user's pandas.read_parquet fails on them later
         # (checked after the inputs: `-o manifest.csv` is told it is an input, which says more)
         raise RunError(f"{safe_text(os.fspath(out))}: the output holds the run's JSON-lines records; name it .jsonl "
-                       f"(a per-face table beside it: --csv faces.csv or faces.parquet; records as Parquet: "
-                       f"--engine ray)")
+                       f"(the per-face table is written beside it: --csv / csv=, or cem table afterwards; records as "
+                       f"Parquet: the Ray engine)")
     if csv is not None and not resume and not overwrite and not dry_run and holds_something(Path(csv)):
         # a file that is not this output's table (a user's keep.csv) must not be replaced unseen
         raise RunError(f"--csv {csv} already exists; --overwrite replaces it (the table is rebuilt from the JSONL "
@@ -654,16 +663,6 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
         summary.planned = [safe_text(it.path) for it in (todo[:limit] if limit is not None else todo) + videos]
         return summary
 
-    if frames is not None and videos and not resume and not overwrite and holds_something(Path(frames)):
-        raise RunError(f"--frames {frames} already holds an earlier run's frame table (it cannot be rebuilt from "
-                       f"the records); --resume continues it, --overwrite replaces it, or give another file")
-    if frames is not None and videos and resume:  # a table that cannot be resumed into stops the run now
-        from cem.video import FrameTableWriter, VideoError
-
-        try:
-            FrameTableWriter.check_resume(Path(frames), runner.frame_table_columns(videos)[1])
-        except VideoError as e:
-            raise RunError(f"--frames {frames}: {e}") from None
     frames_lock = None
     if frames is not None and videos:
         # the frame table is streamed as the output is: a second run writing it at the same time would interleave
@@ -672,6 +671,21 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
             frames_lock = OutputLock(Path(frames))
         except OutputError as e:
             raise RunError(f"--frames {e}") from None
+    try:  # checked under the lock: a table another run is writing is that run's, whatever it holds now
+        if frames is not None and videos and not resume and not overwrite and holds_something(Path(frames)):
+            raise RunError(f"--frames {frames} already holds an earlier run's frame table (it cannot be rebuilt "
+                           f"from the records); --resume continues it, --overwrite replaces it, or give another file")
+        if frames is not None and videos and resume:  # a table that cannot be resumed into stops the run now
+            from cem.video import FrameTableWriter, VideoError
+
+            try:
+                FrameTableWriter.check_resume(Path(frames), runner.frame_table_columns(videos)[1])
+            except VideoError as e:
+                raise RunError(f"--frames {frames}: {e}") from None
+    except BaseException:
+        if frames_lock is not None:
+            frames_lock.release()
+        raise
     try:
         sink = JsonlSink(out, resume=resume, retry=retry, overwrite=overwrite)
     except OutputError as e:

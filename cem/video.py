@@ -98,6 +98,9 @@ class VideoOptions:
             v = getattr(self, name)
             if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral) or v < minimum:
                 raise ValueError(f"VideoOptions.{name} must be a whole number >= {minimum}, got {v!r}")
+        if self.baseline_min > BASELINE_MAX:  # the neutral samples kept: the baseline would never form
+            raise ValueError(f"VideoOptions.baseline_min must be at most {BASELINE_MAX} (the neutral samples a track "
+                             f"keeps), got {self.baseline_min!r}")
         for name, positive in (("smooth_tau_s", True), ("max_gap_s", False), ("key_interval_s", False),
                                ("change_threshold", False)):
             v = getattr(self, name)
@@ -112,13 +115,15 @@ def opencv_path(path: str | os.PathLike | bytes) -> Iterator[str]:
     process (a segmentation fault, not an exception) on a name that is not valid UTF-8, which POSIX file systems
     allow (Python carries such bytes as surrogates); such a file is opened through a symbolic link with a plain
     name in a temporary folder."""
-    name = os.fsdecode(os.fspath(path))
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
+    # absolute: FFmpeg reads a relative name such as "concat:a.mp4" as a protocol, not as a file
+    name = os.path.abspath(os.fsdecode(os.fspath(path)))
+    if not _utf8(name):
         import tempfile
 
-        with tempfile.TemporaryDirectory(prefix="cem-video-") as tmp:
+        base = tempfile.gettempdir()
+        if not _utf8(base):  # the link's own path must be one OpenCV can take
+            base = next((d for d in ("/tmp", "/var/tmp", os.getcwd()) if _utf8(d) and os.path.isdir(d)), base)
+        with tempfile.TemporaryDirectory(prefix="cem-video-", dir=base) as tmp:
             link = os.path.join(tmp, "video" + Path(name).suffix.encode("ascii", "replace").decode())
             try:
                 os.symlink(os.path.abspath(os.fsencode(name)), os.fsencode(link))
@@ -131,11 +136,21 @@ def opencv_path(path: str | os.PathLike | bytes) -> Iterator[str]:
     yield name
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def frame_count(path: str | os.PathLike) -> int | None:
     """Frames the container says the video has (for progress bars; None when it does not say or cannot be
     opened)."""
     import cv2
 
+    if not os.path.isfile(path):  # a FIFO named x.mp4 would block OpenCV (and the run) for good
+        return None
     try:
         with opencv_path(path) as name:
             cap = cv2.VideoCapture(name)
@@ -446,6 +461,57 @@ def _check_table_columns(path: Path, found: list[str], columns: list[str]) -> No
                      f"give --frames a new file")
 
 
+def _scan_csv_table(path: Path, columns: list[str], key: Any = None) -> tuple[set[tuple[str, ...]], int, int]:
+    """A CSV frame table that a resumed run will append to: (the ``key`` of each complete row, the byte offset
+    just after the last complete row, the file size). Only the end of the file may be cut (a run stopped while
+    writing a row, or the header); a row of the wrong length before that, or bytes that are not UTF-8, are
+    damage that appending would bury (an older cem appended after a cut row): VideoError saying what to do."""
+    import csv
+
+    pos, last = 0, b""
+    what = safe_text(os.fspath(path))
+
+    def lines(fh: Any) -> Iterator[str]:
+        nonlocal pos, last
+        for raw in fh:
+            pos, last = pos + len(raw), raw
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise VideoError(f"{what}: bytes that are not UTF-8 text near byte {pos - len(raw)}: not a table "
+                                 f"cem wrote, or a damaged one; move it away and resume (the records in the JSONL "
+                                 f"are kept)") from None
+
+    keys: set[tuple[str, ...]] = set()
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        reader = csv.reader(lines(fh))
+        header = next(reader, [])
+        if not last.endswith(b"\n"):  # cut inside the header: no row was written yet
+            return keys, 0, size
+        _check_table_columns(path, header, columns)
+        good_end = pos
+        try:
+            for row in reader:
+                complete = last.endswith(b"\n")
+                if not row and complete:  # a blank line
+                    good_end = pos
+                    continue
+                if not complete or len(row) != len(header):
+                    if pos >= size:
+                        break  # the last row, cut: removed and written again
+                    raise VideoError(f"{what}: the row ending at byte {pos} has {len(row)} cells, not "
+                                     f"{len(header)}: the table is damaged (an older cem resumed after a cut row "
+                                     f"without mending it); move it away and resume (the records in the JSONL are "
+                                     f"kept)")
+                if key is not None:
+                    keys.add(key(dict(zip(header, row))))
+                good_end = pos
+        except csv.Error:  # a quoted cell cut at the end of the file
+            pass
+    return keys, good_end, size
+
+
 class FrameTableWriter:
     """Per-frame table: CSV (streamed) or Parquet (``.parquet``; written in row groups, needs pyarrow).
 
@@ -489,6 +555,7 @@ class FrameTableWriter:
 
             if resuming:
                 self._existing = self._complete_rows(columns)
+                resuming = self.path.stat().st_size > 0  # a cut header was removed: the table starts again
             self._fh = open(self.path, "a" if resuming else "w", newline="", encoding="utf-8")  # noqa: SIM115
             self._w = csv.DictWriter(self._fh, fieldnames=columns)
             if not resuming:
@@ -497,37 +564,15 @@ class FrameTableWriter:
     def _complete_rows(self, columns: list[str]) -> set[tuple[str, ...]]:
         """Keys of the rows of the CSV table being resumed. A last row cut by a run that stopped while writing
         it (killed, disk full) is removed from the file, so that the rows appended after it start on a line of
-        their own, and is not counted: its frame is written again."""
-        import csv
-
-        pos, last = 0, b""
-
-        def lines() -> Iterator[str]:
-            nonlocal pos, last
-            for raw in fh:
-                pos, last = pos + len(raw), raw
-                yield raw.decode("utf-8")
-
-        keys: set[tuple[str, ...]] = set()
-        with open(self.path, "rb") as fh:
-            reader = csv.reader(lines())
-            header = next(reader, [])
-            _check_table_columns(self.path, header, columns)
-            good_end = pos
-            try:
-                for row in reader:
-                    if not last.endswith(b"\n") or len(row) != len(header):
-                        break  # only the end of the file can lack its newline: a cut row
-                    keys.add(self._key(dict(zip(header, row))))
-                    good_end = pos
-            except csv.Error:  # a quoted cell cut at the end of the file
-                pass
-            size = os.fstat(fh.fileno()).st_size
+        their own, and is not counted: its frame is written again. A header cut before its end leaves a table
+        without rows: it is started again. Damage before the last row is a VideoError (see
+        :func:`_scan_csv_table`)."""
+        keys, good_end, size = _scan_csv_table(self.path, columns, self._key)
         if good_end < size:
             with open(self.path, "r+b") as cut:
                 cut.truncate(good_end)
-            log.warning("%s: its last row was cut (a run stopped while writing it); it is removed and its frame "
-                        "written again", safe_text(os.fspath(self._target)))
+            log.warning("%s: its last %s was cut (a run stopped while writing it); it is removed and written "
+                        "again", safe_text(os.fspath(self._target)), "row" if good_end else "line (the header)")
         return keys
 
     @staticmethod
@@ -545,10 +590,9 @@ class FrameTableWriter:
             except Exception:  # not installed, or a cut file: opening the writer says which, as it always did
                 return
         else:
-            import csv
 
-            with open(path, newline="", encoding="utf-8", errors="replace") as fh:
-                found = next(csv.reader(fh), [])
+            _scan_csv_table(path, columns)  # damage that --resume cannot mend stops the run before any image
+            return
         _check_table_columns(path, found, columns)
 
     def _input_key(self, row: dict[str, Any]) -> tuple[str, ...]:

@@ -1576,9 +1576,42 @@ def test_analyze_many_answers_what_it_measured_before_the_source_failed(pipeline
         for result in pipeline.analyze_many(source(), faces="whole"):
             got.append(result)
     assert len(got) == 2 and all(r.faces for r in got)  # they were measured, then thrown away, before
-    # a pandas Series of contexts is taken by position (its index is not the images' order), and checked first
-    results = list(pipeline.analyze_many([str(face_png)] * 2, contexts=pd.Series(["a", "b"], index=[7, 3]),
+    # a pandas Series of contexts: by position with the default index (a blank cell is no context), by image
+    # with an index of paths or names (df.set_index("image")["context"]); a set has no order to align
+    results = list(pipeline.analyze_many([str(face_png)] * 2, contexts=pd.Series(["a", float("nan")]),
                                          faces="whole"))
-    assert [r.context for r in results] == ["a", "b"]
-    with pytest.raises(TypeError, match="not float"):
-        next(pipeline.analyze_many([str(face_png)] * 2, contexts=pd.Series(["a", float("nan")])))
+    assert [r.context for r in results] == ["a", None]
+    other = face_png.with_name("other.png")
+    shutil.copy(face_png, other)
+    by_name = pd.Series(["ctx of other", "ctx of face"], index=["other.png", str(face_png)])
+    results = list(pipeline.analyze_many([str(face_png), str(other)], contexts=by_name, faces="whole"))
+    assert [r.context for r in results] == ["ctx of face", "ctx of other"]
+    with pytest.raises(TypeError, match="not set"):
+        next(pipeline.analyze_many([str(face_png)] * 2, contexts={"a", "b"}))
+
+
+def test_closing_a_pipeline_while_other_threads_use_it_costs_no_image(pipeline, face_png, tmp_path):
+    """close() from another thread (a notebook cell) while images are measured: each image finishes, and the
+    next loads the stage again (one image became an error record, and a video stopped)."""
+    import cem
+
+    pipe = cem.Pipeline.from_config("default")
+    Image.open(face_png).resize((320, 320)).save(tmp_path / "big.png")
+    errors: list[str] = []
+
+    def work() -> None:
+        for _ in range(6):
+            r = pipe.analyze(str(tmp_path / "big.png"))
+            if r.error or not r.faces:
+                errors.append(r.error or "no face")
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for _ in range(6):
+        time.sleep(0.05)
+        pipe.close()
+    for t in threads:
+        t.join()
+    pipe.close()
+    assert errors == []

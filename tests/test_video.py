@@ -467,6 +467,30 @@ def test_a_frame_table_cut_mid_row_is_mended_on_resume(tmp_path):
     rows = list(csv.DictReader(path.open(newline="")))
     assert [int(r["frame"]) for r in rows] == [0, 1, 2, 3]
     assert all(r["context"] == row(0)["context"] and len(r) == len(cols) for r in rows)
+    # a blank last line is no cut row; a header cut before its end is a table without rows, started again
+    path.write_bytes(path.read_bytes() + b"\r\n")
+    w = FrameTableWriter(path, cols, resume=True)
+    w.write([row(4)])
+    w.close()
+    assert [int(r["frame"]) for r in csv.DictReader(path.open(newline=""))] == [0, 1, 2, 3, 4]
+    path.write_bytes(b"video,cont")
+    w = FrameTableWriter(path, cols, resume=True)
+    w.write([row(0)])
+    w.close()
+    assert [int(r["frame"]) for r in csv.DictReader(path.open(newline=""))] == [0]
+    # damage before the last row (what the old resume left: a cut row with the next one glued on) is refused,
+    # before anything is written, rather than cut away with every row after it
+    w = FrameTableWriter(path, cols, resume=True)
+    w.write([row(1), row(2)])
+    w.close()
+    damaged = path.read_bytes().replace(b"v.mp4,", b"", 1)
+    for bad in (damaged, path.read_bytes().replace(b"v.mp4", b"v\xff.mp4", 1)):
+        path.write_bytes(bad)
+        for attempt in (lambda: FrameTableWriter.check_resume(path, cols),
+                        lambda: FrameTableWriter(path, cols, resume=True)):
+            with pytest.raises(Exception, match="move it away and resume"):
+                attempt()
+        assert path.read_bytes() == bad
 
 
 def test_video_options_are_checked_before_the_first_frame(pipeline, video):

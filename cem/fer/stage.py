@@ -74,7 +74,7 @@ class FERStage:
                                                    pad_retry=config.faces.pad_retry,
                                                    small_faces=config.faces.small_faces,
                                                    torch_threads=config.expression.threads)
-        self.mesher = FaceMesher()
+        self.mesher: Any = FaceMesher()  # None once closed: the next image loads it again
         self.expression = ExpressionModel.from_pretrained(config.expression.weights, config.expression.device,
                                                           config.expression.test_time_flip)
         # the expression model's labels are fixed by its training; configured labels it lacks get 0 and are
@@ -145,6 +145,11 @@ class FERStage:
                  boxes: list[tuple[tuple[float, float, float, float], float]] | None,
                  baseline: SubjectBaseline | None, box_extents: list[float | None] | None) -> list[FaceEvidence]:
         import cv2
+
+        if self.mesher is None:  # closed (Pipeline.close from another thread, or a notebook): load it again
+            from cem.fer.detect import FaceMesher
+
+            self.mesher = FaceMesher()
 
         if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 \
                 or 0 in rgb.shape:
@@ -248,7 +253,12 @@ class FERStage:
                 else f for f in faces]
 
     def close(self) -> None:
+        """Release MediaPipe's graphs; a later :meth:`measure` loads them again (an image being measured in
+        another thread finishes first)."""
         with self.lock:
             if self.detector is not None:
                 self.detector.close()
-            self.mesher.close()
+                self.detector = None
+            if self.mesher is not None:
+                self.mesher.close()
+                self.mesher = None
