@@ -442,7 +442,8 @@ def prompt_render(image: str, template: str | None, context: str | None, config_
         p = render_prompt(name, evidence, config.labels, context, rgb, exemplars_from(config))
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
-    except jinja2.TemplateError as e:  # a template that fails as it renders (an undefined name, a bad filter)
+    except (jinja2.TemplateError, ArithmeticError, TypeError, LookupError, AttributeError) as e:
+        # a template that fails as it renders (an undefined name, {{ 1/0 }}, {{ "a" + 1 }})
         _fail(f"prompt template {name!r} failed: {type(e).__name__}: {e}")
     text = p.text
     if model:

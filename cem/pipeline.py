@@ -108,23 +108,23 @@ def _shared_failure(e: Exception) -> bool:
 
 
 def _contexts_from_table(contexts: Any) -> Any:
-    """``analyze_many``'s contexts as a list or a mapping. A pandas Series with the default index (0, 1, ...)
-    is aligned with the images by position; one indexed by something else (``df.set_index("image")["context"]``)
-    maps that index (the image's path or file name) to its context; its missing cells (NaN) are no context. A
-    NumPy array is by position. Anything else that is neither a sequence nor a mapping (a set, an iterator) is
-    refused: its order, or its end, is not the images'."""
+    """``analyze_many``'s contexts as a list or a mapping. A pandas Series indexed by text (image paths or file
+    names, unique: ``df.set_index("image")["context"]``) maps them to contexts; any other Series (a sorted or
+    filtered frame's column keeps its row numbers), a NumPy or pandas array and a pandas Index are aligned with
+    the images by position. Missing cells (NaN, None) are no context. Anything else that is neither a sequence
+    nor a mapping (a set, an iterator) is refused: its order, or its end, is not the images'."""
     if contexts is None or isinstance(contexts, (str, Mapping, Sequence)):
         return contexts
-    if isinstance(contexts, np.ndarray):
-        return contexts.tolist()
-    if hasattr(contexts, "index") and hasattr(contexts, "items") and hasattr(contexts, "isna"):  # pandas Series
-        values = [None if missing else v for v, missing in zip(contexts.tolist(), contexts.isna().tolist())]
-        index = list(contexts.index)
-        if index == list(range(len(index))):
-            return values
-        return {str(k): v for k, v in zip(index, values) if v is not None}
-    raise TypeError(f"analyze_many: contexts must be a list aligned with the images, a mapping from the image's "
-                    f"path to its context, or a pandas Series, not {type(contexts).__name__}")
+    if not hasattr(contexts, "tolist"):
+        raise TypeError(f"analyze_many: contexts must be a list aligned with the images, a mapping from the "
+                        f"image's path to its context, or a pandas Series, not {type(contexts).__name__}")
+    values = [None if isinstance(v, float) and math.isnan(v) else v for v in contexts.tolist()]
+    index = getattr(contexts, "index", None)
+    if index is not None and hasattr(contexts, "isna"):  # a pandas Series
+        keys = list(index)
+        if keys and all(isinstance(k, str) for k in keys) and len(set(keys)) == len(keys):
+            return {k: v for k, v in zip(keys, values) if v is not None}
+    return values
 
 
 class Pipeline:
@@ -395,8 +395,9 @@ class Pipeline:
         """Yield one result per image, in order. ``contexts``: a list aligned with ``images`` or a mapping
         from the image's path (as given, or its file name) to its context. Images are reasoned over in
         batches of ``batch_size`` (default: the reasoner's), so an LLM backend can share model calls. A pandas
-        Series of contexts is taken by position when its index is 0, 1, ... and as a mapping from its index
-        otherwise. When ``images`` (a generator) raises, the images measured before are answered first."""
+        Series of contexts indexed by image paths or names is a mapping; any other Series (a sorted frame's
+        column) is taken by position. When ``images`` (a generator) raises, the images measured before are
+        answered first."""
         if isinstance(images, (str, bytes, os.PathLike, np.ndarray)) or not isinstance(images, Iterable):
             raise TypeError(f"analyze_many takes an iterable of images (paths, PIL images or arrays), not one "
                             f"{type(images).__name__}; for one image use analyze")
@@ -478,6 +479,8 @@ class Pipeline:
         if fps is not None:
             opts.fps = fps
         opts.check()
+        # NumPy scalars (a DataFrame row's cells) as the Python values a record stores (an int64 became 3.0)
+        meta = None if meta is None else {k: v.item() if isinstance(v, np.generic) else v for k, v in meta.items()}
         for key, value in (meta or {}).items():  # checked now: a bad one failed at the first key moment
             # NumPy scalars (a DataFrame row's cells) are numbers too; the record converts them
             if (not isinstance(key, str) or not isinstance(value, (str, numbers.Real, bool, np.bool_))

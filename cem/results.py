@@ -162,7 +162,9 @@ def read_results(path: str | os.PathLike) -> pd.DataFrame:
     df.attrs["skipped_lines"] = [n for n, _ in report.skipped]
     df.attrs["skipped_reasons"] = [why for _, why in report.skipped]
     if "provenance_settings" in df:
-        made_with = df.groupby("provenance_settings", dropna=True)["image"].nunique()
+        # records of a cem that wrote no digest are a group of their own ("unrecorded")
+        made_with = df["provenance_settings"].fillna("unrecorded").to_frame().assign(image=df["image"]).groupby(
+            "provenance_settings")["image"].nunique()
         if len(made_with) > 1:
             counts = ", ".join(f"{k}: {v} image(s)" for k, v in made_with.items())
             warnings.warn(f"{os.fspath(path)}: the records were made with {len(made_with)} different settings "

@@ -63,6 +63,9 @@ from cem.sinks import (
 
 PROGRESS_MIN_IMAGES = 5
 # names of tables, not of JSON lines: refused as the records' output
+_TABLE_NAME_REFUSAL = ("{out}: the output holds the run's JSON-lines records; name it .jsonl (the per-face table "
+                       "is written beside it: --csv / csv=, or cem table afterwards; records as Parquet: the Ray "
+                       "engine)")
 TABLE_SUFFIXES = frozenset({".parquet", ".pq", ".csv", ".tsv", ".xlsx", ".xls", ".feather", ".arrow"})
 _TRUE, _FALSE = frozenset({"1", "true", "yes", "y"}), frozenset({"", "0", "false", "no", "n"})
 
@@ -543,6 +546,8 @@ def annotate(pipeline_or_config: Any, inputs: str | os.PathLike | Iterable[str |
     else:
         config, pipeline = pipeline_or_config.config, pipeline_or_config
     out = Path(out)
+    if _named_as_table(out) and not out.exists():  # (an existing file may be an input: checked with them)
+        raise RunError(_TABLE_NAME_REFUSAL.format(out=safe_text(os.fspath(out))))
     if resume and overwrite:
         raise RunError("--resume continues OUTPUT and --overwrite replaces it: give one of them")
     if retry_errors and not resume:
@@ -577,6 +582,14 @@ def annotate(pipeline_or_config: Any, inputs: str | os.PathLike | Iterable[str |
                     retry_errors=retry_errors, overwrite=overwrite)
     finally:
         runner.close()
+
+
+def _named_as_table(out: Path) -> bool:
+    """Whether ``out`` is named as a table (``x.parquet``, ``x.csv.gz``), not as the run's JSON lines."""
+    suffixes = [x.lower() for x in out.suffixes]
+    while suffixes and suffixes[-1] in (".gz", ".bz2", ".xz", ".zst"):
+        suffixes.pop()
+    return bool(suffixes) and suffixes[-1] in TABLE_SUFFIXES
 
 
 def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -615,12 +628,10 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
         [os.fspath(p) for p in inputs if os.path.isfile(p)] + [it.path for it in found.items]
         + ([os.fspath(context_file)] if context_file is not None else []),
         {"the output": out, "--csv": csv, "--frames": frames})
-    if {x.lower() for x in out.suffixes[-2:]} & TABLE_SUFFIXES:
+    if _named_as_table(out):
         # the records are JSON lines: under a table's name a user's pandas.read_parquet fails on them later
         # (checked after the inputs: `-o manifest.csv` is told it is an input, which says more)
-        raise RunError(f"{safe_text(os.fspath(out))}: the output holds the run's JSON-lines records; name it .jsonl "
-                       f"(the per-face table is written beside it: --csv / csv=, or cem table afterwards; records as "
-                       f"Parquet: the Ray engine)")
+        raise RunError(_TABLE_NAME_REFUSAL.format(out=safe_text(os.fspath(out))))
     if csv is not None and not resume and not overwrite and not dry_run and holds_something(Path(csv)):
         # a file that is not this output's table (a user's keep.csv) must not be replaced unseen
         raise RunError(f"--csv {csv} already exists; --overwrite replaces it (the table is rebuilt from the JSONL "

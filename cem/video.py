@@ -51,7 +51,7 @@ VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm"})
 BASELINE_MAX = 300
 # frame rates a video header may plausibly give (time-lapse to high-speed cameras); outside them, or missing,
 # the rate is unknown and ASSUMED_FPS is used for frame times (a header of 1e-6 fps made every frame a new track)
-PLAUSIBLE_FPS = (0.1, 10_000.0)
+PLAUSIBLE_FPS = (0.01, 10_000.0)
 ASSUMED_FPS = 30.0
 
 
@@ -464,9 +464,11 @@ def _check_table_columns(path: Path, found: list[str], columns: list[str]) -> No
 def _scan_csv_table(path: Path, columns: list[str], key: Any = None) -> tuple[set[tuple[str, ...]], int, int]:
     """A CSV frame table that a resumed run will append to: (the ``key`` of each complete row, the byte offset
     just after the last complete row, the file size). Only the end of the file may be cut (a run stopped while
-    writing a row, or the header); a row of the wrong length before that, or bytes that are not UTF-8, are
-    damage that appending would bury (an older cem appended after a cut row): VideoError saying what to do."""
+    writing a row, or the header, maybe inside a character); a row of the wrong length before that (also a stray
+    quote that swallows the rows after it), or bytes that are not UTF-8, are damage that appending would bury
+    (an older cem appended after a cut row): VideoError saying what to do."""
     import csv
+    import io
 
     pos, last = 0, b""
     what = safe_text(os.fspath(path))
@@ -478,37 +480,63 @@ def _scan_csv_table(path: Path, columns: list[str], key: Any = None) -> tuple[se
             try:
                 yield raw.decode("utf-8")
             except UnicodeDecodeError:
+                if not raw.endswith(b"\n"):  # the last line, cut inside a character: a cut row
+                    yield raw.decode("utf-8", "replace")
+                    continue
                 raise VideoError(f"{what}: bytes that are not UTF-8 text near byte {pos - len(raw)}: not a table "
                                  f"cem wrote, or a damaged one; move it away and resume (the records in the JSONL "
                                  f"are kept)") from None
+
+    def damaged(where: int, cells: int | None, n: int) -> VideoError:
+        said = f"has {cells} cells, not {n}" if cells is not None else "does not parse"
+        return VideoError(f"{what}: the row starting at byte {where} {said}: the table is damaged (an older cem "
+                          f"resumed after a cut row without mending it, or it was edited); move it away and resume "
+                          f"(the records in the JSONL are kept)")
+
+    def rows_after_first_line(start: int) -> bool:
+        """Whether complete rows follow the first line of the bad row at ``start`` (a stray quote read them
+        into one cell): then it is damage, not a row cut at the end of the file."""
+        with open(path, "rb") as tail:
+            tail.seek(start)
+            rest = tail.read().split(b"\n", 1)
+        if len(rest) < 2:
+            return False
+        text = rest[1].decode("utf-8", "replace")
+        return any(len(r) == len(columns) for r in csv.reader(io.StringIO(text)) if r)
 
     keys: set[tuple[str, ...]] = set()
     with open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
         reader = csv.reader(lines(fh))
         header = next(reader, [])
-        if not last.endswith(b"\n"):  # cut inside the header: no row was written yet
-            return keys, 0, size
+        if not last.endswith(b"\n"):
+            buf = io.StringIO()
+            csv.writer(buf).writerow(columns)
+            if buf.getvalue().startswith(last.decode("utf-8", "replace")):
+                return keys, 0, size  # cut inside the header cem was writing: no row was written yet
         _check_table_columns(path, header, columns)
         good_end = pos
-        try:
-            for row in reader:
-                complete = last.endswith(b"\n")
-                if not row and complete:  # a blank line
-                    good_end = pos
-                    continue
-                if not complete or len(row) != len(header):
-                    if pos >= size:
-                        break  # the last row, cut: removed and written again
-                    raise VideoError(f"{what}: the row ending at byte {pos} has {len(row)} cells, not "
-                                     f"{len(header)}: the table is damaged (an older cem resumed after a cut row "
-                                     f"without mending it); move it away and resume (the records in the JSONL are "
-                                     f"kept)")
-                if key is not None:
-                    keys.add(key(dict(zip(header, row))))
+        while True:
+            start = pos
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error:  # a quoted cell running to the end of the file (or past the field size limit)
+                if rows_after_first_line(start):
+                    raise damaged(start, None, len(header)) from None
+                break
+            complete = last.endswith(b"\n")
+            if not row and complete:  # a blank line
                 good_end = pos
-        except csv.Error:  # a quoted cell cut at the end of the file
-            pass
+                continue
+            if not complete or len(row) != len(header):
+                if pos >= size and not rows_after_first_line(start):
+                    break  # the last row, cut: removed and written again
+                raise damaged(start, len(row), len(header))
+            if key is not None:
+                keys.add(key(dict(zip(header, row))))
+            good_end = pos
     return keys, good_end, size
 
 

@@ -1558,9 +1558,13 @@ def test_the_frame_table_is_locked_and_is_not_the_face_table(face_png, tmp_path)
 
 def test_an_output_named_as_a_table_is_refused_by_the_local_runner(face_png, tmp_path):
     """`-o out.parquet` wrote JSON lines under a Parquet name (pandas.read_parquet then failed on it)."""
-    for name in ("o.parquet", "o.CSV"):
+    for name in ("o.parquet", "o.CSV", "o.csv.gz"):
         r = _cem("annotate", face_png, "-o", tmp_path / name)
         assert r.returncode == 2 and "name it .jsonl" in r.stderr and not (tmp_path / name).exists(), r.stderr
+    from cem.runner import _named_as_table
+
+    assert not _named_as_table(Path("run.csv.jsonl")) and not _named_as_table(Path("x.JSONL"))
+    assert _named_as_table(Path("y.PQ")) and not _named_as_table(Path("records"))
 
 
 def test_analyze_many_answers_what_it_measured_before_the_source_failed(pipeline, face_png):
@@ -1588,6 +1592,11 @@ def test_analyze_many_answers_what_it_measured_before_the_source_failed(pipeline
     assert [r.context for r in results] == ["ctx of face", "ctx of other"]
     with pytest.raises(TypeError, match="not set"):
         next(pipeline.analyze_many([str(face_png)] * 2, contexts={"a", "b"}))
+    # a sorted or filtered frame's column keeps its row numbers: still by position, as before
+    frame = pd.DataFrame({"image": [str(face_png), str(other)], "context": ["one", "two"], "score": [2, 1]})
+    ordered = frame.sort_values("score")
+    results = list(pipeline.analyze_many(ordered["image"], contexts=ordered["context"], faces="whole"))
+    assert [r.context for r in results] == ["two", "one"]
 
 
 def test_closing_a_pipeline_while_other_threads_use_it_costs_no_image(pipeline, face_png, tmp_path):

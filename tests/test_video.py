@@ -484,13 +484,28 @@ def test_a_frame_table_cut_mid_row_is_mended_on_resume(tmp_path):
     w.write([row(1), row(2)])
     w.close()
     damaged = path.read_bytes().replace(b"v.mp4,", b"", 1)
-    for bad in (damaged, path.read_bytes().replace(b"v.mp4", b"v\xff.mp4", 1)):
+    stray_quote = path.read_bytes().replace(b"v.mp4,", b'v.mp4,"', 1)  # reads every later row into one cell
+    for bad in (damaged, stray_quote, path.read_bytes().replace(b"v.mp4", b"v\xff.mp4", 1)):
         path.write_bytes(bad)
         for attempt in (lambda: FrameTableWriter.check_resume(path, cols),
                         lambda: FrameTableWriter(path, cols, resume=True)):
             with pytest.raises(Exception, match="move it away and resume"):
                 attempt()
         assert path.read_bytes() == bad
+    # a last row cut inside a character is a cut row; a one-line file that is no table cem began is not wiped
+    w = FrameTableWriter(path, cols)
+    w.write([row(0), {**row(1), "context": "café"}])
+    w.close()
+    data = path.read_bytes()
+    path.write_bytes(data[: data.rindex("é".encode()) + 1])
+    w = FrameTableWriter(path, cols, resume=True)
+    w.write([row(0), row(1)])
+    w.close()
+    assert [int(r["frame"]) for r in csv.DictReader(path.open(newline=""))] == [0, 1]
+    path.write_bytes(b"participant,condition,score")
+    with pytest.raises(Exception, match="columns differ"):
+        FrameTableWriter(path, cols, resume=True)
+    assert path.read_bytes() == b"participant,condition,score"
 
 
 def test_video_options_are_checked_before_the_first_frame(pipeline, video):
