@@ -423,11 +423,9 @@ def calibrate(out_dir: str | Path, valid: FerPlus) -> dict:
     return config
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``cem train-expression``: train (or recalibrate) the expression CNN; exit 2 with a clear message when the
-    data or an option is unusable."""
+def argument_parser() -> Any:
+    """The ``cem train-expression`` options (an ``argparse.ArgumentParser``; docs/gen_cli.py prints its help)."""
     import argparse
-    import sys
 
     p = argparse.ArgumentParser(prog="cem train-expression", description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default=None, help="folder with ferplus/{train,valid}.npz (default: ../shared/data)")
@@ -447,7 +445,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibrate-only", action="store_true",
                    help="refit the temperature (and the neutral reference) of the finished run in --out on valid, "
                         "and rewrite its config")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``cem train-expression``: train (or recalibrate) the expression CNN; exit 2 with a clear message when the
+    data or an option is unusable."""
+    import sys
+
+    a = argument_parser().parse_args(argv)
     try:
         if a.calibrate_only:
             calibrate(a.out, load_ferplus("valid", a.data_dir))
