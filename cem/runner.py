@@ -97,6 +97,7 @@ class RunSummary:
     notes: list[str] = field(default_factory=list)  # inputs that gave nothing, skipped duplicate rows, ...
     retried: int = 0  # error records removed to be done again (--retry-errors)
     elapsed_s: float = 0.0
+    video_s: float = 0.0  # of elapsed_s, the time spent on videos (the image rate leaves it out)
     table: Path | None = None
     exit_code: int = 0
     planned: list[str] = field(default_factory=list)  # --dry-run: the inputs that would be processed
@@ -112,10 +113,11 @@ class RunSummary:
                        f"{self.output}.rejected")
         if self.skipped:
             out.append(f"cem: {self.skipped} input(s) already in {self.output} were skipped (--resume)")
-        rate = self.images / max(self.elapsed_s, 1e-9)
+        image_s = max(self.elapsed_s - self.video_s, 0.0)
+        rate = self.images / max(image_s, 1e-9)
         if self.images or not (self.videos or self.videos_only):  # a run of videos alone has no image line
             out.append(f"cem: {self.images} images, {self.faces} faces, {self.n_errors} errors in "
-                       f"{self.elapsed_s:.1f} s ({rate:.1f} images/s) -> {self.output}")
+                       f"{image_s:.1f} s ({rate:.1f} images/s) -> {self.output}")
         elif self.n_errors:
             out.append(f"cem: {self.n_errors} errors -> {self.output}")
         out += [f"  {n} x {kind}" for kind, n in self.errors.most_common()]
@@ -468,6 +470,7 @@ class Runner:
             return
         finally:
             if bar is not None:
+                bar.n = max(bar.n, stats.decoded)  # the frames after the last sampled one were decoded too
                 bar.close()
         summary.frames += n_frames
         sink.write(video_summary_record(it.path, frames=n_frames, moments=n_moments, provenance=pipe.provenance(),
@@ -475,6 +478,7 @@ class Runner:
                                         complete=not stats.cut_short, frames_decoded=stats.decoded,
                                         frames_declared=stats.declared))
         el = time.perf_counter() - start
+        summary.video_s += el
         self.echo(f"cem: {shown}: {n_frames} frames in {el:.1f} s ({n_frames / max(el, 1e-9):.1f} frames/s), "
                   f"{n_moments} key moments")
         if stats.cut_short:

@@ -538,3 +538,13 @@ def test_a_video_whose_name_is_not_utf8_is_read(pipeline, video, tmp_path):
     assert r.returncode == 0, r.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert records[-1]["video_summary"]["frames"] == 3 and records[-1]["image_bytes"]
+
+
+def test_the_run_summary_image_rate_leaves_out_the_time_spent_on_videos(tmp_path):
+    """A run of 40 photos and a long video said "40 images ... in 22.3 s (1.8 images/s)": the video's time."""
+    from cem.runner import RunSummary
+
+    summary = RunSummary(tmp_path / "o.jsonl", images=40, faces=40, videos=1, frames=300, moments=4,
+                         elapsed_s=22.0, video_s=20.0)
+    (line,) = [x for x in summary.lines() if "40 images" in x]
+    assert "in 2.0 s (20.0 images/s)" in line
