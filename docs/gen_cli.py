@@ -56,14 +56,10 @@ def render() -> str:
 
 
 def main(argv: list[str]) -> int:
-    new = render()
-    if "--check" in argv:
-        if not PAGE.is_file() or PAGE.read_text(encoding="utf-8") != new:
-            print(f"{PAGE} is out of date: run python docs/gen_cli.py", file=sys.stderr)
-            return 1
-        return 0
-    PAGE.write_text(new, encoding="utf-8")
-    return 0
+    sys.path.insert(0, str(Path(__file__).parent))  # run as a script from anywhere: its sibling generator
+    from gen_output import write_or_check
+
+    return write_or_check(PAGE, render(), argv, "gen_cli.py")
 
 
 if __name__ == "__main__":

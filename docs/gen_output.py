@@ -102,16 +102,20 @@ def render(text: str) -> str:
     return BLOCK.sub(fill, text)
 
 
-def main(argv: list[str]) -> int:
-    text = PAGE.read_text(encoding="utf-8")
-    new = render(text)
+def write_or_check(page: Path, new: str, argv: list[str], script: str) -> int:
+    """Write ``new`` to ``page``; with ``--check`` in ``argv``, write nothing and return 1 when ``page`` differs
+    (the docs generators' shared ending: this script and gen_cli.py)."""
     if "--check" in argv:
-        if new != text:
-            print(f"{PAGE} is out of date: run python docs/gen_output.py", file=sys.stderr)
+        if not page.is_file() or page.read_text(encoding="utf-8") != new:
+            print(f"{page} is out of date: run python docs/{script}", file=sys.stderr)
             return 1
         return 0
-    PAGE.write_text(new, encoding="utf-8")
+    page.write_text(new, encoding="utf-8")
     return 0
+
+
+def main(argv: list[str]) -> int:
+    return write_or_check(PAGE, render(PAGE.read_text(encoding="utf-8")), argv, "gen_output.py")
 
 
 if __name__ == "__main__":
