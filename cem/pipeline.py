@@ -7,7 +7,6 @@ import dataclasses
 import itertools
 import logging
 import math
-import numbers
 import os
 import re
 import threading
@@ -105,8 +104,6 @@ def _shared_failure(e: Exception) -> bool:
 
     return isinstance(e, ReasonerFailure) and (e.cause in ("timeout", "unreachable") or e.cause.startswith("http-"))
 
-
-
 def _contexts_from_table(contexts: Any) -> Any:
     """``analyze_many``'s contexts as a list or a mapping. A pandas Series indexed by text (image paths or file
     names, unique: ``df.set_index("image")["context"]``) maps them to contexts; any other Series (a sorted or
@@ -118,7 +115,11 @@ def _contexts_from_table(contexts: Any) -> Any:
     if not hasattr(contexts, "tolist"):
         raise TypeError(f"analyze_many: contexts must be a list aligned with the images, a mapping from the "
                         f"image's path to its context, or a pandas Series, not {type(contexts).__name__}")
-    values = [None if isinstance(v, float) and math.isnan(v) else v for v in contexts.tolist()]
+    values = contexts.tolist()
+    # pandas says what is missing (NaN, None, pd.NA); a NumPy array of floats can only miss NaN
+    missing = (contexts.isna().tolist() if hasattr(contexts, "isna")
+               else [isinstance(v, float) and math.isnan(v) for v in values])
+    values = [None if gone else v for v, gone in zip(values, missing)]
     index = getattr(contexts, "index", None)
     if index is not None and hasattr(contexts, "isna"):  # a pandas Series
         keys = list(index)
@@ -482,9 +483,8 @@ class Pipeline:
         # NumPy scalars (a DataFrame row's cells) as the Python values a record stores (an int64 became 3.0)
         meta = None if meta is None else {k: v.item() if isinstance(v, np.generic) else v for k, v in meta.items()}
         for key, value in (meta or {}).items():  # checked now: a bad one failed at the first key moment
-            # NumPy scalars (a DataFrame row's cells) are numbers too; the record converts them
-            if (not isinstance(key, str) or not isinstance(value, (str, numbers.Real, bool, np.bool_))
-                    or (isinstance(value, numbers.Real) and not math.isfinite(value))):
+            if (not isinstance(key, str) or not isinstance(value, (str, int, float))
+                    or (isinstance(value, float) and not math.isfinite(value))):
                 raise ValueError(f"meta {key!r}: {value!r} is not a value a record can hold (text, a whole or "
                                  f"finite number, true/false)")
         opts.every = None if opts.every is None else int(opts.every)

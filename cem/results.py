@@ -163,8 +163,7 @@ def read_results(path: str | os.PathLike) -> pd.DataFrame:
     df.attrs["skipped_reasons"] = [why for _, why in report.skipped]
     if "provenance_settings" in df:
         # records of a cem that wrote no digest are a group of their own ("unrecorded")
-        made_with = df["provenance_settings"].fillna("unrecorded").to_frame().assign(image=df["image"]).groupby(
-            "provenance_settings")["image"].nunique()
+        made_with = df.groupby(df["provenance_settings"].fillna("unrecorded"))["image"].nunique()
         if len(made_with) > 1:
             counts = ", ".join(f"{k}: {v} image(s)" for k, v in made_with.items())
             warnings.warn(f"{os.fspath(path)}: the records were made with {len(made_with)} different settings "

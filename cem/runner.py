@@ -556,8 +556,7 @@ def annotate(pipeline_or_config: Any, inputs: str | os.PathLike | Iterable[str |
         raise RunError("--resume continues OUTPUT and --overwrite replaces it: give one of them")
     if retry_errors and not resume:
         raise RunError("--retry-errors applies to --resume (a new run does every input anyway): add --resume")
-    if csv is not None and frames is not None and (
-            os.path.realpath(csv) == os.path.realpath(frames) or _same_file(csv, frames)):
+    if csv is not None and frames is not None and _same_file(csv, frames):
         raise RunError(f"--csv {csv} and --frames {frames} are the same file (the face table would replace the "
                        f"frame table); give two files")
     # each streamed output is locked through OUT.lock beside it, removed at the end: no output may be one of them
@@ -570,9 +569,7 @@ def annotate(pipeline_or_config: Any, inputs: str | os.PathLike | Iterable[str |
     for flag, other in (("--csv", csv), ("--frames", frames)):
         if other is None:
             continue
-        # realpath: a link to the output's folder is the same file too (abspath alone let the table overwrite
-        # the records)
-        if os.path.realpath(other) == os.path.realpath(out) or (out.exists() and _same_file(other, out)):
+        if _same_file(other, out):
             raise RunError(f"{flag} {other} is the JSONL output itself; give another file")
         try:  # checked now, not after every image was annotated
             table_format(other)
@@ -597,10 +594,13 @@ def _named_as_table(out: Path) -> bool:
 
 
 def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether ``a`` and ``b`` name one file: hard or symbolic links and relative spellings of it, or, where one
+    does not exist yet, one real path (a link to the output's folder: abspath alone let a table overwrite the
+    records)."""
     try:
-        return os.path.samefile(a, b)  # links and relative spellings of one file
+        return os.path.samefile(a, b)
     except OSError:
-        return os.path.abspath(a) == os.path.abspath(b)
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _refuse_outputs_that_are_inputs(sources: list[str], outputs: Mapping[str, str | os.PathLike | None]) -> None:
@@ -697,16 +697,14 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
                 FrameTableWriter.check_resume(Path(frames), runner.frame_table_columns(videos)[1])
             except VideoError as e:
                 raise RunError(f"--frames {frames}: {e}") from None
-    except BaseException:
+        try:
+            sink = JsonlSink(out, resume=resume, retry=retry, overwrite=overwrite)
+        except OutputError as e:
+            raise RunError(str(e)) from None
+    except BaseException:  # the run ends before its sink is open: the frame table is no longer ours
         if frames_lock is not None:
             frames_lock.release()
         raise
-    try:
-        sink = JsonlSink(out, resume=resume, retry=retry, overwrite=overwrite)
-    except OutputError as e:
-        if frames_lock is not None:
-            frames_lock.release()
-        raise RunError(str(e)) from None
     summary.retried = sink.existing.retried
     if sink.existing.retried:  # said now, not in the summary: a run stopped half-way must have said it too
         runner.echo(f"cem: note: --retry-errors: {sink.existing.retried} error record(s) are removed from "

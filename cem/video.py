@@ -117,12 +117,13 @@ def opencv_path(path: str | os.PathLike | bytes) -> Iterator[str]:
     name in a temporary folder."""
     # absolute: FFmpeg reads a relative name such as "concat:a.mp4" as a protocol, not as a file
     name = os.path.abspath(os.fsdecode(os.fspath(path)))
-    if not _utf8(name):
+    if safe_text(name) != name:  # not UTF-8 (safe_text escapes it)
         import tempfile
 
         base = tempfile.gettempdir()
-        if not _utf8(base):  # the link's own path must be one OpenCV can take
-            base = next((d for d in ("/tmp", "/var/tmp", os.getcwd()) if _utf8(d) and os.path.isdir(d)), base)
+        if safe_text(base) != base:  # the link's own path must be one OpenCV can take
+            base = next((d for d in ("/tmp", "/var/tmp", os.getcwd()) if safe_text(d) == d and os.path.isdir(d)),
+                        base)
         with tempfile.TemporaryDirectory(prefix="cem-video-", dir=base) as tmp:
             link = os.path.join(tmp, "video" + Path(name).suffix.encode("ascii", "replace").decode())
             try:
@@ -134,14 +135,6 @@ def opencv_path(path: str | os.PathLike | bytes) -> Iterator[str]:
             yield link
         return
     yield name
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 def frame_count(path: str | os.PathLike) -> int | None:
@@ -240,6 +233,31 @@ def _decode(name: str, path: str, every: int | None, fps: float | None, stats: D
         cap.release()
     if i == 0:
         raise VideoError(f"{path}: no frame could be decoded")
+
+
+def frame_at(path: str, frame: int, max_pixels: int) -> np.ndarray:
+    """Frame ``frame`` of the video at ``path`` as RGB (a key moment's picture in the report); VideoError when the
+    file does not have it, or its frames are over the image limits."""
+    import cv2
+
+    from cem.io import ImageLoadError, check_geometry
+
+    with opencv_path(path) as name:
+        cap = cv2.VideoCapture(name)
+        try:
+            width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH) or 0), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0)
+            if width > 0 and height > 0:
+                try:
+                    check_geometry(f"{safe_text(path)}: frames", width, height, max_pixels)
+                except ImageLoadError as e:
+                    raise VideoError(str(e)) from None
+            cap.set(cv2.CAP_PROP_POS_FRAMES, frame)
+            ok, bgr = cap.read()
+        finally:
+            cap.release()
+    if not ok:
+        raise VideoError(f"{safe_text(path)}: frame {frame} cannot be read")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def _sampled(i: int, native: float, every: int | None, fps: float | None) -> bool:
@@ -617,11 +635,9 @@ class FrameTableWriter:
                 found = list(pq.read_schema(path).names)
             except Exception:  # not installed, or a cut file: opening the writer says which, as it always did
                 return
+            _check_table_columns(path, found, columns)
         else:
-
             _scan_csv_table(path, columns)  # damage that --resume cannot mend stops the run before any image
-            return
-        _check_table_columns(path, found, columns)
 
     def _input_key(self, row: dict[str, Any]) -> tuple[str, ...]:
         # a CSV reads an empty cell as "", Parquet as None: both are "no value"

@@ -138,13 +138,14 @@ class _Thumbnails:
         from PIL import Image
 
         from cem.io import load_image
+        from cem.video import frame_at
 
         path = self._find(image)
         if path is None:
             kind = "video" if frame is not None else "image"
             return None, 1.0, f"no thumbnail: the {kind} file is not found from here"
         try:
-            rgb = load_image(path, self.max_pixels) if frame is None else _video_frame(path, frame, self.max_pixels)
+            rgb = load_image(path, self.max_pixels) if frame is None else frame_at(path, frame, self.max_pixels)
         except (OSError, ValueError) as e:  # ImageLoadError and VideoError are ValueErrors
             return None, 1.0, f"no thumbnail: {_clip(str(e), 300)}"
         im = Image.fromarray(rgb)
@@ -155,27 +156,6 @@ class _Thumbnails:
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=80)
         return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), scale, None
-
-
-def _video_frame(path: str, frame: int, max_pixels: int) -> Any:
-    """Frame ``frame`` of the video at ``path`` as RGB (VideoError when the file does not have it)."""
-    import cv2
-
-    from cem.video import VideoError, opencv_path
-
-    with opencv_path(path) as name:
-        cap = cv2.VideoCapture(name)
-        try:
-            w, h = cap.get(cv2.CAP_PROP_FRAME_WIDTH) or 0, cap.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0
-            if w * h > max_pixels:
-                raise VideoError(f"{path}: frames of {int(w)}x{int(h)} px are over the image size limit")
-            cap.set(cv2.CAP_PROP_POS_FRAMES, frame)
-            ok, bgr = cap.read()
-        finally:
-            cap.release()
-    if not ok:
-        raise VideoError(f"{path}: frame {frame} cannot be read")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def _pairs(dist: dict[str, float | None]) -> list[list[Any]]:
