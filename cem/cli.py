@@ -313,7 +313,7 @@ def table_cmd(results: str, output: str) -> None:
         lines = ", ".join(map(str, summary.skipped_lines[:20])) + (", ..." if len(summary.skipped_lines) > 20 else "")
         click.echo(f"cem: {results}: skipped {len(summary.skipped_lines)} line(s) that are not valid records "
                    f"(line {lines}); first: {summary.skipped_reasons[0]}", err=True)
-    click.echo(f"cem: {summary.rows} rows ({summary.images} images) -> {output}", err=True)
+    click.echo(f"cem: {summary.describe()} -> {output}", err=True)
 
 
 @main.command("eval")

@@ -422,6 +422,9 @@ class MomentRecord(ImageRecord):
     t_start: Seconds = Field(description="time of this track's previous key moment (or of this one)")
     t_end: Seconds
     key_reason: str = Field(min_length=1, description="first appearance | expression change (JS x bits) | interval")
+    frame_sampling: str | None = Field(default=None, exclude_if=_omit_none,
+                                       description="the frames the run processed: every frame | every N frames | "
+                                                   "R fps (absent in records of earlier cem versions)")
     faces: list[FaceRecord] = Field(min_length=1, max_length=1)
 
     @model_validator(mode="after")
@@ -456,6 +459,8 @@ class VideoSummary(BaseModel):
                                              description="frames decoded, sampled or not")
     frames_declared: NonNegInt | None = Field(default=None, exclude_if=_omit_none,
                                               description="frames the file's header declares")
+    frame_sampling: str | None = Field(default=None, exclude_if=_omit_none,
+                                       description="the frames processed: every frame | every N frames | R fps")
 
 
 class VideoRecord(ImageRecord):
@@ -583,12 +588,13 @@ def error_record(image: str, error: str, provenance: Provenance | Mapping[str, A
 def video_summary_record(video: str, *, frames: int, moments: int, provenance: Provenance | Mapping[str, Any],
                          width: int | None = None, height: int | None = None, context: str | None = None,
                          meta: Mapping[str, Any] | None = None, complete: bool = True,
-                         frames_decoded: int | None = None, frames_declared: int | None = None) -> dict[str, Any]:
+                         frames_decoded: int | None = None, frames_declared: int | None = None,
+                         frame_sampling: str | None = None) -> dict[str, Any]:
     """The record written when a video is finished (validated): ``video_summary: {frames, moments, complete,
-    frames_decoded, frames_declared}`` (``complete`` false: the file ended before the frames it declares);
-    ``--resume`` skips videos that have one (reading a cut file again gives the same frames)."""
+    frames_decoded, frames_declared, frame_sampling}`` (``complete`` false: the file ended before the frames it
+    declares); ``--resume`` skips videos that have one (reading a cut file again gives the same frames)."""
     summary = {"frames": frames, "moments": moments, "complete": complete, "frames_decoded": frames_decoded,
-               "frames_declared": frames_declared}
+               "frames_declared": frames_declared, "frame_sampling": frame_sampling}
     return _record(VideoRecord, {"image": video, "video": video, "width": width, "height": height, "faces": [],
                                  "context": context, "meta": dict(meta) if meta else None, "error": None,
                                  "video_summary": summary, "provenance": provenance}, video)
@@ -596,7 +602,7 @@ def video_summary_record(video: str, *, frames: int, moments: int, provenance: P
 
 def moment_record(result: ImageResult, face: FaceResult, *, video: str, frame: int, time: float, track_id: int,
                   t_start: float, key_reason: str, landmarks: bool = False,
-                  meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                  meta: Mapping[str, Any] | None = None, frame_sampling: str | None = None) -> dict[str, Any]:
     """The record of one video key moment: ``face`` (of ``result``, reasoned on frame ``frame``) with its
     track, written as an image record of that frame plus the video fields (validated)."""
     try:
@@ -604,7 +610,8 @@ def moment_record(result: ImageResult, face: FaceResult, *, video: str, frame: i
     except ValidationError as e:
         raise RecordError(_explain(e, f"{video}: frame {frame}, track {track_id}")) from None
     d = {"image": video, "video": video, "frame": frame, "time": time, "track_id": track_id,
-         "t_start": t_start, "t_end": time, "key_reason": key_reason, "width": result.width,
+         "t_start": t_start, "t_end": time, "key_reason": key_reason, "frame_sampling": frame_sampling,
+         "width": result.width,
          "height": result.height, "faces": [record], "context": result.context, "error": None,
          "provenance": result.provenance}
     if meta or result.meta:

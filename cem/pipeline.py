@@ -472,7 +472,7 @@ class Pipeline:
         its 478-point mesh, as image records do with ``--landmarks``.
         """
         from cem.contract import moment_record
-        from cem.video import VideoOptions, track_video
+        from cem.video import VideoOptions, sampling_label, track_video
 
         opts = dataclasses.replace(options or VideoOptions())  # the caller's options are never changed
         if every is not None:
@@ -491,6 +491,7 @@ class Pipeline:
         opts.fps = None if opts.fps is None else float(opts.fps)
         _check_contexts([context])  # before the first frame, as analyze does (it failed at the first key moment)
         name = os.fsdecode(os.fspath(path))
+        sampling = sampling_label(opts.every, opts.fps)
         for vf in track_video(self.fer, name, self.config.labels, opts, stats):
             keys = [f for f in vf.faces if f.key]
             if keys and opts.reason:
@@ -503,7 +504,8 @@ class Pipeline:
                 for face, tf in zip(result.faces, keys):
                     vf.moments.append(moment_record(
                         result, face, video=name, frame=vf.frame, time=vf.time, track_id=tf.track_id,
-                        t_start=tf.t_start, key_reason=tf.key_reason or "", meta=meta, landmarks=landmarks))
+                        t_start=tf.t_start, key_reason=tf.key_reason or "", meta=meta, landmarks=landmarks,
+                        frame_sampling=sampling))
             vf.rgb = None  # do not hold decoded frames beyond this step
             yield vf
 

@@ -182,13 +182,21 @@ def read_cues(path: str | os.PathLike) -> pd.DataFrame:
 
 @dataclass
 class TableSummary:
-    """What :func:`write_table` wrote: rows, the images they came from, the lines skipped and why."""
+    """What :func:`write_table` wrote: rows, the photos and videos they came from, the lines skipped and why."""
 
     path: str
     rows: int
-    images: int
+    images: int  # photos (a video's rows are counted in ``videos``)
     skipped_lines: list[int]
     skipped_reasons: list[str]
+    videos: int = 0
+
+    def describe(self) -> str:
+        """``"12 rows (3 images, 1 video)"``: what the table holds, as the CLI says it."""
+        parts = [f"{self.images} image{'s' if self.images != 1 else ''}"]
+        if self.videos:
+            parts.append(f"{self.videos} video{'s' if self.videos != 1 else ''}")
+        return f"{self.rows} row{'s' if self.rows != 1 else ''} ({', '.join(parts)})"
 
 
 def write_table(jsonl_path: str | os.PathLike, out_path: str | os.PathLike) -> TableSummary:
@@ -216,8 +224,9 @@ def write_table(jsonl_path: str | os.PathLike, out_path: str | os.PathLike) -> T
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return TableSummary(os.fspath(out), len(df), int(df["image"].nunique()) if len(df) else 0,
-                        list(df.attrs["skipped_lines"]), list(df.attrs["skipped_reasons"]))
+    videos = df["video"].dropna() if "video" in df else pd.Series(dtype=object)
+    return TableSummary(os.fspath(out), len(df), int(df["image"].drop(videos.index).nunique()),
+                        list(df.attrs["skipped_lines"]), list(df.attrs["skipped_reasons"]), videos=int(videos.nunique()))
 
 
 @pd.api.extensions.register_dataframe_accessor("cem")

@@ -51,6 +51,7 @@ from cem.io import (
     read_context_csv,
 )
 from cem.sinks import (
+    ExistingOutput,
     JsonlSink,
     OutputError,
     OutputLock,
@@ -424,7 +425,7 @@ class Runner:
     def _run_video(self, it: InputItem, sink: JsonlSink, summary: RunSummary, table: Any, every: int | None,
                    fps: float | None, meta_columns: list[str]) -> None:
         from cem.contract import AU_NAMES, error_record, video_summary_record
-        from cem.video import DecodeStats, VideoError, frame_count, frame_rows
+        from cem.video import DecodeStats, VideoError, frame_count, frame_rows, sampling_label
 
         pipe = self.pipeline
         labels, aus = self.config.labels, list(AU_NAMES)
@@ -476,7 +477,7 @@ class Runner:
         sink.write(video_summary_record(it.path, frames=n_frames, moments=n_moments, provenance=pipe.provenance(),
                                         width=size[0], height=size[1], context=it.context, meta=meta,
                                         complete=not stats.cut_short, frames_decoded=stats.decoded,
-                                        frames_declared=stats.declared))
+                                        frames_declared=stats.declared, frame_sampling=sampling_label(every, fps)))
         el = time.perf_counter() - start
         summary.video_s += el
         self.echo(f"cem: {shown}: {n_frames} frames in {el:.1f} s ({n_frames / max(el, 1e-9):.1f} frames/s), "
@@ -485,6 +486,23 @@ class Runner:
             note = (f"{shown}: the file ended after {stats.decoded} of the {stats.declared} frames it declares (cut "
                     f"or damaged); the frames before were processed and its summary record says complete: false")
             summary.notes.append(note)
+
+
+def _check_video_sampling(videos: list[InputItem], existing: ExistingOutput, every: int | None, fps: float | None,
+                          out: str | os.PathLike) -> None:
+    """Refuse to resume a video that an earlier run left unfinished at another frame sampling: its key moments
+    would mix two samplings (smoothing, baselines and intervals all depend on it). Finished videos are skipped
+    whatever the sampling, and records of a cem that did not write ``frame_sampling`` are not compared."""
+    from cem.video import sampling_label
+
+    now = sampling_label(every, fps)
+    for it in videos:
+        key = input_key(it.path, it.context, it.extra)
+        before = existing.moment_sampling.get(key, set()) - {now}
+        if before and key not in existing.videos_done:
+            raise RunError(f"--resume: {safe_text(it.path)} was begun in {safe_text(os.fspath(out))} sampling "
+                           f"{' and '.join(sorted(before))}, and this run samples {now}; resume with the same "
+                           f"--every/--fps, or write a new output")
 
 
 def _input_list(inputs: Any) -> list[str | os.PathLike]:
@@ -714,6 +732,8 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
         runner.echo(f"cem: note: {safe_text(os.fspath(out))} held an earlier run's records and is replaced "
                     f"(--overwrite)")
     try:
+        if resume and videos:
+            _check_video_sampling(videos, sink.existing, every, fps, out)
         runner.build(need_fer=workers == 1 or bool(videos))
         if sink.existing.made_with:
             from cem.sinks import MADE_WITH, settings_differ

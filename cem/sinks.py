@@ -247,6 +247,8 @@ class ExistingOutput:
     # how the records that are not errors were made: MADE_WITH fields of their provenance -> how many
     made_with: dict[tuple[Any, ...], int] = field(default_factory=dict)
     baselines: set[str] = field(default_factory=set)  # provenance.baseline of the records (subject baselines)
+    # video (record_key) -> the frame_sampling of its key moments (a video interrupted at one sampling)
+    moment_sampling: dict[RecordKey, set[str]] = field(default_factory=dict)
 
 
 MADE_WITH = ("config", "settings", "faces", "reasoner", "model", "template")
@@ -324,6 +326,8 @@ def scan(path: Path, retry: Container[RecordKey] = frozenset()) -> tuple[Existin
         if "video" in rec and "frame" in rec:  # a key moment
             found.moments.add(moment_key(rec["video"], rec.get("context"), rec.get("frame"), rec.get("track_id"),
                                          rec.get("meta")))
+            if isinstance(rec.get("frame_sampling"), str):
+                found.moment_sampling.setdefault(key, set()).add(rec["frame_sampling"])
         elif "video" in rec:  # a video's summary (written when it was finished) or its error record
             found.videos_done.add(key)
         else:

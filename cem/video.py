@@ -59,6 +59,17 @@ class VideoError(ValueError):
     """A video that cannot be opened or decoded."""
 
 
+def sampling_label(every: int | None, fps: float | None) -> str:
+    """How a run chose a video's frames, as its records say it (``frame_sampling``): ``"every frame"``,
+    ``"every 2 frames"`` or ``"7 fps"``. ``--resume`` compares it, so that an interrupted video is not
+    continued at another sampling (its key moments would mix two)."""
+    if every is not None and int(every) > 1:
+        return f"every {int(every)} frames"
+    if fps is not None:
+        return f"{float(fps):g} fps"
+    return "every frame"
+
+
 def check_sampling(every: Any, fps: Any, names: tuple[str, str] = ("every", "fps")) -> None:
     """The frames a video run samples: ``every`` a whole number >= 1, ``fps`` a finite number > 0, not both
     (ValueError naming them as ``names``, the Python arguments or the CLI's options). Unchecked, every=0 or

@@ -279,7 +279,7 @@ def test_corrupt_lines_are_skipped_and_reported(tmp_path):
     assert not math.isnan(df["yaw"].iloc[0])
     r = CliRunner().invoke(main, ["table", str(path), "-o", str(tmp_path / "t.csv")])
     assert r.exit_code == 0
-    assert "skipped 4 line(s)" in r.output and "line 2, 3, 4, 7" in r.output and "4 rows (1 images)" in r.output
+    assert "skipped 4 line(s)" in r.output and "line 2, 3, 4, 7" in r.output and "4 rows (1 image)" in r.output
     assert "first: line 2: not JSON" in r.output
     # nothing usable at all: an error naming the file and the first problem, and no table written
     for text, why in (("{not json\n[1]\n", "2 line(s) skipped; first: line 1: not JSON"), ("", "holds no records")):

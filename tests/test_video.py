@@ -148,7 +148,7 @@ def test_cli_video_outputs(video, tmp_path):
     assert r.returncode == 0, r.stderr
     *recs, done = [json.loads(x) for x in moments.read_text().splitlines()]
     assert done["video_summary"] == {"frames": 45, "moments": len(recs), "complete": True,  # marks it finished
-                                     "frames_decoded": 90, "frames_declared": 90}
+                                     "frames_decoded": 90, "frames_declared": 90, "frame_sampling": "every 2 frames"}
     assert recs and all({"track_id", "t_start", "t_end", "faces"} <= set(x) for x in recs)
     assert recs[0]["key_reason"] == "first appearance" and recs[0]["faces"][0]["track_id"] == 0
     face = recs[0]["faces"][0]
@@ -157,6 +157,13 @@ def test_cli_video_outputs(video, tmp_path):
     assert 30 <= len(rows) <= 45 and {r["track_id"] for r in rows} == {"0"}
     assert [float(r["time"]) for r in rows] == sorted(float(r["time"]) for r in rows)
     assert "AU12_rel" in rows[0] and "expression_happiness" in rows[0]
+    # the face table of a video's records counts the video, not "1 images"
+    faces = tmp_path / "faces.csv"
+    r = subprocess.run([sys.executable, "-m", "cem.cli", "table", str(moments), "-o", str(faces)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    # one row per key moment's face and one for the summary record (no faces)
+    assert f"{len(recs) + 1} rows (0 images, 1 video)" in r.stderr
 
 
 def test_how_short_a_video_may_end_before_it_is_cut():
@@ -548,3 +555,22 @@ def test_the_run_summary_image_rate_leaves_out_the_time_spent_on_videos(tmp_path
                          elapsed_s=22.0, video_s=20.0)
     (line,) = [x for x in summary.lines() if "40 images" in x]
     assert "in 2.0 s (20.0 images/s)" in line
+
+
+def test_an_interrupted_video_is_not_resumed_at_another_sampling(pipeline, video, tmp_path):
+    """Key moments and the summary say how the frames were sampled; a video left unfinished at --every 3 is not
+    continued at --fps 7 (its moments would mix two samplings), while a finished one is skipped at any."""
+    from cem.runner import RunError, annotate
+
+    out = tmp_path / "m.jsonl"
+    annotate(pipeline, [str(video)], out, progress=False, every=3)
+    *moments, done = [json.loads(x) for x in out.read_text().splitlines()]
+    assert moments and {m["frame_sampling"] for m in moments} == {"every 3 frames"}
+    assert done["video_summary"]["frame_sampling"] == "every 3 frames"
+    assert annotate(pipeline, [str(video)], out, progress=False, fps=7, resume=True).skipped == 1  # finished
+    out.write_text("".join(x + "\n" for x in out.read_text().splitlines()[:-1]))  # as if killed before the end
+    with pytest.raises(RunError, match=r"begun in .*m\.jsonl sampling every 3 frames, and this run samples 7 fps"):
+        annotate(pipeline, [str(video)], out, progress=False, fps=7, resume=True)
+    annotate(pipeline, [str(video)], out, progress=False, every=3, resume=True)  # the same sampling continues it
+    *again, done_again = [json.loads(x) for x in out.read_text().splitlines()]
+    assert again == moments and done_again["video_summary"] == done["video_summary"]
