@@ -259,11 +259,17 @@ def explain(face: FaceEvidence, emotion: dict[str, float], cues: list[Cue], p_re
         answer = reasoner_answer or p_reasoner
         own = max(answer, key=answer.__getitem__)
         named = labels_named(said, labels)
-        if named and own not in named:
-            # the model's words affirm other labels than its own numbers do: quoting them would give the
-            # record two answers ("no sign of fear" affirms nothing and is quoted)
-            parts.append(f"{who[0].upper() + who[1:]}'s own rationale names {_join(named)}, not its answer "
-                         f"({own}), and is left out.")
+        # the labels the model's own numbers stand behind: its top one and a blend partner (BLEND_RATIO). A
+        # label is held against the answer when a word for the person's state affirms it ("clearly furious");
+        # nouns often name the situation ("a surprise party", "tears of joy")
+        backed = {k for k, v in answer.items() if v >= BLEND_RATIO * answer[own]}
+        unbacked = [k for k in labels_named(said, labels, STATE_WORDS) if k not in backed]
+        if named and (own not in named or unbacked):
+            # the model's words affirm labels its own numbers do not: quoting them would give the record two
+            # answers ("smiling, yet clearly furious" for happiness 0.9; "no sign of fear" affirms nothing)
+            what = f"not its answer ({own})" if own not in named else f"which its answer does not back ({own})"
+            parts.append(f"{who[0].upper() + who[1:]}'s own rationale names {_join(unbacked or named)}, {what}, "
+                         f"and is left out.")
         else:
             parts.append(f"{who[0].upper() + who[1:]} said: \"{said}\"")
     return " ".join(parts)
@@ -289,13 +295,28 @@ LABEL_WORDS: dict[str, tuple[str, ...]] = {  # unambiguous words only ("calm", "
 }
 
 
-def labels_named(text: str, labels: list[str]) -> list[str]:
+# the words among those that describe a person's state (adjectives and participles), not a situation
+STATE_WORDS: dict[str, tuple[str, ...]] = {
+    "neutral": ("neutral", "expressionless"),
+    "happiness": ("happy", "joyful", "smiling", "pleased", "cheerful", "delighted", "laughing", "grinning",
+                  "beaming"),
+    "surprise": ("surprised", "shocked", "astonished", "amazed", "startled"),
+    "sadness": ("sad", "unhappy", "crying", "tearful"),
+    "anger": ("angry", "furious", "annoyed", "irritated"),
+    "disgust": ("disgusted", "repulsed", "revolted"),
+    "fear": ("afraid", "fearful", "scared", "frightened", "terrified"),
+    "contempt": ("contemptuous", "scornful", "sneering"),
+}
+
+
+def labels_named(text: str, labels: list[str], words_of: dict[str, tuple[str, ...]] = LABEL_WORDS) -> list[str]:
     """The labels that ``text`` affirms: names (whole words, any case; the FER+ labels also by the words in
-    :data:`LABEL_WORDS`) at least once without a negation or contrast before it in the same clause ("no sign
-    of fear or anger", "rather than angry" do not affirm them; "not happy, clearly angry" affirms anger)."""
+    ``words_of``, :data:`LABEL_WORDS` by default) at least once without a negation or contrast before it in the
+    same clause ("no sign of fear or anger", "rather than angry" do not affirm them; "not happy, clearly angry"
+    affirms anger)."""
     out = []
     for lab in labels:
-        words = LABEL_WORDS.get(lab, (lab,))
+        words = words_of.get(lab, (lab,))
         for m in re.finditer(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b", text, re.I):
             clause = CLAUSE_BREAK.split(text[: m.start()])[-1]  # the words before it in its own clause
             if not NEGATION.search(clause):

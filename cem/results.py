@@ -226,7 +226,8 @@ def write_table(jsonl_path: str | os.PathLike, out_path: str | os.PathLike) -> T
         tmp.unlink(missing_ok=True)
     videos = df["video"].dropna() if "video" in df else pd.Series(dtype=object)
     return TableSummary(os.fspath(out), len(df), int(df["image"].drop(videos.index).nunique()),
-                        list(df.attrs["skipped_lines"]), list(df.attrs["skipped_reasons"]), videos=int(videos.nunique()))
+                        list(df.attrs["skipped_lines"]), list(df.attrs["skipped_reasons"]),
+                        videos=int(videos.nunique()))
 
 
 @pd.api.extensions.register_dataframe_accessor("cem")

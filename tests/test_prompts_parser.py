@@ -363,6 +363,47 @@ def test_a_rationale_that_affirms_another_label_is_left_out(said, named):
     assert f"rationale names {named}, not its answer (happiness), and is left out" in text and said not in text
 
 
+def test_a_rationale_that_also_affirms_a_label_its_answer_does_not_back_is_left_out():
+    """Naming the answer does not license a second one ("smiling, yet clearly furious" for happiness 0.9); a
+    blend the numbers back (happiness 0.6, surprise 0.3) may be named."""
+    from cem.config import FusionConfig
+    from cem.fuse import explain
+
+    said = "She is smiling, yet she is clearly furious and angry."
+    p = dict.fromkeys(LABELS, 0.01) | {"happiness": 0.9}
+    text = explain(_faces()[0], p, [], p, FusionConfig(), said, "the model")
+    assert "rationale names anger, which its answer does not back (happiness), and is left out" in text
+    assert said not in text
+    blend = dict.fromkeys(LABELS, 0.01) | {"happiness": 0.6, "surprise": 0.3}
+    said = "A broad smile with some surprise in the raised brows."
+    text = explain(_faces()[0], blend, [], blend, FusionConfig(), said, "the model")
+    assert f'The model said: "{said}"' in text
+
+
+@pytest.mark.parametrize("field", ["index", "weight"])
+def test_whitespace_padded_numbers_are_parsed_in_linear_time(field):
+    """A model that pads a number with whitespace (degenerate output does) made the number patterns cubic:
+    1,500 spaces in a face number took 25 s to parse and 60,000 in a cue weight 35 s."""
+    import time
+
+    padded = "1" + " " * (2_000 if field == "index" else 60_000) + "x"  # 70 s and 35 s before
+    face = {"index": 1, "distribution": {"happiness": 1.0},
+            "cues": [{"cue": "smile", "source": "face", "supports": "happiness", "weight": 0.5}]}
+    if field == "index":
+        face["index"] = padded
+    else:
+        face["cues"][0]["weight"] = padded
+    t = time.perf_counter()
+    parse_answer(json.dumps({"faces": [face]}), LABELS, 2, max_cues=4)
+    assert time.perf_counter() - t < 2
+    # padding around a number is still read
+    face = {"index": "  face # 2 ", "distribution": {"happiness": 0.9, "surprise": 0.1},
+            "cues": [{"cue": "smile", "source": "face", "supports": "happiness", "weight": " 90 % "}]}
+    parsed, err = parse_answer(json.dumps({"faces": [face]}), LABELS, 2, max_cues=4)
+    assert err == "no valid answer for face(s) [1]"  # face 2 answered, face 1 not
+    assert list(parsed) == [1] and parsed[1]["cues"][0].weight == pytest.approx(0.9)
+
+
 def test_more_ways_answers_go_wrong_are_read_right():
     answer = json.dumps({"faces": [{"index": 1, "distribution": {"anger": 1}}]})
     # a stray opener in the prose before a complete answer

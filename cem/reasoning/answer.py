@@ -193,6 +193,10 @@ def _loads(s: str) -> Any:
     return None
 
 
+# a number or face number written as text is short ("0.35", "35 %", "face #2"); longer text is none
+_MAX_NUMBER_TEXT = 40
+
+
 def _number(v: Any) -> float | None:
     if isinstance(v, bool):
         return None
@@ -202,7 +206,10 @@ def _number(v: Any) -> float | None:
         except OverflowError:  # a 400-digit integer: no usable number, not a failed answer
             return None
     elif isinstance(v, str):
-        m = re.fullmatch(r"\s*([-+]?\d+(?:\.\d*)?|[-+]?\.\d+)\s*(%?)\s*", v)
+        # stripped and bounded first: whitespace runs around optional parts made the match cubic in the text's
+        # length (a model padding "1" with 60,000 spaces took 35 s to parse)
+        v = v.strip()
+        m = re.fullmatch(r"([-+]?\d+(?:\.\d*)?|[-+]?\.\d+)[ \t]*(%?)", v) if len(v) <= _MAX_NUMBER_TEXT else None
         if not m:
             return None
         f = float(m.group(1)) / (100.0 if m.group(2) else 1.0)
@@ -215,7 +222,8 @@ def _number(v: Any) -> float | None:
 def _face_number(v: Any) -> int | None:
     """A face number as an answer gives it: 2, 2.0, "2", "Face 2", "face #2"; None otherwise."""
     if isinstance(v, str):
-        m = re.fullmatch(r"\s*(?:face)?\s*#?\s*(\d{1,4})\s*", v, re.I)
+        v = v.strip()
+        m = re.fullmatch(r"(?:face[ \t]*)?(?:#[ \t]*)?(\d{1,4})", v, re.I) if len(v) <= _MAX_NUMBER_TEXT else None
         return int(m.group(1)) if m else None
     n = _number(v)
     return int(n) if n is not None and float(n).is_integer() and n < 10_000 else None
