@@ -110,6 +110,9 @@ def _check_openai(config: Config, report: PreflightReport, image: Any) -> None:
             names = []
             report.notes.append(f"{where} has no /models listing (HTTP {e.cause[5:]}); the model name is not "
                                 "checked against it")
+        elif e.cause.startswith("http-3"):  # answered, but elsewhere: the base URL is wrong
+            report.problems.append(f"{e.detail} (from {reasoner.base_url_source})")
+            return
         else:
             said = e.detail if reasoner.base_url in e.detail else f"{where}: {e.detail}"  # not the address twice
             report.problems.append(f"server unreachable: {said}. Start one (e.g. `vllm serve "

@@ -17,7 +17,8 @@ LABELS = ["neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fe
 class FakeServer:
     """Chat completions with scripted behaviour: ok | error500 | slow | notjson | badanswer | drip (one byte
     every 0.5 s) | blackhole (accepts, never answers) | retryafter (429 with Retry-After, then ok) | huge
-    (a 50 MB reply) | answer (``self.answer`` as the message content). Every loop is bounded and ends when
+    (a 50 MB reply) | redirect (307 to another host, as an http -> https proxy does) | answer (``self.answer``
+    as the message content). Every loop is bounded and ends when
     the test closes the server."""
 
     def __init__(self) -> None:
@@ -37,7 +38,18 @@ class FakeServer:
             def log_message(self, *a):  # keep test output clean
                 pass
 
+            def _redirect(self) -> bool:
+                if server.mode != "redirect":
+                    return False
+                self.send_response(307)
+                self.send_header("Location", "https://elsewhere.invalid/v1" + self.path[3:])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return True
+
             def do_GET(self):
+                if self._redirect():
+                    return
                 payload = json.dumps({"data": [{"id": "test-model"}]}).encode()
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(payload)))
@@ -47,6 +59,8 @@ class FakeServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.times.append(time.monotonic())
+                if self._redirect():
+                    return
                 if server.mode == "blackhole":
                     server.stop.wait(20)  # never answers (until the test ends)
                     return
@@ -485,3 +499,57 @@ def test_a_rejected_answer_is_neither_quoted_nor_cited(server, astronaut):
     f = _pipe(server, retries=0).analyze(astronaut).faces[0]
     assert f.error.startswith("reasoner failed (invalid-answer)") and "big grin" not in f.rationale.lower()
     assert f.cues == [] and "gave no answer" in f.rationale
+
+
+def test_an_api_key_is_stripped_of_surrounding_whitespace_and_a_bad_one_is_refused_unshown(server, astronaut,
+                                                                                          monkeypatch):
+    """A key from an env file or a secret often ends in a newline: it failed every request with the key in the
+    error record. Whitespace around it is dropped; a key with a control character inside is refused unshown."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret123\n")
+    face = _pipe(server).analyze(astronaut).faces[0]
+    assert face.error is None and server.requests[0]["auth"] == "Bearer sk-secret123"
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-sec\x01ret123")
+    with pytest.raises(ValueError, match=r"API key in \$OPENAI_API_KEY holds a character") as e:
+        _pipe(server)
+    assert "sec" not in str(e.value)
+
+
+@pytest.mark.parametrize("url, why", [
+    ("http://127.0.0.1:99999/v1", "Port out of range"),
+    ("http://ex\u00e4 mple.invalid/v1", "is not a host name"),
+    ("http://a..b/v1", "is not a host name"),
+    ("http://user:hunter2@127.0.0.1:8000/v1", "holds credentials"),
+    ("http://127.0.0.1:8000/v1#chat", "has a fragment"),
+])
+def test_a_base_url_that_cannot_work_is_refused_naming_it(url, why, monkeypatch):
+    """These crashed `cem check` with a traceback (exit 1) and failed every image with a bare exception text."""
+    from cem.config import Config
+    from cem.preflight import preflight
+
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    report = preflight(Config.load("vllm", model="m", reasoner__options={"base_url": url}))
+    assert not report.ok and why in report.text and "reasoner.options.base_url" in report.text
+    assert "hunter2" not in report.text
+
+
+def test_a_base_url_path_with_other_letters_and_a_query_reach_the_server(server, astronaut, evidence):
+    """A non-ASCII path is sent percent-encoded (it raised UnicodeEncodeError) and a query, as Azure-style
+    gateways need (?api-version=...), goes with every request (it was dropped)."""
+    port = server.url.split(":")[2].split("/")[0]
+    r = _reasoner(server, base_url=f"http://127.0.0.1:{port}/v\u00e9/v1?api-version=2024-06-01")
+    assert _run(r, astronaut, evidence)[0][0].error is None
+    assert server.requests[0]["path"] == "/v%C3%A9/v1/chat/completions?api-version=2024-06-01"
+
+
+def test_a_redirect_is_named_with_where_it_points(server, astronaut, evidence, monkeypatch):
+    """A 3xx was taken for a reply and reported as "server reply is not JSON: ''"."""
+    from cem.config import Config
+    from cem.preflight import preflight
+
+    server.mode = "redirect"
+    face = _run(_reasoner(server, retries=0), astronaut, evidence)[0][0]
+    assert "reasoner failed (http-307)" in face.error and "redirected to 'https://elsewhere.invalid/v1" in face.error
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    report = preflight(Config.load("vllm", model="test-model", reasoner__options={"base_url": server.url}))
+    assert not report.ok and "redirected to 'https://elsewhere.invalid/v1/models'" in report.text
+    assert "unreachable" not in report.text

@@ -3,7 +3,10 @@
 Config (``reasoner.model`` and ``reasoner.options``):
 
 - ``base_url``: precedence ``base_url_override`` (what ``--base-url`` sets) > ``$OPENAI_BASE_URL`` > the
-  config's ``base_url``; ``api_key``: ``$OPENAI_API_KEY`` > the config's (none needed by most local servers).
+  config's ``base_url``; ``api_key``: ``$OPENAI_API_KEY`` > the config's (none needed by most local servers;
+  whitespace around it, as env files leave it, is dropped). The URL is checked when the reasoner is made
+  (:func:`check_base_url`); its query (``?api-version=...``) goes with every request, and a redirect is an
+  error naming where it points (it is not followed).
   :attr:`OpenAIReasoner.base_url_source` says where the URL came from (for pre-flight messages).
 - ``concurrency`` (requests in flight, default 4);
 - ``deadline_s`` (60; ``timeout_s`` is an alias): the deadline of one whole attempt, from connecting to the
@@ -95,6 +98,51 @@ def resolve_base_url(opts: dict[str, Any]) -> tuple[str, str]:
     return "", ""
 
 
+def check_base_url(base_url: str, source: str) -> urllib.parse.SplitResult:
+    """``base_url`` split, or ValueError naming it (and ``source``) and what is wrong: not http(s), no host, a
+    host that is no host name, a port out of range, credentials in the URL (they would be written into error
+    records; a key goes in $OPENAI_API_KEY) or a fragment. A path with non-ASCII text is sent percent-encoded
+    and a query (``?api-version=...``) is sent with every request."""
+    where = f"openai base URL {base_url!r} (from {source})"
+    url = urllib.parse.urlsplit(base_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError(f"{where} is not an http(s) URL")
+    if url.username is not None or url.password is not None:
+        raise ValueError(f"openai base URL (from {source}) holds credentials (user:password@); give the URL "
+                         f"without them and the key in $OPENAI_API_KEY or reasoner.options.api_key")
+    if url.fragment:
+        raise ValueError(f"{where} has a fragment (#...), which no server sees; leave it out")
+    try:
+        url.port  # noqa: B018 - reading it checks it: "Port out of range 0-65535"
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    host = url.hostname
+    try:
+        if any(c.isspace() or ord(c) < 32 for c in host):
+            raise UnicodeError
+        host.encode("idna")
+    except UnicodeError:
+        raise ValueError(f"{where}: {host!r} is not a host name or address") from None
+    return url
+
+
+def api_key(opts: dict[str, Any]) -> str | None:
+    """The API key: ``$OPENAI_API_KEY`` > ``reasoner.options.api_key``, without the surrounding whitespace that
+    env files and secrets often carry (a trailing newline made every request fail with the key in the message).
+    A key with other characters than printable ASCII is refused without being shown."""
+    source = "$OPENAI_API_KEY" if os.environ.get("OPENAI_API_KEY", "").strip() else "reasoner.options.api_key"
+    raw = os.environ.get("OPENAI_API_KEY", "").strip() or opts.get("api_key")
+    if raw is None or raw == "":
+        return None
+    key = str(raw).strip()
+    if not key:
+        return None
+    if not all(" " < c < "\x7f" for c in key):
+        raise ValueError(f"the API key in {source} holds a character that cannot go in an HTTP header (a space, "
+                         f"a control character or non-ASCII text); it is not shown here")
+    return key
+
+
 def _retry_after(value: str | None) -> float | None:
     """Seconds from a Retry-After header (delta-seconds or an HTTP date), or None."""
     if not value:
@@ -110,6 +158,14 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def _redirect(status: int, url: str, headers: dict[str, str]) -> str:
+    """What a redirect says: cem does not follow them (a POST that is redirected may be replayed as a GET, and
+    an http -> https proxy means the base URL itself is wrong)."""
+    to = headers.get("location")
+    return (f"HTTP {status} from {url}: redirected to {to[:200]!r}; give the URL it redirects to as the base URL"
+            if to else f"HTTP {status} from {url}: a redirect without a Location; check the base URL")
+
+
 class OpenAIReasoner(LLMReasonerBase):
     backend = "openai"
 
@@ -120,11 +176,9 @@ class OpenAIReasoner(LLMReasonerBase):
         if not self.base_url:
             raise ValueError("the openai reasoner needs a server URL: --base-url, $OPENAI_BASE_URL or "
                              "reasoner.options.base_url (e.g. http://127.0.0.1:8000/v1 for a local vLLM server)")
-        url = urllib.parse.urlsplit(self.base_url)
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise ValueError(f"openai base URL {self.base_url!r} (from {self.base_url_source}) is not an http(s) URL")
-        self._url = url
-        self.api_key = os.environ.get("OPENAI_API_KEY") or o.get("api_key")
+        self._url = check_base_url(self.base_url, self.base_url_source)
+        self._path = urllib.parse.quote(self._url.path.rstrip("/"), safe="/%:@!$&'()*+,;=~-._")
+        self.api_key = api_key(o)
         self.model_id = config.reasoner.model
         if not self.model_id:
             raise ValueError("the openai reasoner needs a model name: --model NAME or reasoner.model")
@@ -190,7 +244,12 @@ class OpenAIReasoner(LLMReasonerBase):
             sock = conn.sock
             try:
                 sock.settimeout(max(0.01, end - time.monotonic()))
-                conn.request(method, url.path.rstrip("/") + path, body=payload, headers=self._headers())
+                target = self._path + path + (f"?{url.query}" if url.query else "")
+                try:
+                    conn.request(method, target, body=payload, headers=self._headers())
+                except (ValueError, UnicodeError) as e:  # not sent; its text may hold a header's value: not shown
+                    raise ReasonerFailure("model-error", f"the request to {where} could not be sent "
+                                          f"({type(e).__name__})") from None
                 resp = conn.getresponse()
                 chunks, size = [], 0
                 while True:
@@ -236,6 +295,8 @@ class OpenAIReasoner(LLMReasonerBase):
                 if status >= 400:
                     raise ReasonerFailure(f"http-{status}", f"HTTP {status} from {self.base_url}: "
                                           f"{data[:200].decode('utf-8', 'replace')!r}")
+                if status >= 300:
+                    raise ReasonerFailure(f"http-{status}", _redirect(status, self.base_url, headers))
                 text = data.decode("utf-8", errors="replace")
                 try:
                     return json.loads(text)
@@ -259,9 +320,11 @@ class OpenAIReasoner(LLMReasonerBase):
 
     def check_server(self, timeout_s: float = 3.0) -> list[str]:
         """Pre-flight: ``GET /models`` within ``timeout_s``. Returns the model names the server lists."""
-        status, _, data = self._attempt("GET", "/models", None, timeout_s)
+        status, headers, data = self._attempt("GET", "/models", None, timeout_s)
         if status >= 400:
             raise ReasonerFailure(f"http-{status}", f"GET {self.base_url}/models answered HTTP {status}")
+        if status >= 300:
+            raise ReasonerFailure(f"http-{status}", _redirect(status, f"{self.base_url}/models", headers))
         try:
             listed = json.loads(data.decode("utf-8", "replace")).get("data") or []
         except (json.JSONDecodeError, AttributeError, RecursionError):
