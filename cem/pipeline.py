@@ -128,6 +128,19 @@ def _contexts_from_table(contexts: Any) -> Any:
     return values
 
 
+def _context_given(context: str | None) -> bool:
+    """Whether a prompt shows ``context`` as context: what is left of it once made inert (a context of only a
+    zero-width space or control characters is none, and the prompt says so)."""
+    from cem.prompting import sanitize_context
+
+    if not context or not context.strip():
+        return False
+    try:
+        return bool(sanitize_context(context))
+    except ValueError:  # over the length limit: refused before any prompt, never shown as none
+        return True
+
+
 class Pipeline:
     """Faces, action units and blended emotions for images, with the configured reasoner.
 
@@ -190,7 +203,7 @@ class Pipeline:
         server = getattr(r, "base_url", None)  # the openai reasoner's, as it resolved it (the env may beat the config)
         return Provenance(cem_version=cem.__version__, config=self.config.name, reasoner=r.backend,
                           model=r.model_id, template=r.template_id, timings_ms=dict(timings or {}),
-                          sampling=r.sampling, context_used=bool(context and context.strip()) and r.uses_context,
+                          sampling=r.sampling, context_used=_context_given(context) and r.uses_context,
                           settings=self.config.digest({"base_url": server} if server else None))
 
     def baseline(self, images: Sequence[ImageInput], faces: str | None = None, neutral: bool = False,

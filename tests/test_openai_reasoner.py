@@ -325,8 +325,8 @@ def test_a_50_mb_reply_is_cut_at_the_cap(server, astronaut, evidence):
     assert out[0][0].error.startswith("reasoner failed (reply-too-large): ") and "100,000" in out[0][0].error
 
 
-def _answer(dist, cues=None):
-    return json.dumps({"faces": [{"index": 1, "distribution": dist, "cues": cues or [], "rationale": "r"}]})
+def _answer(dist, cues=None, rationale="r"):
+    return json.dumps({"faces": [{"index": 1, "distribution": dist, "cues": cues or [], "rationale": rationale}]})
 
 
 @pytest.mark.parametrize("content, why", [
@@ -553,3 +553,34 @@ def test_a_redirect_is_named_with_where_it_points(server, astronaut, evidence, m
     report = preflight(Config.load("vllm", model="test-model", reasoner__options={"base_url": server.url}))
     assert not report.ok and "redirected to 'https://elsewhere.invalid/v1/models'" in report.text
     assert "unreachable" not in report.text
+
+
+def test_control_characters_in_a_model_rationale_are_dropped(server, astronaut, tmp_path):
+    """A NUL in a rationale was kept in the JSONL and the CSV table, where pandas cut the text at it; a
+    right-to-left override turned the text around. Model text is kept as contexts are: newlines and tabs only."""
+    import pandas as pd
+
+    from cem.results import write_table
+
+    server.mode = "answer"
+    said = "smile\x00 wide\r\n\tand \u202eraised cheeks"
+    server.answer = _answer({"happiness": 0.9, "neutral": 0.1}, [
+        {"cue": "broad\x07 smile", "source": "face", "au": None, "supports": "happiness", "weight": 1}], said)
+    from PIL import Image
+
+    image, out = tmp_path / "astronaut.png", tmp_path / "o.jsonl"
+    Image.fromarray(astronaut).save(image)
+    _pipe(server).annotate([str(image)], out, progress=False)
+    face = json.loads(out.read_text())["faces"][0]
+    assert 'said: "smile wide\n\tand raised cheeks"' in face["rationale"]
+    assert face["cues"][0]["cue"] == "broad smile"
+    write_table(out, tmp_path / "o.csv")
+    assert pd.read_csv(tmp_path / "o.csv")["rationale"][0] == face["rationale"]
+
+
+@pytest.mark.parametrize("context", ["\u200b", "\ufeff", "\x00\x07", " \n "])
+def test_a_context_that_is_nothing_once_made_inert_is_not_recorded_as_used(server, astronaut, context):
+    """The prompt said "No context was given" for these, but provenance.context_used said true."""
+    r = _pipe(server).analyze(astronaut, context=context)
+    assert r.provenance.context_used is False
+    assert "No context was given" in server.requests[0]["body"]["messages"][0]["content"][-1]["text"]
