@@ -126,7 +126,8 @@ def _annotate_ray(config, inputs: tuple[str, ...], output: Path, contexts: Conte
               "--resume, such a run is refused).")
 @click.option("--retry-errors", is_flag=True,
               help="With --resume: do again the inputs whose record in OUTPUT is an error (a timeout, a missing or "
-                   "unreadable file), replacing those error records.")
+                   "unreadable file) or has a face on which the reasoner failed (a server down or slow, an invalid "
+                   "answer), replacing those records.")
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), default=None,
               help="After the run, the per-face table of every record in OUTPUT (.csv or .parquet).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,

@@ -128,7 +128,8 @@ class RunSummary:
         failed = sum(self.reasoner_failed.values())
         if failed:
             causes = ", ".join(f"{n} x {c}" for c, n in self.reasoner_failed.most_common())
-            out.append(f"cem: the reasoner failed on {failed} of {self.faces + self.moments} faces ({causes})")
+            out.append(f"cem: the reasoner failed on {failed} of {self.faces + self.moments} faces ({causes}); "
+                       f"--resume --retry-errors does their images again")
         if self.exit_code == 3:
             out.append("cem: the reasoner failed on every face: the emotions in these records are the expression "
                        "model's alone (exit status 3)")
@@ -550,7 +551,8 @@ def annotate(pipeline_or_config: Any, inputs: str | os.PathLike | Iterable[str |
     ``resume``: skip inputs already in ``out`` (by image, context and manifest columns), append the rest;
     ``overwrite``: replace an ``out`` that holds records (without it, or ``resume``, such a run is refused);
     ``retry_errors`` (with ``resume``): the inputs of this run whose record in ``out`` is an error (a timeout, a
-    file that was missing or unreadable, a worker that crashed) are done again, and those error records removed.
+    file that was missing or unreadable, a worker that crashed) or has a face on which the reasoner failed (its
+    server down or slow, an invalid answer) are done again, and those records removed.
     ``workers``: FER processes (each with ``cores // workers`` torch threads); reasoning stays in this process, batched.
     ``csv``: afterwards, the per-face table of every record in ``out`` (.csv or .parquet). ``landmarks``:
     the 478-point mesh in each face. ``image_timeout_s``: with workers, an image taking longer becomes an
@@ -725,7 +727,7 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
         raise
     summary.retried = sink.existing.retried
     if sink.existing.retried:  # said now, not in the summary: a run stopped half-way must have said it too
-        runner.echo(f"cem: note: --retry-errors: {sink.existing.retried} error record(s) are removed from "
+        runner.echo(f"cem: note: --retry-errors: {sink.existing.retried} record(s) with an error are removed from "
                     f"{safe_text(os.fspath(out))} and their inputs done again (a run stopped before the end leaves "
                     f"those not yet done without a record: --resume again)")
     if not resume and holds_something(out):

@@ -270,6 +270,17 @@ def settings_differ(made_with: dict[tuple[Any, ...], int], current: tuple[Any, .
     return f"{n} record(s) were made with another {', '.join(k for k in MADE_WITH if k in fields)} (this run: {now})"
 
 
+def _reasoner_failed(rec: dict[str, Any]) -> bool:
+    """Whether the reasoner failed on a face of ``rec`` (a server that was down, a timeout, an invalid answer):
+    the image was measured, but its emotions rest on the expression model alone; ``--retry-errors`` redoes it."""
+    from cem.pipeline import reasoner_failure_cause
+
+    faces = rec.get("faces")
+    return isinstance(faces, list) and any(
+        isinstance(f, dict) and isinstance(f.get("error"), str) and reasoner_failure_cause(f["error"]) is not None
+        for f in faces)
+
+
 def _is_record(obj: Any) -> bool:
     return isinstance(obj, dict) and isinstance(obj.get("image"), str)
 
@@ -297,8 +308,9 @@ def iter_records(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
 
 def scan(path: Path, retry: Container[RecordKey] = frozenset()) -> tuple[ExistingOutput, list[bytes]]:
     """Read an output: what it holds and its good lines (bytes, each ending in a newline). The error records
-    of the inputs in ``retry`` (an image's, or a video's that could not be read) are left out of both, so that
-    those inputs are done again (``--retry-errors``); a key moment is never an error record."""
+    of the inputs in ``retry`` (an image's, or a video's that could not be read, or an image record on one of
+    whose faces the reasoner failed) are left out of both, so that those inputs are done again
+    (``--retry-errors``); a key moment is never an error record."""
     found = ExistingOutput()
     good: list[bytes] = []
     data = path.read_bytes() if path.exists() else b""
@@ -314,7 +326,7 @@ def scan(path: Path, retry: Container[RecordKey] = frozenset()) -> tuple[Existin
             found.repaired_tail = True
             line += b"\n"
         key = record_key(rec)
-        if rec.get("error") and "frame" not in rec and key in retry:
+        if "frame" not in rec and key in retry and (rec.get("error") or _reasoner_failed(rec)):
             found.retried += 1
             continue
         good.append(line)

@@ -638,7 +638,7 @@ def test_retry_errors_redoes_this_runs_failed_inputs_and_replaces_their_records(
     assert dry.planned == [str(late)] and len(_strict_records(out)) == 3  # a dry run changes nothing
     summary, said = _run(pipeline, [tmp_path / "ok.png", late], out, resume=True, retry_errors=True)
     assert summary.images == 1 and summary.skipped == 1 and summary.retried == 1
-    assert any("--retry-errors: 1 error record(s) are removed" in n for n in said)  # said before the work
+    assert any("--retry-errors: 1 record(s) with an error are removed" in n for n in said)  # said before the work
     recs = _strict_records(out)
     assert [(Path(r["image"]).name, bool(r["error"])) for r in recs] == [
         ("ok.png", False), ("other.png", True), ("late.png", False)]

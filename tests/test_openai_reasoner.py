@@ -30,6 +30,7 @@ class FakeServer:
         self.failures_left = 0
         self.answer = ""
         self.finish_reason: str | None = None
+        self.fail_answers = False  # 503 to every request for an answer (a server overloaded by real requests)
         self.stop = threading.Event()
         self.times: list[float] = []
         server = self
@@ -60,6 +61,11 @@ class FakeServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.times.append(time.monotonic())
                 if self._redirect():
+                    return
+                if server.fail_answers and "response_format" in body:
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                     return
                 if server.mode == "blackhole":
                     server.stop.wait(20)  # never answers (until the test ends)
@@ -584,3 +590,29 @@ def test_a_context_that_is_nothing_once_made_inert_is_not_recorded_as_used(serve
     r = _pipe(server).analyze(astronaut, context=context)
     assert r.provenance.context_used is False
     assert "No context was given" in server.requests[0]["body"]["messages"][0]["content"][-1]["text"]
+
+
+def test_retry_errors_redoes_images_whose_reasoner_failed(server, astronaut, tmp_path):
+    """A server that was down left records whose faces carry "reasoner failed (http-503)"; --resume
+    --retry-errors skipped them as done, so --overwrite was the only way to get the model's answers."""
+    from PIL import Image
+
+    from cem.runner import annotate
+
+    images = []
+    for name in ("a.png", "b.png"):
+        images.append(tmp_path / name)
+        Image.fromarray(astronaut).save(images[-1])
+    out = tmp_path / "o.jsonl"
+    pipe = _pipe(server, retries=0)
+    server.fail_answers = True  # it passes the pre-flight's one-token request, then fails every image
+    failed = annotate(pipe, [str(p) for p in images], out, progress=False)
+    assert failed.exit_code == 3 and all("reasoner failed (http-503)" in json.loads(x)["faces"][0]["error"]
+                                         for x in out.read_text().splitlines())
+    server.fail_answers = False  # the server is back
+    assert annotate(pipe, [str(p) for p in images], out, progress=False, resume=True).skipped == 2
+    again = annotate(pipe, [str(p) for p in images], out, progress=False, resume=True, retry_errors=True)
+    assert again.retried == 2 and again.exit_code == 0
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(recs) == 2 and all(r["faces"][0].get("error") is None for r in recs)
+    assert {r["image"] for r in recs} == {str(p) for p in images}
