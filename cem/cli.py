@@ -429,7 +429,7 @@ def prompt_render(image: str, template: str | None, context: str | None, config_
     import jinja2
 
     from cem.fer.stage import FERStage
-    from cem.prompting import render_prompt, template_id
+    from cem.prompting import PromptTemplateError, render_prompt, template_id
     from cem.reasoning.llm import exemplars_from
 
     try:
@@ -441,7 +441,7 @@ def prompt_render(image: str, template: str | None, context: str | None, config_
         evidence = stage.measure(rgb)
         name = template or config.reasoner.template or "context"
         p = render_prompt(name, evidence, config.labels, context, rgb, exemplars_from(config))
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, PromptTemplateError) as e:
         _fail(str(e))
     except (jinja2.TemplateError, ArithmeticError, TypeError, LookupError, AttributeError) as e:
         # a template that fails as it renders (an undefined name, {{ 1/0 }}, {{ "a" + 1 }})

@@ -29,6 +29,25 @@ _MARKERS = ("<<<CONTEXT", "CONTEXT>>>")
 _SPECIAL_ANGLE = re.compile(r"<(/?\|?/?[A-Za-z_][\w.:-]{0,48}\|?)>")  # also Phi-4's <|/tool|>
 _SPECIAL_SQUARE = re.compile(r"\[(/?[A-Za-z][A-Za-z0-9_]{1,30})\]")  # [INST], [IMG_BREAK], [gMASK], [control_8]
 _SPECIAL_FULLWIDTH = re.compile(r"<(\uff5c[^<>\uff5c]{1,60}\uff5c)>")  # DeepSeek's <｜begin▁of▁sentence｜>
+# the control tokens of the shipped families' and common chat formats that a template may not write: the
+# tokenizer would read them as an image slot or a turn boundary ("Found 2 <image> tokens and 1 images")
+_CONTROL_ANGLE = frozenset({"s", "/s", "image", "video", "fake_token_around_image", "global-img", "end_of_utterance",
+                            "start_of_turn", "end_of_turn", "start_of_image", "end_of_image", "image_soft_token",
+                            "bos", "eos", "pad", "unk"})
+_CONTROL_SQUARE = frozenset({"INST", "/INST", "IMG", "IMG_BREAK", "IMG_END", "SYSTEM_PROMPT", "/SYSTEM_PROMPT",
+                             "gMASK", "sop"})
+
+
+class PromptTemplateError(Exception):
+    """A template whose rendered text cannot be sent as it is (it writes a model's control token)."""
+
+
+def _control_tokens(text: str) -> list[str]:
+    """The chat or image control tokens written in ``text`` (``<image>``, ``<|im_end|>``, ``[INST]``, ...)."""
+    found = [m.group(0) for m in _SPECIAL_ANGLE.finditer(text) if "|" in m.group(1) or m.group(1) in _CONTROL_ANGLE]
+    found += [m.group(0) for m in _SPECIAL_SQUARE.finditer(text) if m.group(1) in _CONTROL_SQUARE]
+    found += [m.group(0) for m in _SPECIAL_FULLWIDTH.finditer(text)]
+    return list(dict.fromkeys(found))
 
 
 @dataclass
@@ -156,5 +175,11 @@ def render_prompt(template: str | None, faces: list[FaceEvidence], labels: list[
         labels=list(labels), context=sanitize_context(context), schema_hint=schema_hint(labels, max(1, len(faces))),
         exemplars=[{"label": e.label, "note": e.note} for e in exemplars],
     )
+    tokens = _control_tokens(text)  # the context's are defanged already: these are the template's (or exemplars')
+    if tokens:
+        raise PromptTemplateError(
+            f"the template {name!r} writes {', '.join(repr(t) for t in tokens[:3])}, which the model's tokenizer "
+            f"reads as its own control token (an image slot or a turn boundary); cem places the image and the turns "
+            f"itself: leave it out of the template")
     images = [e.image for e in exemplars] + ([image] if image is not None else [])
     return Prompt(text=text.strip() + "\n", images=images, template_id=f"{path.stem}@{digest}")

@@ -246,6 +246,34 @@ def test_the_check_renders_the_template_before_any_image(tmp_path):
     assert any("len.j2' cannot be rendered: TypeError" in p for p in report.problems), report.problems
 
 
+def test_a_template_that_writes_a_control_token_is_refused_by_the_check(tmp_path):
+    """A literal <image> in a user template passed the check and then failed every image in the processor
+    ("Found total 2 <image> tokens and 1 images"); a turn marker would end the user's turn early."""
+    from cem.config import Config
+    from cem.preflight import preflight
+    from cem.prompting import PromptTemplateError, render_prompt
+
+    for literal in ("<image>", "<|im_end|>", "[INST]"):
+        tpl = tmp_path / "tok.j2"
+        tpl.write_text(f"Look at {literal} the photo. {{% for f in faces %}}{{{{ f.line }}}}{{% endfor %}}")
+        report = preflight(Config.load(str(_openai_config(tmp_path, tpl))))
+        assert not report.ok and any(f"writes '{literal}'" in p for p in report.problems), report.problems
+        with pytest.raises(PromptTemplateError, match="leave it out of the template"):
+            render_prompt(str(tpl), _faces(), LABELS)
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    photo = Path(__file__).resolve().parents[1] / "examples" / "astronaut.jpg"
+    r = subprocess.run([sys.executable, "-m", "cem.cli", "prompt", "render", str(photo), "--template", str(tpl)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "writes '[INST]'" in r.stderr and "Traceback" not in r.stderr
+    tpl.write_text("Answer as <json> in [JSON] form, bold as <b>. {% for f in faces %}{{ f.line }}{% endfor %}")
+    assert "<json>" in render_prompt(str(tpl), _faces(), LABELS).text  # markup that is no control token stays
+    # a context that writes one is made inert, never refused
+    assert "<image>" not in render_prompt(None, _faces(), LABELS, context="a <image> here").text
+
+
 def test_a_template_syntax_error_is_a_configuration_error_with_its_line(tmp_path):
     import subprocess
     import sys
