@@ -174,8 +174,9 @@ class ExpressionConfig(_Checked):
     device: str = "cpu"
     # torch intra-op threads for the expression CNN, set around its calls only (MediaPipe runs its own
     # threads; with torch's default of one thread per core the two fight on small machines: measured in
-    # docs/action-units.md, "Threads"); 0 = leave torch's setting as it is
-    threads: int = _num(1, ge=0)
+    # docs/action-units.md, "Threads"); 0 = leave torch's setting as it is. At most 1,024: OpenMP crashes the
+    # process (out of memory, a segfault) on 100,000, and far fewer than that already exceed any machine's cores
+    threads: int = _num(1, ge=0, le=1024)
     # average the logits of each crop and its mirror image (twice the CNN's cost); None: as the model's
     # config.json says (the packaged model: off, for no measurable gain; model card, "Test-time flip")
     test_time_flip: bool | None = None
@@ -193,11 +194,15 @@ class ReasonerConfig(_Checked):
 
 @dataclass
 class FusionConfig(_Checked):
-    """Log-linear pooling: log p ∝ (w_e log p_expression + w_r log p_reasoner) / temperature."""
+    """Log-linear pooling: log p ∝ (w_e log p_expression + w_r log p_reasoner) / temperature.
+
+    The defaults are ``configs/default.yaml``'s, fitted for the rules reasoner, so that a config file that sets
+    only a few fields (``faces: {small_faces: "off"}``) pools as the default does (it pooled with 0.5 and 1.0,
+    and two faces of forty changed their top emotion). The shipped LLM configs set their own weights."""
 
     expression_weight: float = _num(1.0, ge=0.0)
-    reasoner_weight: float = _num(0.5, ge=0.0)
-    temperature: float = _num(1.0, gt=0.0)
+    reasoner_weight: float = _num(0.1, ge=0.0)
+    temperature: float = _num(1.0145, gt=0.0)
     # 0..1: how much a label loses when the measured AUs contradict the face cues that support it
     contradicted_penalty: float = _num(0.5, ge=0.0, le=1.0)
     # labels beyond the expression model's, mapped to one of its labels for pooling (e.g. pride: happiness)

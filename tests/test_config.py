@@ -190,6 +190,7 @@ def _yaml(tmp_path, text):
     ("reasoner:\n  backend: openai\n  options: {guided: 1}\n", "reasoner.options.guided", "expected true or false"),
     ("reasoner:\n  backend: openai\n  options: {exemplars: [{image: a.jpg}]}\n", "reasoner.options.exemplars[0]",
      "missing label"),
+    ("expression:\n  threads: 100000\n", "expression.threads", "<= 1024"),
     ("labels: [happiness, happiness]\n", "labels", "duplicate"),
     ("labels: []\n", "labels", "non-empty list"),
     ("fusion:\n  label_map: {pride: happiness}\n", "fusion.label_map", "not among labels"),
@@ -202,6 +203,26 @@ def test_bad_value_names_file_field_and_problem(tmp_path, text, field, problem):
         Config.load(p)
     msg = str(e.value)
     assert str(p) in msg and field in msg and problem in msg, msg
+
+
+def test_a_config_file_that_sets_a_few_fields_keeps_the_defaults_of_the_rest(tmp_path):
+    """A file with only `faces: {small_faces: "off"}` (as the README suggests) pooled with 0.5 / 1.0 instead of
+    the default config's fitted fusion: two faces of forty changed their top emotion. Only what the file sets
+    differs from the default config; every shipped config says its own fusion."""
+    import dataclasses
+
+    import yaml
+
+    from cem.config import shipped_configs
+
+    p = _yaml(tmp_path, 'faces: {small_faces: "off"}\n')
+    mine, default = dataclasses.asdict(Config.load(p)), dataclasses.asdict(Config.load("default"))
+    assert mine["faces"] == default["faces"] | {"small_faces": "off"}
+    differ = {k for k in default if mine[k] != default[k]} - {"faces", "name", "source"}
+    assert differ == {"fusion"} and mine["fusion"] == default["fusion"] | {"fitted_on": None}
+    for name in shipped_configs():
+        cfg = Config.load(name)
+        assert "fusion" in yaml.safe_load(open(cfg.source, encoding="utf-8")), cfg.source
 
 
 def test_overrides_are_checked_too():
