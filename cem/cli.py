@@ -314,6 +314,8 @@ def table_cmd(results: str, output: str) -> None:
         lines = ", ".join(map(str, summary.skipped_lines[:20])) + (", ..." if len(summary.skipped_lines) > 20 else "")
         click.echo(f"cem: {results}: skipped {len(summary.skipped_lines)} line(s) that are not valid records "
                    f"(line {lines}); first: {summary.skipped_reasons[0]}", err=True)
+    if summary.mixed_settings:
+        click.echo(f"cem: note: {summary.mixed_settings}", err=True)
     click.echo(f"cem: {summary.describe()} -> {output}", err=True)
 
 
@@ -339,6 +341,8 @@ def eval_cmd(results: str, labels_csv: str, config_name: str, as_json: bool, plo
         res, matched = evaluate_file(results, labels_csv, labels)
     except (ConfigError, EvalError) as e:
         _fail(str(e))
+    if res["mixed_settings"]:
+        click.echo(f"cem: note: {res['mixed_settings']}; the scores pool them", err=True)
     if res["labels_without_column"]:
         click.echo(f"cem: note: {labels_csv} has no column for {', '.join(res['labels_without_column'])}: scored as "
                    f"not offered to the raters (left out of both sides)", err=True)

@@ -518,6 +518,9 @@ def evaluate_file(results: str | os.PathLike[str], labels_csv: str | os.PathLike
     matched.problems = sorted([*problems, *matched.problems], key=lambda p: p.line)
     out = evaluate_matched(matched)
     out["labels_without_column"] = label_set.without_column
+    from cem.sinks import mixed_settings, settings_of
+
+    out["mixed_settings"] = mixed_settings(name, settings_of(line.record for line in lines))  # scored together
     return out, matched
 
 

@@ -40,7 +40,7 @@ from cem.contract import (
     order_columns,
     validate_record,
 )
-from cem.sinks import table_format
+from cem.sinks import mixed_settings, table_format
 
 __all__ = ["read_results", "read_cues", "write_table", "read_records", "CorruptLinesWarning", "TableSummary",
            "CemAccessor"]
@@ -164,11 +164,9 @@ def read_results(path: str | os.PathLike) -> pd.DataFrame:
     if "provenance_settings" in df:
         # records of a cem that wrote no digest are a group of their own ("unrecorded")
         made_with = df.groupby(df["provenance_settings"].fillna("unrecorded"))["image"].nunique()
-        if len(made_with) > 1:
-            counts = ", ".join(f"{k}: {v} image(s)" for k, v in made_with.items())
-            warnings.warn(f"{os.fspath(path)}: the records were made with {len(made_with)} different settings "
-                          f"({counts}); compare like with like by grouping on provenance_settings",
-                          MixedSettingsWarning, stacklevel=2)
+        mixed = mixed_settings(os.fspath(path), {str(k): int(v) for k, v in made_with.items()})
+        if mixed:
+            warnings.warn(mixed, MixedSettingsWarning, stacklevel=2)
     return df
 
 
@@ -190,6 +188,7 @@ class TableSummary:
     skipped_lines: list[int]
     skipped_reasons: list[str]
     videos: int = 0
+    mixed_settings: str | None = None  # read_results' MixedSettingsWarning, when the records' settings differ
 
     def describe(self) -> str:
         """``"12 rows (3 images, 1 video)"``: what the table holds, as the CLI says it."""
@@ -206,9 +205,11 @@ def write_table(jsonl_path: str | os.PathLike, out_path: str | os.PathLike) -> T
     without a single usable record is an error (ValueError, nothing written), as for ``cem report``."""
     out = Path(out_path)
     fmt = table_format(out)
-    with warnings.catch_warnings(record=True):
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CorruptLinesWarning)
+        warnings.simplefilter("always", MixedSettingsWarning)
         df = read_results(jsonl_path)
+    mixed = next((str(w.message) for w in caught if issubclass(w.category, MixedSettingsWarning)), None)
     if len(df) == 0:
         skipped, reasons = df.attrs["skipped_lines"], df.attrs["skipped_reasons"]
         raise ValueError(f"{jsonl_path}: no usable record to tabulate"
@@ -227,7 +228,7 @@ def write_table(jsonl_path: str | os.PathLike, out_path: str | os.PathLike) -> T
     videos = df["video"].dropna() if "video" in df else pd.Series(dtype=object)
     return TableSummary(os.fspath(out), len(df), int(df["image"].drop(videos.index).nunique()),
                         list(df.attrs["skipped_lines"]), list(df.attrs["skipped_reasons"]),
-                        videos=int(videos.nunique()))
+                        videos=int(videos.nunique()), mixed_settings=mixed)
 
 
 @pd.api.extensions.register_dataframe_accessor("cem")

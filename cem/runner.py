@@ -670,7 +670,9 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
     if frames is not None and not videos:
         raise RunError("--frames applies to video inputs, and none was given (videos in folders are not searched "
                        "for: name them)")
-    cores = os.cpu_count() or 1
+    from cem.parallel import cpu_count
+
+    cores = cpu_count()  # the cores this process may use (taskset, a container's limit), not the machine's
     if workers > cores and not dry_run:
         runner.echo(f"cem: note: --workers {workers} on {cores} CPU core(s): each worker holds its own models (a few "
                     f"hundred MB) and they share the cores, so more workers than cores is slower, not faster")
@@ -792,7 +794,9 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
         from cem.results import write_table  # the one table writer (also `cem table`): every record of `out`
 
         try:
-            write_table(out, csv)
+            written = write_table(out, csv)
+            if written.mixed_settings:  # the table pools them: said, as read_results warns
+                runner.echo(f"cem: note: {written.mixed_settings}")
         except (OSError, ImportError, ValueError) as e:
             raise RunError(f"--csv {csv}: cannot write the table ({type(e).__name__}: {e})") from None
         summary.table = Path(csv)

@@ -32,7 +32,7 @@ import base64
 import json
 import math
 import os
-from collections.abc import Container, Iterator
+from collections.abc import Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -279,6 +279,27 @@ def _reasoner_failed(rec: dict[str, Any]) -> bool:
     return isinstance(faces, list) and any(
         isinstance(f, dict) and isinstance(f.get("error"), str) and reasoner_failure_cause(f["error"]) is not None
         for f in faces)
+
+
+def mixed_settings(source: str | None, images_by_settings: dict[str, int]) -> str | None:
+    """What to say when the records of ``source`` were made with several settings (``provenance.settings``
+    digest -> how many images; "unrecorded" for records without one), or None when with one. The one message
+    of read_results' warning, ``cem table``, ``cem report`` and ``cem eval``, which all pool the records."""
+    if len(images_by_settings) <= 1:
+        return None
+    counts = ", ".join(f"{k}: {v} image(s)" for k, v in images_by_settings.items())
+    return (f"{source + ': ' if source else ''}the records were made with {len(images_by_settings)} different "
+            f"settings ({counts}); compare like with like by grouping on provenance_settings")
+
+
+def settings_of(records: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """``provenance.settings`` digest -> how many distinct images of ``records`` were made with it."""
+    seen: dict[str, set[Any]] = {}
+    for rec in records:
+        prov = rec.get("provenance")
+        digest = prov.get("settings") if isinstance(prov, Mapping) else None
+        seen.setdefault(digest if isinstance(digest, str) else "unrecorded", set()).add(str(rec.get("image")))
+    return {k: len(v) for k, v in sorted(seen.items())}
 
 
 def _is_record(obj: Any) -> bool:

@@ -361,3 +361,10 @@ def test_records_made_with_different_settings_are_read_with_a_warning(pipeline, 
     with pytest.warns(MixedSettingsWarning, match="2 different settings"):
         df = read_results(path)
     assert df["provenance_settings"].nunique() == 2
+    # the table pools them too, and says so (the warning was swallowed by `cem table` and --csv)
+    from click.testing import CliRunner
+
+    from cem.cli import main
+
+    r = CliRunner().invoke(main, ["table", str(path), "-o", str(tmp_path / "t.csv")])
+    assert r.exit_code == 0 and "cem: note:" in r.output and "2 different settings" in r.output

@@ -281,3 +281,17 @@ def test_extreme_values(tmp_path):
     assert out["emotion"]["kl"] == pytest.approx(kl, rel=1e-3) and out["emotion"]["ece"] is None
     text = CliRunner().invoke(main, ["eval", str(results), "--labels", str(labels)])
     assert text.exit_code == 0 and re.search(r"^accuracy\s+n/a\s+n/a$", text.stdout, re.M)
+
+
+def test_records_made_with_two_settings_are_scored_with_a_note_and_a_bom_costs_no_record(tmp_path):
+    """`cem eval` read a JSONL with a byte-order mark as one record short, and pooled records of two settings
+    (a resumed run after a config change) without a word."""
+    results = tmp_path / "r.jsonl"
+    items = [rec("a.jpg", face(happiness=0.8, neutral=0.2), provenance={"settings": "aaa"}),
+             rec("b.jpg", face(sadness=0.6, neutral=0.4), provenance={"settings": "bbb"})]
+    results.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(i) + "\n" for i in items).encode())
+    labels = write_csv(tmp_path / "l.csv", "image,neutral,happiness,sadness\na.jpg,1,3,0\nb.jpg,1,0,3\n")
+    res, out = run_eval(results, labels)
+    assert res.exit_code == 0 and out["emotion"]["n"] == 2 and out["skipped"] == 0
+    assert "made with 2 different settings (aaa: 1 image(s), bbb: 1 image(s))" in res.stderr
+    assert "the scores pool them" in res.stderr

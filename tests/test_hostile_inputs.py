@@ -1458,7 +1458,10 @@ def _copies(face_png: Path, folder: Path, n: int) -> Path:
 
 
 def test_more_workers_than_cores_gets_a_note(pipeline, face_png, tmp_path, monkeypatch):
-    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    """The cores counted are those this process may use: under `taskset -c 0` on a larger machine the note
+    was missing (os.cpu_count() counts the machine's)."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     notes: list[str] = []
     summary = annotate(pipeline, [face_png], tmp_path / "o.jsonl", workers=2, progress=False, echo=notes.append)
     assert summary.images == 1

@@ -489,3 +489,25 @@ def test_a_name_that_is_not_utf8_gets_its_thumbnail(records, tmp_path):
     assert base64.b64decode(rec["image_bytes"]) == os.fsencode(odd)
     card = _data(build_report([rec]))["cards"][0]
     assert card["thumb"] and card["thumb"].startswith("data:image/") and card["extra"] == []
+
+
+def test_a_byte_order_mark_and_records_made_with_two_settings(tmp_path):
+    """A JSONL an editor saved with a BOM lost its first record in `cem report` (read_results and --resume
+    read it); records made with two settings were pooled in the page without a word (read_results warns)."""
+    def image(name, digest):
+        return {"image": name, "width": 10, "height": 10, "error": None, "provenance": {"settings": digest},
+                "faces": [{"index": 0, "bbox": [0, 0, 5, 5], "emotion": {"neutral": 0.3, "happiness": 0.7},
+                           "top_emotion": "happiness"}]}
+
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(image(f"{k}.jpg", "aaa")) + "\n" for k in "ab").encode())
+    res = CliRunner().invoke(main, ["report", str(path), "-o", str(tmp_path / "r.html")])
+    assert res.exit_code == 0 and "report of 2 images" in res.stderr and "skipped" not in res.stderr, res.stderr
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert 'id="mixed-settings"' not in page
+    with path.open("a") as fh:
+        fh.write(json.dumps(image("c.jpg", "bbb")) + "\n")
+    assert CliRunner().invoke(main, ["report", str(path), "-o", str(tmp_path / "r.html")]).exit_code == 0
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert 'id="mixed-settings">Note: the records were made with 2 different settings (aaa: 2 image(s), ' \
+           'bbb: 1 image(s))' in page

@@ -319,6 +319,7 @@ class _Collected:
     moments: list[_Moment]
     problems: list[Problem]
     non_finite: int
+    mixed_settings: str | None = None  # the records were made with several settings (pooled in the page)
 
     def summary(self) -> dict[str, Any]:
         faces = [f for c in self.cards for f in c["faces"]]
@@ -326,7 +327,7 @@ class _Collected:
         return {
             "images": kinds["image"], "moments": kinds["moment"], "videos": kinds["video"],
             "faces": sum(c["n_faces"] for c in self.cards), "skipped": len(self.problems),
-            "non_finite": self.non_finite,
+            "non_finite": self.non_finite, "mixed_settings": self.mixed_settings,
             "errors": sum(1 for c in self.cards if c["error"]) + sum(1 for f in faces if f["error"]),
             "top_emotions": [[k, n] for k, n in Counter(f["top"] for f in faces if f["top"]).most_common(MAX_KEYS)],
         }
@@ -334,7 +335,10 @@ class _Collected:
 
 def _collect(records: Iterable[dict[str, Any] | Line], problems: Sequence[Problem],
              thumbs: _Thumbnails) -> _Collected:
+    from cem.sinks import mixed_settings, settings_of
+
     out = _Collected([], [], list(problems), 0)
+    shown: list[dict[str, Any]] = []
     for i, item in enumerate(records):
         line = item if isinstance(item, Line) else Line(f"record {i + 1}", i + 1, item)
         try:
@@ -343,10 +347,12 @@ def _collect(records: Iterable[dict[str, Any] | Line], problems: Sequence[Proble
             out.problems.append(Problem(line.where, f"skipped: {e}", line.line))
             continue
         out.cards.append(card)
+        shown.append(line.record)
         out.non_finite += bool(line.non_finite)
         if moment is not None:
             out.moments.append(moment)
     out.problems.sort(key=lambda p: p.line)
+    out.mixed_settings = mixed_settings(None, settings_of(shown))
     return out
 
 

@@ -90,6 +90,8 @@ def read_lines(path: str | os.PathLike[str]) -> tuple[list[Line], list[Problem]]
         where = f"{name}:{n}"
         if not raw.strip():
             continue
+        if n == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a byte-order mark an editor added (read_results skips it)
+            raw = raw[3:]
         text = raw.decode("utf-8", errors="surrogateescape")
         hooks = _Decoder()
         try:
