@@ -295,26 +295,36 @@ UNREAD_PHOTO_EXTENSIONS = frozenset({".heic", ".heif", ".avif", ".jxl", ".cr2", 
 
 
 def _walk(folder: str, passed_over: dict[str, int] | None = None) -> list[InputItem]:
-    """Image files under ``folder`` (recursive; symbolic links to folders are not followed, so no loop),
-    sorted. A folder that cannot be listed, and anything with an image name that is a folder, become
+    """Image files under ``folder`` (recursive), sorted. Symbolic links to folders are followed (a data set
+    of linked subsets was annotated without them, unsaid), each real folder once, so a link back up the tree
+    is no loop. A folder that cannot be listed, and anything with an image name that is a folder, become
     items carrying that error, so that they get a record instead of vanishing. ``passed_over`` counts, by
     extension, the videos and unreadable photo formats that were left out."""
     from cem.video import VIDEO_EXTENSIONS
 
     out: list[InputItem] = []
     stack = [folder]
+    seen: set[tuple[int, int]] = set()  # (device, inode) of the folders listed
     while stack:
         d = stack.pop()
         try:
+            st = os.stat(d)
+        except OSError:
+            pass  # listing it below says what is wrong
+        else:
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+        try:
             with os.scandir(d) as it:
-                entries = list(it)
+                entries = sorted(it, key=lambda e: e.name)  # a folder reached two ways: the same way each run
         except OSError as e:
             out.append(InputItem(d, error=f"{d}: {os_reason(e)} (a folder that cannot be listed)"))
             continue
         for entry in entries:
             image_name = _is_image_name(entry.name)
             try:
-                is_dir = entry.is_dir(follow_symlinks=False)
+                is_dir = entry.is_dir()  # through a link too (a loop or a dangling link is no folder)
             except OSError:
                 is_dir = False
             if is_dir:

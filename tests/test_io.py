@@ -90,6 +90,23 @@ def test_expand_inputs_folders_globs_files(tmp_path):
                    str(tmp_path / "a" / "notes.txt")]
 
 
+def test_links_to_folders_are_followed_once_each_without_looping(tmp_path):
+    """A folder of linked subsets (`linked_trip -> ../exif`) was annotated without them and without a word."""
+    import os
+
+    (tmp_path / "album" / "sub").mkdir(parents=True)
+    (tmp_path / "trip").mkdir()
+    for n in ["album/own.jpg", "album/sub/s.jpg", "trip/x.jpg"]:
+        (tmp_path / n).write_bytes(b"x")
+    (tmp_path / "album" / "linked_trip").symlink_to("../trip")
+    (tmp_path / "album" / "sub" / "up").symlink_to("..")  # back up the tree: a loop
+    (tmp_path / "album" / "again").symlink_to("sub")  # a folder reached two ways is walked once
+    (tmp_path / "album" / "dangling").symlink_to("nowhere")
+    got = [os.path.relpath(p, tmp_path) for p in expand_inputs([str(tmp_path / "album")])]
+    assert sorted(got) == ["album/linked_trip/x.jpg", "album/own.jpg", "album/sub/s.jpg"]
+    assert got == [os.path.relpath(p, tmp_path) for p in expand_inputs([str(tmp_path / "album")])]  # same each run
+
+
 def test_long_manifest_fields_read_without_raising_the_process_wide_csv_limit(tmp_path):
     import csv
 
