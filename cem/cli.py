@@ -120,7 +120,8 @@ def _annotate_ray(config, inputs: tuple[str, ...], output: Path, contexts: Conte
               help="detect: find faces; whole: each image is one pre-cropped face.")
 @click.option("--context", default=None, help="Text context given to the reasoner for every image.")
 @click.option("--context-file", type=click.Path(dir_okay=False), default=None,
-              help="CSV with columns image,context.")
+              help="CSV with columns image,context; image is a path as given or a file name (a file name that "
+                   "several inputs share is refused: give their paths).")
 @click.option("--resume", is_flag=True, help="Skip inputs already in OUTPUT and append the rest.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it already holds records (without it, or "
               "--resume, such a run is refused).")

@@ -569,6 +569,18 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], contexts: ContextTable |
         given = dict(contexts or {})
         errors = {k: p for k, v in given.items() if (p := _context_problem(v, f"contexts[{k!r}]")) is not None}
         table = ContextTable({k: v for k, v in given.items() if k not in errors}, errors)
+    by_name: dict[str, set[str]] = {}  # a row keyed by a file name -> the inputs it would be applied to
+    for it in items:
+        if it.context is None and it.error is None and it.path not in table.contexts and it.path not in table.errors:
+            name = Path(it.path).name
+            if name in table.contexts or name in table.errors:
+                by_name.setdefault(name, set()).add(it.path)
+    shared = {name: paths for name, paths in by_name.items() if len(paths) > 1}
+    if shared:  # which image the row meant cannot be known: a funeral's context on a party photo is worse than none
+        name, paths = next(iter(shared.items()))
+        raise InputError(f"the context row for {name!r} names a file name that {len(paths)} inputs share "
+                         f"({', '.join(sorted(paths)[:3])}{', ...' if len(paths) > 3 else ''}); give each its path "
+                         f"in the context file")
     for it in items:
         if it.context is None and it.error is None:
             ctx, err = table.lookup(it.path)

@@ -153,3 +153,24 @@ def test_an_image_in_a_folder_and_a_manifest_row_is_one_input_and_a_note_says_so
     assert sorted((it.path.rsplit("/", 1)[-1], it.extra) for it in got.items) == [
         ("a.png", {"rater": "r1"}), ("b.png", {})]
     assert any("named both plainly" in n and n.startswith("1 image(s)") for n in got.notes), got.notes
+
+
+def test_a_context_row_by_file_name_that_several_inputs_share_is_refused(tmp_path):
+    """`dup/a/img.jpg` and `dup/b/img.jpg` both took one `img.jpg` row's context, unsaid."""
+    from cem.io import InputError, collect_inputs, read_context_csv
+
+    for sub in ("a", "b"):
+        (tmp_path / "dup" / sub).mkdir(parents=True)
+        (tmp_path / "dup" / sub / "img.jpg").write_bytes(b"x")
+    ctx = tmp_path / "ctx.csv"
+    ctx.write_text("image,context\nimg.jpg,at a funeral\n")
+    with pytest.raises(InputError, match=r"'img.jpg' names a file name that 2 inputs share .*give each its path"):
+        collect_inputs([str(tmp_path / "dup")], read_context_csv(ctx))
+    # by path it is one image's; a file name that one input has still works
+    a = str(tmp_path / "dup" / "a" / "img.jpg")
+    ctx.write_text(f"image,context\n{a},at a funeral\n")
+    got = {it.path: it.context for it in collect_inputs([str(tmp_path / "dup")], read_context_csv(ctx)).items}
+    assert got == {a: "at a funeral", str(tmp_path / "dup" / "b" / "img.jpg"): None}
+    ctx.write_text("image,context\nimg.jpg,at a funeral\n")
+    got = {it.path: it.context for it in collect_inputs([a], read_context_csv(ctx)).items}
+    assert got == {a: "at a funeral"}
