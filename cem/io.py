@@ -74,6 +74,21 @@ def _file_kind(mode: int) -> str:
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
+def _normal_path(path: str) -> str:
+    """``path`` in its normal spelling (``./a//b.jpg`` -> ``a/b.jpg``); URLs and empty names as they are."""
+    return path if not path or _URL.match(path) else os.path.normpath(path)
+
+
+def path_key(image: Any) -> Any:
+    """An image path as keys compare it: absolute, in its normal spelling, so that ``set40/x.jpg``,
+    ``./set40/x.jpg`` and ``$PWD/set40/x.jpg`` are one input for ``--resume`` (a relative path resolves against
+    the current folder for records and inputs alike, so equal names stay equal). URLs and other values as
+    they are."""
+    if not isinstance(image, str) or not image or "://" in image:
+        return image
+    return os.path.abspath(image)
+
+
 def url_problem(name: str) -> str | None:
     """What is wrong with ``name`` when it is a URL (it read "file not found"): cem never downloads inputs.
     Images and videos raise their own error with it."""
@@ -541,7 +556,8 @@ def read_context_csv(path: str | os.PathLike) -> ContextTable:
 
 def collect_inputs(inputs: Iterable[str | os.PathLike], contexts: ContextTable | Mapping[str, str] | None = None,
                    context: str | None = None) -> InputSet:
-    """Expand inputs: files, folders (recursive), globs, and CSV manifests (``.csv`` files). Each item's
+    """Expand inputs: files, folders (recursive), globs, and CSV manifests (``.csv`` files), each path in its
+    normal spelling (``os.path.normpath``: ``./a//b.jpg`` is ``a/b.jpg``). Each item's
     context is the manifest's, else the context file's (by path, then file name), else ``context``.
     Items are unique by (path, context, the manifest's other columns): a repeated manifest row is skipped and
     reported, so two rows for one image with different contexts (or subjects) stay two records; an image
@@ -560,6 +576,8 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], contexts: ContextTable |
             items.extend(rows)
         else:
             _expand_one(s, items, notes)
+    for it in items:  # one spelling per file: `set40/`, `./set40/x.jpg` and `set40//x.jpg` name one input
+        it.path = _normal_path(it.path)
     problem = _context_problem(context, "--context")
     if problem:
         raise InputError(problem)
@@ -569,6 +587,8 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], contexts: ContextTable |
         given = dict(contexts or {})
         errors = {k: p for k, v in given.items() if (p := _context_problem(v, f"contexts[{k!r}]")) is not None}
         table = ContextTable({k: v for k, v in given.items() if k not in errors}, errors)
+    table = ContextTable({_normal_path(k): v for k, v in table.contexts.items()},  # as the inputs are spelled
+                         {_normal_path(k): v for k, v in table.errors.items()})
     by_name: dict[str, set[str]] = {}  # a row keyed by a file name -> the inputs it would be applied to
     for it in items:
         if it.context is None and it.error is None and it.path not in table.contexts and it.path not in table.errors:
@@ -592,11 +612,11 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], contexts: ContextTable |
     if unmatched:  # a typo in the context file would otherwise leave its image without context, unseen
         notes.append(f"{len(unmatched)} context row(s) match no input (first: {unmatched[0]!r}); they are not used")
     unique: list[InputItem] = []
-    seen: dict[tuple[str, str | None], list[int]] = {}  # (path, context) -> positions in unique
+    seen: dict[tuple[str, str | None], list[int]] = {}  # (path_key, context) -> positions in unique
     duplicates = []
     merged: set[str] = set()
     for it in items:
-        key = (it.path, it.context)
+        key = (path_key(it.path), it.context)
         earlier = seen.setdefault(key, [])
         same = [j for j in earlier if unique[j].extra == it.extra]
         if same:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from cem.io import os_reason
+from cem.io import os_reason, path_key
 
 if TYPE_CHECKING:
     from cem.contract import ImageResult
@@ -101,17 +101,19 @@ def input_key(path: str, context: str | None, extra: dict[str, str] | None = Non
     manifest's other columns, which the record carries as ``meta``: one image in two rows for two subjects is
     two inputs)."""
     fields = image_fields(path)
-    return (fields.get("image_bytes") or fields["image"], context, meta_key(extra))
+    return (fields.get("image_bytes") or path_key(fields["image"]), context, meta_key(extra))
 
 
 def moment_key(video: str, context: str | None, frame: Any, track_id: Any, meta: dict[str, Any] | None
                ) -> tuple[Any, ...]:
-    """A key moment's identity for ``--resume``: its video as named, context, frame, track and manifest columns."""
-    return (video, context, frame, track_id, meta_key(meta))
+    """A key moment's identity for ``--resume``: its video (:func:`path_key`), context, frame, track and manifest
+    columns."""
+    return (path_key(video), context, frame, track_id, meta_key(meta))
 
 
 def record_key(record: dict[str, Any]) -> RecordKey:
-    return (record.get("image_bytes") or record.get("image"), record.get("context"), meta_key(record.get("meta")))
+    return (record.get("image_bytes") or path_key(record.get("image")), record.get("context"),
+            meta_key(record.get("meta")))
 
 
 def clean(value: Any, where: str, bad: list[str] | None) -> Any:

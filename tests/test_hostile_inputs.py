@@ -672,7 +672,8 @@ def test_video_resume_keeps_frames_and_finishes_an_interrupted_video(pipeline, s
     recs = _strict_records(out)
     moments = [r for r in recs if "frame" in r]
     assert moments and recs[-1]["video_summary"] == {"frames": 10, "moments": len(moments), "complete": True,
-                                                     "frames_decoded": 40, "frames_declared": 40}
+                                                     "frames_decoded": 40, "frames_declared": 40,
+                                                     "frame_sampling": "every 4 frames"}
     rows = frames.read_text().splitlines()
     assert len(rows) > 6  # header + the face on (nearly) every one of 10 sampled frames
     # an interruption after the first moment and three frame rows
@@ -1627,3 +1628,18 @@ def test_closing_a_pipeline_while_other_threads_use_it_costs_no_image(pipeline, 
         t.join()
     pipe.close()
     assert errors == []
+
+
+def test_one_file_under_several_spellings_of_its_path_is_one_input(pipeline, face_png, tmp_path, monkeypatch):
+    """`set40 ./set40/x.jpg $PWD/set40/x.jpg` gave three records of one file, and `--resume` with `./set40`
+    after `set40` annotated every image again."""
+    monkeypatch.chdir(tmp_path)
+    _copies(face_png, tmp_path / "set", 2)
+    out = tmp_path / "o.jsonl"
+    summary, _ = _run(pipeline, ["set", "./set/f000.png", str(tmp_path / "set" / "f000.png"), "set//f001.png"], out)
+    recs = _strict_records(out)
+    assert summary.images == 2 and sorted(r["image"] for r in recs) == ["set/f000.png", "set/f001.png"]
+    for spelling in ("./set/", str(tmp_path / "set"), "set/../set"):
+        again, _ = _run(pipeline, [spelling], out, resume=True)
+        assert again.images == 0 and again.skipped == 2, spelling
+    assert len(_strict_records(out)) == 2
