@@ -511,3 +511,21 @@ def test_a_byte_order_mark_and_records_made_with_two_settings(tmp_path):
     page = (tmp_path / "r.html").read_text(encoding="utf-8")
     assert 'id="mixed-settings">Note: the records were made with 2 different settings (aaa: 2 image(s), ' \
            'bbb: 1 image(s))' in page
+
+
+def test_a_file_that_no_longer_matches_its_record_gets_no_thumbnail(tmp_path):
+    """A photo resized after it was annotated (or another file of that name found from here) was shown with
+    the record's boxes in the wrong place, and nothing said so."""
+    from PIL import Image
+
+    from cem.report import build_report
+
+    Image.new("RGB", (250, 200), "gray").save(tmp_path / "a.jpg")
+    face = {"index": 0, "bbox": [175, 137, 100, 100], "emotion": {"neutral": 0.3, "happiness": 0.7},
+            "top_emotion": "happiness"}
+    rec = {"image": str(tmp_path / "a.jpg"), "width": 500, "height": 400, "error": None, "faces": [face]}
+    card = _data(build_report([rec]))["cards"][0]
+    assert card["thumb"] is None
+    assert any("the file found is 250x200 px, the record was made on 500x400" in n for n in card["notes"])
+    card = _data(build_report([rec | {"width": 250, "height": 200}]))["cards"][0]  # the size it was made on
+    assert card["thumb"].startswith("data:image/jpeg;base64,") and not card["notes"]

@@ -120,21 +120,22 @@ class _Thumbnails:
 
     def __init__(self, base_dirs: Sequence[Path], max_pixels: int) -> None:
         self.base_dirs, self.max_pixels = list(base_dirs), max_pixels
-        self.cache: dict[tuple[str, int | None], tuple[str | None, float, str | None]] = {}
+        self.cache: dict[tuple[str, int | None], tuple[str | None, float, str | None, tuple[int, int] | None]] = {}
 
     def _find(self, image: str) -> str | None:
         candidates = [image] + ([] if os.path.isabs(image) else [str(d / image) for d in self.base_dirs])
         # isfile is False for what cannot be stat'ed, including names with NUL or too long for the system
         return next((c for c in candidates if os.path.isfile(c)), None)
 
-    def get(self, image: str, frame: int | None = None) -> tuple[str | None, float, str | None]:
-        """(JPEG data URI or None, scale from original to thumbnail pixels, why there is none); ``frame``: that
-        frame of a video (a key moment's)."""
+    def get(self, image: str, frame: int | None = None
+            ) -> tuple[str | None, float, str | None, tuple[int, int] | None]:
+        """(JPEG data URI or None, scale from original to thumbnail pixels, why there is none, the picture's
+        size as read); ``frame``: that frame of a video (a key moment's)."""
         if (image, frame) not in self.cache:
             self.cache[(image, frame)] = self._make(image, frame)
         return self.cache[(image, frame)]
 
-    def _make(self, image: str, frame: int | None) -> tuple[str | None, float, str | None]:
+    def _make(self, image: str, frame: int | None) -> tuple[str | None, float, str | None, tuple[int, int] | None]:
         from PIL import Image
 
         from cem.io import load_image
@@ -143,19 +144,20 @@ class _Thumbnails:
         path = self._find(image)
         if path is None:
             kind = "video" if frame is not None else "image"
-            return None, 1.0, f"no thumbnail: the {kind} file is not found from here"
+            return None, 1.0, f"no thumbnail: the {kind} file is not found from here", None
         try:
             rgb = load_image(path, self.max_pixels) if frame is None else frame_at(path, frame, self.max_pixels)
         except (OSError, ValueError) as e:  # ImageLoadError and VideoError are ValueErrors
-            return None, 1.0, f"no thumbnail: {_clip(str(e), 300)}"
+            return None, 1.0, f"no thumbnail: {_clip(str(e), 300)}", None
         im = Image.fromarray(rgb)
+        size = im.size
         scale = min(1.0, THUMB_PX / max(im.size))
         if scale < 1:
-            size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
-            im = im.resize(size, Image.Resampling.LANCZOS)
+            im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                           Image.Resampling.LANCZOS)
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=80)
-        return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), scale, None
+        return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), scale, None, size
 
 
 def _pairs(dist: dict[str, float | None]) -> list[list[Any]]:
@@ -230,7 +232,11 @@ def _card(line: Line, thumbs: _Thumbnails) -> tuple[dict[str, Any], _Moment | No
             path = os.fsdecode(base64.b64decode(exact, validate=True)) if isinstance(exact, str) else image
         except (ValueError, TypeError):
             path = image
-        uri, scale, why = thumbs.get(path, frame if is_video else None)
+        uri, scale, why, size = thumbs.get(path, frame if is_video else None)
+        if uri is not None and size is not None and None not in dims and size != (round(dims[0]), round(dims[1])):
+            # the file changed since, or another file has its name here: its boxes would be drawn in the wrong place
+            uri, why = None, (f"no thumbnail: the file found is {size[0]}x{size[1]} px, the record was made on "
+                              f"{round(dims[0])}x{round(dims[1])} (changed since, or another file of that name)")
         if why:
             notes.append(why)
     if line.non_finite:
