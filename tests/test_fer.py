@@ -110,6 +110,16 @@ def test_small_face_is_flagged_not_dropped(pipeline, face_crop):
     assert q.too_small and q.face_px < 32
 
 
+def test_a_thin_strip_taken_whole_is_too_small():
+    """`--faces whole` on a 400x20 image said face_px 400 and too_small false."""
+    from cem.fer.quality import assess
+
+    gray = np.full((20, 400), 128, np.uint8)
+    q = assess(gray, (0, 0, 400, 20), None, min_face_px=32, mesh_failed=True)
+    assert q.too_small and q.face_px == 400
+    assert not assess(np.full((48, 48), 128, np.uint8), (0, 0, 48, 48), None, 32, True).too_small
+
+
 def test_face_filling_a_tight_crop_is_found(pipeline, astronaut):
     import cv2
 

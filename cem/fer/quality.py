@@ -44,6 +44,7 @@ def assess(gray: np.ndarray, bbox: tuple[float, float, float, float], pose: Pose
         blur=blur_score(gray[y0:y1, x0:x1]),
         extreme_pose=bool(extreme),
         cut_by_frame=bool(cut),
-        too_small=face_px < min_face_px,
+        # the short side: a whole image of 400x20 px (--faces whole) is no face of 400 px
+        too_small=round(min(bw, bh)) < min_face_px,
         mesh_failed=mesh_failed,
     )
