@@ -156,13 +156,15 @@ class Pipeline:
         ```
     """
 
-    def __init__(self, config: Config, load_fer: bool = True) -> None:
+    def __init__(self, config: Config, load_fer: bool = True, reasoner: Any = None) -> None:
         """``load_fer=False`` builds only the reasoner (a process that reasons over images measured by
-        worker processes); the FER stage then loads on first use."""
+        worker processes); the FER stage then loads on first use. ``reasoner``: one already built for this
+        config (the pre-flight's, whose model is loaded), used instead of building another."""
         from cem.reasoning import make_reasoner
 
         self.config = config
-        self.reasoner = make_reasoner(config)  # first: a bad backend fails before models load
+        # first: a bad backend fails before models load
+        self.reasoner = reasoner if reasoner is not None else make_reasoner(config)
         self._fer: Any = None
         self._fer_lock = threading.Lock()
         self._context_warned = False  # a reasoner that cannot read context says so once per pipeline

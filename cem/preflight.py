@@ -26,6 +26,9 @@ class PreflightReport:
     ok: bool
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # the reasoner the check built (model loaded, server reached): a run reuses it instead of loading the model
+    # a second time (minutes for a 7B model)
+    reasoner: Any = field(default=None, repr=False)
 
     @property
     def text(self) -> str:
@@ -90,6 +93,7 @@ def _check_transformers(config: Config, report: PreflightReport, image: Any) -> 
         return
     report.notes.append(f"model {model} loaded ({type(reasoner.model).__name__}, processor "
                         f"{type(reasoner.processor).__name__})")
+    report.reasoner = reasoner
     _run_one(config, reasoner, image, report)
 
 
@@ -129,6 +133,7 @@ def _check_openai(config: Config, report: PreflightReport, image: Any) -> None:
         report.problems.append(f"the server at {where} failed a one-token request: {e}")
         return
     report.notes.append(f"server {where} answers for {reasoner.model_id}")
+    report.reasoner = reasoner
     _run_one(config, reasoner, image, report)
 
 

@@ -153,20 +153,21 @@ def _reasoner_cause(face: dict[str, Any]) -> str | None:
     return reasoner_failure_cause(face.get("error"))
 
 
-def preflight(config: Config) -> bool:
+def preflight(config: Config) -> tuple[bool, Any]:
     """For a reasoner other than rules, the pre-flight check (model or server reachable) before any image;
-    raises :class:`RunError` with its one-screen text when it fails. Returns False when this installation
-    has no pre-flight module (the caller then loads the model first, which fails with the same clarity)."""
+    raises :class:`RunError` with its one-screen text when it fails. Returns (whether it ran, the reasoner it
+    built, which the run uses rather than loading the model again); (False, None) when this installation has no
+    pre-flight module (the caller then loads the model first, which fails with the same clarity)."""
     if config.reasoner.backend == "rules":
-        return True  # needs nothing beyond the packaged FER models
+        return True, None  # needs nothing beyond the packaged FER models
     if importlib.util.find_spec("cem.preflight") is None:
-        return False
+        return False, None
     from cem.preflight import preflight as check
 
     report = check(config)
     if not report.ok:
         raise RunError(report.text)
-    return True
+    return True, report.reasoner
 
 
 
@@ -210,6 +211,7 @@ class Runner:
         self.image_timeout_s = image_timeout_s
         self.echo = echo or (lambda s: print(s, file=sys.stderr))
         self._own_pipeline = pipeline is None
+        self.reasoner: Any = None  # the pre-flight's, with its model loaded: the pipeline built here takes it
         self.subjects: dict[str, list[InputItem]] = {}  # subject -> their photos (all inputs of the run)
         # subject -> (baseline, its provenance.baseline text); (None, why) where none could be built
         self._baselines: dict[str, tuple[Any, str]] = {}
@@ -284,7 +286,7 @@ class Runner:
             from cem.pipeline import Pipeline
 
             try:
-                self.pipeline = Pipeline(self.config, load_fer=need_fer)
+                self.pipeline = Pipeline(self.config, load_fer=need_fer, reasoner=self.reasoner)
             except Exception as e:  # a model or configuration that cannot be used: one message, exit 2
                 raise RunError(f"{type(e).__name__}: {e}") from None
         return self.pipeline
@@ -643,8 +645,10 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
     from cem.video import check_sampling, is_video
 
     config, workers = runner.config, runner.workers
-    if not dry_run and not preflight(config):  # an unusable model or server stops the run before anything else
-        runner.build(need_fer=workers == 1)
+    if not dry_run:  # an unusable model or server stops the run before anything else
+        checked, runner.reasoner = preflight(config)
+        if not checked:
+            runner.build(need_fer=workers == 1)
     found = _expand(inputs, contexts, context, context_file)
     if found.nothing_found:
         raise RunError(found.problem())

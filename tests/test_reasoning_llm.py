@@ -249,3 +249,27 @@ def test_a_model_whose_image_token_is_not_in_its_vocabulary_fails_at_load(tiny_l
         (folder / name).write_text(json.dumps(cfg))
     with pytest.raises(ModelUnavailableError, match="'<img_not_in_vocab>' .* is not the token the model takes"):
         load_model(str(folder), {"local_files_only": True}, None)
+
+
+def test_a_run_loads_the_model_once_the_pre_flight_and_the_images_share_it(tiny_llava, two_faces, tmp_path,
+                                                                          monkeypatch):
+    """The pre-flight loaded the model and threw it away, and the run loaded it again: twice the load time
+    (minutes for a 7B model) before the first image."""
+    from cem.config import Config
+    from cem.reasoning.transformers_backend import TransformersReasoner
+    from cem.runner import annotate
+
+    built = []
+    real_init = TransformersReasoner.__init__
+
+    def counted(self, config):
+        built.append(self)
+        real_init(self, config)
+
+    monkeypatch.setattr(TransformersReasoner, "__init__", counted)
+    img = tmp_path / "two.png"
+    Image.fromarray(two_faces).save(img)
+    config = Config.load("default", reasoner="transformers", model=str(tiny_llava),
+                         reasoner__options={"local_files_only": True, "max_cues": 1, "max_text_chars": 8})
+    summary = annotate(config, [str(img)], tmp_path / "o.jsonl", progress=False)
+    assert summary.images == 1 and summary.faces == 2 and len(built) == 1
