@@ -156,7 +156,7 @@ class FacesConfig(_Checked):
     # on a grid of tiles) or off; measured in docs/action-units.md, "Faces in group photos"
     small_faces: Literal["mtcnn", "pyramid", "off"] = "mtcnn"
     min_score: float = _num(0.5, ge=0.0, le=1.0)  # detections below this are not faces
-    min_face_px: int = _num(32, ge=0)  # smaller faces are kept but flagged too_small
+    min_face_px: int = _num(32, ge=0)  # faces whose box is narrower (its short side) are kept but flagged too_small
     # a detection on which the face mesh finds no face is kept (flagged mesh_failed) only when MediaPipe's
     # detector is at least this sure; weaker ones are false positives (helmets, patterns, borders), and so
     # is every unmeshed face of the MTCNN small-face search
@@ -192,13 +192,19 @@ class ReasonerConfig(_Checked):
     device: str | None = None
 
 
+# the pooling weights of the shipped model-reasoner configs (not fitted: the model counts half as much as the
+# expression model), and of a model reasoner's config file that sets no fusion section
+MODEL_REASONER_FUSION: dict[str, float] = {"expression_weight": 1.0, "reasoner_weight": 0.5, "temperature": 1.0}
+
+
 @dataclass
 class FusionConfig(_Checked):
     """Log-linear pooling: log p ∝ (w_e log p_expression + w_r log p_reasoner) / temperature.
 
     The defaults are ``configs/default.yaml``'s, fitted for the rules reasoner, so that a config file that sets
     only a few fields (``faces: {small_faces: "off"}``) pools as the default does (it pooled with 0.5 and 1.0,
-    and two faces of forty changed their top emotion). The shipped LLM configs set their own weights."""
+    and two faces of forty changed their top emotion). A config file for a model reasoner without a ``fusion``
+    section pools with :data:`MODEL_REASONER_FUSION`, as the shipped model configs do."""
 
     expression_weight: float = _num(1.0, ge=0.0)
     reasoner_weight: float = _num(0.1, ge=0.0)
@@ -399,6 +405,11 @@ class Config:
             section = getattr(cfg, key)
             for k, v in value.items():
                 _set(section, k, v, f"{source}: {key}")
+        if "fusion" not in (data or {}) and cfg.reasoner.backend != "rules":
+            # the default weights were fitted for the rules reasoner; a model reasoner's config that says none
+            # pools as the shipped model configs do
+            for k, v in MODEL_REASONER_FUSION.items():
+                setattr(cfg.fusion, k, v)
         cfg.validate()
         return cfg
 

@@ -389,8 +389,9 @@ class ImageRecord(BaseModel):
 
     model_config = ConfigDict(**_CONFIG, extra="forbid", title="cem image record")
 
-    image: str = Field(description="the input as given (a path, or <array WxH> for arrays); a name that is "
-                                   "not UTF-8 shows each undecodable byte as \\xNN")
+    image: str = Field(description="the input as given, without . parts and doubled separators (a path, or "
+                                   "<array WxH> for arrays); a name that is not UTF-8 shows each undecodable "
+                                   "byte as \\xNN")
     image_bytes: str | None = Field(default=None, exclude_if=_omit_none, pattern=r"^[A-Za-z0-9+/]*={0,2}$",
                                     description="only for a name that is not UTF-8: its exact bytes, base64")
     width: PosInt | None

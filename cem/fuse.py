@@ -260,8 +260,8 @@ def explain(face: FaceEvidence, emotion: dict[str, float], cues: list[Cue], p_re
         own = max(answer, key=answer.__getitem__)
         named = labels_named(said, labels)
         # the labels the model's own numbers stand behind: its top one and a blend partner (BLEND_RATIO). A
-        # label is held against the answer when a word for the person's state affirms it ("clearly furious");
-        # nouns often name the situation ("a surprise party", "tears of joy")
+        # label is held against the answer when a word for what the person feels affirms it ("clearly
+        # furious"), not a noun or a behaviour (STATE_WORDS)
         backed = {k for k, v in answer.items() if v >= BLEND_RATIO * answer[own]}
         unbacked = [k for k in labels_named(said, labels, STATE_WORDS) if k not in backed]
         if named and (own not in named or unbacked):
@@ -295,17 +295,18 @@ LABEL_WORDS: dict[str, tuple[str, ...]] = {  # unambiguous words only ("calm", "
 }
 
 
-# the words among those that describe a person's state (adjectives and participles), not a situation
+# the words among those that say what a person feels (adjectives), not a situation ("a surprise party") or a
+# behaviour that other feelings share ("smiling politely" when sad, "crying tears of joy", "smiling through
+# clenched teeth"): a rationale may read behaviours against the answer, which is what context is for
 STATE_WORDS: dict[str, tuple[str, ...]] = {
     "neutral": ("neutral", "expressionless"),
-    "happiness": ("happy", "joyful", "smiling", "pleased", "cheerful", "delighted", "laughing", "grinning",
-                  "beaming"),
+    "happiness": ("happy", "joyful", "pleased", "cheerful", "delighted"),
     "surprise": ("surprised", "shocked", "astonished", "amazed", "startled"),
-    "sadness": ("sad", "unhappy", "crying", "tearful"),
+    "sadness": ("sad", "unhappy"),
     "anger": ("angry", "furious", "annoyed", "irritated"),
     "disgust": ("disgusted", "repulsed", "revolted"),
     "fear": ("afraid", "fearful", "scared", "frightened", "terrified"),
-    "contempt": ("contemptuous", "scornful", "sneering"),
+    "contempt": ("contemptuous", "scornful"),
 }
 
 

@@ -75,18 +75,27 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def _normal_path(path: str) -> str:
-    """``path`` in its normal spelling (``./a//b.jpg`` -> ``a/b.jpg``); URLs and empty names as they are."""
-    return path if not path or _URL.match(path) else os.path.normpath(path)
+    """``path`` without ``.`` parts, doubled and trailing separators (``./a//b/`` -> ``a/b``); ``..`` is kept, since
+    removing it as text (``os.path.normpath``) names another file when the part before it is a link. URLs and
+    empty names as they are."""
+    if not path or _URL.match(path):
+        return path
+    parts = path.split(os.sep)
+    kept = [p for p in parts[1:] if p not in ("", ".")]
+    if parts[0] == "":  # absolute
+        return os.sep + os.sep.join(kept)
+    head = [] if parts[0] == "." else [parts[0]]
+    return os.sep.join(head + kept) or "."
 
 
 def path_key(image: Any) -> Any:
-    """An image path as keys compare it: absolute, in its normal spelling, so that ``set40/x.jpg``,
-    ``./set40/x.jpg`` and ``$PWD/set40/x.jpg`` are one input for ``--resume`` (a relative path resolves against
-    the current folder for records and inputs alike, so equal names stay equal). URLs and other values as
-    they are."""
+    """An image path as keys compare it: the file it names (``os.path.realpath``: links resolved), so that
+    ``set40/x.jpg``, ``./set40/x.jpg``, ``$PWD/set40/x.jpg`` and a link to the folder are one input for
+    ``--resume`` and within a run (a relative path resolves against the current folder for records and inputs
+    alike, so equal names stay equal). URLs and other values as they are."""
     if not isinstance(image, str) or not image or "://" in image:
         return image
-    return os.path.abspath(image)
+    return os.path.realpath(image)
 
 
 def url_problem(name: str) -> str | None:
@@ -319,9 +328,11 @@ def _walk(folder: str, passed_over: dict[str, int] | None = None) -> list[InputI
 
     out: list[InputItem] = []
     stack = [folder]
+    linked: list[str] = []  # folders reached through a link: walked after every real one, so a folder linked
+    # from beside itself keeps its own name (records name it as an older cem, which did not follow links, did)
     seen: set[tuple[int, int]] = set()  # (device, inode) of the folders listed
-    while stack:
-        d = stack.pop()
+    while stack or linked:
+        d = stack.pop() if stack else linked.pop()
         try:
             st = os.stat(d)
         except OSError:
@@ -343,7 +354,7 @@ def _walk(folder: str, passed_over: dict[str, int] | None = None) -> list[InputI
             except OSError:
                 is_dir = False
             if is_dir:
-                stack.append(entry.path)
+                (linked if entry.is_symlink() else stack).append(entry.path)
                 if image_name:
                     out.append(InputItem(entry.path, error=f"{entry.path}: is a folder, not an image"))
             elif image_name:  # regular files, links (even looping ones) and special files: loading judges them
@@ -589,15 +600,16 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], contexts: ContextTable |
         table = ContextTable({k: v for k, v in given.items() if k not in errors}, errors)
     table = ContextTable({_normal_path(k): v for k, v in table.contexts.items()},  # as the inputs are spelled
                          {_normal_path(k): v for k, v in table.errors.items()})
-    by_name: dict[str, set[str]] = {}  # a row keyed by a file name -> the inputs it would be applied to
+    by_name: dict[str, dict[Any, str]] = {}  # a row keyed by a file name -> the files it would be applied to
     for it in items:
         if it.context is None and it.error is None and it.path not in table.contexts and it.path not in table.errors:
             name = Path(it.path).name
             if name in table.contexts or name in table.errors:
-                by_name.setdefault(name, set()).add(it.path)
-    shared = {name: paths for name, paths in by_name.items() if len(paths) > 1}
+                by_name.setdefault(name, {}).setdefault(path_key(it.path), it.path)
+    shared = {name: files for name, files in by_name.items() if len(files) > 1}
     if shared:  # which image the row meant cannot be known: a funeral's context on a party photo is worse than none
-        name, paths = next(iter(shared.items()))
+        name, files = next(iter(shared.items()))
+        paths = list(files.values())
         raise InputError(f"the context row for {name!r} names a file name that {len(paths)} inputs share "
                          f"({', '.join(sorted(paths)[:3])}{', ...' if len(paths) > 3 else ''}); give each its path "
                          f"in the context file")

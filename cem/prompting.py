@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -110,13 +111,33 @@ def template_id(name: str) -> str:
     return f"{path.stem}@{_load(str(path))[1]}"
 
 
+def inert_text(text: str) -> str:
+    """``text`` without control and format characters (a NUL, an escape, a right-to-left override, a lone
+    surrogate), but with newlines and tabs; spaces of other widths (no-break, em, ideographic) become plain
+    spaces and line or paragraph separators newlines, so no two words run together; the zero-width
+    (non-)joiners that some scripts need are kept. For user contexts and for a model's own text alike."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable() or ch in "\n\t\u200c\u200d":
+            out.append(ch)
+        else:
+            kind = unicodedata.category(ch)
+            if kind == "Zs":
+                out.append(" ")
+            elif kind in ("Zl", "Zp"):
+                out.append("\n")
+    return "".join(out)
+
+
 def sanitize_context(text: str | None) -> str | None:
     """User context as inert data: markers defanged, control characters dropped; longer than
     :data:`cem.contract.MAX_CONTEXT_CHARS` is a ValueError (the pipeline and the input readers refuse such
     contexts before any prompt is made, so nothing is cut short unseen)."""
     if text is None or not str(text).strip():
         return None
-    s = "".join(ch for ch in str(text) if ch in "\n\t" or ch.isprintable())
+    s = inert_text(str(text))
     for m in _MARKERS:
         s = s.replace(m, m.replace("CONTEXT", "C0NTEXT"))
     s = s.replace("<<<", "‹‹‹").replace(">>>", "›››")

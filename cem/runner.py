@@ -128,8 +128,8 @@ class RunSummary:
         failed = sum(self.reasoner_failed.values())
         if failed:
             causes = ", ".join(f"{n} x {c}" for c, n in self.reasoner_failed.most_common())
-            out.append(f"cem: the reasoner failed on {failed} of {self.faces + self.moments} faces ({causes}); "
-                       f"--resume --retry-errors does their images again")
+            again = "; --resume --retry-errors does those photos again" if self.images else ""
+            out.append(f"cem: the reasoner failed on {failed} of {self.faces + self.moments} faces ({causes}){again}")
         if self.exit_code == 3:
             out.append("cem: the reasoner failed on every face: the emotions in these records are the expression "
                        "model's alone (exit status 3)")
@@ -491,18 +491,25 @@ class Runner:
             summary.notes.append(note)
 
 
-def _check_video_sampling(videos: list[InputItem], existing: ExistingOutput, every: int | None, fps: float | None,
+def _check_resumed_videos(videos: list[InputItem], existing: ExistingOutput, every: int | None, fps: float | None,
                           out: str | os.PathLike) -> None:
-    """Refuse to resume a video that an earlier run left unfinished at another frame sampling: its key moments
-    would mix two samplings (smoothing, baselines and intervals all depend on it). Finished videos are skipped
-    whatever the sampling, and records of a cem that did not write ``frame_sampling`` are not compared."""
+    """Refuse to resume a video that an earlier run left unfinished at another frame sampling (its key moments
+    would mix two samplings: smoothing, baselines and intervals all depend on it), or under another spelling of
+    its path (its records and frame-table rows would name it two ways). Finished videos are skipped whatever
+    the sampling, and records of a cem that did not write ``frame_sampling`` are not compared."""
     from cem.video import sampling_label
 
     now = sampling_label(every, fps)
     for it in videos:
         key = input_key(it.path, it.context, it.extra)
+        if key in existing.videos_done:
+            continue
+        names = existing.moment_names.get(key, set()) - {safe_text(it.path)}
+        if names:
+            raise RunError(f"--resume: {safe_text(it.path)} was begun in {safe_text(os.fspath(out))} as "
+                           f"{sorted(names)[0]!r}; name it that way to resume it, or write a new output")
         before = existing.moment_sampling.get(key, set()) - {now}
-        if before and key not in existing.videos_done:
+        if before:
             raise RunError(f"--resume: {safe_text(it.path)} was begun in {safe_text(os.fspath(out))} sampling "
                            f"{' and '.join(sorted(before))}, and this run samples {now}; resume with the same "
                            f"--every/--fps, or write a new output")
@@ -645,8 +652,13 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
     from cem.video import check_sampling, is_video
 
     config, workers = runner.config, runner.workers
-    if not dry_run:  # an unusable model or server stops the run before anything else
-        checked, runner.reasoner = preflight(config)
+    given = runner.pipeline is not None
+    # an unusable model or server stops the run before anything else; a pipeline given has its model loaded
+    # already (checking it again would load a second copy)
+    if not dry_run and not (given and config.reasoner.backend == "transformers"):
+        checked, reasoner = preflight(config)
+        if not given:
+            runner.reasoner = reasoner  # the pipeline built for this run takes it: the model loads once
         if not checked:
             runner.build(need_fer=workers == 1)
     found = _expand(inputs, contexts, context, context_file)
@@ -731,6 +743,14 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
         if frames_lock is not None:
             frames_lock.release()
         raise
+    if resume and videos:  # before anything is said to be done: the run may stop here
+        try:
+            _check_resumed_videos(videos, sink.existing, every, fps, out)
+        except RunError:
+            sink.close()
+            if frames_lock is not None:
+                frames_lock.release()
+            raise
     summary.retried = sink.existing.retried
     if sink.existing.retried:  # said now, not in the summary: a run stopped half-way must have said it too
         runner.echo(f"cem: note: --retry-errors: {sink.existing.retried} record(s) with an error are removed from "
@@ -740,8 +760,6 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
         runner.echo(f"cem: note: {safe_text(os.fspath(out))} held an earlier run's records and is replaced "
                     f"(--overwrite)")
     try:
-        if resume and videos:
-            _check_video_sampling(videos, sink.existing, every, fps, out)
         runner.build(need_fer=workers == 1 or bool(videos))
         if sink.existing.made_with:
             from cem.sinks import MADE_WITH, settings_differ

@@ -251,6 +251,8 @@ class ExistingOutput:
     baselines: set[str] = field(default_factory=set)  # provenance.baseline of the records (subject baselines)
     # video (record_key) -> the frame_sampling of its key moments (a video interrupted at one sampling)
     moment_sampling: dict[RecordKey, set[str]] = field(default_factory=dict)
+    # video (record_key) -> how its key moments name it (a video interrupted under one spelling of its path)
+    moment_names: dict[RecordKey, set[str]] = field(default_factory=dict)
 
 
 MADE_WITH = ("config", "settings", "faces", "reasoner", "model", "template")
@@ -363,6 +365,8 @@ def scan(path: Path, retry: Container[RecordKey] = frozenset()) -> tuple[Existin
                                          rec.get("meta")))
             if isinstance(rec.get("frame_sampling"), str):
                 found.moment_sampling.setdefault(key, set()).add(rec["frame_sampling"])
+            if isinstance(rec["video"], str):
+                found.moment_names.setdefault(key, set()).add(rec["video"])
         elif "video" in rec:  # a video's summary (written when it was finished) or its error record
             found.videos_done.add(key)
         else:

@@ -223,6 +223,11 @@ def test_a_config_file_that_sets_a_few_fields_keeps_the_defaults_of_the_rest(tmp
     for name in shipped_configs():
         cfg = Config.load(name)
         assert "fusion" in yaml.safe_load(open(cfg.source, encoding="utf-8")), cfg.source
+    # a model reasoner's own file without fusion pools as the shipped model configs do, not with the rules' fit
+    p = _yaml(tmp_path, "reasoner:\n  backend: openai\n  model: m\n")
+    fusion = Config.load(p).fusion
+    assert (fusion.reasoner_weight, fusion.temperature) == (0.5, 1.0)
+    assert (Config.load("vllm").fusion.reasoner_weight, Config.load("vllm").fusion.temperature) == (0.5, 1.0)
 
 
 def test_overrides_are_checked_too():

@@ -402,6 +402,12 @@ def test_a_rationale_that_also_affirms_a_label_its_answer_does_not_back_is_left_
     text = explain(_faces()[0], p, [], p, FusionConfig(), said, "the model")
     assert "rationale names anger, which its answer does not back (happiness), and is left out" in text
     assert said not in text
+    # behaviours that other feelings share are what context reading is for: quoted
+    for top, said in (("sadness", "She is smiling politely, but her eyes look sad and tearful."),
+                      ("happiness", "Crying tears of joy at the wedding, clearly happy."),
+                      ("anger", "Smiling through clenched teeth, he is angry.")):
+        p = dict.fromkeys(LABELS, 0.01) | {top: 0.9}
+        assert f'The model said: "{said}"' in explain(_faces()[0], p, [], p, FusionConfig(), said, "the model")
     blend = dict.fromkeys(LABELS, 0.01) | {"happiness": 0.6, "surprise": 0.3}
     said = "A broad smile with some surprise in the raised brows."
     text = explain(_faces()[0], blend, [], blend, FusionConfig(), said, "the model")
@@ -451,3 +457,15 @@ def test_more_ways_answers_go_wrong_are_read_right():
     huge = json.dumps({"faces": [{"index": 1, "distribution": {"anger": 1, "fear": 10**400}}]})
     assert parse_answer(huge, LABELS, 1)[0][0]["distribution"]["anger"] == 1
     assert "out of range" in parse_answer(huge, LABELS, 1, max_cues=4)[1]
+
+
+def test_inert_text_keeps_words_apart_and_drops_control_characters():
+    """Dropping every non-printable character ran words together: a no-break or ideographic space is a space."""
+    from cem.prompting import inert_text, sanitize_context
+
+    assert inert_text("smiling\u00a0broadly,\u2003eyes\u3000narrowed") == "smiling broadly, eyes narrowed"
+    assert inert_text("a\x00b\x1b[31m\u202ec\u2028d\tе\u200dф\n") == "ab[31mc\nd\tе\u200dф\n"
+    assert sanitize_context("at a\u00a0wedding\x07") == "at a wedding"
+    parsed, err = parse_answer(json.dumps({"faces": [{"index": 1, "distribution": {"happiness": 1.0},
+                                                      "rationale": "wide\u00a0smile\x00"}]}), LABELS, 1)
+    assert err is None and parsed[0]["rationale"] == "wide smile"

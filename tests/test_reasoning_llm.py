@@ -273,3 +273,13 @@ def test_a_run_loads_the_model_once_the_pre_flight_and_the_images_share_it(tiny_
                          reasoner__options={"local_files_only": True, "max_cues": 1, "max_text_chars": 8})
     summary = annotate(config, [str(img)], tmp_path / "o.jsonl", progress=False)
     assert summary.images == 1 and summary.faces == 2 and len(built) == 1
+    # a pipeline given has its model loaded: the run checks no second copy into memory (a 7B model twice on
+    # one GPU)
+    import cem
+
+    pipe = cem.Pipeline(config)
+    built.clear()
+    try:
+        assert annotate(pipe, [str(img)], tmp_path / "p.jsonl", progress=False).faces == 2 and built == []
+    finally:
+        pipe.close()

@@ -295,11 +295,12 @@ def _strict_problem(f: dict[str, Any], labels: list[str], max_cues: int) -> str 
 
 
 def _clean(s: str, limit: int) -> str:
-    """Text from an answer, bounded, without control and format characters but newlines and tabs (a NUL cut the
-    rationale short where pandas read the CSV table; a right-to-left override turned the report's text
-    around), as contexts are kept (:func:`cem.prompting.sanitize_context`); lone surrogates (valid JSON
-    escapes, not encodable) are dropped with them."""
-    return "".join(ch for ch in s[:limit] if ch in "\n\t" or ch.isprintable())
+    """Text from an answer, bounded and inert (:func:`cem.prompting.inert_text`, as contexts are kept): a NUL
+    cut the rationale short where pandas read the CSV table, a right-to-left override turned the report's text
+    around; lone surrogates (valid JSON escapes, not encodable) are dropped with them."""
+    from cem.prompting import inert_text
+
+    return inert_text(s[:limit])
 
 
 def _read_faces(faces: list[Any], labels: list[str], n_faces: int, max_cues: int | None

@@ -112,6 +112,9 @@ def check_base_url(base_url: str, source: str) -> urllib.parse.SplitResult:
                          f"without them and the key in $OPENAI_API_KEY or reasoner.options.api_key")
     if url.fragment:
         raise ValueError(f"{where} has a fragment (#...), which no server sees; leave it out")
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url.path + url.query):
+        raise ValueError(f"{where} has a space or a control character in its path or query; percent-encode it "
+                         f"(%20)")
     try:
         url.port  # noqa: B018 - reading it checks it: "Port out of range 0-65535"
     except ValueError as e:
@@ -247,7 +250,7 @@ class OpenAIReasoner(LLMReasonerBase):
                 target = self._path + path + (f"?{url.query}" if url.query else "")
                 try:
                     conn.request(method, target, body=payload, headers=self._headers())
-                except (ValueError, UnicodeError) as e:  # not sent; its text may hold a header's value: not shown
+                except (ValueError, UnicodeError, http.client.InvalidURL) as e:  # not sent; may hold a header: unshown
                     raise ReasonerFailure("model-error", f"the request to {where} could not be sent "
                                           f"({type(e).__name__})") from None
                 resp = conn.getresponse()

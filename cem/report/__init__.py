@@ -233,10 +233,11 @@ def _card(line: Line, thumbs: _Thumbnails) -> tuple[dict[str, Any], _Moment | No
         except (ValueError, TypeError):
             path = image
         uri, scale, why, size = thumbs.get(path, frame if is_video else None)
-        if uri is not None and size is not None and None not in dims and size != (round(dims[0]), round(dims[1])):
+        made_on = (round(dims[0]), round(dims[1])) if dims[0] is not None and dims[1] is not None else None
+        if uri is not None and size is not None and made_on is not None and size != made_on:
             # the file changed since, or another file has its name here: its boxes would be drawn in the wrong place
             uri, why = None, (f"no thumbnail: the file found is {size[0]}x{size[1]} px, the record was made on "
-                              f"{round(dims[0])}x{round(dims[1])} (changed since, or another file of that name)")
+                              f"{made_on[0]}x{made_on[1]} (changed since, or another file of that name)")
         if why:
             notes.append(why)
     if line.non_finite:
