@@ -1643,3 +1643,19 @@ def test_one_file_under_several_spellings_of_its_path_is_one_input(pipeline, fac
         again, _ = _run(pipeline, [spelling], out, resume=True)
         assert again.images == 0 and again.skipped == 2, spelling
     assert len(_strict_records(out)) == 2
+
+
+def test_the_csv_table_of_a_run_resumed_with_other_settings_says_it_pools_them(pipeline, face_png, tmp_path):
+    """`--csv` after a resume with another config wrote a table of two settings without a word."""
+    import cem
+
+    _copies(face_png, tmp_path / "set", 2)
+    out, table = tmp_path / "o.jsonl", tmp_path / "o.csv"
+    _run(pipeline, [tmp_path / "set" / "f000.png"], out)
+    other = cem.Pipeline.from_config("default", fusion__reasoner_weight=0.3)
+    try:
+        summary, said = _run(other, [tmp_path / "set"], out, resume=True, csv=table)
+    finally:
+        other.close()
+    assert summary.images == 1 and summary.skipped == 1 and table.is_file()
+    assert any(n.startswith("cem: note: ") and "2 different settings" in n for n in said), said
