@@ -189,7 +189,7 @@ def test_a_cut_video_is_processed_as_far_as_it_goes_and_says_it_is_not_complete(
     done = {r["video"]: r["video_summary"] for r in map(json.loads, out.read_text().splitlines())
             if "video_summary" in r}
     assert done[str(whole)] == {"frames": 12, "moments": done[str(whole)]["moments"], "complete": True,
-                                "frames_decoded": 60, "frames_declared": 60}
+                                "frames_decoded": 60, "frames_declared": 60, "frame_sampling": "every 5 frames"}
     s = done[str(cut)]
     assert s["complete"] is False and s["frames_declared"] == 60 and 20 <= s["frames_decoded"] < 58
     assert s["frames"] == -(-s["frames_decoded"] // 5) and s["moments"] >= 1
