@@ -210,7 +210,7 @@ def test_one_video_under_two_contexts_gets_two_timelines_and_moments_show_their_
     for i in range(20):
         vw.write(np.full((48, 64, 3), i * 10, np.uint8))
     vw.release()
-    records = [_moment(t, p, labels, video=str(video), frame=int(t * 10), context=ctx)
+    records = [_moment(t, p, labels, video=str(video), frame=int(t * 10), context=ctx, width=64, height=48)
                for ctx in ("at a party", "at a funeral")
                for t, p in ((0.0, [0.8, 0.1, 0.1]), (1.0, [0.2, 0.7, 0.1]))]
     records.append({"image": str(video), "video": str(video), "width": 64, "height": 48, "faces": [], "error": None,
@@ -485,7 +485,7 @@ def test_a_name_that_is_not_utf8_gets_its_thumbnail(records, tmp_path):
 
     odd = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9.png")
     Image.fromarray(np.full((40, 60, 3), 120, np.uint8)).save(odd)
-    rec = copy.deepcopy(records[1]) | image_fields(odd)
+    rec = copy.deepcopy(records[1]) | image_fields(odd) | {"width": 60, "height": 40}  # the size it was made on
     assert base64.b64decode(rec["image_bytes"]) == os.fsencode(odd)
     card = _data(build_report([rec]))["cards"][0]
     assert card["thumb"] and card["thumb"].startswith("data:image/") and card["extra"] == []
