@@ -101,7 +101,12 @@ def input_key(path: str, context: str | None, extra: dict[str, str] | None = Non
     manifest's other columns, which the record carries as ``meta``: one image in two rows for two subjects is
     two inputs)."""
     fields = image_fields(path)
-    return (fields.get("image_bytes") or path_key(fields["image"]), context, meta_key(extra))
+    return (_bytes_key(path) if "image_bytes" in fields else path_key(fields["image"]), context, meta_key(extra))
+
+
+def _bytes_key(path: str) -> str:
+    """The key of a name that is not UTF-8: the exact bytes of the file it names (links resolved), base64."""
+    return base64.b64encode(os.fsencode(path_key(path))).decode("ascii")
 
 
 def moment_key(video: str, context: str | None, frame: Any, track_id: Any, meta: dict[str, Any] | None
@@ -112,8 +117,15 @@ def moment_key(video: str, context: str | None, frame: Any, track_id: Any, meta:
 
 
 def record_key(record: dict[str, Any]) -> RecordKey:
-    return (record.get("image_bytes") or path_key(record.get("image")), record.get("context"),
-            meta_key(record.get("meta")))
+    exact = record.get("image_bytes")
+    if isinstance(exact, str) and exact:
+        try:  # the file its exact name names, as input_key keys it
+            image = _bytes_key(os.fsdecode(base64.b64decode(exact, validate=True)))
+        except (ValueError, TypeError):
+            image = exact
+    else:
+        image = path_key(record.get("image"))
+    return (image, record.get("context"), meta_key(record.get("meta")))
 
 
 def clean(value: Any, where: str, bad: list[str] | None) -> Any:

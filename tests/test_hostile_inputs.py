@@ -1659,3 +1659,15 @@ def test_the_csv_table_of_a_run_resumed_with_other_settings_says_it_pools_them(p
         other.close()
     assert summary.images == 1 and summary.skipped == 1 and table.is_file()
     assert any(n.startswith("cem: note: ") and "2 different settings" in n for n in said), said
+
+
+def test_a_name_that_is_not_utf8_is_one_input_under_two_spellings(pipeline, face_png, tmp_path, monkeypatch):
+    """Such names are keyed by their exact bytes; `./d/<0xe9>.png` after `d/<0xe9>.png` was annotated again."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").mkdir()
+    odd = os.fsdecode(b"d/caf\xe9.png")
+    shutil.copy(face_png, odd)
+    out = tmp_path / "o.jsonl"
+    assert _run(pipeline, [odd], out)[0].images == 1
+    again, _ = _run(pipeline, ["./" + odd, str(tmp_path / odd)], out, resume=True)
+    assert again.images == 0 and again.skipped == 1 and len(_strict_records(out)) == 1
