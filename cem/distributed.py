@@ -53,9 +53,9 @@ ACTOR_START_TIMEOUT_S = 900  # loading MediaPipe and the CNN takes seconds; a mo
 
 
 def record_key(record: dict[str, Any]) -> Key:
-    """The resume and dedupe key of a record: the file its image names (:func:`cem.io.path_key`; its exact
-    bytes, base64, for a name that is not UTF-8), its context and its manifest columns (`meta`); the same key as
-    the local runner's (:func:`cem.sinks.record_key`)."""
+    """The resume and dedupe key of a record: its image's name in its normal spelling (:func:`cem.io.path_key`;
+    its exact bytes, base64, for a name that is not UTF-8), its context and its manifest columns (`meta`); the
+    same key as the local runner's (:func:`cem.sinks.record_key`)."""
     image, context, meta = sink_key(record)
     return str(image), context, meta
 

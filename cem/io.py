@@ -89,13 +89,18 @@ def _normal_path(path: str) -> str:
 
 
 def path_key(image: Any) -> Any:
-    """An image path as keys compare it: the file it names (``os.path.realpath``: links resolved), so that
-    ``set40/x.jpg``, ``./set40/x.jpg``, ``$PWD/set40/x.jpg`` and a link to the folder are one input for
-    ``--resume`` and within a run (a relative path resolves against the current folder for records and inputs
-    alike, so equal names stay equal). URLs and other values as they are."""
-    if not isinstance(image, str) or not image or "://" in image:
-        return image
-    return os.path.realpath(image)
+    """An image path as keys compare it (``--resume``, de-duplication): in its normal spelling
+    (:func:`_normal_path`), so ``set40/x.jpg``, ``./set40/x.jpg`` and ``set40//x.jpg`` are one input. Text only:
+    an absolute and a relative name of one file stay two (a record's relative name means the file in the folder
+    its run was started from, which a later run cannot know; resolving it against the resuming run's folder
+    skipped another folder's file of that name). Other values as they are."""
+    return _normal_path(image) if isinstance(image, str) else image
+
+
+def same_file(path: str) -> str:
+    """The file ``path`` names, links resolved (``os.path.realpath``): for telling whether two names of this
+    run are one file, never for matching an earlier run's records."""
+    return os.path.realpath(path)
 
 
 def url_problem(name: str) -> str | None:
@@ -605,7 +610,7 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], contexts: ContextTable |
         if it.context is None and it.error is None and it.path not in table.contexts and it.path not in table.errors:
             name = Path(it.path).name
             if name in table.contexts or name in table.errors:
-                by_name.setdefault(name, {}).setdefault(path_key(it.path), it.path)
+                by_name.setdefault(name, {}).setdefault(same_file(it.path), it.path)
     shared = {name: files for name, files in by_name.items() if len(files) > 1}
     if shared:  # which image the row meant cannot be known: a funeral's context on a party photo is worse than none
         name, files = next(iter(shared.items()))

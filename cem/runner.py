@@ -494,9 +494,8 @@ class Runner:
 def _check_resumed_videos(videos: list[InputItem], existing: ExistingOutput, every: int | None, fps: float | None,
                           out: str | os.PathLike) -> None:
     """Refuse to resume a video that an earlier run left unfinished at another frame sampling (its key moments
-    would mix two samplings: smoothing, baselines and intervals all depend on it), or under another spelling of
-    its path (its records and frame-table rows would name it two ways). Finished videos are skipped whatever
-    the sampling, and records of a cem that did not write ``frame_sampling`` are not compared."""
+    would mix two samplings: smoothing, baselines and intervals all depend on it). Finished videos are skipped
+    whatever the sampling, and records of a cem that did not write ``frame_sampling`` are not compared."""
     from cem.video import sampling_label
 
     now = sampling_label(every, fps)
@@ -504,15 +503,27 @@ def _check_resumed_videos(videos: list[InputItem], existing: ExistingOutput, eve
         key = input_key(it.path, it.context, it.extra)
         if key in existing.videos_done:
             continue
-        names = existing.moment_names.get(key, set()) - {safe_text(it.path)}
-        if names:
-            raise RunError(f"--resume: {safe_text(it.path)} was begun in {safe_text(os.fspath(out))} as "
-                           f"{sorted(names)[0]!r}; name it that way to resume it, or write a new output")
         before = existing.moment_sampling.get(key, set()) - {now}
         if before:
             raise RunError(f"--resume: {safe_text(it.path)} was begun in {safe_text(os.fspath(out))} sampling "
                            f"{' and '.join(sorted(before))}, and this run samples {now}; resume with the same "
                            f"--every/--fps, or write a new output")
+
+
+def _note_other_names(runner: Runner, todo: list[InputItem], existing: ExistingOutput,
+                      out: str | os.PathLike) -> None:
+    """Say when inputs about to be annotated look like files the output holds under another name (an absolute
+    and a relative path, a link): names are compared as written (:func:`cem.io.path_key`), since a record's
+    relative name means the folder its run started in, so they are annotated again."""
+    from cem.io import same_file
+    from cem.sinks import meta_key
+
+    held = {(same_file(k[0]), k[1], k[2]) for k in existing.keys if isinstance(k[0], str) and "://" not in k[0]}
+    other = sum(1 for it in todo if (same_file(it.path), it.context, meta_key(it.extra)) in held)
+    if other:
+        runner.echo(f"cem: note: {other} input(s) seem to be files that {safe_text(os.fspath(out))} holds under "
+                    f"another name (an absolute or a relative path, a link; resolved from this folder); names are "
+                    f"compared as written, so they are annotated again: name them as before to skip them")
 
 
 def _input_list(inputs: Any) -> list[str | os.PathLike]:
@@ -789,6 +800,7 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
             done_images = {k[0] for k in sink.existing.keys}
             other_context = sum(1 for it in todo if input_key(it.path, it.context)[:2] not in done_without_meta
                                 and input_key(it.path, it.context)[0] in done_images)
+            _note_other_names(runner, todo, sink.existing, out)
             if other_context:
                 runner.echo(f"cem: note: {other_context} input(s) have records in {safe_text(os.fspath(out))} "
                             f"under another context; the input is keyed by its image and context, so they are "

@@ -105,7 +105,7 @@ def input_key(path: str, context: str | None, extra: dict[str, str] | None = Non
 
 
 def _bytes_key(path: str) -> str:
-    """The key of a name that is not UTF-8: the exact bytes of the file it names (links resolved), base64."""
+    """The key of a name that is not UTF-8: its exact bytes in their normal spelling (:func:`path_key`), base64."""
     return base64.b64encode(os.fsencode(path_key(path))).decode("ascii")
 
 
@@ -119,7 +119,7 @@ def moment_key(video: str, context: str | None, frame: Any, track_id: Any, meta:
 def record_key(record: dict[str, Any]) -> RecordKey:
     exact = record.get("image_bytes")
     if isinstance(exact, str) and exact:
-        try:  # the file its exact name names, as input_key keys it
+        try:  # its exact name in its normal spelling, as input_key keys it
             image = _bytes_key(os.fsdecode(base64.b64decode(exact, validate=True)))
         except (ValueError, TypeError):
             image = exact
@@ -263,8 +263,6 @@ class ExistingOutput:
     baselines: set[str] = field(default_factory=set)  # provenance.baseline of the records (subject baselines)
     # video (record_key) -> the frame_sampling of its key moments (a video interrupted at one sampling)
     moment_sampling: dict[RecordKey, set[str]] = field(default_factory=dict)
-    # video (record_key) -> how its key moments name it (a video interrupted under one spelling of its path)
-    moment_names: dict[RecordKey, set[str]] = field(default_factory=dict)
 
 
 MADE_WITH = ("config", "settings", "faces", "reasoner", "model", "template")
@@ -377,8 +375,6 @@ def scan(path: Path, retry: Container[RecordKey] = frozenset()) -> tuple[Existin
                                          rec.get("meta")))
             if isinstance(rec.get("frame_sampling"), str):
                 found.moment_sampling.setdefault(key, set()).add(rec["frame_sampling"])
-            if isinstance(rec["video"], str):
-                found.moment_names.setdefault(key, set()).add(rec["video"])
         elif "video" in rec:  # a video's summary (written when it was finished) or its error record
             found.videos_done.add(key)
         else:

@@ -1631,18 +1631,25 @@ def test_closing_a_pipeline_while_other_threads_use_it_costs_no_image(pipeline, 
 
 
 def test_one_file_under_several_spellings_of_its_path_is_one_input(pipeline, face_png, tmp_path, monkeypatch):
-    """`set40 ./set40/x.jpg $PWD/set40/x.jpg` gave three records of one file, and `--resume` with `./set40`
-    after `set40` annotated every image again."""
+    """`set40 ./set40/x.jpg set40//x.jpg` gave three records of one file, and `--resume` with `./set40` after
+    `set40` annotated every image again. An absolute name is another input (a record's relative name means the
+    folder its run started in), and the run says that it looks like a file the output holds."""
     monkeypatch.chdir(tmp_path)
     _copies(face_png, tmp_path / "set", 2)
     out = tmp_path / "o.jsonl"
-    summary, _ = _run(pipeline, ["set", "./set/f000.png", str(tmp_path / "set" / "f000.png"), "set//f001.png"], out)
+    summary, _ = _run(pipeline, ["set", "./set/f000.png", "set//f001.png", "set/"], out)
     recs = _strict_records(out)
     assert summary.images == 2 and sorted(r["image"] for r in recs) == ["set/f000.png", "set/f001.png"]
-    for spelling in ("./set/", str(tmp_path / "set"), "set/../set"):
-        again, _ = _run(pipeline, [spelling], out, resume=True)
-        assert again.images == 0 and again.skipped == 2, spelling
-    assert len(_strict_records(out)) == 2
+    again, said = _run(pipeline, ["./set/", "set//"], out, resume=True)
+    assert again.images == 0 and again.skipped == 2 and not any("another name" in n for n in said)
+    summary, said = _run(pipeline, [str(tmp_path / "set" / "f000.png")], out, resume=True)
+    assert summary.images == 1 and any("1 input(s) seem to be files that" in n and "another name" in n
+                                       for n in said), said
+    # another folder's file of the same relative name is its own input, not taken for done
+    (tmp_path / "other").mkdir()
+    _copies(face_png, tmp_path / "other" / "set", 1)
+    monkeypatch.chdir(tmp_path / "other")
+    assert _run(pipeline, [str(tmp_path / "other" / "set")], out, resume=True)[0].images == 1
 
 
 def test_the_csv_table_of_a_run_resumed_with_other_settings_says_it_pools_them(pipeline, face_png, tmp_path):
@@ -1669,5 +1676,5 @@ def test_a_name_that_is_not_utf8_is_one_input_under_two_spellings(pipeline, face
     shutil.copy(face_png, odd)
     out = tmp_path / "o.jsonl"
     assert _run(pipeline, [odd], out)[0].images == 1
-    again, _ = _run(pipeline, ["./" + odd, str(tmp_path / odd)], out, resume=True)
+    again, _ = _run(pipeline, ["./" + odd, "d//" + os.path.basename(odd)], out, resume=True)
     assert again.images == 0 and again.skipped == 1 and len(_strict_records(out)) == 1

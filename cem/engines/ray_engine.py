@@ -304,5 +304,7 @@ class NotDone:
         self.done, self.name, self.ctx, self.default = done, name_column, context_column, default_context
 
     def __call__(self, row: dict[str, Any]) -> bool:
+        from cem.io import path_key
+
         ctx = (_text(row.get(self.ctx)) if self.ctx else None) or self.default
-        return not self.done.seen(str(row[self.name]), ctx)
+        return not self.done.seen(path_key(str(row[self.name])), ctx)  # as record keys spell names
