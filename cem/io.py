@@ -325,8 +325,9 @@ UNREAD_PHOTO_EXTENSIONS = frozenset({".heic", ".heif", ".avif", ".jxl", ".cr2", 
 
 def _walk(folder: str, passed_over: dict[str, int] | None = None) -> list[InputItem]:
     """Image files under ``folder`` (recursive), sorted. Symbolic links to folders are followed (a data set
-    of linked subsets was annotated without them, unsaid), each real folder once, so a link back up the tree
-    is no loop. A folder that cannot be listed, and anything with an image name that is a folder, become
+    of linked subsets was annotated without them, unsaid), each real folder once; a link to ``folder`` itself or
+    to a folder above it is not (it would walk the folders beside the one named). A folder that cannot be
+    listed, and anything with an image name that is a folder, become
     items carrying that error, so that they get a record instead of vanishing. ``passed_over`` counts, by
     extension, the videos and unreadable photo formats that were left out."""
     from cem.video import VIDEO_EXTENSIONS
@@ -336,6 +337,7 @@ def _walk(folder: str, passed_over: dict[str, int] | None = None) -> list[InputI
     linked: list[str] = []  # folders reached through a link: walked after every real one, so a folder linked
     # from beside itself keeps its own name (records name it as an older cem, which did not follow links, did)
     seen: set[tuple[int, int]] = set()  # (device, inode) of the folders listed
+    top = os.path.realpath(folder)
     while stack or linked:
         d = stack.pop() if stack else linked.pop()
         try:
@@ -358,8 +360,13 @@ def _walk(folder: str, passed_over: dict[str, int] | None = None) -> list[InputI
                 is_dir = entry.is_dir()  # through a link too (a loop or a dangling link is no folder)
             except OSError:
                 is_dir = False
-            if is_dir:
-                (linked if entry.is_symlink() else stack).append(entry.path)
+            if is_dir and entry.is_symlink():
+                target = os.path.realpath(entry.path)
+                # a link up the tree (`parent -> ..`) would walk the folders beside the one named: not followed
+                if not (top + os.sep).startswith(target.rstrip(os.sep) + os.sep):
+                    linked.append(entry.path)
+            elif is_dir:
+                stack.append(entry.path)
                 if image_name:
                     out.append(InputItem(entry.path, error=f"{entry.path}: is a folder, not an image"))
             elif image_name:  # regular files, links (even looping ones) and special files: loading judges them

@@ -103,6 +103,9 @@ def test_links_to_folders_are_followed_once_each_without_looping(tmp_path):
     (tmp_path / "album" / "a_link").symlink_to("sub")  # a folder reached two ways: walked once, by its own name
     (tmp_path / "album" / "z_link").symlink_to("sub")
     (tmp_path / "album" / "dangling").symlink_to("nowhere")
+    (tmp_path / "secret").mkdir()  # beside the album: a link up the tree must not reach it
+    (tmp_path / "secret" / "s.jpg").write_bytes(b"x")
+    (tmp_path / "album" / "parent").symlink_to("..")
     got = [os.path.relpath(p, tmp_path) for p in expand_inputs([str(tmp_path / "album")])]
     assert sorted(got) == ["album/linked_trip/x.jpg", "album/own.jpg", "album/sub/s.jpg"]
 
