@@ -563,6 +563,9 @@ class Config:
             raise ConfigError(f"{src}: labels: duplicate label(s) {dup}")
         for sec in self.SECTIONS:
             _check_section(getattr(self, sec), f"{src}: {sec}")
+        if self.fusion.expression_weight == 0 and self.fusion.reasoner_weight == 0:
+            raise ConfigError(f"{src}: fusion: expression_weight and reasoner_weight are both 0, so every emotion "
+                              f"would be equally likely whatever the face; give one of them a weight")
         b = self.reasoner.backend
         if b not in BACKENDS:
             hint = _closest(b, list(BACKENDS))

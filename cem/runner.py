@@ -589,6 +589,9 @@ def annotate(pipeline_or_config: Any, inputs: str | os.PathLike | Iterable[str |
         config, pipeline = pipeline_or_config, None
     else:
         config, pipeline = pipeline_or_config.config, pipeline_or_config
+    if os.fspath(out) == "-":  # as many tools spell standard output: it made a file named "-"
+        raise RunError("-o -: cem writes its records to a file (locked while it runs, and --resume continues it), "
+                       "not to standard output; give a file name (and `cat` it)")
     out = Path(out)
     if _named_as_table(out) and not out.exists():  # (an existing file may be an input: checked with them)
         raise RunError(_TABLE_NAME_REFUSAL.format(out=safe_text(os.fspath(out))))

@@ -191,6 +191,7 @@ def _yaml(tmp_path, text):
     ("reasoner:\n  backend: openai\n  options: {exemplars: [{image: a.jpg}]}\n", "reasoner.options.exemplars[0]",
      "missing label"),
     ("expression:\n  threads: 100000\n", "expression.threads", "<= 1024"),
+    ("fusion:\n  expression_weight: 0\n  reasoner_weight: 0\n", "fusion", "both 0"),
     ("labels: [happiness, happiness]\n", "labels", "duplicate"),
     ("labels: []\n", "labels", "non-empty list"),
     ("fusion:\n  label_map: {pride: happiness}\n", "fusion.label_map", "not among labels"),

@@ -1571,6 +1571,12 @@ def test_an_output_named_as_a_table_is_refused_by_the_local_runner(face_png, tmp
     assert _named_as_table(Path("y.PQ")) and not _named_as_table(Path("records"))
 
 
+def test_an_output_named_dash_is_refused_not_written_as_a_file(face_png, tmp_path):
+    """`-o -` (standard output, as many tools spell it) wrote a file named "-"."""
+    r = _cem("annotate", face_png, "-o", "-", cwd=tmp_path)
+    assert r.returncode == 2 and "not to standard output" in r.stderr and not (tmp_path / "-").exists()
+
+
 def test_analyze_many_answers_what_it_measured_before_the_source_failed(pipeline, face_png):
     import pandas as pd
 
