@@ -192,6 +192,8 @@ def _yaml(tmp_path, text):
      "missing label"),
     ("expression:\n  threads: 100000\n", "expression.threads", "<= 1024"),
     ("fusion:\n  expression_weight: 0\n  reasoner_weight: 0\n", "fusion", "both 0"),
+    ("expression:\n  device: CPU\n", "expression.device", "did you mean 'cpu'"),
+    ("expression:\n  device: gpu\n", "expression.device", "did you mean 'cuda'"),
     ("labels: [happiness, happiness]\n", "labels", "duplicate"),
     ("labels: []\n", "labels", "non-empty list"),
     ("fusion:\n  label_map: {pride: happiness}\n", "fusion.label_map", "not among labels"),

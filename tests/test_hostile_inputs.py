@@ -219,9 +219,11 @@ def test_check_command_checks_the_expression_model_annotate_would_load(tmp_path)
 
     assert preflight(Config.load("default")).ok
     for override, words in (({"expression__weights": str(tmp_path / "none")}, "expected config.json"),
-                            ({"expression__device": "banana"}, "device 'banana'")):
+                            ({"expression__device": "cuda:7"}, "device 'cuda:7'")):  # no GPU here
         report = preflight(Config.load("default", **override))
         assert not report.ok and any(words in p for p in report.problems), report.text
+    with pytest.raises(ConfigError, match="'banana' is not a device torch knows"):  # refused as it loads
+        Config.load("default", expression__device="banana")
     (tmp_path / "w.yaml").write_text(f"expression: {{weights: {tmp_path / 'none'}}}\n")
     r = _cem("check", "--config", tmp_path / "w.yaml")
     assert r.returncode == 2 and "expression model" in r.stdout and "Traceback" not in r.stderr
