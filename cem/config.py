@@ -567,9 +567,9 @@ class Config:
         dev = self.expression.device
         if isinstance(dev, str) and not re.fullmatch(r"(cpu|mps|(cuda|xpu)(:\d+)?)", dev):
             typed = dev.strip().lower()
-            hint = {"gpu": "cuda", "cuda0": "cuda:0", "auto": "cpu or cuda"}.get(typed, typed)
+            likely = {"gpu": "cuda", "cuda0": "cuda:0", "auto": "cpu or cuda"}.get(typed, typed)
             raise ConfigError(f"{src}: expression.device: {dev!r} is not a device torch knows (cpu, cuda, cuda:N, mps)"
-                              + (f"; did you mean {hint!r}?" if hint != dev else ""))
+                              + (f"; did you mean {likely!r}?" if likely != dev else ""))
         if self.fusion.expression_weight == 0 and self.fusion.reasoner_weight == 0:
             raise ConfigError(f"{src}: fusion: expression_weight and reasoner_weight are both 0, so every emotion "
                               f"would be equally likely whatever the face; give one of them a weight")
