@@ -60,8 +60,20 @@ def load_ferplus(split: str, data_dir: str | Path | None = None) -> FerPlus:
     path = root / "ferplus" / f"{split}.npz" if (root / "ferplus").is_dir() else root / f"{split}.npz"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such FER+ split")
-    with np.load(path) as d:
-        votes = d["votes"].astype(np.int64)
-        emotion = votes[:, :8]
-        keep = emotion.sum(axis=1) >= MIN_EMOTION_VOTES
-        return FerPlus(pixels=d["pixels"][keep], votes=emotion[keep], names=d["names"][keep])
+    try:
+        d = np.load(path)
+    except (OSError, ValueError) as e:  # not an npz, or pickled data (never loaded)
+        raise ValueError(f"{path}: not a FER+ split (.npz of pixels, votes, names): {e}") from None
+    with d:
+        missing = [k for k in ("pixels", "votes", "names") if k not in d.files]
+        if missing:
+            raise ValueError(f"{path}: not a FER+ split: no {', '.join(missing)} array (it has {', '.join(d.files)})")
+        votes, pixels, names = d["votes"], d["pixels"], d["names"]
+    if pixels.ndim != 3 or pixels.shape[1:] != (48, 48) or len(pixels) != len(votes) != len(names):
+        raise ValueError(f"{path}: pixels must be (N, 48, 48) grey faces with one row of votes and a name each, got "
+                         f"pixels {pixels.shape}, votes {votes.shape}, names {names.shape}")
+    if votes.ndim != 2 or votes.shape[1] < 8:
+        raise ValueError(f"{path}: votes must be (N, 10) counts (the 8 emotions first), got {votes.shape}")
+    emotion = votes.astype(np.int64)[:, :8]
+    keep = emotion.sum(axis=1) >= MIN_EMOTION_VOTES
+    return FerPlus(pixels=pixels[keep], votes=emotion[keep], names=names[keep])

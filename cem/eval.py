@@ -276,6 +276,10 @@ def read_labels_csv(path: str | os.PathLike[str], labels: list[str]) -> LabelSet
                     continue  # blank rows (spreadsheets add them)
                 if any(c.strip() for c in cells[len(cols):]):
                     raise EvalError(f"{name}:{n}: {len(cells)} cells, but the header has {len(cols)} columns")
+                unnamed = [i for i, c in enumerate(cols) if not c and i < len(cells) and cells[i].strip()]
+                if unnamed:  # values under a column without a name would be left out of the scoring unseen
+                    raise EvalError(f"{name}:{n}: a value ({cells[unnamed[0]].strip()!r}) in column {unnamed[0] + 1}, "
+                                    f"which has no name in the header")
                 row = {c: (cells[i].strip() if i < len(cells) else "") for i, c in enumerate(cols)}
                 image = row["image"]
                 if not image:
@@ -303,7 +307,7 @@ def read_labels_csv(path: str | os.PathLike[str], labels: list[str]) -> LabelSet
                         raise EvalError(f"{name}:{n}: the label values of {image!r} are too large to add up")
                 face = None
                 if row.get("face"):
-                    if not row["face"].isdigit():
+                    if not (row["face"].isascii() and row["face"].isdigit()):  # "²" and "١" are digits too
                         raise EvalError(f"{name}:{n}: column 'face': {row['face']!r} is not a face index (0, 1, ...)")
                     face = int(row["face"])
                 rows.append(LabelRow(image, n, v, face))

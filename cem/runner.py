@@ -242,8 +242,11 @@ class Runner:
         error record as an input); when no photo can be used the subject's photos are measured against the
         average face, as without a subject column, and ``(None, why)`` says so in their records."""
         if subject not in self._baselines:
-            photos = list({it.path: it for it in self.subjects.get(subject, [])}.values())  # each file once
-            neutral = [it for it in photos if (it.extra.get(NEUTRAL_COLUMN) or "").strip().lower() in _TRUE]
+            rows = self.subjects.get(subject, [])
+            photos = list({it.path: it for it in rows}.values())  # each file once
+            # a photo is neutral when any of its rows says so (the row order decided it)
+            flagged = {it.path for it in rows if (it.extra.get(NEUTRAL_COLUMN) or "").strip().lower() in _TRUE}
+            neutral = [it for it in photos if it.path in flagged]
             use = neutral or photos
             unreadable: list[str] = []
             try:

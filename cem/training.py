@@ -36,6 +36,8 @@ from cem.datasets import FERPLUS_LABELS, FerPlus, load_ferplus
 from cem.eval import distribution_metrics
 from cem.fer.expression import CROP_SIZE, ExpressionModel, mirror_logits, standardize
 
+MAX_THREADS = 1024  # as expression.threads (cem.config)
+
 
 @dataclass
 class TrainConfig:
@@ -72,6 +74,10 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be a whole number >= {low}, got {v!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise ValueError(f"--max-steps must be a whole number >= 1, got {self.max_steps!r}")
+        if self.threads > MAX_THREADS:  # OpenMP crashes the process (a segfault) on 100,000
+            raise ValueError(f"--threads must be at most {MAX_THREADS}, got {self.threads}")
+        if self.seed > 2**32 - 1:  # numpy's seeds end there
+            raise ValueError(f"--seed must be at most {2**32 - 1}, got {self.seed}")
         for name, lo, hi, open_low in (("lr", 0.0, math.inf, True), ("weight_decay", 0.0, math.inf, False),
                                        ("dropout", 0.0, 1.0, False), ("class_balance", 0.0, math.inf, False),
                                        ("distill_weight", 0.0, 1.0, False), ("mixup", 0.0, 1.0, False)):
@@ -177,13 +183,26 @@ def class_weights(p_human: np.ndarray, power: float) -> np.ndarray:
     return (w / w.mean()).astype(np.float32)
 
 
+def read_model_config(folder: Path) -> dict[str, Any]:
+    """A trained folder's config.json, or ValueError naming it when it is no expression model's config (a list,
+    no labels or width): it failed deep inside with a TypeError."""
+    path = folder / "config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("labels"), list) or not isinstance(cfg.get("width"), int):
+        raise ValueError(f"{path}: not an expression model's config (an object with labels and width)")
+    return cfg
+
+
 def load_model_folder(folder: str | Path, device: str = "cpu"):
     """An :class:`ExpressionNet` with weights and its config from a trained folder (for teachers and evaluation)."""
     from safetensors.torch import load_file
 
     from cem.fer.expression_net import ExpressionNet
 
-    cfg = json.loads((Path(folder) / "config.json").read_text())
+    cfg = read_model_config(Path(folder))
     net = ExpressionNet(len(cfg["labels"]), int(cfg["width"]), float(cfg.get("dropout", 0.0)))
     net.load_state_dict(load_file(str(Path(folder) / "model.safetensors")))
     return net.to(device).eval(), cfg
@@ -314,10 +333,17 @@ def train_expression(
                              f"start a new run") from None
         gen.set_state(ckpt["gen"].cpu() if device.type == "cpu" else ckpt["gen"].cpu())
         perm_gen.set_state(ckpt["perm_gen"].cpu())
+        if "torch_rng" in ckpt:  # dropout draws from torch's global generator: without it a resumed run differed
+            torch.set_rng_state(ckpt["torch_rng"].cpu())
         start_epoch, history = int(ckpt["epoch"]), json.loads(ckpt["history"])
+        step = int(ckpt.get("step", start_epoch * steps_per_epoch))
         log(f"resumed from {ckpt_path} at epoch {start_epoch}")
+    else:
+        step = 0
 
-    step = start_epoch * steps_per_epoch
+    if cfg.max_steps is not None and step >= cfg.max_steps:  # run again, it trained further each time
+        log(f"the checkpoint already holds {step} steps (--max-steps {cfg.max_steps}): nothing to train")
+        start_epoch = cfg.epochs
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         t0 = time.time()
@@ -353,7 +379,8 @@ def train_expression(
         log(json.dumps(history[-1]))
         torch.save(
             {"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-             "perm_gen": perm_gen.get_state(), "epoch": epoch + 1, "history": json.dumps(history)},
+             "perm_gen": perm_gen.get_state(), "torch_rng": torch.get_rng_state(), "step": step,
+             "epoch": epoch + 1, "history": json.dumps(history)},
             ckpt_path.with_suffix(".tmp"),
         )
         ckpt_path.with_suffix(".tmp").replace(ckpt_path)
@@ -410,7 +437,7 @@ def calibrate(out_dir: str | Path, valid: FerPlus) -> dict:
     from cem.fer.expression import ExpressionModel
 
     out = Path(out_dir)
-    config = json.loads((out / "config.json").read_text())
+    config = read_model_config(out)
     model = ExpressionModel.from_pretrained(out)
     logits = predict_logits(model.model, valid.pixels, flip=model.test_time_flip)
     targets, keep = plurality_targets(valid.distribution)
@@ -455,6 +482,9 @@ def main(argv: list[str] | None = None) -> int:
 
     a = argument_parser().parse_args(argv)
     try:
+        out = Path(a.out)
+        if out.exists() and not out.is_dir() or any(p.exists() and not p.is_dir() for p in out.parents):
+            raise ValueError(f"--out {a.out}: a file is in the way (the model folder's path must be folders)")
         if a.calibrate_only:
             calibrate(a.out, load_ferplus("valid", a.data_dir))
             return 0
@@ -477,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
         train_expression(train, valid, a.out, cfg)
     except (FileNotFoundError, ValueError) as e:
         print(f"cem train-expression: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a folder that cannot be written, a full disk: said, not a traceback
+        print(f"cem train-expression: {e.filename or a.out}: {e.strerror or e}", file=sys.stderr)
         return 2
     return 0
 

@@ -295,3 +295,14 @@ def test_records_made_with_two_settings_are_scored_with_a_note_and_a_bom_costs_n
     assert res.exit_code == 0 and out["emotion"]["n"] == 2 and out["skipped"] == 0
     assert "made with 2 different settings (aaa: 1 image(s), bbb: 1 image(s))" in res.stderr
     assert "the scores pool them" in res.stderr
+
+
+def test_face_numbers_in_other_digits_and_values_under_an_unnamed_column_are_refused(tmp_path):
+    """`face` "²" was a ValueError traceback ("²".isdigit() is true), "١" read as face 1; a value under a header
+    cell with no name was left out of the scoring unseen."""
+    results = write_jsonl(tmp_path / "r.jsonl", rec("a.jpg", face(happiness=0.8, neutral=0.2)))
+    for cell in ("\u00b2", "\u0661"):
+        labels = write_csv(tmp_path / "l.csv", f"image,face,neutral,happiness\na.jpg,{cell},1,3\n")
+        fails(results, labels, f"{labels}:2: column 'face': {cell!r} is not a face index (0, 1, ...)")
+    labels = write_csv(tmp_path / "l.csv", "image,,neutral,happiness\na.jpg,7,1,3\n")
+    fails(results, labels, f"{labels}:2: a value ('7') in column 2, which has no name in the header")

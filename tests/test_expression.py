@@ -115,6 +115,8 @@ def test_training_command_runs_one_tiny_step(tmp_path):
      "--device cuda"),
     (["--device", "tpu"], "--device tpu"),
     (["--teacher", "/nonexistent/teacher"], "--teacher /nonexistent/teacher: not a trained model folder"),
+    (["--threads", "100000"], "--threads must be at most 1024"),  # OpenMP segfaulted on it
+    (["--seed", str(2**40)], "--seed must be at most 4294967295"),
 ])
 def test_training_options_out_of_range_exit_2_before_anything_is_written(tmp_path, capsys, args, words):
     """``--epochs -1`` trained nothing and still wrote a model (exit 0); every number is checked first."""
@@ -123,6 +125,61 @@ def test_training_options_out_of_range_exit_2_before_anything_is_written(tmp_pat
     out = tmp_path / "run"
     assert main(["--out", str(out), "--data-dir", str(tmp_path / "no-data"), *args]) == 2
     assert words in capsys.readouterr().err and not out.exists()
+
+
+def _tiny_ferplus(n: int = 48) -> FerPlus:
+    rng = np.random.default_rng(0)
+    votes = rng.multinomial(10, [0.4, 0.3, 0.1, 0.05, 0.05, 0.04, 0.03, 0.03], size=n)
+    return FerPlus(pixels=rng.integers(0, 255, (n, 48, 48), dtype=np.uint8), votes=votes,
+                   names=np.array([f"{i}.png" for i in range(n)]))
+
+
+def test_a_resumed_training_run_ends_where_an_uninterrupted_one_does(tmp_path):
+    """Resuming reset torch's global generator (dropout's), so the weights differed from an uninterrupted run; and
+    running the same --max-steps command again trained further each time."""
+    from safetensors.numpy import load_file
+
+    from cem.training import TrainConfig, train_expression
+
+    data = _tiny_ferplus()
+    quiet = dict(log=lambda *_: None)
+    cfg = TrainConfig(epochs=3, batch_size=16, width=4, threads=1, bf16=False, dropout=0.5)
+    train_expression(data, None, tmp_path / "whole", cfg, **quiet)
+    first = TrainConfig(epochs=3, batch_size=16, width=4, threads=1, bf16=False, dropout=0.5, max_steps=3)
+    train_expression(data, None, tmp_path / "resumed", first, **quiet)  # one epoch, as if killed there
+    train_expression(data, None, tmp_path / "resumed", cfg, **quiet)
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "resumed"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    short = TrainConfig(epochs=3, batch_size=16, width=4, threads=1, bf16=False, max_steps=2)
+    train_expression(data, None, tmp_path / "short", short, **quiet)
+    once = (tmp_path / "short" / "model.safetensors").read_bytes()
+    train_expression(data, None, tmp_path / "short", short, **quiet)
+    assert (tmp_path / "short" / "model.safetensors").read_bytes() == once
+
+
+def test_training_data_and_folders_that_cannot_be_used_exit_2(tmp_path, capsys):
+    """A split without votes, 32 px faces, --out through a file and a config.json that is a list were
+    tracebacks (exit 1), or, for 32 px faces, a model labelled 48 px."""
+    from cem.training import main
+
+    d = tmp_path / "data"
+    d.mkdir()
+    np.savez(d / "train.npz", pixels=np.zeros((4, 48, 48), np.uint8), names=np.array(["a"] * 4))
+    np.savez(d / "valid.npz", pixels=np.zeros((4, 32, 32), np.uint8), votes=np.ones((4, 10), np.int8),
+             names=np.array(["a"] * 4))
+    assert main(["--out", str(tmp_path / "run"), "--data-dir", str(d)]) == 2
+    assert "train.npz: not a FER+ split: no votes array" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "run"), "--data-dir", str(d), "--calibrate-only"]) == 2
+    assert "pixels must be (N, 48, 48)" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert main(["--out", str(tmp_path / "afile" / "sub"), "--data-dir", str(d)]) == 2
+    assert "a file is in the way" in capsys.readouterr().err
+    (tmp_path / "listcfg").mkdir()
+    (tmp_path / "listcfg" / "config.json").write_text("[1, 2]")
+    from cem.training import load_model_folder
+
+    with pytest.raises(ValueError, match="config.json: not an expression model's config"):
+        load_model_folder(tmp_path / "listcfg")
 
 
 def test_calibrate_fits_the_temperature_on_the_logits_inference_uses(tmp_path, monkeypatch):

@@ -823,6 +823,12 @@ def test_subject_column_measures_aus_against_that_subjects_baseline(pipeline, as
     assert happy["a2.png"] < happy["c.png"] - 0.05
     assert happy["b1.png"] == pytest.approx(happy["c.png"], abs=1e-9)
     assert recs["a2.png"]["meta"] == {"subject": "A", "neutral": ""}
+    # one photo in two rows of a subject, flagged neutral in one: neutral, whichever row comes first
+    for rows in ("b1.png,B,1\nb1.png,B,\nb2.png,B,\n", "b1.png,B,\nb1.png,B,1\nb2.png,B,\n"):
+        (tmp_path / "twice.csv").write_text("image,subject,neutral\n" + rows)
+        _run(pipeline, [tmp_path / "twice.csv"], tmp_path / "twice.jsonl", faces=None, overwrite=True)
+        b2 = next(r for r in _strict_records(tmp_path / "twice.jsonl") if r["image"].endswith("b2.png"))
+        assert b2["provenance"]["baseline"] == "B: neutral (1 photo)", rows
     (tmp_path / "bad.csv").write_text("image,subject,neutral\na1.png,A,maybe\n")
     _run(pipeline, [tmp_path / "bad.csv"], tmp_path / "bad.jsonl", faces=None)
     (bad,) = _strict_records(tmp_path / "bad.jsonl")
