@@ -257,6 +257,15 @@ def test_expression_against_the_persons_own_neutral_photo(pipeline, astronaut):
     expect = p ** (1 - SUBJECT_SHRINK) * np.exp(SUBJECT_SHRINK * model.neutral_reference)
     np.testing.assert_allclose([rel[k] for k in labels], expect / expect.sum(), rtol=1e-6, atol=1e-12)
     assert rel["happiness"] < plain["happiness"] - 0.05 and abs(sum(rel.values()) - 1) < 1e-9
+    assert own.describe("P1") == "P1: neutral (1 photo)"
+    # a model without a neutral reference (trained, not yet calibrated): AUs only, and the record says so
+    saved, model.neutral_reference = model.neutral_reference, None
+    try:
+        bare = fer.baseline([astronaut], neutral=True)
+    finally:
+        model.neutral_reference = saved
+    assert bare.expression_log_probs is None
+    assert bare.describe("P1") == "P1: neutral (1 photo; AUs only, expressions against the average face)"
 
 
 def test_au_presence_is_intensity_one_and_order_is_kept():

@@ -234,9 +234,14 @@ class SubjectBaseline:
     def describe(self, subject: str | None = None, listed: int | None = None) -> str:
         """What a record's ``provenance.baseline`` says of it: ``"P01: neutral (2 of 3 photos)"`` for a named
         subject with ``listed`` photos of which :attr:`faces` counted, ``"P02: median of 6 photos"``, or
-        without a subject ``"neutral baseline of 1 photo"``."""
+        without a subject ``"neutral baseline of 1 photo"``; a neutral baseline that the expression model cannot
+        be measured against adds ``"; AUs only, expressions against the average face"``."""
         counted = (f"{self.faces} of {listed} photos" if listed is not None and self.faces < listed
                    else f"{self.faces} photo{'s' if self.faces != 1 else ''}")
+        if self.neutral and self.expression_log_probs is None:
+            # an expression model without a neutral reference (trained, not calibrated) or with other labels:
+            # only the AUs are measured against the photos (this was unsaid)
+            counted += "; AUs only, expressions against the average face"
         if subject is None:
             return f"{'neutral' if self.neutral else 'median'} baseline of {counted}"
         return f"{subject}: neutral ({counted})" if self.neutral else f"{subject}: median of {counted}"
