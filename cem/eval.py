@@ -223,6 +223,8 @@ class LabelSet:
 
 def _cell_number(path: str, line: int, column: str, cell: str) -> float:
     try:
+        if "_" in cell:  # Python reads "1_0" as 10; a labels file means no such thing
+            raise ValueError
         v = float(cell)
     except ValueError:
         raise EvalError(f"{path}:{line}: column {column!r}: {cell!r} is not a number") from None

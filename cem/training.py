@@ -550,8 +550,11 @@ def check_resumable(out: Path, cfg: TrainConfig) -> None:
     """A ValueError when ``out`` holds the checkpoint of a run with other settings: resuming it would
     continue that run under the new name, or fail on a shape mismatch deep in torch."""
     ckpt, saved = out / "checkpoint.pt", out / "train_settings.json"
-    if not ckpt.exists() or not saved.is_file():
+    if not ckpt.exists():
         return
+    if not saved.is_file():  # it resumed under any settings of the checkpoint's shape
+        raise ValueError(f"--out {out} holds a checkpoint without the train_settings.json that says how it was "
+                         f"made; remove checkpoint.pt to start a new run there, or give another --out")
     try:
         before = json.loads(saved.read_text())
         if not isinstance(before, dict):

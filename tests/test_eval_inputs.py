@@ -306,3 +306,10 @@ def test_face_numbers_in_other_digits_and_values_under_an_unnamed_column_are_ref
         fails(results, labels, f"{labels}:2: column 'face': {cell!r} is not a face index (0, 1, ...)")
     labels = write_csv(tmp_path / "l.csv", "image,,neutral,happiness\na.jpg,7,1,3\n")
     fails(results, labels, f"{labels}:2: a value ('7') in column 2, which has no name in the header")
+
+
+def test_a_number_written_with_an_underscore_is_refused(tmp_path):
+    """Python's float() reads "1_0" as 10: the labels file was scored with it."""
+    results = write_jsonl(tmp_path / "r.jsonl", rec("a.jpg", face(happiness=0.8, neutral=0.2)))
+    labels = write_csv(tmp_path / "l.csv", "image,neutral,happiness\na.jpg,1_0,3\n")
+    fails(results, labels, f"{labels}:2: column 'neutral': '1_0' is not a number")

@@ -102,6 +102,9 @@ def test_training_command_runs_one_tiny_step(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="checkpoint.pt: not a checkpoint this run can resume"):
         train_expression(data, data, tmp_path, cfg, log=lambda *_: None)
+    (tmp_path / "train_settings.json").unlink()  # a checkpoint that does not say how it was made is not resumed
+    with pytest.raises(ValueError, match="holds a checkpoint without the train_settings.json"):
+        check_resumable(tmp_path, cfg)
 
 
 @pytest.mark.parametrize("args, words", [
