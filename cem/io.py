@@ -580,7 +580,7 @@ def read_context_csv(path: str | os.PathLike) -> ContextTable:
 def collect_inputs(inputs: Iterable[str | os.PathLike], contexts: ContextTable | Mapping[str, str] | None = None,
                    context: str | None = None) -> InputSet:
     """Expand inputs: files, folders (recursive), globs, and CSV manifests (``.csv`` files), each path in its
-    normal spelling (``os.path.normpath``: ``./a//b.jpg`` is ``a/b.jpg``). Each item's
+    normal spelling (:func:`_normal_path`: ``./a//b.jpg`` is ``a/b.jpg``, ``..`` is kept). Each item's
     context is the manifest's, else the context file's (by path, then file name), else ``context``.
     Items are unique by (path, context, the manifest's other columns): a repeated manifest row is skipped and
     reported, so two rows for one image with different contexts (or subjects) stay two records; an image
@@ -636,11 +636,11 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], contexts: ContextTable |
     if unmatched:  # a typo in the context file would otherwise leave its image without context, unseen
         notes.append(f"{len(unmatched)} context row(s) match no input (first: {unmatched[0]!r}); they are not used")
     unique: list[InputItem] = []
-    seen: dict[tuple[str, str | None], list[int]] = {}  # (path_key, context) -> positions in unique
+    seen: dict[tuple[str, str | None], list[int]] = {}  # (path, context) -> positions in unique
     duplicates = []
     merged: set[str] = set()
     for it in items:
-        key = (path_key(it.path), it.context)
+        key = (it.path, it.context)  # in its normal spelling since the expansion: the key path_key gives
         earlier = seen.setdefault(key, [])
         same = [j for j in earlier if unique[j].extra == it.extra]
         if same:

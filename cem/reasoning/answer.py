@@ -30,6 +30,7 @@ import re
 from typing import Any
 
 from cem.contract import Cue
+from cem.prompting import inert_text
 
 MAX_CUES = 4
 MAX_TEXT = 80
@@ -298,8 +299,6 @@ def _clean(s: str, limit: int) -> str:
     """Text from an answer, bounded and inert (:func:`cem.prompting.inert_text`, as contexts are kept): a NUL
     cut the rationale short where pandas read the CSV table, a right-to-left override turned the report's text
     around; lone surrogates (valid JSON escapes, not encodable) are dropped with them."""
-    from cem.prompting import inert_text
-
     return inert_text(s[:limit])
 
 
