@@ -456,7 +456,9 @@ def argument_parser() -> Any:
 
     p = argparse.ArgumentParser(prog="cem train-expression", description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default=None, help="folder with ferplus/{train,valid}.npz (default: ../shared/data)")
-    p.add_argument("--out", required=True, help="output folder for weights, config and checkpoint")
+    p.add_argument("--out", required=True,
+                   help="output folder for weights, config and checkpoint; a run there with the same settings "
+                        "resumes its checkpoint, and a folder holding a trained model without one is refused")
     for f in ("epochs", "batch_size", "width", "seed", "threads", "max_steps"):
         p.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(TrainConfig, f))
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
@@ -551,6 +553,12 @@ def check_resumable(out: Path, cfg: TrainConfig) -> None:
     continue that run under the new name, or fail on a shape mismatch deep in torch."""
     ckpt, saved = out / "checkpoint.pt", out / "train_settings.json"
     if not ckpt.exists():
+        # a trained model without its checkpoint (removed to save space, a copy of the packaged weights):
+        # a new run there would overwrite it at its end, and it cannot be resumed
+        made = [n for n in ("model.safetensors", "config.json") if (out / n).exists()]
+        if made:
+            raise ValueError(f"--out {out} holds a trained model ({' and '.join(made)}) and no checkpoint to "
+                             f"resume; give another --out, or remove the folder to train again there")
         return
     if not saved.is_file():  # it resumed under any settings of the checkpoint's shape
         raise ValueError(f"--out {out} holds a checkpoint without the train_settings.json that says how it was "

@@ -105,6 +105,15 @@ def test_training_command_runs_one_tiny_step(tmp_path):
     (tmp_path / "train_settings.json").unlink()  # a checkpoint that does not say how it was made is not resumed
     with pytest.raises(ValueError, match="holds a checkpoint without the train_settings.json"):
         check_resumable(tmp_path, cfg)
+    # a trained model whose checkpoint was removed is not trained over (its weights would be replaced)
+    (tmp_path / "checkpoint.pt").unlink()
+    with pytest.raises(ValueError, match=r"holds a trained model \(model.safetensors and config.json\) and no "
+                                         r"checkpoint"):
+        check_resumable(tmp_path, cfg)
+    from cem.fer.expression import DEFAULT_WEIGHTS
+
+    with pytest.raises(ValueError, match="holds a trained model"):  # the packaged weights, above all
+        check_resumable(DEFAULT_WEIGHTS, cfg)
 
 
 @pytest.mark.parametrize("args, words", [
