@@ -258,6 +258,9 @@ class Provenance:
     # a digest of every setting in force (the config file with its overrides: Config.digest), so records made
     # with other settings under the same config name can be told apart
     settings: str | None = Field(default=None, exclude_if=_omit_none)
+    # the expression CNN's weights: "packaged@<hex>" or "<folder>@<hex>", the first 12 hex digits of the SHA-256
+    # of its config.json and model.safetensors (weights retrained in place keep the settings digest, not this)
+    expression_model: str | None = Field(default=None, exclude_if=_omit_none)
 
     def to_dict(self) -> dict[str, Any]:
         return _dump(Provenance, self)

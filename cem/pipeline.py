@@ -22,6 +22,7 @@ from pydantic import ValidationError
 import cem
 from cem.config import FACE_MODES, Config, check_faces_mode
 from cem.contract import MAX_CONTEXT_CHARS, FaceEvidence, FaceResult, ImageResult, Provenance
+from cem.fer.expression import model_id as expression_model_id
 from cem.fuse import downweight_contradicted, explain, ground_cues, pool
 from cem.io import ImageInput, ImageLoadError, load_image
 
@@ -206,7 +207,8 @@ class Pipeline:
         return Provenance(cem_version=cem.__version__, config=self.config.name, reasoner=r.backend,
                           model=r.model_id, template=r.template_id, timings_ms=dict(timings or {}),
                           sampling=r.sampling, context_used=_context_given(context) and r.uses_context,
-                          settings=self.config.digest({"base_url": server} if server else None))
+                          settings=self.config.digest({"base_url": server} if server else None),
+                          expression_model=expression_model_id(self.config.expression.weights))
 
     def baseline(self, images: Sequence[ImageInput], faces: str | None = None, neutral: bool = False,
                  unreadable: list[str] | None = None) -> Any:

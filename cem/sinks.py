@@ -265,7 +265,7 @@ class ExistingOutput:
     moment_sampling: dict[RecordKey, set[str]] = field(default_factory=dict)
 
 
-MADE_WITH = ("config", "settings", "faces", "reasoner", "model", "template")
+MADE_WITH = ("config", "settings", "faces", "reasoner", "model", "template", "expression_model")
 """The provenance fields that say how a record was made; ``--resume`` notes records made otherwise."""
 
 

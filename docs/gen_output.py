@@ -73,7 +73,7 @@ def _example_columns() -> list[str]:
     timings = ("load", "fer", "fer_faces", "fer_expression", "fer_geometry", "reason", "fuse", "total")
     # every field a default record's provenance carries (tests/test_docs.py compares with a real record)
     prov = Provenance("VERSION", "default", "rules", None, None, dict.fromkeys(timings, 1.0), faces="detect",
-                      settings="0" * 12)
+                      settings="0" * 12, expression_model="packaged@" + "0" * 12)
     rec = ImageResult("a.jpg", 10, 10, [face], prov, meta={"<manifest column>": "x"}).to_dict()
     return order_columns(face_rows(rec)[0])
 

@@ -1185,6 +1185,46 @@ def test_records_say_how_they_were_made_and_resume_notes_other_settings(pipeline
     assert summary.skipped == 1 and any("another settings" in n for n in msgs), msgs
 
 
+def test_records_name_the_expression_weights_and_resume_notes_weights_changed_in_place(pipeline, face_png,
+                                                                                       tmp_path):
+    """Weights retrained or recalibrated in their folder kept the config and its settings digest, so records
+    made before and after could not be told apart: provenance.expression_model names them by content."""
+    import hashlib
+    import json
+
+    import cem
+    from cem.fer.expression import DEFAULT_WEIGHTS
+
+    out = tmp_path / "o.jsonl"
+    _run(pipeline, [face_png], out)
+    files = b"".join((DEFAULT_WEIGHTS / n).read_bytes() for n in ("config.json", "model.safetensors"))
+    packaged = f"packaged@{hashlib.sha256(files).hexdigest()[:12]}"
+    assert _strict_records(out)[0]["provenance"]["expression_model"] == packaged
+    assert cem.read_results(out)["provenance_expression_model"].tolist() == [packaged]
+    mine = tmp_path / "my-model"
+    shutil.copytree(DEFAULT_WEIGHTS, mine)
+    own = cem_pipeline_with(expression__weights=str(mine))
+    try:
+        before = own.provenance().expression_model
+        assert before is not None and before.startswith("my-model@") and before[-12:] == packaged[-12:]
+        _run(own, [face_png], tmp_path / "mine.jsonl")
+        cfg = json.loads((mine / "config.json").read_text())
+        cfg["temperature"] = 0.9  # recalibrated in place: same folder, same settings digest
+        (mine / "config.json").write_text(json.dumps(cfg))
+        after = own.provenance().expression_model
+        assert after is not None and after.startswith("my-model@") and after != before
+        shutil.copy(face_png, tmp_path / "b.png")
+        _, notes = _run(own, [face_png, tmp_path / "b.png"], tmp_path / "mine.jsonl", resume=True)
+    finally:
+        own.close()
+    assert any(f"1 record(s) were made with another expression_model (this run: expression_model {after})" in n
+               for n in notes), notes
+    (mine / "model.safetensors").unlink()  # unreadable weights: no id (the record's error says why)
+    from cem.fer.expression import model_id
+
+    assert model_id(mine) is None
+
+
 def cem_pipeline_with(**overrides):
     import cem
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,37 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "expression"
 # 1: all). A baseline from one to three photos is itself a noisy estimate, so it is shrunk halfway; measured
 # on tcce_dev for 0 to 1 in the model card ("Against the person's own neutral face").
 SUBJECT_SHRINK = 0.5
+_MODEL_FILES = ("config.json", "model.safetensors")
+
+
+def model_id(path: str | Path | None = None) -> str | None:
+    """Which expression weights a record was made with (``provenance.expression_model``): ``packaged@<hex>``
+    for the weights in the package, ``<folder name>@<hex>`` for others, where ``<hex>`` is the first 12 hex
+    digits of the SHA-256 of ``config.json`` and ``model.safetensors`` (the temperature and neutral reference
+    live in the former). Weights retrained or recalibrated in place get another id, where the config and its
+    settings digest stay the same. None when the files cannot be read (the record's error says why)."""
+    folder = Path(path) if path else DEFAULT_WEIGHTS
+    try:
+        stats = tuple((st.st_size, st.st_mtime_ns, st.st_ino) for st in
+                      (os.stat(folder / name) for name in _MODEL_FILES))
+    except OSError:
+        return None
+    name = "packaged" if path is None else (folder.resolve().name or str(folder))
+    return _model_id(str(folder.resolve()), stats, name)
+
+
+@lru_cache(maxsize=16)
+def _model_id(folder: str, stats: tuple[tuple[int, int, int], ...], name: str) -> str | None:
+    # keyed by the files' size, mtime and inode: hashed once per process, again only when they change
+    digest = hashlib.sha256()
+    try:
+        for file in _MODEL_FILES:
+            with open(Path(folder) / file, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+    except OSError:
+        return None
+    return f"{name}@{digest.hexdigest()[:12]}"
 
 
 def standardize(crops: np.ndarray) -> np.ndarray:
