@@ -212,8 +212,9 @@ _CUE_ORDER = ("cue", "source", "au", "supports", "weight", "grounding", "role")
 @dataclass(config=_PART_CONFIG)
 class Cue:
     """One cue of a rationale and the emotion it supports. ``grounding`` is set by the fuse stage;
-    ``role`` says whether the cue argues for the face's final ``top_emotion`` ("for"), for another label
-    ("alternative") or against one ("against")."""
+    ``role`` says whether the cue argues for a label the rationale names ("for": the face's final
+    ``top_emotion`` and, when the emotion is a blend, the runner-up with at least a third of the top's mass),
+    for another label ("alternative"), or is contradicted by the measurements ("against")."""
 
     cue: str
     source: CueSource

@@ -279,6 +279,22 @@ def test_au_presence_is_intensity_one_and_order_is_kept():
         assert set(cal.nuisance.get(d.code, {})) == set(d.nuisance)
 
 
+def test_presence_agrees_with_the_intensity_as_written(monkeypatch):
+    """An intensity of 0.9996 was written 1.0 with present false, against the documented rule (present is
+    intensity >= 1): presence is decided on the written value."""
+    import cem.fer.aus as aus
+    from cem.contract import rounded
+    from cem.fer.geometry import load_reference
+
+    ref = load_reference()
+    mesh = ref.canonical[:, :] * 200 + 100  # a neutral face in pixels
+    for raw, present in [(0.9996, True), (0.9994, False), (1.2, True)]:
+        monkeypatch.setattr(aus, "intensity_from_score", lambda s, raw=raw: np.full_like(np.asarray(s, float), raw))
+        for au in aus.estimate_aus(mesh, ref).values():
+            assert au.present is present and au.intensity == rounded("intensity", raw)
+            assert au.to_dict() == {"intensity": rounded("intensity", raw), "present": present}
+
+
 def test_pyramid_plan_covers_the_image_within_its_budget():
     from cem.fer.detect import PYRAMID_MAX_TILES, PYRAMID_MIN_TILE, pyramid_plan
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cem.contract import AU_NAMES, ActionUnit
+from cem.contract import AU_NAMES, ActionUnit, rounded
 from cem.fer.geometry import Reference, frontalize
 
 # Mesh indices (MediaPipe face mesh topology). "Right" is the subject's right (image left).
@@ -314,6 +314,8 @@ def estimate_aus(landmarks: np.ndarray, ref: Reference, front: np.ndarray | None
     for d in AU_DEFINITIONS:
         code, s = d.code, scores[d.code]
         threshold = cal.threshold_at(code, iod, own_neutral and d.own_neutral_threshold)
-        i = float(intensity_from_score(s - threshold + _SCORE_AT_PRESENCE))
+        # presence is decided on the intensity as written (3 decimals): 0.9996 is written 1.0, and a record
+        # saying {"intensity": 1.0, "present": false} contradicted the rule
+        i = rounded("intensity", float(intensity_from_score(s - threshold + _SCORE_AT_PRESENCE)))
         out[code] = ActionUnit(intensity=i, present=i >= PRESENCE_INTENSITY)
     return out
