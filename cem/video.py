@@ -201,6 +201,28 @@ def iter_frames(path: str | os.PathLike, every: int | None = None, fps: float | 
         yield from _decode(name, safe_text(path), every, fps, stats, max_pixels, max_side)
 
 
+def _upright(cap: Any) -> Any:
+    """The rotation (a cv2.ROTATE_* flag, or None) that shows ``cap``'s frames upright, as players show them:
+    phones store portrait video sideways with a rotation in the container's display matrix. OpenCV's own
+    auto-rotation is off in some builds (and on in others), so it is turned off and applied here, one way
+    everywhere; the angle is the clockwise one OpenCV reports (CAP_PROP_ORIENTATION_META)."""
+    import cv2
+
+    cap.set(cv2.CAP_PROP_ORIENTATION_AUTO, 0)
+    try:
+        angle = int(round(float(cap.get(cv2.CAP_PROP_ORIENTATION_META) or 0.0))) % 360
+    except (TypeError, ValueError, OverflowError):  # NaN or a broken header: no rotation said
+        return None
+    return {90: cv2.ROTATE_90_CLOCKWISE, 180: cv2.ROTATE_180, 270: cv2.ROTATE_90_COUNTERCLOCKWISE}.get(angle)
+
+
+def _rgb(bgr: Any, rotation: Any) -> Any:
+    import cv2
+
+    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return rgb if rotation is None else cv2.rotate(rgb, rotation)
+
+
 def _decode(name: str, path: str, every: int | None, fps: float | None, stats: DecodeStats | None,
             max_pixels: int | None, max_side: int | None) -> Iterator[tuple[int, float, Any]]:
     """:func:`iter_frames` on the file OpenCV opens as ``name``; ``path`` is the name messages give."""
@@ -209,6 +231,7 @@ def _decode(name: str, path: str, every: int | None, fps: float | None, stats: D
     cap = cv2.VideoCapture(name)
     if not cap.isOpened():
         raise VideoError(f"{path}: OpenCV cannot open this video")
+    rotation = _upright(cap)
     if max_pixels is not None or max_side is not None:
         from cem.io import MAX_SIDE, ImageLoadError, check_geometry
 
@@ -236,7 +259,7 @@ def _decode(name: str, path: str, every: int | None, fps: float | None, stats: D
                 ok, bgr = cap.retrieve()
                 if not ok:
                     break
-                yield i, i / native, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+                yield i, i / native, _rgb(bgr, rotation)
             i += 1
             if stats is not None:
                 stats.decoded = i
@@ -262,13 +285,14 @@ def frame_at(path: str, frame: int, max_pixels: int) -> np.ndarray:
                     check_geometry(f"{safe_text(path)}: frames", width, height, max_pixels)
                 except ImageLoadError as e:
                     raise VideoError(str(e)) from None
+            rotation = _upright(cap)
             cap.set(cv2.CAP_PROP_POS_FRAMES, frame)
             ok, bgr = cap.read()
         finally:
             cap.release()
     if not ok:
         raise VideoError(f"{safe_text(path)}: frame {frame} cannot be read")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return _rgb(bgr, rotation)
 
 
 def _sampled(i: int, native: float, every: int | None, fps: float | None) -> bool:

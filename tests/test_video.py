@@ -574,3 +574,56 @@ def test_an_interrupted_video_is_not_resumed_at_another_sampling(pipeline, video
     annotate(pipeline, [str(video)], out, progress=False, every=3, resume=True)  # the same sampling continues it
     *again, done_again = [json.loads(x) for x in out.read_text().splitlines()]
     assert again == moments and done_again["video_summary"] == done["video_summary"]
+
+
+def rotated_container(path, upright_frames, fps=FPS):
+    """A portrait clip as phones store it: the frames sideways (turned 90 degrees counter-clockwise), with a
+    display matrix in the MP4 track header (tkhd) that tells players to turn them 90 degrees clockwise."""
+    import struct
+
+    import cv2
+
+    side = [np.ascontiguousarray(np.rot90(f)) for f in upright_frames]  # np.rot90: counter-clockwise
+    write_video(path, side, fps)
+    data = bytearray(path.read_bytes())
+    i = data.find(b"tkhd")
+    version = data[i + 4]
+    # after the box type: version/flags 4, times, track id, reserved, duration (20 or 32), reserved 8, layer,
+    # alternate group, volume, reserved 8; then the 3x3 matrix (16.16 fixed point, w 2.30)
+    off = i + 4 + 4 + (32 if version == 1 else 20) + 8 + 8
+    h = side[0].shape[0]
+    matrix = [0, 0x10000, 0, -0x10000 & 0xFFFFFFFF, 0, 0, h << 16, 0, 0x40000000]
+    data[off: off + 36] = struct.pack(">9I", *matrix)
+    path.write_bytes(bytes(data))
+    cap = cv2.VideoCapture(str(path))
+    angle = cap.get(cv2.CAP_PROP_ORIENTATION_META)
+    cap.release()
+    return angle
+
+
+def test_a_portrait_phone_video_is_measured_upright(pipeline, face_crop, tmp_path):
+    """A clip whose container says 'rotate 90' (how phones store portrait video) was measured sideways: width
+    and height swapped, roll about -75 degrees, a smile read as half as happy and never a key moment."""
+    import cv2
+
+    from cem.video import frame_at
+
+    canvas = np.full((480, 320, 3), 170, np.uint8)  # portrait: 320 wide, 480 high
+    canvas[120:320, 60:260] = cv2.resize(face_crop, (200, 200))
+    frames = [canvas] * 8
+    upright = write_video(tmp_path / "upright.mp4", frames)
+    angle = rotated_container(tmp_path / "phone.mp4", frames)
+    if angle != 90:
+        pytest.skip(f"this OpenCV build does not read the MP4 display matrix (says {angle})")
+    opts = VideoOptions(reason=False)
+    want = list(pipeline.analyze_video(upright, options=opts))
+    got = list(pipeline.analyze_video(tmp_path / "phone.mp4", options=opts))
+    assert [(vf.width, vf.height) for vf in got] == [(320, 480)] * 8
+    for a, b in zip(want, got):
+        assert len(a.faces) == len(b.faces) == 1
+        ea, eb = a.faces[0].raw, b.faces[0].raw
+        assert abs(eb.pose.roll) < 10 and abs(eb.pose.roll - ea.pose.roll) < 3
+        assert np.allclose(ea.bbox, eb.bbox, atol=6)
+        assert max(abs(ea.expression[k] - eb.expression[k]) for k in ea.expression) < 0.1
+    # the report's picture of a key moment is the upright frame too, so that its boxes fall on the face
+    assert frame_at(str(tmp_path / "phone.mp4"), 3, 10**8).shape[:2] == (480, 320)
