@@ -214,11 +214,13 @@ class Pipeline:
                  unreadable: list[str] | None = None) -> Any:
         """A subject's own reference (:class:`cem.fer.aus.SubjectBaseline`) from photos of that one person:
         their neutral photo(s) (``neutral=True``: AUs and expressions are then measured against them), or
-        several of their photos (the median; weaker, AUs only). Photos are loaded and measured one at a time,
+        several of their photos (the median, of at least ``cem.fer.aus.MEDIAN_MIN_PHOTOS`` with a face; weaker,
+        AUs only). Photos are loaded and measured one at a time,
         so memory does not grow with their number; ``.faces`` of the result says how many were used.
 
         Raises :class:`ImageLoadError` for a photo that cannot be loaded (or, given a list ``unreadable``,
-        appends its error there and skips it) and ValueError when no face mesh fits in any photo."""
+        appends its error there and skips it) and ValueError when no face mesh fits in any photo, or a median
+        would have fewer photos with a face than it needs."""
         if isinstance(images, (str, bytes, os.PathLike, np.ndarray)) or not isinstance(images, Sequence):
             raise TypeError(f"Pipeline.baseline takes a list of images (paths, PIL images or arrays) of one person, "
                             f"not {type(images).__name__}; for one photo pass [photo]")

@@ -16,7 +16,8 @@ column named like a record field, e.g. ``track_id`` or ``faces``, can never over
 
 Subject baselines: a manifest column ``subject`` names the person in each photo; their AUs are then measured
 against that person's own resting face (:meth:`cem.pipeline.Pipeline.baseline`), built from the photos whose
-optional boolean column ``neutral`` is true, else from the median of all of that subject's photos. With
+optional boolean column ``neutral`` is true, else from the median of all of that subject's photos (at least
+``cem.fer.aus.MEDIAN_MIN_PHOTOS`` with a face; fewer are measured against the average face, with a note). With
 neutral photos the expression distribution is measured against them as well (``ExpressionModel.relative_to``).
 ``provenance.baseline`` records which ("<subject>: neutral (n photos)" or "<subject>: median of n photos").
 Such photos are measured in this process (not in worker processes).
@@ -260,12 +261,17 @@ class Runner:
                         self._premeasured.update(measured)
                     base = self.pipeline.median_baseline(list(measured.values()))
             except ValueError as e:
-                why = "; ".join(unreadable) or str(e)
                 kind = "neutral photo" if neutral else "photo"
-                self._baselines[subject] = (None, f"{subject}: none (no usable {kind}: {why}); measured against "
-                                                  f"the average face")
-                self.notes.append(f"subject {subject!r}: no baseline could be built (no {kind} of theirs shows a "
-                                  f"usable face); their photos are measured against the average face")
+                if neutral or "median baseline needs" not in str(e):
+                    why = "; ".join(unreadable) or str(e)
+                    self._baselines[subject] = (None, f"{subject}: none (no usable {kind}: {why}); measured "
+                                                      f"against the average face")
+                    self.notes.append(f"subject {subject!r}: no baseline could be built (no {kind} of theirs shows "
+                                      f"a usable face); their photos are measured against the average face")
+                else:  # too few photos for a median that is not mostly the photo measured itself
+                    self._baselines[subject] = (None, f"{subject}: none ({e}); measured against the average face")
+                    self.notes.append(f"subject {subject!r}: no baseline: {e}; their photos are measured against "
+                                      f"the average face")
             else:
                 self._baselines[subject] = (base, base.describe(subject, len(use)))
         return self._baselines[subject]

@@ -225,8 +225,12 @@ def test_subject_baseline_measures_against_the_persons_own_face(pipeline, astron
     fer = pipeline.fer
     smiling = fer.measure(astronaut)[0].aus
     assert smiling["AU12"].present
-    own = fer.baseline([astronaut])  # the smile itself as the reference: nothing has changed from it
-    assert own.faces == 1
+    # one photo is no median: it would be measured against itself (every AU about 0), without a word
+    with pytest.raises(ValueError, match="a median baseline needs at least 5 photos with a face of the subject, "
+                                         "and 1 of 1 have one"):
+        fer.baseline([astronaut])
+    own = fer.baseline([astronaut] * 5)  # the smile itself as the reference: nothing has changed from it
+    assert own.faces == 5
     same = fer.measure(astronaut, baseline=own)[0].aus
     assert not any(a.present for a in same.values())
     assert same["AU12"].intensity < smiling["AU12"].intensity
@@ -362,7 +366,7 @@ def test_against_ones_own_neutral_photos_sharp_faces_use_the_own_neutral_thresho
         assert cal.threshold_at(code, cal.iod_small, own_neutral=True) == cal.threshold[code]
     fer = pipeline.fer
     neutral = fer.baseline([astronaut], neutral=True)
-    median = fer.baseline([astronaut])
+    median = fer.baseline([astronaut] * 5)
     assert neutral.neutral and not median.neutral  # the same photo, declared neutral or not
     np.testing.assert_array_equal(neutral.measurements, median.measurements)
     mesh = fer.measure(astronaut)[0].landmarks

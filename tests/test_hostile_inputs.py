@@ -803,7 +803,9 @@ def test_every_record_kind_written_satisfies_the_json_schema(pipeline, astronaut
 def test_subject_column_measures_aus_against_that_subjects_baseline(pipeline, astronaut, tmp_path):
     """Subject A's neutral-flagged photo is the smiling astronaut itself, so her other copy of it shows no
     change from her own resting face: AU12 drops well below its value against the average face. Subject B
-    has no neutral photo: the median of her photos. A photo without a subject keeps the average face."""
+    has no neutral photo and two photos: too few for a median (each would be half its own reference, a
+    single photo all of it: every AU read about 0), so the average face, with a note. A photo without a
+    subject keeps the average face."""
     for name in ("a1.png", "a2.png", "b1.png", "b2.png", "c.png"):
         Image.fromarray(astronaut).save(tmp_path / name)
     man = tmp_path / "m.csv"
@@ -812,7 +814,10 @@ def test_subject_column_measures_aus_against_that_subjects_baseline(pipeline, as
     recs = {Path(r["image"]).name: r for r in _strict_records(tmp_path / "o.jsonl")}
     assert summary.n_errors == 0 and all(len(r["faces"]) == 1 for r in recs.values())
     assert recs["a2.png"]["provenance"]["baseline"] == "A: neutral (1 photo)"
-    assert recs["b1.png"]["provenance"]["baseline"] == "B: median of 2 photos"
+    assert recs["b1.png"]["provenance"]["baseline"].startswith(
+        "B: none (a median baseline needs at least 5 photos with a face of the subject, and 2 of 2 have one")
+    assert recs["b1.png"]["faces"][0]["aus"] == recs["c.png"]["faces"][0]["aus"]  # the average face
+    assert any("subject 'B': no baseline: a median baseline needs at least 5" in n for n in summary.notes)
     assert "baseline" not in recs["c.png"]["provenance"]
     average = recs["c.png"]["faces"][0]["aus"]["AU12"]["intensity"]
     own = recs["a2.png"]["faces"][0]["aus"]["AU12"]["intensity"]
@@ -840,7 +845,10 @@ def test_a_median_baseline_measures_each_photo_once_with_the_same_records(pipeli
     """Without a neutral flag, the photos that make a subject's median are measured once: their AUs are then
     re-measured against the median from their meshes (they were measured twice, 1.8x the time). The records
     are the ones a second pass gives, and an unreadable photo is still its own error record."""
+    import cem.fer.stage
     from cem.fer.stage import FERStage
+
+    monkeypatch.setattr(cem.fer.stage, "MEDIAN_MIN_PHOTOS", 1)  # three photos make the median here
 
     rng = np.random.default_rng(3)
     for k in range(3):  # three different photos: a zoom and shift of the astronaut each
@@ -903,8 +911,10 @@ def test_a_bad_neutral_photo_costs_only_its_own_record(pipeline, astronaut, tmp_
     # against the average face B's photo reads like the subject-less run of the same image
     plain = pipeline.analyze(str(tmp_path / "b1.png")).faces[0].evidence
     assert b1["faces"][0]["aus"]["AU12"]["intensity"] == pytest.approx(plain.aus["AU12"].intensity, abs=1e-3)
-    # a1.png is A's neutral photo and, in another row, C's only photo (the median of one)
-    assert by[("a1.png", "C")]["provenance"]["baseline"] == "C: median of 1 photo"
+    # a1.png is A's neutral photo and, in another row, C's only photo: too few for a median (of one photo, that
+    # photo: it would be measured against itself), so the average face
+    assert by[("a1.png", "C")]["provenance"]["baseline"].startswith("C: none (a median baseline needs at least 5")
+    assert by[("a1.png", "C")]["faces"][0]["aus"]["AU12"]["present"] is True
     assert by[("a1.png", "A")]["provenance"]["baseline"] == "A: neutral (1 of 3 photos)"
 
 
@@ -932,7 +942,7 @@ def test_a_subject_baseline_loads_one_photo_at_a_time(pipeline, astronaut, tmp_p
     turn, never all held at once."""
     import cem.pipeline as pipeline_module
 
-    for i in range(4):
+    for i in range(5):
         Image.fromarray(astronaut).save(tmp_path / f"p{i}.png")
     alive: list[int] = []
     real_load = pipeline_module.load_image
@@ -950,8 +960,8 @@ def test_a_subject_baseline_loads_one_photo_at_a_time(pipeline, astronaut, tmp_p
 
     monkeypatch.setattr(pipeline_module, "load_image", load)
     monkeypatch.setattr(pipeline.fer, "measure", measure)
-    base = pipeline.baseline([str(tmp_path / f"p{i}.png") for i in range(4)])
-    assert base.faces == 4
+    base = pipeline.baseline([str(tmp_path / f"p{i}.png") for i in range(5)])
+    assert base.faces == 5
 
 
 def test_an_output_that_is_also_an_input_is_refused_and_the_input_kept(face_png, tmp_path):
@@ -1248,9 +1258,12 @@ def test_contexts_given_as_a_mapping_are_checked_per_image(pipeline, face_png, t
     assert "is int, not text" in _strict_records(tmp_path / "p.jsonl")[0]["error"]
 
 
-def test_a_resume_that_changes_a_subjects_baseline_says_so(pipeline, astronaut, tmp_path):
+def test_a_resume_that_changes_a_subjects_baseline_says_so(pipeline, astronaut, tmp_path, monkeypatch):
     """c.png was missing in the first run, so s1's median came from 2 of 3 photos; once it is there,
     --retry-errors measures it against a median of 3 while a and b keep the old one: the run says so."""
+    import cem.fer.stage
+
+    monkeypatch.setattr(cem.fer.stage, "MEDIAN_MIN_PHOTOS", 1)  # medians of two and three photos here
     for k, name in enumerate(("a.png", "b.png", "c.png")):
         Image.fromarray(astronaut[10 * k:, 10 * k:]).save(tmp_path / f"src-{name}")
     shutil.copy(tmp_path / "src-a.png", tmp_path / "a.png")

@@ -210,6 +210,12 @@ def load_calibration(path: str | None = None) -> Calibration:
     return calibration_from_dict(json.loads(p.read_text(encoding="utf-8")))
 
 
+MEDIAN_MIN_PHOTOS = 5
+"""Fewest photos with a face that a median baseline (no neutral photo flagged) is built from. The median
+includes the photo being measured: of one photo it is that photo (every AU then reads about 0), of two their
+midpoint (each photo's AUs halved). From five on, one photo moves the median by at most one order statistic."""
+
+
 @dataclass(frozen=True)
 class SubjectBaseline:
     """A person's own resting face: the median AU base measurements over their reference photos and, when

@@ -17,7 +17,7 @@ import numpy as np
 
 from cem.config import Config, check_faces_mode, check_label_overlap
 from cem.contract import FaceEvidence, Pose
-from cem.fer.aus import SubjectBaseline, estimate_aus
+from cem.fer.aus import MEDIAN_MIN_PHOTOS, SubjectBaseline, estimate_aus
 from cem.fer.detect import MTCNN_MIN_SCORE_UNMESHED
 from cem.fer.expression import CROP_SIZE, ExpressionModel, mean_log_probs
 from cem.fer.geometry import aligned_crop, eye_centers, frontalize, load_reference, pose_from_rotation
@@ -96,7 +96,8 @@ class FERStage:
         """A subject's own reference from RGB photos of that one person: their neutral photo(s) (best;
         ``neutral=True``) or several of their photos (the median; weaker). The largest face of each image
         counts (``faces`` of the result: how many did); images where no face mesh fits are skipped, and none
-        fitting at all is an error. ``images`` may be a generator: each is measured and dropped in turn.
+        fitting at all is an error, as is a median of fewer than :data:`cem.fer.aus.MEDIAN_MIN_PHOTOS` faces.
+        ``images`` may be a generator: each is measured and dropped in turn.
 
         AUs are then measured against it. With ``neutral=True`` the expression distribution is too
         (:meth:`ExpressionModel.relative_to`), provided the model has a neutral reference and every one of its
@@ -122,6 +123,11 @@ class FERStage:
                     neutral_probs.append([face.expression[k] for k in model_labels])
         if not meshes:
             raise ValueError(f"no face mesh fits in any of the {seen} baseline image(s) of the subject")
+        if not neutral and len(meshes) < MEDIAN_MIN_PHOTOS:
+            raise ValueError(f"a median baseline needs at least {MEDIAN_MIN_PHOTOS} photos with a face of the "
+                             f"subject, and {len(meshes)} of {seen} have one: with fewer, each photo weighs too much "
+                             f"in its own reference (one photo would be measured against itself); flag a neutral "
+                             f"photo of the subject instead")
         base = SubjectBaseline.from_meshes(meshes, self.ref, neutral=neutral)
         if relative:
             base = replace(base, expression_log_probs=mean_log_probs(neutral_probs))
