@@ -201,13 +201,20 @@ def load_image(source: ImageInput, max_pixels: int = 50_000_000, max_side: int =
 
 
 
+def _full_scale(peak: float) -> float:
+    """The full-scale value of integer samples whose largest is ``peak``: the smallest 2**k - 1 (k >= 8) at or
+    above it. 12-bit camera data in a 16-bit file (peak 4080) is then read at full brightness, not at 6 %, and
+    one pixel at 256 in 8-bit values no longer darkens the image 257 times (to black: no face, no error)."""
+    bits = max(8, int(np.ceil(np.log2(max(float(peak), 0.0) + 1.0))))
+    return float(2 ** bits - 1)
+
+
 def _pil_to_rgb(im: Any) -> np.ndarray:
     from PIL import Image
 
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         a = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if a.max() > 255 else 255.0
-        g = np.clip(a / top * 255.0, 0, 255).astype(np.uint8)
+        g = np.clip(a / _full_scale(a.max()) * 255.0, 0, 255).astype(np.uint8)
         return np.repeat(g[:, :, None], 3, axis=2)
     if im.mode == "F":
         a = np.asarray(im, dtype=np.float64)
@@ -244,14 +251,14 @@ def _array_to_rgb(a: np.ndarray) -> np.ndarray:
     if a.shape[2] == 1:
         a = np.repeat(a, 3, axis=2)
     # the same rules as for files and PIL images (_pil_to_rgb), so one picture gives one result however it
-    # is passed: 16-bit values are scaled down only when they use the 16-bit range, and transparent pixels
+    # is passed: 16-bit values are scaled from the bit depth they use (_full_scale), and transparent pixels
     # are composited on white (the alpha channel used to be dropped, so a transparent face was found in an
     # array and not in the same PIL image)
     if a.dtype != np.uint8:
         if np.issubdtype(a.dtype, np.floating) and a.max() <= 1.0:
             a = a * 255.0
-        elif a.dtype == np.uint16 and a.max() > 255:
-            a = a / 257.0
+        elif a.dtype == np.uint16:
+            a = a / _full_scale(a.max()) * 255.0
         a = np.clip(a, 0, 255)
     if a.shape[2] == 4:
         alpha = a[:, :, 3:4] / 255.0

@@ -143,6 +143,27 @@ def test_an_array_and_the_same_pil_image_load_alike(astronaut):
     assert (load_image(full16) == load_image(Image.fromarray(full16))).all()
 
 
+def test_16_bit_images_are_scaled_by_the_bit_depth_their_values_use(astronaut, tmp_path):
+    """One pixel at 256 in 8-bit values turned the whole picture black (divided by 257: no face, no error),
+    and 12-bit camera data in a 16-bit file was read at 6 % brightness: values are scaled from the smallest
+    2**k - 1 at or above their largest, in files, PIL images and arrays alike."""
+    gray = np.asarray(Image.fromarray(astronaut).convert("L"), dtype=np.uint16)
+    eight = load_image(gray)
+    outlier = gray.copy()
+    outlier[0, 0] = 256
+    for arr, want in [(outlier, (eight.astype(float) * 255 / 511)),  # 9 bits: half as bright, not black
+                      (gray * 16, eight.astype(float) * 16 * 255 / 4095),  # 12-bit data: full brightness
+                      (gray * 257, eight.astype(float))]:
+        path = tmp_path / "x.png"
+        Image.fromarray(arr).save(path)
+        with Image.open(path) as im:
+            assert im.mode.startswith("I")
+        for got in (load_image(arr), load_image(str(path)), load_image(Image.fromarray(arr))):
+            assert np.abs(got[1:, 1:].astype(float) - want[1:, 1:]).max() <= 1.0  # (the pixel at 0, 0 aside)
+    assert load_image(outlier).mean() > 0.4 * eight.mean()
+    assert load_image(gray * 16).mean() > 0.95 * eight.mean()
+
+
 def test_an_image_in_a_folder_and_a_manifest_row_is_one_input_and_a_note_says_so(tmp_path):
     from cem.io import collect_inputs
 
