@@ -149,6 +149,8 @@ class ImageConfig(_Checked):
 
 @dataclass
 class FacesConfig(_Checked):
+    # whole: each image is one pre-cropped face; the expression CNN sees the eye-aligned crop detect mode makes
+    # (a crop of the CNN's own 48 px goes in as it is; without a face mesh, the central square)
     mode: Literal["detect", "whole"] = "detect"
     # MediaPipe models, merged by NMS; auto: short-range, plus full-range unless the photo is a close-up
     detector: Literal["short", "full", "both", "auto"] = "auto"
