@@ -119,10 +119,21 @@ class FakeServer:
                         return
                     if server.mode == "notjson":
                         payload = b"<html>gateway error</html>"
+                    elif server.mode == "bigint":  # valid JSON, but an integer of 5,000 digits in a field
+                        payload = json.dumps(server.reply(body))[:-1].encode() + b', "usage": {"n": ' + \
+                            b"9" * 5000 + b"}}"
                     else:
                         payload = json.dumps(server.reply(body)).encode()
                     self.send_response(200)
                     self.send_header("Content-Type", "application/json")
+                    if server.mode == "truncated" and fail:  # the connection closes half-way (a proxy reset)
+                        self.send_header("Content-Length", str(len(payload)))
+                        self.send_header("Connection", "close")
+                        self.end_headers()
+                        self.wfile.write(payload[: len(payload) // 2])
+                        self.wfile.flush()
+                        self.close_connection = True
+                        return
                     self.end_headers()
                     self.wfile.write(payload)
                 finally:
@@ -212,6 +223,27 @@ def test_timeout_becomes_a_face_error_and_the_run_goes_on(server, astronaut):
     f = r.faces[0]
     assert r.error is None and f.error.startswith("reasoner failed (timeout): ")
     assert abs(sum(f.emotion.values()) - 1) < 1e-6  # the expression model's distribution, with the error
+
+
+def test_a_reply_cut_mid_way_is_a_connection_failure_and_retried(server, astronaut):
+    """A connection closed before the announced Content-Length was read as a complete body ("server reply is
+    not JSON", invalid-answer) and never retried, though connection errors are."""
+    server.mode, server.failures_left = "truncated", 1
+    r = _pipe(server).analyze(astronaut)
+    assert len(server.requests) == 2 and r.faces[0].error is None
+    server.failures_left = 1
+    f = _pipe(server, retries=0).analyze(astronaut).faces[0]
+    assert f.error.startswith("reasoner failed (unreachable): ") and "closed mid-reply, after " in f.error
+
+
+def test_a_reply_with_a_huge_integer_is_that_image_s_invalid_answer(server, astronaut):
+    """A 5,000-digit integer (beyond Python's int conversion limit) in a field cem never reads escaped as a
+    bare ValueError: a model-error, and every image of the batch asked again."""
+    server.mode = "bigint"
+    results = list(_pipe(server, retries=0).analyze_many([astronaut] * 2))
+    assert len(server.requests) == 2  # one per image: the batch is not asked again one by one
+    for r in results:
+        assert r.faces[0].error.startswith("reasoner failed (invalid-answer): server reply is not JSON")
 
 
 def test_non_json_reply_is_an_error_record(server, astronaut):

@@ -270,6 +270,9 @@ class OpenAIReasoner(LLMReasonerBase):
                     chunks.append(chunk)
                 if fired.is_set():  # the watchdog ended the reply: it is cut, not complete
                     raise TimeoutError
+                if resp.length:  # the connection closed before the Content-Length announced (read1 says b"")
+                    raise _Retryable("unreachable", f"connection to {where} closed mid-reply, after {size:,} of "
+                                     f"{size + resp.length:,} bytes")
             except TimeoutError:
                 raise _Retryable("timeout", f"no complete reply from {where} within the deadline of "
                                  f"{deadline_s:g} s") from None
@@ -303,7 +306,7 @@ class OpenAIReasoner(LLMReasonerBase):
                 text = data.decode("utf-8", errors="replace")
                 try:
                     return json.loads(text)
-                except (json.JSONDecodeError, RecursionError):
+                except (ValueError, RecursionError):  # ValueError: also an integer beyond Python's 4,300 digits
                     raise ReasonerFailure("invalid-answer", f"server reply is not JSON: {text[:80]!r}") from None
             except _Retryable as e:
                 last = e
@@ -330,7 +333,7 @@ class OpenAIReasoner(LLMReasonerBase):
             raise ReasonerFailure(f"http-{status}", _redirect(status, f"{self.base_url}/models", headers))
         try:
             listed = json.loads(data.decode("utf-8", "replace")).get("data") or []
-        except (json.JSONDecodeError, AttributeError, RecursionError):
+        except (ValueError, AttributeError, RecursionError):
             return []
         return [str(m.get("id")) for m in listed if isinstance(m, dict)] if isinstance(listed, list) else []
 
