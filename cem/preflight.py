@@ -127,8 +127,7 @@ def _check_openai(config: Config, report: PreflightReport, image: Any) -> None:
                                f"{', '.join(names[:5])}); pass --model with one of those")
         return
     try:
-        reasoner._post({"model": reasoner.model_id, "max_tokens": 1,
-                        "messages": [{"role": "user", "content": "Say OK."}]})
+        reasoner.check_chat()
     except ReasonerFailure as e:
         report.problems.append(f"the server at {where} failed a one-token request: {e}")
         return

@@ -151,7 +151,9 @@ class FakeServer:
             return {"choices": [{"message": {"content": "happiness"},
                                  "logprobs": {"content": [{"token": "happ", "logprob": -0.2, "top_logprobs": tops}]}}]}
         if "response_format" not in body:  # the pre-flight's one-token request
-            return {"choices": [{"message": {"role": "assistant", "content": "OK"}}]}
+            if self.mode == "hollow":  # a reply that can never hold an answer
+                return {"choices": []}
+            return {"choices": [{"message": {"role": "assistant", "content": "O"}, "finish_reason": "length"}]}
         n = body["response_format"]["json_schema"]["schema"]["properties"]["faces"]["maxItems"]
         if self.mode == "badanswer":
             content = "I cannot tell."
@@ -449,6 +451,29 @@ def test_preflight_reaches_the_server_and_names_the_url_source(server, monkeypat
     assert bad.text.count(dead) == 1  # the address once, not twice
     assert "vllm serve" in bad.text
     assert preflight(Config.load("default")).ok
+
+
+def test_preflight_refuses_a_hollow_chat_reply_and_waits_for_one_reply_only(server, monkeypatch):
+    """`cem check` said ready for a server whose chat replies hold no text ({"choices": []}), and the run then
+    failed on every face; against a server that never answers, it waited out the run's deadline three times
+    (6 minutes with the vllm config) without a word."""
+    import cem.reasoning.openai_backend as backend
+    from cem.config import Config
+    from cem.preflight import preflight
+
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    config = Config.load("vllm", model="test-model", reasoner__options={"base_url": server.url, "timeout_s": 120.0,
+                                                                        "retries": 2})
+    server.mode = "hollow"
+    report = preflight(config)
+    assert not report.ok and "failed a one-token request" in report.text
+    assert "server reply has no choices[0].message.content" in report.text
+    server.mode = "blackhole"
+    monkeypatch.setattr(backend, "CHECK_CHAT_TIMEOUT_S", 1.0)
+    t = time.monotonic()
+    report = preflight(config)
+    assert time.monotonic() - t < 6, "one attempt of at most CHECK_CHAT_TIMEOUT_S, not 3 x 120 s"
+    assert not report.ok and "(timeout)" in report.text and "failed a one-token request" in report.text
 
 
 def test_provenance_settings_follow_the_server_a_run_actually_uses(monkeypatch):

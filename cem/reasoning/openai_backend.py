@@ -64,6 +64,9 @@ ANSWER_TOKENS_PER_FACE = 512
 # at most this by default: a server refuses (HTTP 400) a request whose prompt plus max_tokens exceeds the
 # model's context (4,096 tokens for LLaVA-1.5, with about 1,200 taken by the prompt and the image)
 ANSWER_TOKENS_MAX = 2048
+# the pre-flight's one-token chat request: one attempt, at most this long (a cold server's first reply can
+# take some seconds; the run's deadline and retries made a silent server keep `cem check` waiting minutes)
+CHECK_CHAT_TIMEOUT_S = 30.0
 
 
 class _Retryable(ReasonerFailure):
@@ -323,6 +326,34 @@ class OpenAIReasoner(LLMReasonerBase):
         if not isinstance(reply, dict):
             raise ReasonerFailure("invalid-answer", f"server reply is not a JSON object: {str(reply)[:80]!r}")
         return reply
+
+    def check_chat(self, timeout_s: float | None = None) -> str:
+        """Pre-flight: one chat request for one token, one attempt within ``timeout_s`` (default
+        :data:`CHECK_CHAT_TIMEOUT_S`; not the run's deadline
+        and retries: a server that never answers kept ``cem check`` silent for 6 minutes). Returns the reply's
+        text; a reply without any (``{}``, no choices, a tool call with null content) is a ReasonerFailure,
+        as every answer of a run would be. The token limit cuts it, so ``finish_reason: length`` is expected."""
+        body = {"model": self.model_id, "max_tokens": 1, "messages": [{"role": "user", "content": "Say OK."}]}
+        deadline = min(self.deadline, CHECK_CHAT_TIMEOUT_S if timeout_s is None else timeout_s)
+        try:
+            status, headers, data = self._attempt("POST", "/chat/completions", json.dumps(body).encode(), deadline)
+        except _Retryable as e:
+            raise ReasonerFailure(e.cause, e.detail) from None
+        if status >= 300:
+            detail = (_redirect(status, self.base_url, headers) if status < 400 else
+                      f"HTTP {status} from {self.base_url}: {data[:200].decode('utf-8', 'replace')!r}")
+            raise ReasonerFailure(f"http-{status}", detail)
+        text = data.decode("utf-8", errors="replace")
+        try:
+            reply = json.loads(text)
+        except (ValueError, RecursionError):
+            raise ReasonerFailure("invalid-answer", f"server reply is not JSON: {text[:80]!r}") from None
+        if not isinstance(reply, dict):
+            raise ReasonerFailure("invalid-answer", f"server reply is not a JSON object: {text[:80]!r}")
+        choices = reply.get("choices")
+        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+            reply = {**reply, "choices": [{**choices[0], "finish_reason": None}]}
+        return self._content(reply)
 
     def check_server(self, timeout_s: float = 3.0) -> list[str]:
         """Pre-flight: ``GET /models`` within ``timeout_s``. Returns the model names the server lists."""
