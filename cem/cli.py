@@ -448,9 +448,9 @@ def prompt_render(image: str, template: str | None, context: str | None, config_
         p = render_prompt(name, evidence, config.labels, context, rgb, exemplars_from(config))
     except (ValueError, FileNotFoundError, PromptTemplateError) as e:
         _fail(str(e))
-    except (jinja2.TemplateError, ArithmeticError, TypeError, LookupError, AttributeError) as e:
-        # a template that fails as it renders (an undefined name, {{ 1/0 }}, {{ "a" + 1 }})
-        _fail(f"prompt template {name!r} failed: {type(e).__name__}: {e}")
+    except (jinja2.TemplateError, ArithmeticError, TypeError, LookupError, AttributeError, RecursionError) as e:
+        # a template that fails as it renders (an undefined name, {{ 1/0 }}, {{ "a" + 1 }}, a macro calling itself)
+        _fail(f"prompt template {name!r} failed: {type(e).__name__}: {str(e)[:200]}")
     text = p.text
     if model:
         try:

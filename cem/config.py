@@ -33,6 +33,7 @@ import dataclasses
 import difflib
 import logging
 import math
+import os
 import re
 import reprlib
 import types
@@ -126,6 +127,9 @@ def _shown(value: Any) -> str:
 
 class ConfigError(ValueError):
     """A configuration that cannot be used (unknown key, bad value, missing file)."""
+
+
+MAX_WAIT_S = 86400.0  # the longest wait a setting may ask for: one day
 
 
 def _num(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None) -> Any:
@@ -280,12 +284,13 @@ class OpenAIOptions(LLMOptions):
     # what ``--base-url`` sets: beats $OPENAI_BASE_URL, which beats ``base_url``
     base_url_override: str | None = None
     api_key: str | None = None
-    concurrency: int = _num(4, ge=1)  # requests in flight
-    deadline_s: float = _num(60.0, gt=0.0)  # one whole request, every byte of the reply included
-    connect_timeout_s: float = _num(5.0, gt=0.0)
-    retries: int = _num(2, ge=0)
-    backoff_s: float = _num(1.0, ge=0.0)
-    retry_after_max_s: float = _num(30.0, ge=0.0)  # a server's Retry-After is honoured up to this
+    concurrency: int = _num(4, ge=1, le=1024)  # requests in flight (each a thread)
+    # waits are at most a day: beyond about 1e10 s every request died in OverflowError (time_t, sleep)
+    deadline_s: float = _num(60.0, gt=0.0, le=MAX_WAIT_S)  # one whole request, every byte of the reply included
+    connect_timeout_s: float = _num(5.0, gt=0.0, le=MAX_WAIT_S)
+    retries: int = _num(2, ge=0, le=100)
+    backoff_s: float = _num(1.0, ge=0.0, le=MAX_WAIT_S)
+    retry_after_max_s: float = _num(30.0, ge=0.0, le=MAX_WAIT_S)  # a server's Retry-After is honoured up to this
     max_reply_bytes: int = _num(2_000_000, ge=1)
     max_cues: int = _num(24, ge=0)
     guided: bool = True  # send the answer's JSON schema as response_format
@@ -422,6 +427,11 @@ class Config:
         case) or a path."""
         shipped = configs_dir()
         text = str(name_or_path)
+        if text.startswith("~"):  # `--config=~/x.yaml`: the shell leaves a ~ after = as it is
+            text = os.path.expanduser(text)
+            name_or_path = text
+        if text.startswith(("/dev/fd/", "/proc/self/fd/")) and os.path.exists(text):
+            return Path(text)  # `--config <(...)`: a pipe from the shell's process substitution, read once
         candidates = [Path(name_or_path)]
         if "/" not in text and "\\" not in text:
             candidates = [shipped / f"{text}.yaml", shipped / text, Path(name_or_path)]
@@ -449,6 +459,8 @@ class Config:
         hint = " or ".join(repr(k) for k in starting) if starting else (
             repr(h) if (h := _closest(short, known)) else None)
         where = "no such file" if ("/" in text or "\\" in text) else "not a shipped config name nor a YAML file"
+        if Path(text).exists() and not Path(text).is_file():
+            where = "not a regular file (a folder, FIFO or device)"
         raise ConfigError(f"config {text!r} not found: {where}"
                           + (f"; did you mean {hint}?" if hint else "") + f" (shipped: {', '.join(known)})")
 
@@ -474,6 +486,11 @@ class Config:
             raise ConfigError(f"{p}: invalid YAML ({e})") from None
         except _RepeatedKey as e:
             raise ConfigError(f"{p}: {e}") from None
+        except RecursionError:
+            raise ConfigError(f"{p}: its YAML nests deeper than Python can read; a config is two levels deep") from None
+        except ValueError as e:  # an integer beyond Python's 4,300 digits, as YAML builds it
+            what = "a number of more than 4,300 digits" if "digits" in str(e) else f"a value it cannot read ({e})"
+            raise ConfigError(f"{p}: its YAML holds {what}") from None
         if _expanded_size(data, MAX_CONFIG_VALUES) > MAX_CONFIG_VALUES:
             raise ConfigError(f"{p}: its YAML expands to more than {MAX_CONFIG_VALUES} values (aliases that repeat "
                               f"aliases?); a config is a few dozen settings")
@@ -626,7 +643,11 @@ def shipped_configs() -> list[str]:
 def _set(section: Any, key: str, value: Any, where: str) -> None:
     names = [f.name for f in dataclasses.fields(section)]
     if key not in names:
-        hint = _closest(key, names)
+        # a key YAML reads as another type (`yes:` is true, `1:` a number) is no field name either
+        hint = _closest(key, names) if isinstance(key, str) else None
+        if isinstance(key, bool):
+            hint = None
+            where += " (YAML reads an unquoted yes/no/on/off as true/false)"
         raise ConfigError(f"{where}: unknown key {key!r}" + (f" (did you mean {hint!r}?)" if hint else "")
                           + f"; known: {', '.join(names)}")
     hints = typing.get_type_hints(type(section))
@@ -721,7 +742,11 @@ def _coerce(value: Any, tp: Any, where: str, meta: Any = None) -> Any:
         return _in_range(int(value), where, meta)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {_shown(value)}")
+            hint = ""
+            if isinstance(value, str) and re.fullmatch(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+", value.strip()):
+                # YAML 1.1 reads an exponent number without a dot or a sign after e as text
+                hint = f" (YAML reads {value.strip()} as text: write it with a dot and a sign, e.g. 1.0e+3, or in full)"
+            raise ConfigError(f"{where}: expected a number, got {_shown(value)}{hint}")
         if not math.isfinite(value):
             raise ConfigError(f"{where}: expected a finite number, got {_shown(value)}")
         return _in_range(float(value), where, meta)

@@ -198,6 +198,19 @@ class TableSummary:
         return f"{self.rows} row{'s' if self.rows != 1 else ''} ({', '.join(parts)})"
 
 
+def _nul_free(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with each NUL in its text cells (a context or manifest cell that held one) written as U+FFFD:
+    CSV readers end a cell at a NUL (pandas read ``abc\0def`` as ``abc``). The JSONL keeps the text as given."""
+    text = [c for c in df.columns if df[c].dtype == object or isinstance(df[c].dtype, pd.StringDtype)]
+    marked = [c for c in text if df[c].map(lambda v: isinstance(v, str) and "\x00" in v).any()]
+    if not marked:
+        return df
+    out = df.copy()
+    for c in marked:
+        out[c] = out[c].map(lambda v: v.replace("\x00", "\ufffd") if isinstance(v, str) else v)
+    return out
+
+
 def write_table(jsonl_path: str | os.PathLike, out_path: str | os.PathLike) -> TableSummary:
     """Write the per-face table of ``jsonl_path`` to ``out_path``: CSV (``.csv``) or Parquet (``.parquet``,
     needs pyarrow). The same JSONL always gives the same bytes. The file is replaced only once it is
@@ -219,7 +232,7 @@ def write_table(jsonl_path: str | os.PathLike, out_path: str | os.PathLike) -> T
     out.parent.mkdir(parents=True, exist_ok=True)  # as the JSONL output's folder is
     try:
         if fmt == "csv":
-            df.to_csv(tmp, index=False, lineterminator="\n", encoding="utf-8", errors="surrogateescape")
+            _nul_free(df).to_csv(tmp, index=False, lineterminator="\n", encoding="utf-8", errors="surrogateescape")
         else:
             df.to_parquet(tmp, index=False)
         os.replace(tmp, out)

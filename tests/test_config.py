@@ -443,3 +443,42 @@ def test_own_labels_mapped_to_the_models_load(tmp_path):
     path.write_text(json.dumps({"name": "mine", "labels": ["pride", "happiness", "neutral"],
                                 "fusion": {"label_map": {"pride": "happiness"}}}))
     assert Config.load(str(path)).labels == ["pride", "happiness", "neutral"]
+
+
+@pytest.mark.parametrize("text, words", [
+    ("fusion: {label_map: " + "[" * 5000 + "]" * 5000 + "}\n", "nests deeper than Python can read"),
+    ("faces: {max_faces: " + "9" * 5000 + "}\n", "holds a number of more than 4,300 digits"),
+    ("faces: {yes: 1}\n", "faces (YAML reads an unquoted yes/no/on/off as true/false): unknown key True"),
+    ("faces: {1: 2}\n", "faces: unknown key 1; known: mode"),
+    ("reasoner: {backend: openai, options: {deadline_s: 1.0e+10}}\n", "deadline_s: must be <= 86400.0"),
+    ("reasoner: {backend: openai, options: {backoff_s: 1.0e+12}}\n", "backoff_s: must be <= 86400.0"),
+    ("reasoner: {backend: openai, options: {deadline_s: 1e3}}\n",
+     "expected a number, got '1e3' (YAML reads 1e3 as text: write it with a dot and a sign"),
+], ids=["deep", "5000-digits", "yes-key", "int-key", "deadline-1e10", "backoff-1e12", "1e3"])
+def test_config_files_that_crashed_the_loader_are_named_errors(tmp_path, text, words):
+    """Deep nesting (RecursionError), a 5,000-digit number (ValueError), keys YAML reads as true or 1
+    (TypeError), and waits beyond what time and sleep take (OverflowError in every request) were tracebacks."""
+    p = tmp_path / "x.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        Config.load(p)
+    assert words in str(e.value) and "x.yaml" in str(e.value)
+    r = subprocess.run([sys.executable, "-m", "cem", "check", "--config", str(p)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and words in r.stderr
+
+
+def test_config_paths_as_shells_leave_them(tmp_path, monkeypatch):
+    """`--config=~/x.yaml` (no shell expands a ~ after =) and `--config <(...)` (a pipe, /dev/fd/N) were
+    "no such file"; a folder is said to be one."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "mine.yaml").write_text("name: mine\nfaces: {max_faces: 3}\n")
+    monkeypatch.setenv("HOME", str(home))
+    assert Config.load("~/mine.yaml").faces.max_faces == 3
+    r = subprocess.run(["bash", "-c", f"{sys.executable} -m cem check --config <(cat {home / 'mine.yaml'})"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "folder.yaml").mkdir()
+    with pytest.raises(ConfigError, match="not a regular file"):
+        Config.load(tmp_path / "folder.yaml")

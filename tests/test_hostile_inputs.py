@@ -1144,6 +1144,26 @@ def test_a_hostile_jsonl_line_is_skipped_and_named_by_every_reader(pipeline, fac
         assert Path(f"{path}.rejected").read_text().strip() == line
 
 
+def test_a_nul_in_a_context_or_manifest_cell_does_not_cut_the_csv_table(pipeline, face_png, tmp_path):
+    """A NUL in a context-file cell went raw into the CSV, where pandas read "abc\0def" as "abc" (as it did for
+    rationales before they were made inert). The JSONL keeps the text as given; the CSV shows U+FFFD there."""
+    import pandas as pd
+
+    from cem.results import write_table
+
+    shutil.copy(face_png, tmp_path / "a.png")
+    man = tmp_path / "m.csv"
+    man.write_bytes(b"image,context,note\na.png,abc\x00def,x\x00y\n")
+    out = tmp_path / "o.jsonl"
+    _run(pipeline, [man], out)
+    (rec,) = _strict_records(out)
+    assert rec["context"] == "abc\x00def"
+    write_table(out, tmp_path / "t.csv")
+    assert b"\x00" not in (tmp_path / "t.csv").read_bytes()
+    df = pd.read_csv(tmp_path / "t.csv")
+    assert df["context"].tolist() == ["abc\ufffddef"] and df["meta.note"].tolist() == ["x\ufffdy"]
+
+
 def test_a_table_without_any_face_still_has_the_face_columns(pipeline, tmp_path):
     """README: "one row per face with fixed columns". A run where no face was found gave a table of image and
     provenance columns only (df.groupby("top_emotion") raised KeyError, and tables of runs did not line up)."""

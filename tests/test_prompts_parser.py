@@ -469,3 +469,19 @@ def test_inert_text_keeps_words_apart_and_drops_control_characters():
     parsed, err = parse_answer(json.dumps({"faces": [{"index": 1, "distribution": {"happiness": 1.0},
                                                       "rationale": "wide\u00a0smile\x00"}]}), LABELS, 1)
     assert err is None and parsed[0]["rationale"] == "wide smile"
+
+
+def test_prompt_render_says_a_template_that_recurses_failed(tmp_path):
+    """A macro that calls itself was a RecursionError traceback (exit 1) in `cem prompt render`, while a run
+    and `cem check` named it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tpl = tmp_path / "recurse.j2"
+    tpl.write_text("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}{% for x in faces %}{{ x.line }}{% endfor %}")
+    photo = Path(__file__).resolve().parents[1] / "examples" / "astronaut.jpg"
+    r = subprocess.run([sys.executable, "-m", "cem", "prompt", "render", str(photo), "--template", str(tpl)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "prompt template" in r.stderr and "failed: RecursionError" in r.stderr
