@@ -198,6 +198,13 @@ CONFIRM_SIDE = 256  # the crop is downscaled to this first (the detectors see 12
 # fails; on the group scenes this found 2 + 4 more faces of seeds 0 and 1 with no new false positive
 MTCNN_MIN_SCORE_UNMESHED = 0.99
 MEDIAPIPE_SURE = 0.8  # MediaPipe detections at least this sure keep their box over an overlapping MTCNN one
+# A MediaPipe face narrower than this share of the image's long side was seen by the detector at under about
+# 40 px (it squeezes the image into 128 or 192 px), where its box is coarse; the box sets the face mesh's
+# region, and the mesh's landmarks (so the AUs) move with it. Such a face is looked at again in a crop of
+# CONFIRM_CONTEXT box sides around it (as MTCNN's faces are), and that crop's box is kept: the same face on
+# a wider canvas (white space, other faces beside it) moved AU25 0.14 -> 2.72 before; over 67 tcce_dev faces
+# padded by 768 px the largest AU change fell from 2.69 to 0.94 (docs/action-units.md)
+REFINE_BELOW = 0.3
 SmallFaces = Literal["mtcnn", "pyramid", "off"]
 
 
@@ -301,7 +308,20 @@ class FaceDetector:
         for d in found:
             if all(box_iou(d.bbox, k.bbox) < self.nms_iou and _inside(d.bbox, k.bbox) < 0.6 for k in kept):
                 kept.append(d)
+        kept = [self._refined(rgb, d) for d in kept]
         return sorted(kept, key=lambda d: d.bbox[0] + d.bbox[2] / 2)
+
+    def _refined(self, rgb: np.ndarray, det: Detection) -> Detection:
+        """``det`` with the box and keypoints MediaPipe gives in a crop around it, when the detector saw it small
+        (narrower than ``REFINE_BELOW`` of the image's long side); its score and source stay. MTCNN's faces
+        already have such a box (:meth:`_confirmed`); a face not found again in the crop keeps its box."""
+        h, w = rgb.shape[:2]
+        if det.source != "mediapipe" or det.bbox[2] >= REFINE_BELOW * max(h, w):
+            return det
+        again = self._confirmed_in(rgb, det, CONFIRM_CONTEXT)
+        if again is None:
+            return det
+        return Detection(bbox=again.bbox, score=det.score, keypoints=again.keypoints, source=det.source)
 
     def _confirmed(self, rgb: np.ndarray, det: Detection) -> Detection | None:
         """``det`` (an MTCNN face) as MediaPipe sees it in a square crop of ``CONFIRM_CONTEXT`` box sides around

@@ -17,6 +17,11 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "expression"
 # 1: all). A baseline from one to three photos is itself a noisy estimate, so it is shrunk halfway; measured
 # on tcce_dev for 0 to 1 in the model card ("Against the person's own neutral face").
 SUBJECT_SHRINK = 0.5
+# at most this offset (nats, per label) is measured against: the average neutral face is FER+'s 48 px one, so a
+# sharp photo's resting face differs from it partly by domain, not only by the person's trait. Uncapped, a
+# performer whose neutral photos read 20 % happy (an offset of 5.9 nats) had 4 of 5 posed smiles called
+# neutral. Chosen leaving one tcce_dev performer out (3 for six of seven; model card).
+SUBJECT_OFFSET_CAP = 3.0
 _MODEL_FILES = ("config.json", "model.safetensors")
 
 
@@ -136,13 +141,15 @@ class ExpressionModel:
         ``subject_neutral``: :func:`mean_log_probs` of their neutral photo(s), in this model's label order.
         What their resting face shows beyond the average neutral face (``neutral_reference``: a low brow read
         as anger, a mouth read as sadness) is a trait of the face, not an expression: ``shrink`` of that
-        offset is divided out, ``p' ∝ p * exp(-shrink * (subject_neutral - neutral_reference))``. Rows stay
-        distributions; a model folder without a neutral reference is an error."""
+        offset is divided out, ``p' ∝ p * exp(-shrink * clip(subject_neutral - neutral_reference))``, the offset
+        clipped to ±``SUBJECT_OFFSET_CAP`` nats per label. Rows stay distributions; a model folder without a
+        neutral reference is an error."""
         if self.neutral_reference is None:
             raise ValueError("this expression model's config.json has no neutral_reference, so expressions cannot "
                              "be measured against a person's own neutral face (python -m cem.training "
                              "--calibrate-only adds it)")
-        offset = np.asarray(subject_neutral, dtype=np.float64) - self.neutral_reference
+        offset = np.clip(np.asarray(subject_neutral, dtype=np.float64) - self.neutral_reference,
+                         -SUBJECT_OFFSET_CAP, SUBJECT_OFFSET_CAP)
         logp = np.log(np.clip(probs, 1e-12, None)) - shrink * offset
         logp -= logp.max(axis=1, keepdims=True)
         p = np.exp(logp)
