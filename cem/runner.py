@@ -362,8 +362,12 @@ class Runner:
         chunk: list[tuple[InputItem, Any]] = []
 
         def flush() -> None:
-            results = pipe.reason_many([m for _, m in chunk], [it.context for it, _ in chunk])
-            for (it, _), result in zip(chunk, results):
+            results = list(pipe.reason_many([m for _, m in chunk], [it.context for it, _ in chunk]))
+            for result in results:
+                # off the batch before it is written: a Ctrl-C (or SIGTERM) while the batch is written then
+                # flushes only what is left (it wrote the whole batch again: up to 31 duplicate records); one
+                # stopped between here and the write is not written at all, and --resume does it
+                it, _ = chunk.pop(0)
                 result.meta = dict(it.extra) or None
                 self._count(sink.write_result(result, landmarks=self.landmarks), summary)
                 if bar is not None:

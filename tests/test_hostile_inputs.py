@@ -1765,3 +1765,32 @@ def test_a_name_that_is_not_utf8_is_one_input_under_two_spellings(pipeline, face
     assert _run(pipeline, [odd], out)[0].images == 1
     again, _ = _run(pipeline, ["./" + odd, "d//" + os.path.basename(odd)], out, resume=True)
     assert again.images == 0 and again.skipped == 1 and len(_strict_records(out)) == 1
+
+
+def test_a_ctrl_c_while_a_batch_is_written_leaves_each_input_one_record(pipeline, face_png, tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM) landing while a reasoning batch's records were being written made the interrupt
+    handler write the whole batch again: up to 31 duplicate records, kept by --resume, counted twice by the
+    table and the report, and refused by cem eval."""
+    import cem.sinks
+
+    for k in range(6):
+        shutil.copy(face_png, tmp_path / f"{k}.png")
+    real = cem.sinks.JsonlSink.write
+    written = []
+
+    def write(self, record):
+        out = real(self, record)
+        written.append(record)
+        if len(written) == 2:
+            raise KeyboardInterrupt  # the user's Ctrl-C, right after the batch's second record
+        return out
+
+    monkeypatch.setattr(cem.sinks.JsonlSink, "write", write)
+    out = tmp_path / "o.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        _run(pipeline, sorted(tmp_path.glob("*.png")), out)
+    names = [r["image"] for r in _strict_records(out)]
+    assert len(names) == len(set(names)) == 6  # the rest of the batch written once, none twice
+    monkeypatch.setattr(cem.sinks.JsonlSink, "write", real)
+    summary, _ = _run(pipeline, sorted(tmp_path.glob("*.png")), out, resume=True)
+    assert summary.skipped == 6 and len(_strict_records(out)) == 6
