@@ -32,6 +32,7 @@ import base64
 import json
 import math
 import os
+import stat
 from collections.abc import Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -451,18 +452,59 @@ class JsonlSink:
         return self.path.with_name(self.path.name + ".rejected")
 
     def _rewrite(self, good: list[bytes]) -> None:
-        """Move rejected lines to OUT.rejected (appended), then replace OUT by its good lines atomically."""
+        """Move rejected lines to OUT.rejected (appended), then leave only the good lines in OUT.
+
+        OUT is the file a link names (a link stays a link, and the file it points to is the one repaired). When
+        the good lines are the file's beginning (a torn last line, a last record without its newline: the
+        usual leftovers of a stopped run) the file is cut or ended in place: no room for a copy is needed, and
+        its mode, owner and hard links stay. Otherwise a copy replaces it atomically, with the file's mode;
+        a copy that cannot be completed (a full disk) is removed, and OUT.rejected is restored, so that the
+        next attempt starts as this one did."""
+        target = Path(os.path.realpath(self.path))
+        kept = b"".join(good)
+        rejected_before = self.rejected_path.stat().st_size if self.rejected_path.exists() else None
         if self.existing.rejected:
             with open(self.rejected_path, "ab") as fh:
                 fh.writelines(self.existing.rejected)
                 fh.flush()
                 os.fsync(fh.fileno())
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
-            fh.writelines(good)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with open(target, "r+b") as fh:
+                head = fh.read(len(kept) + 1)
+                if head[: len(kept)] == kept:  # the good lines, then the lines to drop: cut them off
+                    fh.truncate(len(kept))
+                elif kept.endswith(b"\n") and head == kept[:-1]:  # all good, the last lacks its newline
+                    fh.seek(len(kept) - 1)
+                    fh.write(b"\n")
+                else:
+                    head = b""
+                if head:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                    return
+            self._replace(target, good)
+        except BaseException:
+            if rejected_before is None:
+                self.rejected_path.unlink(missing_ok=True)
+            elif self.existing.rejected:
+                with open(self.rejected_path, "r+b") as fh:
+                    fh.truncate(rejected_before)
+            raise
+
+    @staticmethod
+    def _replace(target: Path, good: list[bytes]) -> None:
+        """``target`` replaced by ``good`` through a copy beside it (a short name: the output's own name may
+        already be near the file system's limit), with ``target``'s mode."""
+        tmp = target.with_name(f".cem-rewrite.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                fh.writelines(good)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def write(self, record: dict[str, Any]) -> dict[str, Any]:
         """Write one record (see :func:`finalize`); returns what was written."""

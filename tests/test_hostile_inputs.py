@@ -1794,3 +1794,48 @@ def test_a_ctrl_c_while_a_batch_is_written_leaves_each_input_one_record(pipeline
     monkeypatch.setattr(cem.sinks.JsonlSink, "write", real)
     summary, _ = _run(pipeline, sorted(tmp_path.glob("*.png")), out, resume=True)
     assert summary.skipped == 6 and len(_strict_records(out)) == 6
+
+
+def test_resume_repairs_the_file_a_link_names_in_place_and_keeps_its_mode(pipeline, face_png, tmp_path, monkeypatch):
+    """The repair of a torn output replaced it by a copy: a linked output became a plain file (the file it
+    pointed to left torn), a 0600 output became 0644, a hard link was cut, and on a nearly full disk each failed
+    attempt left a hidden copy behind and appended the torn line to OUT.rejected again."""
+    import stat as st
+
+    import cem.sinks
+
+    for k in range(3):
+        shutil.copy(face_png, tmp_path / f"{k}.png")
+    store = tmp_path / "store"
+    store.mkdir()
+    real = store / "real.jsonl"
+    _run(pipeline, [tmp_path / "0.png", tmp_path / "1.png"], real)
+    real.write_bytes(real.read_bytes() + b'{"image": "torn')  # a run killed while writing
+    real.chmod(0o600)
+    os.link(real, tmp_path / "hard.jsonl")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(real)
+    _run(pipeline, sorted(tmp_path.glob("*.png")), link, resume=True)
+    assert link.is_symlink() and os.path.realpath(link) == str(real)
+    assert [Path(r["image"]).name for r in _strict_records(real)] == ["0.png", "1.png", "2.png"]
+    assert st.S_IMODE(real.stat().st_mode) == 0o600 and real.stat().st_nlink == 2  # repaired in place
+    assert (tmp_path / "hard.jsonl").read_bytes() == real.read_bytes()
+    rejected = tmp_path / "link.jsonl.rejected"  # beside the name the user gave (OUT.rejected)
+    assert rejected.read_bytes().startswith(b'{"image": "torn')
+    # a line to drop in the middle needs a copy: it keeps the mode, and a copy that fails leaves nothing behind
+    lines = real.read_bytes().splitlines(keepends=True)
+    real.write_bytes(lines[0] + b"not a record\n" + b"".join(lines[1:]) + b'{"image": "torn again')
+    before = rejected.read_bytes()
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cem.sinks.os, "replace", full_disk)
+    with pytest.raises(RunError, match="no space left"):
+        _run(pipeline, sorted(tmp_path.glob("*.png")), link, resume=True)
+    assert not [p.name for p in store.iterdir() if p.name.endswith(".tmp")]  # no copy left behind
+    assert rejected.read_bytes() == before  # as it was: the next attempt starts the same
+    monkeypatch.undo()
+    _run(pipeline, sorted(tmp_path.glob("*.png")), link, resume=True)
+    assert link.is_symlink() and st.S_IMODE(real.stat().st_mode) == 0o600
+    assert [Path(r["image"]).name for r in _strict_records(real)] == ["0.png", "1.png", "2.png"]
