@@ -409,6 +409,7 @@ class JsonlSink:
         self.path = Path(path)
         self.resume = resume
         self._fh: IO[bytes] | None = None
+        self._write_failed = False
         if self.path.is_dir():
             raise OutputError(f"{self.path}: is a folder; give a file name for the output")
         if self.path.exists() and not self.path.is_file():  # a FIFO or device would block or not resume
@@ -516,10 +517,14 @@ class JsonlSink:
             self._fh.write(dumps(rec).encode("utf-8") + b"\n")
             self._fh.flush()
         except OSError as e:  # a full disk or a lost mount: say which file, and that what is written stays
-            raise OSError(e.errno, f"{self.path}: cannot write ({os_reason(e)}); the records written before "
-                          f"are kept: make room and run again with --resume") from None
+            self._write_failed = True
+            raise self._cannot_write(e) from None
         self.written += 1
         return rec
+
+    def _cannot_write(self, e: OSError) -> OSError:
+        return OSError(e.errno, f"{self.path}: cannot write ({os_reason(e)}); the records written before are "
+                                f"kept: make room and run again with --resume")
 
     def write_result(self, result: ImageResult, landmarks: bool = False) -> dict[str, Any]:
         """Write the record of a pipeline result (see :func:`result_record`); returns what was written."""
@@ -528,7 +533,12 @@ class JsonlSink:
     def close(self) -> None:
         try:
             if self._fh is not None:
-                self._fh.close()
+                fh, self._fh = self._fh, None
+                try:
+                    fh.close()  # flushes what the buffer still holds: on a full disk, the failed write again
+                except OSError as e:
+                    if not self._write_failed:  # else it would hide the message that names the file
+                        raise self._cannot_write(e) from None
         finally:
             self.lock.release()
 

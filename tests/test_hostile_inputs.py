@@ -1459,6 +1459,17 @@ def test_a_full_disk_names_the_output_and_what_is_kept(tmp_path):
     sink._fh.close()
     sink._fh = None
     sink.close()
+    # a buffered file (as the run's is): closing it flushed the failed record again, and that bare
+    # "[Errno 28] No space left on device" replaced the message above
+    sink = JsonlSink(tmp_path / "b.jsonl")
+    sink.open()
+    sink._fh.close()
+    sink._fh = open("/dev/full", "wb")  # noqa: SIM115
+    with pytest.raises(OSError, match=r"b.jsonl: cannot write \(no space left on device\); the records written"):
+        try:
+            sink.write({"image": "x.png", "faces": [], "error": None})
+        finally:
+            sink.close()
 
 
 def test_a_run_stopped_with_ctrl_z_and_continued_times_no_image_out(face_png, tmp_path):
