@@ -551,9 +551,12 @@ def record_kind(record: Mapping[str, Any]) -> str:
     return "image"
 
 
-def validate_record(record: Mapping[str, Any], kind: str | None = None) -> BaseModel:
+def validate_record(record: Mapping[str, Any], kind: str | None = None, unknown_fields: bool = False) -> BaseModel:
     """Check ``record`` (a dict as read from or written to a file) against the contract and return it as
     its record type. ``kind``: image | moment | video | error | frame (default: :func:`record_kind`).
+    ``unknown_fields``: top-level fields the contract does not name are left out rather than refused, as
+    readers of records do ("new fields may be added": a newer cem's, or a note added by hand); writers refuse
+    them, so that a misnamed field is never written.
 
     Raises :class:`RecordError` naming the record's image and every field that is wrong.
     """
@@ -563,7 +566,10 @@ def validate_record(record: Mapping[str, Any], kind: str | None = None) -> BaseM
     if kind not in RECORD_KINDS:
         raise ValueError(f"unknown record kind {kind!r}; one of {', '.join(RECORD_KINDS)}")
     what = str(record.get("video") or record.get("image") or "record")
-    return _validated(RECORD_KINDS[kind], record, what)
+    model = RECORD_KINDS[kind]
+    if unknown_fields:
+        record = {k: v for k, v in record.items() if k in model.model_fields}
+    return _validated(model, record, what)
 
 
 def json_schema(kind: str = "image") -> dict[str, Any]:

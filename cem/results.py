@@ -78,7 +78,7 @@ def read_records(path: str | os.PathLike, report: ReadReport | None = None) -> I
                 continue
             try:
                 rec = json.loads(line)
-                validate_record(rec)
+                validate_record(rec, unknown_fields=True)
             except json.JSONDecodeError as e:
                 if report is not None:
                     report.skipped.append((n, f"line {n}: not JSON ({e.msg})"))
