@@ -529,3 +529,20 @@ def test_a_file_that_no_longer_matches_its_record_gets_no_thumbnail(tmp_path):
     assert any("the file found is 250x200 px, the record was made on 500x400" in n for n in card["notes"])
     card = _data(build_report([rec | {"width": 250, "height": 200}]))["cards"][0]  # the size it was made on
     assert card["thumb"].startswith("data:image/jpeg;base64,") and not card["notes"]
+
+
+def test_bidi_controls_in_names_and_contexts_are_shown_not_obeyed(tmp_path):
+    """U+202E in a file name displayed "anna<RLO>gpj.bob" as "anna bob.jpg" (and reversed the image size after
+    it); in a context it showed "at a funeral party" where the model read "at a larenuf party". Such controls are
+    written out as \\u202e, as lone surrogates are."""
+    rec = {"image": "in/anna\u202egpj.bob", "width": 256, "height": 341, "faces": [],
+           "context": "at a \u202elarenuf\u202c party", "error": None}
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(rec) + "\n", encoding="utf-8")
+    out = tmp_path / "r.html"
+    res = CliRunner().invoke(main, ["report", str(path), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    page = out.read_text(encoding="utf-8")
+    for control in ("\u202e", "\u202c"):
+        assert control not in page and json.dumps(control) not in page  # neither raw nor as a JSON escape
+    assert "anna\\\\u202egpj.bob" in page and "larenuf\\\\u202c party" in page

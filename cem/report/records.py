@@ -107,7 +107,9 @@ def read_lines(path: str | os.PathLike[str]) -> tuple[list[Line], list[Problem]]
     return lines, problems
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
+# lone surrogates, and the bidirectional controls that reorder the text around them (U+202E turned
+# "anna<RLO>gpj.bob" into "anna bob.jpg" on the page, with the image size after it reversed too)
+_SURROGATE = re.compile("[\ud800-\udfff\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c]")
 
 
 def _escape_surrogate(m: re.Match[str]) -> str:
@@ -118,7 +120,10 @@ def _escape_surrogate(m: re.Match[str]) -> str:
 def visible(text: str) -> str:
     """``text`` with every lone surrogate written out: a byte that was not UTF-8 (a surrogate escape,
     U+DC80..U+DCFF) as ``\\xNN``, any other as ``\\uNNNN``. Such text cannot be encoded as UTF-8, and
-    browsers handle it badly (headless Chromium crashes serialising it), so the report shows it escaped."""
+    browsers handle it badly (headless Chromium crashes serialising it), so the report shows it escaped.
+    Bidirectional controls (U+202A-U+202E, U+2066-U+2069, U+200E, U+200F, U+061C) are written out as
+    ``\\uNNNN`` too: shown as they act, they reorder a file name or a context (and the text beside it) into
+    something else than what the file or the model has."""
     return _SURROGATE.sub(_escape_surrogate, text) if _SURROGATE.search(text) else text
 
 
