@@ -184,13 +184,29 @@ def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: 
 
     stopped_by: list[int] = []
 
+    from contextlib import ExitStack
+
+    from cem.signals import handling, is_interrupt, request_stop
+
     def terminated(signum: int, frame: object) -> None:  # kill, systemd stop, logout: as Ctrl-C, said the same way
         stopped_by.append(signum)
+        request_stop()
         raise KeyboardInterrupt
 
-    from cem.signals import handling
+    def interrupted(signum: int, frame: object) -> None:  # Ctrl-C, noted (see is_interrupt) as well as raised
+        request_stop()
+        raise KeyboardInterrupt
 
-    with handling(signal.SIGTERM, terminated):
+    # SIGHUP (a closed terminal, a dropped ssh session) too, so the batch in hand is written; not under nohup,
+    # which asks for the run to go on
+    hangup = getattr(signal, "SIGHUP", None)
+    if hangup is not None and signal.getsignal(hangup) == signal.SIG_IGN:
+        hangup = None
+    with ExitStack() as stack:
+        stack.enter_context(handling(signal.SIGTERM, terminated))
+        stack.enter_context(handling(hangup, terminated))
+        if signal.getsignal(signal.SIGINT) == signal.default_int_handler:  # not where Ctrl-C is ignored
+            stack.enter_context(handling(signal.SIGINT, interrupted))
         try:
             if engine["engine"] == "ray":
                 from cem.io import read_context_csv
@@ -204,14 +220,16 @@ def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: 
                           context_file=context_file, landmarks=landmarks, progress=not no_progress, limit=limit,
                           dry_run=dry_run, frames=frames_path, every=every, fps=fps, image_timeout_s=image_timeout_s,
                           retry_errors=retry_errors, overwrite=overwrite, echo=_say)
-        except RunError as e:
-            _fail(safe_text(str(e)))
-        except (ValueError, OSError) as e:  # context file unreadable (the local runner reports its own)
-            _fail(safe_text(str(e)))
-        except KeyboardInterrupt:
-            _say(f"cem: {'stopped (SIGTERM)' if stopped_by else 'interrupted'}; every record written to {output} is "
-                 f"kept: run again with --resume")
-            sys.exit(143 if stopped_by else 130)
+        except BaseException as e:
+            # a Ctrl-C (or stop signal) raised inside native code comes out of it as another exception
+            if not isinstance(e, (KeyboardInterrupt, RunError, ValueError, OSError, RuntimeError)) \
+                    or not is_interrupt(e):
+                if isinstance(e, (RunError, ValueError, OSError)):  # a context file that cannot be read, ...
+                    _fail(safe_text(str(e)))
+                raise
+            how = f"stopped ({signal.Signals(stopped_by[0]).name})" if stopped_by else "interrupted"
+            _say(f"cem: {how}; every record written to {output} is kept: run again with --resume")
+            sys.exit(128 + stopped_by[0] if stopped_by else 130)
     if dry_run:
         for path in summary.planned:
             click.echo(path)

@@ -25,6 +25,7 @@ from cem.contract import MAX_CONTEXT_CHARS, FaceEvidence, FaceResult, ImageResul
 from cem.fer.expression import model_id as expression_model_id
 from cem.fuse import downweight_contradicted, explain, ground_cues, pool
 from cem.io import ImageInput, ImageLoadError, load_image
+from cem.signals import is_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +283,8 @@ class Pipeline:
             try:
                 evidence = fer.measure(rgb, faces, baseline=baseline)
             except Exception as e:  # a model failure on one image must not end a batch; it is reported
+                if is_interrupt(e):  # Ctrl-C while MediaPipe called back into Python: the user's, not the image's
+                    raise KeyboardInterrupt from None
                 return MeasuredImage(name, None, [], timings, f"{name}: FER stage failed ({type(e).__name__}: {e})",
                                      w, h)
             timings["fer"] = (time.perf_counter() - t1) * 1000
@@ -366,6 +369,8 @@ class Pipeline:
             for i, a in zip(live, self.reasoner.reason_batch(jobs)):
                 out[i] = (a, None)
         except Exception as e:
+            if is_interrupt(e):
+                raise KeyboardInterrupt from None
             if len(jobs) > 1 and not _shared_failure(e):
                 # one image's problem (its prompt, its reply) must not cost the others their answers: each
                 # image again on its own, so the error lands on the image that caused it
@@ -373,6 +378,8 @@ class Pipeline:
                     try:
                         out[i] = (self.reasoner.reason_batch([job])[0], None)
                     except Exception as e_one:  # reported on this image's faces; the run goes on
+                        if is_interrupt(e_one):
+                            raise KeyboardInterrupt from None
                         out[i] = ([], _failure_message(e_one))
             else:  # the server or model is down for every image alike: no point asking each again
                 for i in live:

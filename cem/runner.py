@@ -297,6 +297,10 @@ class Runner:
             try:
                 self.pipeline = Pipeline(self.config, load_fer=need_fer, reasoner=self.reasoner)
             except Exception as e:  # a model or configuration that cannot be used: one message, exit 2
+                from cem.signals import is_interrupt
+
+                if is_interrupt(e):  # Ctrl-C while the models loaded (MediaPipe's start-up calls back into Python)
+                    raise KeyboardInterrupt from None
                 raise RunError(f"{type(e).__name__}: {e}") from None
         return self.pipeline
 

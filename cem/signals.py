@@ -38,3 +38,29 @@ def handling(signum: int | None, handler: Handler, chain: bool = False) -> Itera
     finally:
         # None: a handler not set from Python (it cannot be put back as it was); the default is the nearest
         signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+
+
+# set by the CLI's stop handlers (Ctrl-C, SIGTERM, SIGHUP) before they raise KeyboardInterrupt
+_stop_requested = threading.Event()
+
+
+def request_stop() -> None:
+    """Note that the user asked the run to stop (see :func:`is_interrupt`)."""
+    _stop_requested.set()
+
+
+def is_interrupt(e: BaseException) -> bool:
+    """Whether ``e`` is the user's Ctrl-C (or a stop signal) in disguise. A KeyboardInterrupt raised while native
+    code (MediaPipe) was calling back into Python comes out of it as another exception ("Error calling function
+    `<lambda>`: KeyboardInterrupt"): caught as one image's failure, it became an error record and the run went
+    on, or, while the models loaded, exit 2. Code that turns exceptions into per-image errors asks this first."""
+    if _stop_requested.is_set() or isinstance(e, KeyboardInterrupt):
+        return True
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, KeyboardInterrupt) or "KeyboardInterrupt" in str(cur)[:2000]:
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False

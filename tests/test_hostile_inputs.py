@@ -1428,22 +1428,35 @@ def test_a_manifest_path_written_relative_to_the_current_folder_gets_a_hint(face
     assert right.error is None and right.found
 
 
-def test_sigterm_stops_a_run_as_ctrl_c_does(face_png, tmp_path):
-    """kill / systemd stop: the records so far are kept, the run says to --resume, exit 143, no traceback."""
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP", "SIGHUP under nohup"])
+def test_sigterm_stops_a_run_as_ctrl_c_does(face_png, tmp_path, name):
+    """kill / systemd stop: the records so far are kept, the run says to --resume, exit 143, no traceback. A
+    closed terminal or dropped ssh session (SIGHUP) killed the run without a word and lost the batch in hand:
+    it stops the same way (exit 129), except under nohup, which asks for the run to go on."""
     import signal
 
+    sig = getattr(signal, name.split()[0])
+    nohup = name.endswith("nohup")
     folder = _copies(face_png, tmp_path / "in", 400)
     out = tmp_path / "o.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "cem.cli", "annotate", str(folder), "-o", str(out),
-                             "--no-progress"], stderr=subprocess.PIPE, text=True)
+                             "--no-progress"], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if nohup else None)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not out.exists() or out.stat().st_size == 0):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
+    if nohup:
+        time.sleep(3)
+        assert proc.poll() is None, "nohup: the run goes on"
+        proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     records = _strict_records(out)
-    assert proc.returncode == 143 and "run again with --resume" in err, err
+    stopped = signal.SIGTERM if nohup else sig
+    assert proc.returncode == 128 + stopped and "run again with --resume" in err, err
+    assert f"stopped ({stopped.name})" in err and "Traceback" not in err
     assert 0 < len(records) < 400
+    assert len({r["image"] for r in records}) == len(records)
 
 
 def test_a_full_disk_names_the_output_and_what_is_kept(tmp_path):
@@ -1869,3 +1882,23 @@ def test_records_with_a_field_this_cem_does_not_know_are_read_not_dropped(pipeli
     assert write_table(out, tmp_path / "t.csv").rows == 1
     with pytest.raises(RecordError, match="note"):
         validate_record({**rec, "note": "x"})
+
+
+def test_a_ctrl_c_that_native_code_turns_into_another_error_still_stops_the_run(pipeline, face_png, monkeypatch):
+    """A KeyboardInterrupt raised while MediaPipe called back into Python came out of it as "Error calling
+    function `<lambda>`: KeyboardInterrupt": one image's "FER stage failed" error record, and the run went on
+    (or exit 2 while the models loaded). It is the user's stop, not the image's failure."""
+    from cem.signals import is_interrupt
+
+    disguised = RuntimeError("Error calling function `<lambda>`: KeyboardInterrupt: ")
+    assert is_interrupt(disguised) and is_interrupt(KeyboardInterrupt())
+    assert not is_interrupt(RuntimeError("CUDA out of memory")) and not is_interrupt(ValueError("bad"))
+
+    def measure(*a, **k):
+        raise disguised
+
+    monkeypatch.setattr(pipeline.fer, "measure", measure)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.measure(str(face_png))
+    monkeypatch.setattr(pipeline.fer, "measure", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert "FER stage failed (RuntimeError: boom)" in pipeline.measure(str(face_png)).error  # a real failure
