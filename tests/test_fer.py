@@ -711,3 +711,46 @@ def test_whole_mode_crops_a_face_as_detect_mode_does(pipeline, astronaut):
     gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
     probs = fer.expression.predict(gray[None])[0]
     assert [face48.expression[k] for k in fer.expression.labels] == pytest.approx(probs.tolist(), abs=1e-6)
+
+
+def test_of_two_boxes_of_one_face_the_sharper_view_is_kept_not_the_surer(pipeline, monkeypatch):
+    """On a wide canvas (white space, other faces beside it) the whole image squeezed into 128 px gave a coarse
+    box that outscored the tile's sharp one in the NMS; the box sets the mesh's region, and one face's AU25
+    went from 0.14 to 2.72 with white space added. Of two MediaPipe boxes of one face, the sharper view's is
+    kept; a tile's box cut by the tile's edge never is."""
+    from cem.fer.detect import Detection, FaceDetector, tile_plan
+
+    det = FaceDetector("short", small_faces="off")
+    h, w = 341, 1024
+    tiles = tile_plan(h, w)
+    assert tiles and tiles[0][:2] == (0, 0)
+    eyes = np.array([[80.0, 170.0], [150.0, 170.0], [115.0, 200.0], [115.0, 240.0], [60.0, 180.0], [170.0, 180.0]])
+    whole = Detection((40.0, 120.0, 164.0, 164.0), 0.958, eyes)
+    sharp = Detection((32.0, 128.0, 183.0, 183.0), 0.923, eyes)
+
+    def region(self, rgb, x0, y0, tw, th, detectors=None):
+        view = float(max(tw, th))
+        if (x0, y0, tw, th) == (0, 0, w, h):
+            return [Detection(whole.bbox, whole.score, eyes, view_px=view)]
+        if (x0, y0) == (0, 0):  # the first tile holds the face whole
+            return [Detection(sharp.bbox, sharp.score, eyes, view_px=view)]
+        return []
+
+    monkeypatch.setattr(FaceDetector, "_detect_region", region)
+    rgb = np.full((h, w, 3), 255, np.uint8)
+    (found,) = det.detect(rgb)
+    assert found.bbox == sharp.bbox and found.view_px == tiles[0][2]  # the tile's box, though less sure
+    # a box cut by its tile's edge shows part of the face: the whole image's box stays
+    cut = Detection((200.0, 128.0, 183.0, 183.0), 0.923, eyes)
+
+    def region_cut(self, rgb, x0, y0, tw, th, detectors=None):
+        if (x0, y0, tw, th) == (0, 0, w, h):
+            return [Detection((210.0, 120.0, 164.0, 164.0), 0.958, eyes, view_px=float(w))]
+        if (x0, y0) == (0, 0):
+            return [Detection(cut.bbox, cut.score, eyes, view_px=float(tw))]
+        return []
+
+    monkeypatch.setattr(FaceDetector, "_detect_region", region_cut)
+    (found,) = det.detect(rgb)
+    assert found.bbox == (210.0, 120.0, 164.0, 164.0)
+    det.close()

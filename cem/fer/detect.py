@@ -12,7 +12,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -55,6 +55,10 @@ class Detection:
     # mouth, right ear, left ear; MTCNN (5, 2) right eye, left eye, nose tip, mouth corners (image left first)
     keypoints: np.ndarray
     source: str = "mediapipe"  # which detector found the face: mediapipe or mtcnn
+    # the long side, in image pixels, of the region the detector squeezed into its input (the whole image, a
+    # tile, a crop): the smaller, the sharper it saw the face; 0 when not known
+    view_px: float = 0.0
+    cut: bool = False  # it touches the edge of its tile inside the image: the tile shows part of the face
 
     @property
     def eyes(self) -> tuple[np.ndarray, np.ndarray]:
@@ -147,6 +151,21 @@ def pyramid_plan(h: int, w: int) -> list[tuple[int, int, int, int]]:
     return out
 
 
+# Of two MediaPipe boxes of one face (IoU at least SAME_FACE_IOU), the one from a view at least SHARPER_VIEW
+# times smaller (a tile, rather than the whole wide image squeezed into 128 px) is kept, whatever their scores:
+# the box sets the face mesh's region, and the mesh's landmarks (so the AUs) move with it. Kept by score, the
+# whole image's coarse box won on a wider canvas (white space or other faces beside the face), and the same
+# face's AU25 went from 0.14 to 2.72 (docs/action-units.md). A face cut by its tile's edge is never preferred.
+SAME_FACE_IOU = 0.5
+SHARPER_VIEW = 1.5
+
+
+def _sharper_view(d: Detection, kept: Detection) -> bool:
+    """Whether ``d`` should replace ``kept``: see ``SHARPER_VIEW``."""
+    return (d.source == kept.source == "mediapipe" and not d.cut and d.view_px > 0 and kept.view_px > 0
+            and d.view_px * SHARPER_VIEW <= kept.view_px and box_iou(d.bbox, kept.bbox) >= SAME_FACE_IOU)
+
+
 def _cut_by_tile(box: tuple[float, float, float, float], x0: int, y0: int, tw: int, th: int,
                  w: int, h: int) -> bool:
     """Whether a detection in tile (x0, y0, tw, th) touches a tile edge inside the image: a face cut by the
@@ -198,13 +217,6 @@ CONFIRM_SIDE = 256  # the crop is downscaled to this first (the detectors see 12
 # fails; on the group scenes this found 2 + 4 more faces of seeds 0 and 1 with no new false positive
 MTCNN_MIN_SCORE_UNMESHED = 0.99
 MEDIAPIPE_SURE = 0.8  # MediaPipe detections at least this sure keep their box over an overlapping MTCNN one
-# A MediaPipe face narrower than this share of the image's long side was seen by the detector at under about
-# 40 px (it squeezes the image into 128 or 192 px), where its box is coarse; the box sets the face mesh's
-# region, and the mesh's landmarks (so the AUs) move with it. Such a face is looked at again in a crop of
-# CONFIRM_CONTEXT box sides around it (as MTCNN's faces are), and that crop's box is kept: the same face on
-# a wider canvas (white space, other faces beside it) moved AU25 0.14 -> 2.72 before; over 67 tcce_dev faces
-# padded by 768 px the largest AU change fell from 2.69 to 0.94 (docs/action-units.md)
-REFINE_BELOW = 0.3
 SmallFaces = Literal["mtcnn", "pyramid", "off"]
 
 
@@ -253,7 +265,7 @@ class FaceDetector:
                 rb = d.location_data.relative_bounding_box
                 bbox = (rb.xmin * w + x0, rb.ymin * h + y0, rb.width * w, rb.height * h)
                 kps = np.array([[k.x * w + x0, k.y * h + y0] for k in d.location_data.relative_keypoints])
-                out.append(Detection(bbox=bbox, score=float(d.score[0]), keypoints=kps))
+                out.append(Detection(bbox=bbox, score=float(d.score[0]), keypoints=kps, view_px=float(max(w, h))))
         return out
 
     def detect(self, rgb: np.ndarray) -> list[Detection]:
@@ -275,7 +287,8 @@ class FaceDetector:
         else:
             found = self._detect_region(rgb, 0, 0, w, h)
         for x0, y0, tw, th in tile_plan(h, w):
-            found += self._detect_region(rgb, x0, y0, tw, th)
+            found += [replace(d, cut=_cut_by_tile(d.bbox, x0, y0, tw, th, w, h))
+                      for d in self._detect_region(rgb, x0, y0, tw, th)]
         if self.small_faces == "pyramid":
             for x0, y0, tw, th in pyramid_plan(h, w):
                 found += [d for d in self._detect_region(rgb, x0, y0, tw, th, self._pyramid_detectors)
@@ -292,7 +305,7 @@ class FaceDetector:
             for d in self._detect_region(padded, -p, -p, sw + 2 * p, sh + 2 * p):
                 bx, by, bw, bh = d.bbox
                 found.append(Detection(bbox=(bx / s, by / s, bw / s, bh / s), score=d.score,
-                                       keypoints=d.keypoints / s))
+                                       keypoints=d.keypoints / s, view_px=d.view_px / s))
         if self.small_faces == "mtcnn" and min(h, w) >= SMALL_FACE_MIN_SIDE:
             # MediaPipe's sure detections go first: where both find a face, its box (the framing the rest of
             # the stage was measured with) is kept; MTCNN's compete by score with MediaPipe's unsure ones,
@@ -306,22 +319,13 @@ class FaceDetector:
             found = sorted(found, key=lambda d: -d.score)
         kept: list[Detection] = []
         for d in found:
-            if all(box_iou(d.bbox, k.bbox) < self.nms_iou and _inside(d.bbox, k.bbox) < 0.6 for k in kept):
+            clash = [i for i, k in enumerate(kept)
+                     if box_iou(d.bbox, k.bbox) >= self.nms_iou or _inside(d.bbox, k.bbox) >= 0.6]
+            if not clash:
                 kept.append(d)
-        kept = [self._refined(rgb, d) for d in kept]
+            elif len(clash) == 1 and _sharper_view(d, kept[clash[0]]):
+                kept[clash[0]] = d
         return sorted(kept, key=lambda d: d.bbox[0] + d.bbox[2] / 2)
-
-    def _refined(self, rgb: np.ndarray, det: Detection) -> Detection:
-        """``det`` with the box and keypoints MediaPipe gives in a crop around it, when the detector saw it small
-        (narrower than ``REFINE_BELOW`` of the image's long side); its score and source stay. MTCNN's faces
-        already have such a box (:meth:`_confirmed`); a face not found again in the crop keeps its box."""
-        h, w = rgb.shape[:2]
-        if det.source != "mediapipe" or det.bbox[2] >= REFINE_BELOW * max(h, w):
-            return det
-        again = self._confirmed_in(rgb, det, CONFIRM_CONTEXT)
-        if again is None:
-            return det
-        return Detection(bbox=again.bbox, score=det.score, keypoints=again.keypoints, source=det.source)
 
     def _confirmed(self, rgb: np.ndarray, det: Detection) -> Detection | None:
         """``det`` (an MTCNN face) as MediaPipe sees it in a square crop of ``CONFIRM_CONTEXT`` box sides around
