@@ -108,7 +108,11 @@ class WorkerPool:
         parent, child = self.ctx.Pipe()
         proc = self.ctx.Process(target=_worker_main, daemon=True,
                                 args=(child, self.config, self.threads, self.faces, self.keep_pixels))
-        proc.start()
+        # started with Ctrl-C ignored (kept across exec): the worker ignores it from its first import on, not
+        # only once _worker_main runs (a Ctrl-C while it started printed its 30-line traceback in the middle
+        # of the parent's "interrupted" message); the parent handles Ctrl-C for both
+        with handling(signal.SIGINT, signal.SIG_IGN):
+            proc.start()
         child.close()
         return _Worker(proc, parent)
 

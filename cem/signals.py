@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-Handler = Callable[[int, Any], None]
+Handler = Callable[[int, Any], None] | signal.Handlers  # a function, or signal.SIG_IGN / SIG_DFL
 
 
 @contextmanager
@@ -28,7 +28,8 @@ def handling(signum: int | None, handler: Handler, chain: bool = False) -> Itera
     previous = signal.getsignal(signum)
 
     def both(num: int, frame: Any) -> None:
-        handler(num, frame)
+        if callable(handler):
+            handler(num, frame)
         if callable(previous):
             previous(num, frame)
 
