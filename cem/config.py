@@ -249,7 +249,7 @@ class ExemplarOption(_Checked):
 class LLMOptions(BackendOptions):
     """Options shared by the LLM backends (prompt, answer bounds, batching)."""
 
-    batch_size: int = _num(4, ge=1)  # images per model call
+    batch_size: int = _num(4, ge=1, le=1024)  # images per model call (their pixels are held until it is done)
     max_cues: int = _num(4, ge=0)  # cues per face in the constrained answer
     max_text_chars: int = _num(80, ge=1)  # characters per cue (the rationale gets twice that)
     exemplars: list[ExemplarOption] = field(default_factory=list)

@@ -91,6 +91,7 @@ class RunSummary:
     reasoner_failed: Counter[str] = field(default_factory=Counter)  # faces whose reasoner failed, by cause
     skipped: int = 0  # inputs already in the output (--resume)
     rejected: int = 0  # lines of the output moved to OUT.rejected (--resume)
+    duplicates: int = 0  # of those, second records of an input already recorded
     repaired: bool = False  # a half-written last record was completed or moved away
     videos: int = 0
     videos_only: bool = False  # the run's inputs were videos alone (no image line to give, done or skipped)
@@ -111,8 +112,10 @@ class RunSummary:
     def lines(self) -> list[str]:
         out = [f"cem: {note}" for note in self.notes]
         if self.rejected:
+            dup = (f" ({self.duplicates} of them a second record of an input already recorded)"
+                   if self.duplicates else "")
             out.append(f"cem: {self.rejected} unreadable line(s) of {self.output} were moved to "
-                       f"{self.output}.rejected")
+                       f"{self.output}.rejected{dup}")
         if self.skipped:
             out.append(f"cem: {self.skipped} input(s) already in {self.output} were skipped (--resume)")
         image_s = max(self.elapsed_s - self.video_s, 0.0)
@@ -807,6 +810,7 @@ def _run(runner: Runner, inputs: Iterable[str | os.PathLike], out: Path, *, resu
         except OutputError as e:
             raise RunError(str(e)) from None
         summary.rejected, summary.repaired = len(sink.existing.rejected), sink.existing.repaired_tail
+        summary.duplicates = sink.existing.duplicates
         runner.plan_subjects(images)  # every photo of a subject counts for its baseline, done or not
         todo = [it for it in images if input_key(it.path, it.context, it.extra) not in sink.existing.keys]
         summary.skipped = len(images) - len(todo)

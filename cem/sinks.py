@@ -257,6 +257,7 @@ class ExistingOutput:
     videos_done: set[RecordKey] = field(default_factory=set)  # videos with a summary or an error record
     rejected: list[bytes] = field(default_factory=list)  # lines moved to OUT.rejected
     repaired_tail: bool = False  # the last record lacked its newline
+    duplicates: int = 0  # records of inputs already recorded above them (moved to OUT.rejected, in rejected)
     torn_tail: bool = False  # the last line was a fragment (a crash while writing it)
     retried: int = 0  # error records left out, to be done again (--retry-errors)
     # how the records that are not errors were made: MADE_WITH fields of their provenance -> how many
@@ -364,6 +365,12 @@ def scan(path: Path, retry: Container[RecordKey] = frozenset()) -> tuple[Existin
         key = record_key(rec)
         if "frame" not in rec and key in retry and (rec.get("error") or _reasoner_failed(rec)):
             found.retried += 1
+            continue
+        if "video" not in rec and key in found.keys:
+            # an input recorded twice (a run stopped while it wrote a batch could write the batch again, before
+            # this was mended): the first record stays, the copy goes to OUT.rejected (eval refused such a file)
+            found.duplicates += 1
+            found.rejected.append(line)
             continue
         good.append(line)
         if not rec.get("error") and isinstance(rec.get("provenance"), dict):

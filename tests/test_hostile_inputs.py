@@ -1902,3 +1902,21 @@ def test_a_ctrl_c_that_native_code_turns_into_another_error_still_stops_the_run(
         pipeline.measure(str(face_png))
     monkeypatch.setattr(pipeline.fer, "measure", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     assert "FER stage failed (RuntimeError: boom)" in pipeline.measure(str(face_png)).error  # a real failure
+
+
+def test_resume_moves_a_second_record_of_an_input_to_rejected(pipeline, face_png, tmp_path):
+    """A run stopped while it wrote a batch could write the batch again (mended above), and --resume kept the
+    copies: cem table and the report counted them twice and cem eval refused the file. The first record of an
+    input stays; later ones go to OUT.rejected, and the run says so."""
+    shutil.copy(face_png, tmp_path / "a.png")
+    shutil.copy(face_png, tmp_path / "b.png")
+    out = tmp_path / "o.jsonl"
+    _run(pipeline, [tmp_path / "a.png", tmp_path / "b.png"], out)
+    first, second = out.read_bytes().splitlines(keepends=True)
+    out.write_bytes(first + second + first + second)
+    summary, _ = _run(pipeline, [tmp_path / "a.png", tmp_path / "b.png"], out, resume=True)
+    assert summary.skipped == 2 and summary.images == 0
+    assert out.read_bytes() == first + second
+    assert (tmp_path / "o.jsonl.rejected").read_bytes() == first + second
+    assert any("2 unreadable line(s)" in line and "2 of them a second record of an input already recorded" in line
+               for line in summary.lines()), summary.lines()
