@@ -186,7 +186,7 @@ def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: 
 
     from contextlib import ExitStack
 
-    from cem.signals import handling, is_interrupt, request_stop
+    from cem.signals import clear_stop, handling, is_interrupt, request_stop
 
     def terminated(signum: int, frame: object) -> None:  # kill, systemd stop, logout: as Ctrl-C, said the same way
         stopped_by.append(signum)
@@ -203,6 +203,7 @@ def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: 
     if hangup is not None and signal.getsignal(hangup) == signal.SIG_IGN:
         hangup = None
     with ExitStack() as stack:
+        stack.callback(clear_stop)  # the stop noted by the handlers belongs to this run only
         stack.enter_context(handling(signal.SIGTERM, terminated))
         stack.enter_context(handling(hangup, terminated))
         if signal.getsignal(signal.SIGINT) == signal.default_int_handler:  # not where Ctrl-C is ignored

@@ -112,10 +112,12 @@ class RunSummary:
     def lines(self) -> list[str]:
         out = [f"cem: {note}" for note in self.notes]
         if self.rejected:
-            dup = (f" ({self.duplicates} of them a second record of an input already recorded)"
-                   if self.duplicates else "")
-            out.append(f"cem: {self.rejected} unreadable line(s) of {self.output} were moved to "
-                       f"{self.output}.rejected{dup}")
+            unreadable = self.rejected - self.duplicates
+            what = ", ".join(p for p in (f"{unreadable} unreadable" if unreadable else "",
+                                         f"{self.duplicates} a second record of an input already recorded"
+                                         if self.duplicates else "") if p)
+            out.append(f"cem: {self.rejected} line(s) of {self.output} ({what}) were moved to "
+                       f"{self.output}.rejected")
         if self.skipped:
             out.append(f"cem: {self.skipped} input(s) already in {self.output} were skipped (--resume)")
         image_s = max(self.elapsed_s - self.video_s, 0.0)

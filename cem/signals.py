@@ -7,6 +7,7 @@ elsewhere (``cli.main`` or a pool called from a thread) the block runs without o
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -41,8 +42,11 @@ def handling(signum: int | None, handler: Handler, chain: bool = False) -> Itera
         signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
 
 
-# set by the CLI's stop handlers (Ctrl-C, SIGTERM, SIGHUP) before they raise KeyboardInterrupt
+# set by the CLI's stop handlers (Ctrl-C, SIGTERM, SIGHUP) before they raise KeyboardInterrupt; cleared when
+# the CLI's run ends (clear_stop)
 _stop_requested = threading.Event()
+# how pybind11 (MediaPipe) reports a Python exception raised inside a callback from native code
+_NATIVE_CALLBACK = re.compile(r"^Error calling function .{0,200}: KeyboardInterrupt\b", re.S)
 
 
 def request_stop() -> None:
@@ -50,17 +54,25 @@ def request_stop() -> None:
     _stop_requested.set()
 
 
+def clear_stop() -> None:
+    """Forget :func:`request_stop` (the run it stopped is over)."""
+    _stop_requested.clear()
+
+
 def is_interrupt(e: BaseException) -> bool:
     """Whether ``e`` is the user's Ctrl-C (or a stop signal) in disguise. A KeyboardInterrupt raised while native
-    code (MediaPipe) was calling back into Python comes out of it as another exception ("Error calling function
+    code (MediaPipe) was calling back into Python comes out of it as another error ("Error calling function
     `<lambda>`: KeyboardInterrupt"): caught as one image's failure, it became an error record and the run went
-    on, or, while the models loaded, exit 2. Code that turns exceptions into per-image errors asks this first."""
+    on, or, while the models loaded, exit 2. Code that turns exceptions into per-image errors asks this first.
+    Only that wrapper's own words count (a file named KeyboardInterrupt.jpg in a message is no interrupt), or
+    a stop the CLI's handlers noted."""
     if _stop_requested.is_set() or isinstance(e, KeyboardInterrupt):
         return True
     seen: set[int] = set()
     cur: BaseException | None = e
     while cur is not None and id(cur) not in seen:
-        if isinstance(cur, KeyboardInterrupt) or "KeyboardInterrupt" in str(cur)[:2000]:
+        if isinstance(cur, KeyboardInterrupt) or (
+                isinstance(cur, (RuntimeError, ValueError)) and _NATIVE_CALLBACK.match(str(cur)[:400])):
             return True
         seen.add(id(cur))
         cur = cur.__cause__ or cur.__context__

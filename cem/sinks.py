@@ -17,7 +17,8 @@ Decisions (documented here because every writer and reader of cem output relies 
   silently.
 - **Resume never deletes.** Lines that are not JSON objects with an ``image`` string (corrupt, non-object,
   a half-written last line) are moved to ``OUT.rejected`` beside the output (appended, never overwritten)
-  and reported; the other records stay, in order. Records are keyed by (image, context, manifest columns under
+  and reported, as is a second record of an input already recorded above it (the first stays); the other
+  records stay, in order. Records are keyed by (image, context, manifest columns under
   ``meta``), so two manifest rows for one image with different contexts (or subjects) are two records.
 - **One writer.** ``OUT.lock`` beside the output (its real path, symlinks resolved) is held with an exclusive
   ``flock`` for the whole run; a second run on the same output is refused at once with a message naming the
@@ -476,36 +477,50 @@ class JsonlSink:
                 fh.writelines(self.existing.rejected)
                 fh.flush()
                 os.fsync(fh.fileno())
+        changed = False  # once OUT is changed, the lines it no longer holds must stay in OUT.rejected
         try:
             with open(target, "r+b") as fh:
                 head = fh.read(len(kept) + 1)
                 if head[: len(kept)] == kept:  # the good lines, then the lines to drop: cut them off
+                    changed = True
                     fh.truncate(len(kept))
                 elif kept.endswith(b"\n") and head == kept[:-1]:  # all good, the last lacks its newline
+                    changed = True
                     fh.seek(len(kept) - 1)
                     fh.write(b"\n")
-                else:
-                    head = b""
-                if head:
+                if changed:
                     fh.flush()
                     os.fsync(fh.fileno())
                     return
             self._replace(target, good)
         except BaseException:
-            if rejected_before is None:
-                self.rejected_path.unlink(missing_ok=True)
-            elif self.existing.rejected:
-                with open(self.rejected_path, "r+b") as fh:
-                    fh.truncate(rejected_before)
+            if not changed and not self._replaced(target, kept):
+                if rejected_before is None:
+                    self.rejected_path.unlink(missing_ok=True)
+                elif self.existing.rejected:
+                    with open(self.rejected_path, "r+b") as fh:
+                        fh.truncate(rejected_before)
             raise
 
     @staticmethod
-    def _replace(target: Path, good: list[bytes]) -> None:
-        """``target`` replaced by ``good`` through a copy beside it (a short name: the output's own name may
-        already be near the file system's limit), with ``target``'s mode."""
-        tmp = target.with_name(f".cem-rewrite.{os.getpid()}.tmp")
+    def _replaced(target: Path, kept: bytes) -> bool:
+        """Whether ``target`` already holds just ``kept`` (the copy was put in place before something failed)."""
         try:
-            with open(tmp, "wb") as fh:
+            return target.stat().st_size == len(kept) and target.read_bytes() == kept
+        except OSError:
+            return False
+
+    @staticmethod
+    def _replace(target: Path, good: list[bytes]) -> None:
+        """``target`` replaced by ``good`` through a copy beside it (a short, unique name: the output's own name
+        may already be near the file system's limit, and another output in the folder may be repaired at the
+        same time), with ``target``'s mode."""
+        import tempfile
+
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=".cem-rewrite.", suffix=".tmp")  # unique per call
+        tmp = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as fh:
                 fh.writelines(good)
                 fh.flush()
                 os.fsync(fh.fileno())

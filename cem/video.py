@@ -43,6 +43,7 @@ import numpy as np
 
 from cem.contract import FRAME_INPUT_COLUMNS, ActionUnit, FaceEvidence, frame_row
 from cem.eval import js_divergence
+from cem.io import os_reason
 from cem.sinks import safe_text
 
 log = logging.getLogger(__name__)
@@ -610,6 +611,7 @@ class FrameTableWriter:
         self._pq_writer: Any = None
         self._existing: set[tuple[str, ...]] = set()
         self._target = self.path
+        self._write_failed = False
         # the columns that say which input a row is of; with the frame and the track they identify a row
         self._input_columns = [c for c in columns if c in FRAME_INPUT_COLUMNS or c.startswith("meta.")]
         resuming = resume and self.path.is_file() and self.path.stat().st_size > 0
@@ -687,16 +689,26 @@ class FrameTableWriter:
         prefix = self._input_key(row)
         return any(key[:len(prefix)] == prefix for key in self._existing)
 
+    def _cannot_write(self, e: OSError) -> OSError:
+        """A full disk or a lost mount, said as the JSONL output says it: which file, and what is kept."""
+        self._write_failed = True
+        return OSError(e.errno, f"{safe_text(os.fspath(self._target))}: cannot write the frame table "
+                                f"({os_reason(e)}); the rows written before are kept: make room and run again with "
+                                f"--resume")
+
     def write(self, rows: list[dict[str, Any]]) -> None:
         if self._existing:
             rows = [r for r in rows if self._key(r) not in self._existing]
-        if not self.parquet:
-            for r in rows:
-                self._w.writerow({k: ("" if v is None else v) for k, v in r.items()})
-            return
-        self._buf.extend(rows)
-        if len(self._buf) >= 2000:
-            self._flush()
+        try:
+            if not self.parquet:
+                for r in rows:
+                    self._w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+                return
+            self._buf.extend(rows)
+            if len(self._buf) >= 2000:
+                self._flush()
+        except OSError as e:
+            raise self._cannot_write(e) from None
 
     def _flush(self) -> None:
         import pyarrow as pa
@@ -719,6 +731,13 @@ class FrameTableWriter:
                           for c in self.columns])
 
     def close(self) -> None:
+        try:
+            self._close()
+        except OSError as e:
+            if not self._write_failed:  # else it would hide the message that names the file
+                raise self._cannot_write(e) from None
+
+    def _close(self) -> None:
         if self.parquet:
             self._flush()
             if self._pq_writer is None:  # no face in the whole video: still write the (empty) table

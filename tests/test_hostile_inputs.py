@@ -1888,11 +1888,21 @@ def test_a_ctrl_c_that_native_code_turns_into_another_error_still_stops_the_run(
     """A KeyboardInterrupt raised while MediaPipe called back into Python came out of it as "Error calling
     function `<lambda>`: KeyboardInterrupt": one image's "FER stage failed" error record, and the run went on
     (or exit 2 while the models loaded). It is the user's stop, not the image's failure."""
-    from cem.signals import is_interrupt
+    from cem.signals import clear_stop, is_interrupt, request_stop
 
     disguised = RuntimeError("Error calling function `<lambda>`: KeyboardInterrupt: ")
     assert is_interrupt(disguised) and is_interrupt(KeyboardInterrupt())
+    assert is_interrupt(ValueError("Error calling function `<lambda>`: KeyboardInterrupt: "))
     assert not is_interrupt(RuntimeError("CUDA out of memory")) and not is_interrupt(ValueError("bad"))
+    # a message that only quotes the word (a file named KeyboardInterrupt.jpg) is no interrupt
+    assert not is_interrupt(OSError(2, "No such file", "/x/KeyboardInterrupt.jpg"))
+    assert not is_interrupt(ValueError("no input found: /x/KeyboardInterrupt/a.jpg: file not found"))
+    request_stop()  # the CLI's handlers note a stop: then any failure is the stop's
+    try:
+        assert is_interrupt(ValueError("bad"))
+    finally:
+        clear_stop()
+    assert not is_interrupt(ValueError("bad"))
 
     def measure(*a, **k):
         raise disguised
@@ -1918,5 +1928,47 @@ def test_resume_moves_a_second_record_of_an_input_to_rejected(pipeline, face_png
     assert summary.skipped == 2 and summary.images == 0
     assert out.read_bytes() == first + second
     assert (tmp_path / "o.jsonl.rejected").read_bytes() == first + second
-    assert any("2 unreadable line(s)" in line and "2 of them a second record of an input already recorded" in line
+    assert any("2 line(s) of" in line and "(2 a second record of an input already recorded) were moved to" in line
                for line in summary.lines()), summary.lines()
+
+
+def test_a_repair_stopped_half_way_keeps_every_line_in_one_of_the_two_files(tmp_path, monkeypatch):
+    """Resume never deletes: a Ctrl-C (or a failed fsync) after the output was cut in place rolled OUT.rejected
+    back too, so the cut lines were in neither file. And two outputs of one folder repaired at once by one
+    process shared a temporary name (one's records ended up in the other)."""
+    import cem.sinks
+    from cem.sinks import JsonlSink
+
+    good = b'{"image": "a.jpg", "faces": [], "error": null}\n'
+    out = tmp_path / "o.jsonl"
+    out.write_bytes(good + b"not a record\n")
+    calls = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 2:  # the output's, once it is cut
+            raise KeyboardInterrupt
+        return real_fsync(fd)
+
+    monkeypatch.setattr(cem.sinks.os, "fsync", fsync)
+    sink = JsonlSink(out, resume=True)
+    with pytest.raises(KeyboardInterrupt):
+        sink.open()
+    sink.close()
+    assert out.read_bytes() == good and (tmp_path / "o.jsonl.rejected").read_bytes() == b"not a record\n"
+    monkeypatch.undo()
+    names = set()
+    real_replace = os.replace
+
+    def record(src, dst):
+        names.add(os.path.basename(src))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(cem.sinks.os, "replace", record)
+    for name in ("p.jsonl", "q.jsonl"):  # a line to drop in the middle: repaired through a copy
+        (tmp_path / name).write_bytes(b"junk\n" + good)
+        sink = JsonlSink(tmp_path / name, resume=True)
+        sink.open()
+        sink.close()
+    assert len(names) == 2 and all(n.startswith(".cem-rewrite.") for n in names)  # one name per copy

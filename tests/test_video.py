@@ -627,3 +627,21 @@ def test_a_portrait_phone_video_is_measured_upright(pipeline, face_crop, tmp_pat
         assert max(abs(ea.expression[k] - eb.expression[k]) for k in ea.expression) < 0.1
     # the report's picture of a key moment is the upright frame too, so that its boxes fall on the face
     assert frame_at(str(tmp_path / "phone.mp4"), 3, 10**8).shape[:2] == (480, 320)
+
+
+def test_a_full_disk_names_the_frame_table_and_what_is_kept(tmp_path):
+    """The JSONL output said which file a full disk stopped and that --resume continues; the --frames table
+    ended the run with a bare "[Errno 28] No space left on device"."""
+    import csv
+
+    from cem.video import FrameTableWriter
+
+    cols = ["video", "context", "frame", "track_id"]
+    w = FrameTableWriter(tmp_path / "frames.csv", cols)
+    w._fh.close()
+    w._fh = open("/dev/full", "w", newline="", encoding="utf-8")  # noqa: SIM115
+    w._w = csv.DictWriter(w._fh, fieldnames=cols)
+    w.write([{"video": "v.mp4", "context": None, "frame": 0, "track_id": 0}])  # buffered: fails on the way out
+    with pytest.raises(OSError, match=r"frames.csv: cannot write the frame table \(no space left on device\); the "
+                                      r"rows written before are kept: make room and run again with --resume"):
+        w.close()
