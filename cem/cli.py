@@ -197,6 +197,11 @@ def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: 
         request_stop()
         raise KeyboardInterrupt
 
+    def stopped() -> NoReturn:
+        how = f"stopped ({signal.Signals(stopped_by[0]).name})" if stopped_by else "interrupted"
+        _say(f"cem: {how}; every record written to {output} is kept: run again with --resume")
+        sys.exit(128 + stopped_by[0] if stopped_by else 130)
+
     # SIGHUP (a closed terminal, a dropped ssh session) too, so the batch in hand is written; not under nohup,
     # which asks for the run to go on
     hangup = getattr(signal, "SIGHUP", None)
@@ -221,16 +226,14 @@ def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: 
                           context_file=context_file, landmarks=landmarks, progress=not no_progress, limit=limit,
                           dry_run=dry_run, frames=frames_path, every=every, fps=fps, image_timeout_s=image_timeout_s,
                           retry_errors=retry_errors, overwrite=overwrite, echo=_say)
-        except BaseException as e:
-            # a Ctrl-C (or stop signal) raised inside native code comes out of it as another exception
-            if not isinstance(e, (KeyboardInterrupt, RunError, ValueError, OSError, RuntimeError)) \
-                    or not is_interrupt(e):
-                if isinstance(e, (RunError, ValueError, OSError)):  # a context file that cannot be read, ...
-                    _fail(safe_text(str(e)))
+        except KeyboardInterrupt:
+            stopped()
+        except (RunError, ValueError, OSError, RuntimeError) as e:
+            if is_interrupt(e):  # a Ctrl-C (or stop signal) raised inside native code comes out as another error
+                stopped()
+            if isinstance(e, RuntimeError):
                 raise
-            how = f"stopped ({signal.Signals(stopped_by[0]).name})" if stopped_by else "interrupted"
-            _say(f"cem: {how}; every record written to {output} is kept: run again with --resume")
-            sys.exit(128 + stopped_by[0] if stopped_by else 130)
+            _fail(safe_text(str(e)))  # RunError; a context file that cannot be read (the runner reports its own)
     if dry_run:
         for path in summary.planned:
             click.echo(path)

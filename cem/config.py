@@ -646,7 +646,6 @@ def _set(section: Any, key: str, value: Any, where: str) -> None:
         # a key YAML reads as another type (`yes:` is true, `1:` a number) is no field name either
         hint = _closest(key, names) if isinstance(key, str) else None
         if isinstance(key, bool):
-            hint = None
             where += " (YAML reads an unquoted yes/no/on/off as true/false)"
         raise ConfigError(f"{where}: unknown key {key!r}" + (f" (did you mean {hint!r}?)" if hint else "")
                           + f"; known: {', '.join(names)}")

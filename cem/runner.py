@@ -248,6 +248,8 @@ class Runner:
         error record as an input); when no photo can be used the subject's photos are measured against the
         average face, as without a subject column, and ``(None, why)`` says so in their records."""
         if subject not in self._baselines:
+            from cem.fer.aus import TooFewPhotosError
+
             rows = self.subjects.get(subject, [])
             photos = list({it.path: it for it in rows}.values())  # each file once
             # a photo is neutral when any of its rows says so (the row order decided it)
@@ -265,18 +267,17 @@ class Runner:
                     if not self.pipeline.needs_pixels:  # a reasoner that reads pixels needs the photo again anyway
                         self._premeasured.update(measured)
                     base = self.pipeline.median_baseline(list(measured.values()))
+            except TooFewPhotosError as e:  # a median that would be mostly the photo measured itself
+                self._baselines[subject] = (None, f"{subject}: none ({e}); measured against the average face")
+                self.notes.append(f"subject {subject!r}: no baseline: {e}; their photos are measured against "
+                                  f"the average face")
             except ValueError as e:
                 kind = "neutral photo" if neutral else "photo"
-                if neutral or "median baseline needs" not in str(e):
-                    why = "; ".join(unreadable) or str(e)
-                    self._baselines[subject] = (None, f"{subject}: none (no usable {kind}: {why}); measured "
-                                                      f"against the average face")
-                    self.notes.append(f"subject {subject!r}: no baseline could be built (no {kind} of theirs shows "
-                                      f"a usable face); their photos are measured against the average face")
-                else:  # too few photos for a median that is not mostly the photo measured itself
-                    self._baselines[subject] = (None, f"{subject}: none ({e}); measured against the average face")
-                    self.notes.append(f"subject {subject!r}: no baseline: {e}; their photos are measured against "
-                                      f"the average face")
+                why = "; ".join(unreadable) or str(e)
+                self._baselines[subject] = (None, f"{subject}: none (no usable {kind}: {why}); measured against "
+                                                  f"the average face")
+                self.notes.append(f"subject {subject!r}: no baseline could be built (no {kind} of theirs shows a "
+                                  f"usable face); their photos are measured against the average face")
             else:
                 self._baselines[subject] = (base, base.describe(subject, len(use)))
         return self._baselines[subject]

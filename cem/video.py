@@ -691,7 +691,6 @@ class FrameTableWriter:
 
     def _cannot_write(self, e: OSError) -> OSError:
         """A full disk or a lost mount, said as the JSONL output says it: which file, and what is kept."""
-        self._write_failed = True
         return OSError(e.errno, f"{safe_text(os.fspath(self._target))}: cannot write the frame table "
                                 f"({os_reason(e)}); the rows written before are kept: make room and run again with "
                                 f"--resume")
@@ -708,6 +707,7 @@ class FrameTableWriter:
             if len(self._buf) >= 2000:
                 self._flush()
         except OSError as e:
+            self._write_failed = True
             raise self._cannot_write(e) from None
 
     def _flush(self) -> None:

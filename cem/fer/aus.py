@@ -216,6 +216,10 @@ includes the photo being measured: of one photo it is that photo (every AU then 
 midpoint (each photo's AUs halved). From five on, one photo moves the median by at most one order statistic."""
 
 
+class TooFewPhotosError(ValueError):
+    """A median baseline asked of fewer than :data:`MEDIAN_MIN_PHOTOS` photos with a face."""
+
+
 @dataclass(frozen=True)
 class SubjectBaseline:
     """A person's own resting face: the median AU base measurements over their reference photos and, when

@@ -17,7 +17,7 @@ import numpy as np
 
 from cem.config import Config, check_faces_mode, check_label_overlap
 from cem.contract import FaceEvidence, Pose
-from cem.fer.aus import MEDIAN_MIN_PHOTOS, SubjectBaseline, estimate_aus
+from cem.fer.aus import MEDIAN_MIN_PHOTOS, SubjectBaseline, TooFewPhotosError, estimate_aus
 from cem.fer.detect import MTCNN_MIN_SCORE_UNMESHED
 from cem.fer.expression import CROP_SIZE, ExpressionModel, mean_log_probs
 from cem.fer.geometry import aligned_crop, eye_centers, frontalize, load_reference, pose_from_rotation
@@ -124,7 +124,7 @@ class FERStage:
         if not meshes:
             raise ValueError(f"no face mesh fits in any of the {seen} baseline image(s) of the subject")
         if not neutral and len(meshes) < MEDIAN_MIN_PHOTOS:
-            raise ValueError(f"a median baseline needs at least {MEDIAN_MIN_PHOTOS} photos with a face of the "
+            raise TooFewPhotosError(f"a median baseline needs at least {MEDIAN_MIN_PHOTOS} photos with a face of the "
                              f"subject, and {len(meshes)} of {seen} have one: with fewer, each photo weighs too much "
                              f"in its own reference (one photo would be measured against itself); flag a neutral "
                              f"photo of the subject instead")

@@ -289,14 +289,18 @@ class OpenAIReasoner(LLMReasonerBase):
             watchdog.cancel()
             conn.close()
 
-    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        """JSON request with retries; returns the decoded reply or raises :class:`ReasonerFailure`."""
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None, deadline_s: float | None = None,
+                 retries: int | None = None) -> Any:
+        """JSON request with retries; returns the decoded reply or raises :class:`ReasonerFailure`.
+        ``deadline_s`` and ``retries``: the configured ones unless given (the pre-flight's one attempt)."""
         payload = json.dumps(body).encode() if body is not None else None
+        deadline = self.deadline if deadline_s is None else deadline_s
+        retries = self.retries if retries is None else retries
         last: ReasonerFailure | None = None
-        for attempt in range(self.retries + 1):
+        for attempt in range(retries + 1):
             wait = self.backoff * (2**attempt)
             try:
-                status, headers, data = self._attempt(method, path, payload, self.deadline)
+                status, headers, data = self._attempt(method, path, payload, deadline)
                 if status == 429 or status >= 500:
                     ra = _retry_after(headers.get("retry-after"))
                     raise _Retryable(f"http-{status}", f"HTTP {status} from {self.base_url}: "
@@ -315,14 +319,15 @@ class OpenAIReasoner(LLMReasonerBase):
                 last = e
                 if e.wait_s is not None:
                     wait = min(e.wait_s, self.retry_after_max)
-            if attempt < self.retries:
+            if attempt < retries:
                 time.sleep(wait)
         assert last is not None
-        tries = f" (after {self.retries + 1} attempts)" if self.retries else ""
+        tries = f" (after {retries + 1} attempts)" if retries else ""
         raise ReasonerFailure(last.cause, last.detail + tries)
 
-    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        reply = self._request("POST", "/chat/completions", body)
+    def _post(self, body: dict[str, Any], deadline_s: float | None = None,
+              retries: int | None = None) -> dict[str, Any]:
+        reply = self._request("POST", "/chat/completions", body, deadline_s, retries)
         if not isinstance(reply, dict):
             raise ReasonerFailure("invalid-answer", f"server reply is not a JSON object: {str(reply)[:80]!r}")
         return reply
@@ -335,21 +340,7 @@ class OpenAIReasoner(LLMReasonerBase):
         as every answer of a run would be. The token limit cuts it, so ``finish_reason: length`` is expected."""
         body = {"model": self.model_id, "max_tokens": 1, "messages": [{"role": "user", "content": "Say OK."}]}
         deadline = min(self.deadline, CHECK_CHAT_TIMEOUT_S if timeout_s is None else timeout_s)
-        try:
-            status, headers, data = self._attempt("POST", "/chat/completions", json.dumps(body).encode(), deadline)
-        except _Retryable as e:
-            raise ReasonerFailure(e.cause, e.detail) from None
-        if status >= 300:
-            detail = (_redirect(status, self.base_url, headers) if status < 400 else
-                      f"HTTP {status} from {self.base_url}: {data[:200].decode('utf-8', 'replace')!r}")
-            raise ReasonerFailure(f"http-{status}", detail)
-        text = data.decode("utf-8", errors="replace")
-        try:
-            reply = json.loads(text)
-        except (ValueError, RecursionError):
-            raise ReasonerFailure("invalid-answer", f"server reply is not JSON: {text[:80]!r}") from None
-        if not isinstance(reply, dict):
-            raise ReasonerFailure("invalid-answer", f"server reply is not a JSON object: {text[:80]!r}")
+        reply = self._post(body, deadline_s=deadline, retries=0)
         choices = reply.get("choices")
         if isinstance(choices, list) and choices and isinstance(choices[0], dict):
             reply = {**reply, "choices": [{**choices[0], "finish_reason": None}]}
