@@ -231,7 +231,7 @@ def annotate(inputs: tuple[str, ...], output: Path, config_name: str, reasoner: 
         except (RunError, ValueError, OSError, RuntimeError) as e:
             if is_interrupt(e):  # a Ctrl-C (or stop signal) raised inside native code comes out as another error
                 stopped()
-            if isinstance(e, RuntimeError):
+            if not isinstance(e, (RunError, ValueError, OSError)):  # (RunError is a RuntimeError)
                 raise
             _fail(safe_text(str(e)))  # RunError; a context file that cannot be read (the runner reports its own)
     if dry_run:
